@@ -1,0 +1,202 @@
+"""Command line: ``herd`` (router), ``herd-node`` (node), ``herd serve``, ``herd status``,
+``herd demo``.
+
+Every option of :data:`herd.config.OPTIONS` is a flag whose argparse default is SUPPRESS, so
+only flags actually typed reach :func:`herd.config.resolve`, which applies the precedence
+flag > environment > ``<data-dir>/env`` > default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import httpx
+import trio
+
+from herd import __version__
+from herd.config import (
+    DEFAULT_NODE_PORT,
+    DEFAULT_PORT,
+    OPTIONS,
+    ConfigError,
+    NodeConfig,
+    RouterConfig,
+    resolve,
+)
+
+COMMANDS = ("serve", "status", "demo")
+
+DESCRIPTION = """\
+herd: one endpoint for a fleet of Ollama servers.
+
+  herd [options]                     run the router (same as: herd serve --role router)
+  herd serve --role router|node      run the router or a node agent
+  herd serve --role router --local-node   router plus a node for this machine's Ollama
+  herd-node [options]                run a node agent (same as: herd serve --role node)
+  herd status [--url URL]            print the fleet's state
+  herd demo [--traffic]              a router with a simulated fleet, no Ollama needed
+
+Options (flag > environment > <data-dir>/env file > default):"""
+
+
+def add_options(parser: argparse.ArgumentParser, roles: Sequence[str]) -> None:
+    for option in OPTIONS:
+        if not set(option.roles) & set(roles):
+            continue
+        default = option.default if option.default not in (None, ()) else "none"
+        if option.name == "port":
+            default = f"{DEFAULT_PORT} router / {DEFAULT_NODE_PORT} node"
+        help_text = f"{option.help} [env {option.env}; default {default}]"
+        kwargs: dict[str, Any] = {"dest": option.name, "default": argparse.SUPPRESS,
+                                  "help": help_text}
+        if option.repeatable:
+            kwargs["action"] = "append"
+        elif option.parse is bool or option.default is False:
+            kwargs["action"] = "store_const"
+            kwargs["const"] = True
+        else:
+            kwargs["type"] = option.parse
+        parser.add_argument(option.flag, **kwargs)
+
+
+def serve_parser(prog: str, role: str | None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=prog, description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--version", action="version", version=f"herd {__version__}")
+    if role is None:
+        parser.add_argument("--role", choices=("router", "node"), default="router",
+                            help="which role to run (default router)")
+    parser.add_argument("--local-node", action="store_true", default=False,
+                        help="router only: also run a node agent for this machine's backend")
+    add_options(parser, ("router", "node"))
+    return parser
+
+
+def flags_of(namespace: argparse.Namespace) -> dict[str, Any]:
+    names = {o.name for o in OPTIONS}
+    return {k: v for k, v in vars(namespace).items() if k in names}
+
+
+def router_config(flags: Mapping[str, Any], environ: Mapping[str, str]) -> RouterConfig:
+    values = resolve("router", flags, environ)
+    if values.get("port") is None:
+        values["port"] = DEFAULT_PORT
+    return RouterConfig.from_options(values)
+
+
+def node_config(flags: Mapping[str, Any], environ: Mapping[str, str]) -> NodeConfig:
+    values = resolve("node", flags, environ)
+    if values.get("port") is None:
+        values["port"] = DEFAULT_NODE_PORT
+    return NodeConfig.from_options(values)
+
+
+def setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level, logging.INFO),
+        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+    )
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    logging.getLogger("hypercorn").setLevel(logging.WARNING)
+
+
+def run_serve(argv: Sequence[str], prog: str, role: str | None) -> int:
+    args = serve_parser(prog, role).parse_args(argv)
+    role = role or args.role
+    flags = flags_of(args)
+    try:
+        if role == "router":
+            config = router_config(flags, os.environ)
+            local = None
+            if args.local_node:
+                local = node_config({k: v for k, v in flags.items()
+                                     if k not in ("host", "port")}, os.environ)
+            setup_logging(config.log_level)
+            from herd.router.service import Router
+
+            trio.run(Router(config, local).run)
+        else:
+            nconfig = node_config(flags, os.environ)
+            setup_logging(nconfig.log_level)
+            from herd.node.service import Node, NodeConfigError, agent_config
+
+            try:
+                agent_config(nconfig)
+            except NodeConfigError as exc:
+                print(f"herd-node: {exc}", file=sys.stderr)
+                return 2
+            trio.run(Node(nconfig).run)
+    except ConfigError as exc:
+        print(f"{prog}: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 0
+    return 0
+
+
+def run_status(argv: Sequence[str]) -> int:
+    parser = argparse.ArgumentParser(prog="herd status", description="Print the fleet's state.")
+    parser.add_argument("--url", default=None,
+                        help=f"router URL (default http://127.0.0.1:$FLEET_PORT or {DEFAULT_PORT})")
+    parser.add_argument("--json", action="store_true", help="print the raw /fleet/status JSON")
+    args = parser.parse_args(argv)
+    url = args.url or f"http://127.0.0.1:{os.environ.get('FLEET_PORT', DEFAULT_PORT)}"
+    from herd.status import render_status
+
+    try:
+        response = httpx.get(url.rstrip("/") + "/fleet/status", timeout=10, trust_env=False)
+        response.raise_for_status()
+    except httpx.HTTPError as exc:
+        print(f"herd status: cannot read {url}/fleet/status: {exc}\n"
+              "Is the router running? Start it with: herd", file=sys.stderr)
+        return 1
+    data = response.json()
+    print(json.dumps(data, indent=2) if args.json else render_status(data))
+    return 0
+
+
+def run_demo(argv: Sequence[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="herd demo",
+        description="A router with three simulated Ollama nodes (no Ollama needed).")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=DEFAULT_PORT)
+    parser.add_argument("--traffic", action="store_true",
+                        help="send a steady mixed load through the router")
+    parser.add_argument("--log-level", default="INFO")
+    args = parser.parse_args(argv)
+    setup_logging(args.log_level.upper())
+    from herd.demo import run_demo as demo
+
+    try:
+        trio.run(demo, args.host, args.port, args.traffic)
+    except KeyboardInterrupt:
+        return 0
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "serve":
+        return run_serve(argv[1:], "herd serve", None)
+    if argv and argv[0] == "status":
+        return run_status(argv[1:])
+    if argv and argv[0] == "demo":
+        return run_demo(argv[1:])
+    return run_serve(argv, "herd", "router")
+
+
+def node_main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    return run_serve(argv, "herd-node", "node")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,246 @@
+"""Options for both roles, resolved with one precedence rule:
+
+    command-line flag  >  environment variable  >  ``<data-dir>/env`` file  >  default
+
+Every option is one row of :data:`OPTIONS` (flag, environment variable, default, type, help); the
+CLI, ``--help``, ``docs/configuration.md`` and the dashboard's config table are all drawn from it.
+Flags are parsed with no defaults of their own (``argparse.SUPPRESS``), so a flag that was not
+given can never mask the environment.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import attrs
+
+DEFAULT_PORT = 11435
+DEFAULT_NODE_PORT = 11436
+MiB = 2**20
+
+
+def _bool(value: str) -> bool:
+    lowered = value.strip().lower()
+    if lowered in {"1", "true", "yes", "on"}:
+        return True
+    if lowered in {"0", "false", "no", "off", ""}:
+        return False
+    raise ValueError(f"expected true/false, got {value!r}")
+
+
+def _str_list(value: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in value.split(",") if part.strip())
+
+
+def _positive_float(value: str) -> float:
+    number = float(value)
+    if not number > 0:
+        raise ValueError(f"must be > 0, got {value}")
+    return number
+
+
+def _port(value: str) -> int:
+    number = int(value)
+    if not 0 <= number <= 65535:
+        raise ValueError(f"port must be 0..65535, got {value}")
+    return number
+
+
+def _non_negative_int(value: str) -> int:
+    number = int(value)
+    if number < 0:
+        raise ValueError(f"must be >= 0, got {value}")
+    return number
+
+
+@attrs.frozen
+class Option:
+    name: str  # attribute name in the config classes
+    flag: str
+    env: str
+    default: Any
+    parse: Callable[[str], Any]
+    help: str
+    roles: tuple[str, ...] = ("router", "node")
+    category: str = "server"
+    secret: bool = False
+    repeatable: bool = False  # flag may be given several times (values are collected)
+
+
+OPTIONS: tuple[Option, ...] = (
+    Option("host", "--host", "FLEET_HOST", "0.0.0.0", str, "address to listen on"),
+    Option("port", "--port", "FLEET_PORT", None, _port,
+           f"port to listen on (router {DEFAULT_PORT}, node {DEFAULT_NODE_PORT})"),
+    Option("data_dir", "--data-dir", "FLEET_DATA_DIR", "~/.fleet-manager", str,
+           "directory for the database, logs, settings and the env file"),
+    Option("heartbeat_interval", "--heartbeat-interval", "FLEET_HEARTBEAT_INTERVAL", 5.0,
+           _positive_float, "seconds between node heartbeats", category="heartbeat"),
+    Option("heartbeat_timeout", "--heartbeat-timeout", "FLEET_HEARTBEAT_TIMEOUT", 15.0,
+           _positive_float, "seconds without a heartbeat before a node is degraded",
+           roles=("router",), category="heartbeat"),
+    Option("heartbeat_offline", "--heartbeat-offline", "FLEET_HEARTBEAT_OFFLINE", 30.0,
+           _positive_float, "seconds without a heartbeat before a node is offline",
+           roles=("router",), category="heartbeat"),
+    Option("max_retries", "--max-retries", "FLEET_MAX_RETRIES", 2, _non_negative_int,
+           "retries on another node when a node fails before the first byte",
+           roles=("router",), category="routing"),
+    Option("queue_timeout", "--queue-timeout", "FLEET_QUEUE_TIMEOUT", 30.0, _positive_float,
+           "seconds a request may wait for an eligible node", roles=("router",),
+           category="routing"),
+    Option("first_byte_timeout", "--first-byte-timeout", "FLEET_FIRST_BYTE_TIMEOUT", 300.0,
+           _positive_float, "seconds to wait for a node's first byte (covers cold loads)",
+           roles=("router",), category="routing"),
+    Option("max_body_bytes", "--max-body-bytes", "FLEET_MAX_BODY_BYTES", 32 * MiB,
+           _non_negative_int, "largest request body accepted (413 beyond)",
+           roles=("router",), category="limits"),
+    Option("auth_token", "--auth-token", "FLEET_AUTH_TOKEN", None, str,
+           "fleet secret nodes must present to join", category="security", secret=True),
+    Option("api_keys", "--api-key", "FLEET_API_KEYS", (), _str_list,
+           "client API key (repeatable; env: comma list)", roles=("router",),
+           category="security", secret=True, repeatable=True),
+    Option("log_level", "--log-level", "FLEET_LOG_LEVEL", "INFO", str.upper,
+           "console log level (the JSONL file logs at DEBUG)", category="logging"),
+    Option("router_url", "--router-url", "FLEET_NODE_ROUTER_URL", None, str,
+           "router URL, e.g. http://10.0.0.5:11435", roles=("node",), category="node"),
+    Option("ollama_url", "--ollama-url", "FLEET_NODE_OLLAMA_HOST", "http://localhost:11434",
+           str, "URL of the inference backend on this machine", roles=("node",),
+           category="node"),
+    Option("backend", "--backend", "FLEET_NODE_BACKEND", "ollama", str,
+           "backend kind: ollama or openai", roles=("node",), category="node"),
+    Option("node_id", "--node-id", "FLEET_NODE_ID", None, str,
+           "this node's id (default: host name)", roles=("node",), category="node"),
+    Option("parallel_slots", "--parallel-slots", "FLEET_NODE_PARALLEL_SLOTS", 4,
+           _non_negative_int, "concurrent requests the backend serves (router's limit)",
+           roles=("node",), category="node"),
+    Option("learn_capacity", "--learn-capacity", "FLEET_NODE_ENABLE_CAPACITY_LEARNING", False,
+           _bool, "learn when this machine has spare capacity", roles=("node",),
+           category="node"),
+)
+
+OPTIONS_BY_NAME = {o.name: o for o in OPTIONS}
+
+
+class ConfigError(ValueError):
+    """An option's value could not be parsed; the message names the option and its source."""
+
+
+def read_env_file(path: Path) -> dict[str, str]:
+    """Parse ``KEY=value`` lines (``#`` comments, optional quotes, optional ``export``)."""
+    values: dict[str, str] = {}
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return values
+    for raw in text.splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#") or "=" not in line:
+            continue
+        key, _, value = line.partition("=")
+        key = key.removeprefix("export ").strip()
+        value = value.strip()
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+            value = value[1:-1]
+        values[key] = value
+    return values
+
+
+def resolve(
+    role: str,
+    flags: Mapping[str, Any],
+    environ: Mapping[str, str],
+) -> dict[str, Any]:
+    """Resolve every option of ``role``. ``flags`` holds only the flags actually given.
+
+    Raises :class:`ConfigError` naming the option, its source and the bad value.
+    """
+    # The data dir decides where the env file is, so it is resolved first (without the file).
+    data_dir = flags.get("data_dir") or environ.get("FLEET_DATA_DIR") or "~/.fleet-manager"
+    file_values = read_env_file(Path(os.path.expanduser(data_dir)) / "env")
+    resolved: dict[str, Any] = {}
+    for option in OPTIONS:
+        if role not in option.roles:
+            continue
+        if option.name in flags:
+            value = flags[option.name]
+            if isinstance(value, list):
+                value = tuple(value)
+            resolved[option.name] = value
+            continue
+        for source, raw in (("environment", environ.get(option.env)),
+                            (f"{data_dir}/env", file_values.get(option.env))):
+            if raw is not None:
+                try:
+                    resolved[option.name] = option.parse(raw)
+                except ValueError as exc:
+                    shown = "***" if option.secret else repr(raw)
+                    raise ConfigError(
+                        f"{option.env}={shown} (from {source}) is invalid: {exc}"
+                    ) from exc
+                break
+        else:
+            resolved[option.name] = option.default
+    return resolved
+
+
+@attrs.frozen
+class RouterConfig:
+    host: str = "127.0.0.1"
+    port: int = DEFAULT_PORT
+    data_dir: str = "~/.fleet-manager"
+    heartbeat_interval: float = 5.0
+    heartbeat_timeout: float = 15.0
+    heartbeat_offline: float = 30.0
+    max_retries: int = 2
+    queue_timeout: float = 30.0
+    first_byte_timeout: float = 300.0
+    max_body_bytes: int = 32 * MiB
+    auth_token: str | None = None
+    api_keys: tuple[str, ...] = ()
+    log_level: str = "INFO"
+
+    @property
+    def data_path(self) -> Path:
+        return Path(os.path.expanduser(self.data_dir))
+
+    @classmethod
+    def from_options(cls, values: Mapping[str, Any]) -> RouterConfig:
+        fields = {f.name for f in attrs.fields(cls)}
+        kwargs = {k: v for k, v in values.items() if k in fields and v is not None}
+        return cls(**kwargs)
+
+
+@attrs.frozen
+class NodeConfig:
+    router_url: str | None = None
+    ollama_url: str = "http://localhost:11434"
+    backend: str = "ollama"
+    node_id: str | None = None
+    host: str = "0.0.0.0"
+    port: int = DEFAULT_NODE_PORT
+    data_dir: str = "~/.fleet-manager"
+    heartbeat_interval: float = 5.0
+    parallel_slots: int = 4
+    auth_token: str | None = None
+    learn_capacity: bool = False
+    log_level: str = "INFO"
+
+    @classmethod
+    def from_options(cls, values: Mapping[str, Any]) -> NodeConfig:
+        fields = {f.name for f in attrs.fields(cls)}
+        kwargs = {k: v for k, v in values.items() if k in fields and v is not None}
+        return cls(**kwargs)
+
+
+def redacted(values: Mapping[str, Any]) -> dict[str, Any]:
+    """Options safe to show (dashboard, logs): secrets become "set"/"unset"."""
+    shown: dict[str, Any] = {}
+    for name, value in values.items():
+        option = OPTIONS_BY_NAME.get(name)
+        if option is not None and option.secret:
+            shown[name] = "set" if value else "unset"
+        else:
+            shown[name] = value
+    return shown

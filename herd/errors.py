@@ -1,0 +1,167 @@
+"""One error tree for herd. Every error knows its HTTP status and renders itself in the shape the
+caller's API expects.
+
+    HerdError                      base: status 500, type "server_error"
+    ├── ClientError                the request is wrong (4xx); never retried
+    │   ├── BadRequest             400  malformed JSON, missing or wrong-typed field
+    │   ├── Unauthorized           401  missing or bad API key / fleet token
+    │   ├── NotFound               404  unknown path
+    │   ├── ModelNotFound          404  no node has the model
+    │   └── PayloadTooLarge        413  body over the limit
+    ├── NodeError                  a node failed; the router may retry elsewhere
+    │   ├── NodeUnreachable        connect error, broken connection before the first byte
+    │   ├── NodeTimeout            no first byte in time
+    │   └── NodeBadStatus          the backend answered 5xx (4xx is passed through to the client)
+    └── RouterError                the router can't serve now
+        └── NoEligibleNode         503 with Retry-After: nothing can take the request
+
+API shapes: Ollama ``{"error": "..."}``; OpenAI ``{"error": {"message", "type", "param", "code"}}``.
+Lower-level exceptions (httpx, JSON) are mapped to these in one place each, with ``raise X from``.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, ClassVar, Literal
+
+ApiFlavor = Literal["ollama", "openai"]
+
+
+class HerdError(Exception):
+    status: ClassVar[int] = 500
+    openai_type: ClassVar[str] = "server_error"
+    code: ClassVar[str | None] = None
+
+    def __init__(self, message: str, *, param: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+
+    def headers(self) -> dict[str, str]:
+        return {}
+
+    def body(self, flavor: ApiFlavor) -> dict[str, Any]:
+        if flavor == "openai":
+            return {
+                "error": {
+                    "message": self.message,
+                    "type": self.openai_type,
+                    "param": self.param,
+                    "code": self.code,
+                }
+            }
+        return {"error": self.message}
+
+    def render(self, flavor: ApiFlavor) -> bytes:
+        return json.dumps(self.body(flavor)).encode()
+
+
+class ClientError(HerdError):
+    status = 400
+    openai_type = "invalid_request_error"
+
+
+class BadRequest(ClientError):
+    status = 400
+    code = "bad_request"
+
+
+class Unauthorized(ClientError):
+    status = 401
+    openai_type = "authentication_error"
+    code = "invalid_api_key"
+
+
+class NotFound(ClientError):
+    status = 404
+    code = "not_found"
+
+
+class ModelNotFound(ClientError):
+    status = 404
+    code = "model_not_found"
+
+    def __init__(self, model: str) -> None:
+        super().__init__(f"model '{model}' not found on any node", param="model")
+        self.model = model
+
+
+class PayloadTooLarge(ClientError):
+    status = 413
+    code = "payload_too_large"
+
+
+class NodeError(HerdError):
+    status = 502
+    openai_type = "server_error"
+    code = "node_error"
+
+    def __init__(self, message: str, *, node_id: str = "") -> None:
+        super().__init__(message)
+        self.node_id = node_id
+
+
+class NodeUnreachable(NodeError):
+    code = "node_unreachable"
+
+
+class NodeTimeout(NodeError):
+    status = 504
+    code = "node_timeout"
+
+
+class NodeBadStatus(NodeError):
+    code = "node_bad_status"
+
+    def __init__(self, message: str, *, node_id: str = "", upstream_status: int = 500) -> None:
+        super().__init__(message, node_id=node_id)
+        self.upstream_status = upstream_status
+
+
+class RouterError(HerdError):
+    status = 500
+
+
+class NoEligibleNode(RouterError):
+    status = 503
+    openai_type = "server_error"
+    code = "no_eligible_node"
+
+    def __init__(self, message: str, *, retry_after: int = 5) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(self.retry_after)}
+
+
+def parse_json_body(raw: bytes) -> dict[str, Any]:
+    """Decode a JSON object request body. Raises :class:`BadRequest` naming the problem."""
+    if not raw.strip():
+        raise BadRequest("request body is empty; expected a JSON object")
+    try:
+        data = json.loads(raw)
+    except UnicodeDecodeError as exc:
+        raise BadRequest(f"request body is not valid UTF-8: {exc.reason}") from exc
+    except json.JSONDecodeError as exc:
+        raise BadRequest(
+            f"malformed JSON in request body: {exc.msg} at line {exc.lineno} column {exc.colno}"
+        ) from exc
+    except RecursionError as exc:
+        raise BadRequest("malformed JSON in request body: nested too deeply") from exc
+    if not isinstance(data, dict):
+        raise BadRequest(f"request body must be a JSON object, not {type(data).__name__}")
+    return data
+
+
+def require_str(body: dict[str, Any], field: str) -> str:
+    """Return ``body[field]`` as a non-empty string or raise :class:`BadRequest` naming it."""
+    value = body.get(field)
+    if value is None:
+        raise BadRequest(f"missing required field '{field}'", param=field)
+    if not isinstance(value, str) or not value.strip():
+        raise BadRequest(
+            f"field '{field}' must be a non-empty string, got {json.dumps(value)[:80]}",
+            param=field,
+        )
+    return value

@@ -1,0 +1,217 @@
+"""The inference endpoints, served as plain ASGI in front of the Quart app.
+
+Each request runs in its own nursery: the handler task, and a watcher that waits for the
+client's ``http.disconnect`` and cancels the nursery. Everything the request started upstream
+(the node's slot, the backend connection) lives in the request's exit stack inside that nursery,
+so a client that goes away cancels its upstream request, the backend connection is closed, the
+slot is released, and the trace says ``client_disconnected``.
+
+Serving these paths below Quart keeps the per-request cost to what the job needs: no request
+object, no response wrapper, bytes straight from the backend to the client's socket.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
+
+import attrs
+import trio
+
+from herd.errors import HerdError, PayloadTooLarge, parse_json_body
+from herd.proxy import relay
+from herd.proxy.dispatch import Opened, open_upstream
+from herd.proxy.shaping import ROUTES, InferenceRequest, Route, shape
+from herd.router import traces
+from herd.router.state import RouterState
+from herd.router.traces import TraceRecord
+
+log = logging.getLogger("herd.proxy")
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+
+class ClientGone(Exception):
+    """The client disconnected while we were still reading its request."""
+
+
+@attrs.define
+class RequestContext:
+    request_id: str
+    route: Route
+    started: float  # router clock
+    wall: float
+    disconnected: bool = False
+    headers_sent: bool = False
+
+
+async def read_body(receive: Receive, limit: int) -> bytes:
+    """Read the whole request body. Raises :class:`PayloadTooLarge` past ``limit`` bytes."""
+    parts: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientGone
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(f"request body is over the {limit} byte limit")
+        parts.append(chunk)
+        if not message.get("more_body", False):
+            return b"".join(parts)
+
+
+def header(scope: Scope, name: bytes) -> str | None:
+    for key, value in scope["headers"]:
+        if key == name:
+            return str(value.decode("latin-1"))
+    return None
+
+
+class ProxyASGI:
+    """Route the inference paths here; hand everything else to ``app`` (the Quart app)."""
+
+    def __init__(self, state: RouterState, app: ASGIApp) -> None:
+        self.state = state
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST":
+            route = ROUTES.get(scope["path"])
+            if route is not None:
+                await self.handle(route, scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+    async def handle(self, route: Route, scope: Scope, receive: Receive, send: Send) -> None:
+        ctx = RequestContext(
+            request_id=uuid.uuid4().hex[:20],
+            route=route,
+            started=trio.current_time(),
+            wall=time.time(),
+        )
+        try:
+            raw = await read_body(receive, self.state.config.max_body_bytes)
+        except ClientGone:
+            return
+        except HerdError as exc:
+            await relay.send_error(send, exc, route.flavor, ctx.request_id)
+            return
+        async with trio.open_nursery() as nursery:
+
+            async def watch_disconnect() -> None:
+                while True:
+                    message = await receive()
+                    if message["type"] == "http.disconnect":
+                        ctx.disconnected = True
+                        nursery.cancel_scope.cancel()
+                        return
+
+            nursery.start_soon(watch_disconnect)
+            try:
+                await self.serve(ctx, scope, raw, send)
+            finally:
+                nursery.cancel_scope.cancel()
+
+    async def serve(self, ctx: RequestContext, scope: Scope, raw: bytes, send: Send) -> None:
+        state = self.state
+        route = ctx.route
+        request: InferenceRequest | None = None
+        opened: Opened | None = None
+        result: relay.RelayResult | None = None
+        status = traces.FAILED
+        error: str | None = None
+        try:
+            request = shape(route, parse_json_body(raw), header(scope, b"x-herd-tags"))
+            state.requests_total += 1
+            async with contextlib.AsyncExitStack() as stack:
+                opened = await open_upstream(state, request, stack)
+                ctx.headers_sent = True
+                result = await self.relay(ctx, opened, request, send)
+                if result.complete:
+                    opened.lease.succeeded()
+                    status = traces.COMPLETED
+                else:
+                    status = traces.INCOMPLETE if result.status_code < 400 else traces.FAILED
+                    error = result.error
+        except HerdError as exc:
+            error = exc.message
+            if not ctx.headers_sent:
+                await relay.send_error(send, exc, route.flavor, ctx.request_id)
+        except trio.Cancelled:
+            if ctx.disconnected:
+                status = traces.CLIENT_DISCONNECTED
+                error = "client disconnected"
+            raise
+        finally:
+            if request is not None:
+                self.record(ctx, request, opened, result, status, error)
+
+    async def relay(
+        self, ctx: RequestContext, opened: Opened, request: InferenceRequest, send: Send
+    ) -> relay.RelayResult:
+        if opened.response.status_code >= 400:
+            return await relay.relay_client_error(send, opened, request, ctx.request_id)
+        if request.route.flavor == "ollama":
+            return await relay.relay_ollama(send, opened, request, ctx.request_id)
+        created = int(ctx.wall)
+        if request.stream:
+            return await relay.relay_openai_stream(send, opened, request, ctx.request_id, created)
+        return await relay.relay_openai_whole(send, opened, request, ctx.request_id, created)
+
+    def record(
+        self,
+        ctx: RequestContext,
+        request: InferenceRequest,
+        opened: Opened | None,
+        result: relay.RelayResult | None,
+        status: str,
+        error: str | None,
+    ) -> None:
+        now = trio.current_time()
+        latency_ms = (now - ctx.started) * 1000
+        winner = opened.decision.winner if opened is not None else None
+        if opened is not None and status == traces.COMPLETED:
+            self.state.history.record(
+                opened.node_id,
+                opened.model,
+                latency_ms,
+                result.tokens_per_second if result is not None else None,
+            )
+        self.state.record_trace(
+            TraceRecord(
+                request_id=ctx.request_id,
+                model=opened.model if opened is not None else request.model,
+                original_model=request.model,
+                node_id=opened.node_id if opened is not None else None,
+                score=winner.score if winner is not None else None,
+                scores_breakdown=dict(winner.breakdown) if winner is not None else {},
+                status=status,
+                latency_ms=latency_ms,
+                time_to_first_token_ms=(
+                    (opened.first_byte_at - ctx.started) * 1000 if opened is not None else None
+                ),
+                prompt_tokens=result.prompt_tokens if result is not None else None,
+                completion_tokens=result.completion_tokens if result is not None else None,
+                retry_count=opened.retries if opened is not None else 0,
+                fallback_used=opened.fallback if opened is not None else False,
+                excluded_nodes=opened.excluded if opened is not None else (),
+                original_format=request.route.flavor,
+                kind=request.route.kind,
+                error_message=error,
+                timestamp=ctx.wall,
+                tags=request.tags,
+                runners_up=tuple(
+                    (c.node_id, c.score) for c in opened.decision.runners_up
+                ) if opened is not None else (),
+            )
+        )

@@ -1,0 +1,187 @@
+"""Request shaping: a client's inference request → what the router routes and what the backend gets.
+
+Pure: no I/O, no clock. One :class:`Route` per inference endpoint says which API family the
+client speaks, the request kind (its queue class), and the Ollama-native path the backend is
+called on. :func:`shape` validates the body, strips herd's own extensions (``fallback_models``,
+``metadata``), collects tags, sets ``keep_alive: -1`` unless the client chose one, and for the
+OpenAI family translates the body to Ollama's native API.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import attrs
+
+from herd.errors import ApiFlavor, BadRequest, require_str
+from herd.models import KIND_EMBED, KIND_TEXT, normalize_model_name
+from herd.proxy import openai_compat
+
+HERD_EXTENSIONS = ("fallback_models", "metadata")
+MAX_TAGS = 16
+MAX_TAG_LENGTH = 64
+
+
+@attrs.frozen
+class Route:
+    name: str  # e.g. "ollama.chat"
+    flavor: ApiFlavor
+    kind: str
+    upstream_path: str
+    default_stream: bool
+
+
+ROUTES: Mapping[str, Route] = {
+    "/api/chat": Route("ollama.chat", "ollama", KIND_TEXT, "/api/chat", True),
+    "/api/generate": Route("ollama.generate", "ollama", KIND_TEXT, "/api/generate", True),
+    "/api/embed": Route("ollama.embed", "ollama", KIND_EMBED, "/api/embed", False),
+    "/api/embeddings": Route("ollama.embeddings", "ollama", KIND_EMBED, "/api/embeddings", False),
+    "/v1/chat/completions": Route("openai.chat", "openai", KIND_TEXT, "/api/chat", False),
+    "/v1/completions": Route("openai.completions", "openai", KIND_TEXT, "/api/generate", False),
+    "/v1/embeddings": Route("openai.embeddings", "openai", KIND_EMBED, "/api/embed", False),
+}
+
+
+def flavor_for_path(path: str) -> ApiFlavor:
+    return "openai" if path.startswith("/v1/") else "ollama"
+
+
+@attrs.frozen
+class InferenceRequest:
+    route: Route
+    model: str  # as the client named it, normalised (``name:tag``)
+    fallback_models: tuple[str, ...]
+    tags: tuple[str, ...]
+    stream: bool
+    include_usage: bool
+    # Ollama-native body for the backend, without "model" (set per attempt).
+    upstream_body: dict[str, Any]
+    estimated_prompt_tokens: int
+    requested_context: int | None
+
+    @property
+    def models(self) -> tuple[str, ...]:
+        """The primary model then the fallbacks, in order, without repeats."""
+        seen: dict[str, None] = {self.model: None}
+        for name in self.fallback_models:
+            seen.setdefault(name, None)
+        return tuple(seen)
+
+
+def parse_tags(body: Mapping[str, Any], header: str | None) -> tuple[str, ...]:
+    """Tags from ``metadata.tags`` and the ``X-Herd-Tags`` header (comma list), deduplicated."""
+    tags: list[str] = []
+    metadata = body.get("metadata")
+    if metadata is not None:
+        if not isinstance(metadata, dict):
+            raise BadRequest("field 'metadata' must be an object", param="metadata")
+        raw = metadata.get("tags", [])
+        if not isinstance(raw, list) or not all(isinstance(t, str) for t in raw):
+            raise BadRequest("field 'metadata.tags' must be a list of strings",
+                             param="metadata.tags")
+        tags.extend(raw)
+    if header:
+        tags.extend(header.split(","))
+    cleaned: dict[str, None] = {}
+    for tag in tags:
+        tag = tag.strip()[:MAX_TAG_LENGTH]
+        if tag:
+            cleaned.setdefault(tag, None)
+    return tuple(cleaned)[:MAX_TAGS]
+
+
+def _fallbacks(body: Mapping[str, Any]) -> tuple[str, ...]:
+    raw = body.get("fallback_models", [])
+    if raw is None:
+        return ()
+    if not isinstance(raw, list) or not all(isinstance(m, str) and m.strip() for m in raw):
+        raise BadRequest("field 'fallback_models' must be a list of model names",
+                         param="fallback_models")
+    return tuple(normalize_model_name(m) for m in raw)
+
+
+def _stream_flag(body: Mapping[str, Any], default: bool) -> bool:
+    value = body.get("stream", default)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise BadRequest(f"field 'stream' must be true or false, got {value!r}", param="stream")
+    return value
+
+
+def _requested_context(upstream: Mapping[str, Any]) -> int | None:
+    options = upstream.get("options")
+    if not isinstance(options, dict):
+        return None
+    num_ctx = options.get("num_ctx")
+    if isinstance(num_ctx, bool) or not isinstance(num_ctx, int | float):
+        return None
+    return int(num_ctx) if num_ctx > 0 else None
+
+
+def shape(route: Route, body: dict[str, Any], tags_header: str | None = None) -> InferenceRequest:
+    """Validate and shape one inference request. Raises :class:`BadRequest` naming the field."""
+    model = normalize_model_name(require_str(body, "model"))
+    fallbacks = _fallbacks(body)
+    tags = parse_tags(body, tags_header)
+    stream = _stream_flag(body, route.default_stream)
+    include_usage = False
+    if route.flavor == "openai":
+        options = body.get("stream_options")
+        if isinstance(options, dict):
+            include_usage = bool(options.get("include_usage"))
+        if route.name == "openai.chat":
+            upstream = openai_compat.chat_request_to_ollama(body)
+        elif route.name == "openai.completions":
+            upstream = openai_compat.completion_request_to_ollama(body)
+        else:
+            upstream = openai_compat.embeddings_request_to_ollama(body)
+        upstream["stream"] = stream if route.kind == KIND_TEXT else False
+    else:
+        _validate_ollama(route, body)
+        upstream = {k: v for k, v in body.items() if k not in HERD_EXTENSIONS}
+    upstream.pop("model", None)
+    for extension in HERD_EXTENSIONS:
+        upstream.pop(extension, None)
+    if route.kind == KIND_TEXT or route.name == "ollama.embed" or route.name == "openai.embeddings":
+        upstream.setdefault("keep_alive", -1)
+    return InferenceRequest(
+        route=route,
+        model=model,
+        fallback_models=fallbacks,
+        tags=tags,
+        stream=stream if route.kind == KIND_TEXT else False,
+        include_usage=include_usage,
+        upstream_body=upstream,
+        estimated_prompt_tokens=openai_compat.estimate_prompt_tokens(body),
+        requested_context=_requested_context(upstream),
+    )
+
+
+def _validate_ollama(route: Route, body: Mapping[str, Any]) -> None:
+    if route.name == "ollama.chat":
+        messages = body.get("messages", [])
+        if not isinstance(messages, list):
+            raise BadRequest("field 'messages' must be a list", param="messages")
+        for index, message in enumerate(messages):
+            if not isinstance(message, dict):
+                raise BadRequest(f"messages[{index}] must be an object", param="messages")
+    elif route.name == "ollama.generate":
+        prompt = body.get("prompt")
+        if prompt is not None and not isinstance(prompt, str):
+            raise BadRequest("field 'prompt' must be a string", param="prompt")
+    elif route.name == "ollama.embed":
+        value = body.get("input")
+        if value is None:
+            raise BadRequest("missing required field 'input'", param="input")
+        if not isinstance(value, str | list):
+            raise BadRequest("field 'input' must be a string or a list of strings",
+                             param="input")
+    elif route.name == "ollama.embeddings":
+        prompt = body.get("prompt")
+        if not isinstance(prompt, str):
+            raise BadRequest("missing required field 'prompt' (a string)", param="prompt")
+    options = body.get("options")
+    if options is not None and not isinstance(options, dict):
+        raise BadRequest("field 'options' must be an object", param="options")

@@ -1,0 +1,187 @@
+"""The router's Quart-Trio app: fleet views, model listings, and the nodes' WebSocket.
+
+Inference paths never reach this app: :class:`herd.proxy.handler.ProxyASGI` serves them in
+front of it. Everything here is read-mostly and cheap.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import time
+from typing import Any
+
+import trio
+from quart import Response, request, websocket
+from quart_trio import QuartTrio
+from werkzeug.exceptions import HTTPException
+
+from herd import __version__
+from herd.errors import BadRequest, HerdError, ModelNotFound, NotFound, parse_json_body
+from herd.models import NodeStatus, normalize_model_name
+from herd.proxy.shaping import flavor_for_path
+from herd.router import views
+from herd.router.state import RouterState
+from herd.wire import WireError, report_from_data
+
+log = logging.getLogger("herd.router")
+
+MAX_HEARTBEAT_BYTES = 4 * 2**20
+
+
+def json_response(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return Response(json.dumps(data), status=status, headers=headers,
+                    content_type="application/json")
+
+
+def error_response(error: HerdError, path: str) -> Response:
+    return Response(error.render(flavor_for_path(path)), status=error.status,
+                    headers=error.headers(), content_type="application/json")
+
+
+def create_app(state: RouterState) -> QuartTrio:
+    app = QuartTrio("herd")
+    app.config["MAX_CONTENT_LENGTH"] = state.config.max_body_bytes
+
+    @app.errorhandler(HerdError)
+    async def on_herd_error(error: HerdError) -> Response:
+        return error_response(error, request.path)
+
+    @app.errorhandler(HTTPException)
+    async def on_http_error(error: HTTPException) -> Response:
+        herd_error = HerdError(f"{error.name}: {request.method} {request.path}")
+        herd_error.status = error.code or 500  # type: ignore[misc]
+        if error.code == 404:
+            herd_error = NotFound(f"no such endpoint: {request.method} {request.path}")
+        return error_response(herd_error, request.path)
+
+    @app.get("/")
+    async def root() -> Response:
+        return Response("herd is running", content_type="text/plain")
+
+    @app.get("/api/version")
+    async def version() -> Response:
+        versions = sorted(
+            {n.report.backend.version for n in views.routable(state.snapshot())
+             if n.report.backend.version}
+        )
+        return json_response({"version": versions[0] if versions else "0.0.0",
+                              "herd_version": __version__})
+
+    @app.get("/api/tags")
+    async def tags() -> Response:
+        return json_response(views.tags(state.snapshot()))
+
+    @app.get("/api/ps")
+    async def ps() -> Response:
+        return json_response(views.ps(state.snapshot()))
+
+    @app.post("/api/show")
+    async def show() -> Response:
+        body = parse_json_body(await request.get_data())
+        name = body.get("model") or body.get("name")
+        if not isinstance(name, str) or not name.strip():
+            raise BadRequest("missing required field 'model'", param="model")
+        model = normalize_model_name(name)
+        nodes = [
+            n for n in views.routable(state.snapshot())
+            if n.has_model(model) and n.report.backend.healthy
+        ]
+        if not nodes:
+            raise ModelNotFound(model)
+        nodes.sort(key=lambda n: (n.status is not NodeStatus.ONLINE, n.loaded(model) is None))
+        node = nodes[0]
+        upstream = await state.client.post(
+            node.report.backend.url.rstrip("/") + "/api/show",
+            json={**body, "model": model},
+            timeout=30,
+        )
+        return Response(upstream.content, status=upstream.status_code,
+                        content_type="application/json", headers={"X-Herd-Node": node.node_id})
+
+    @app.get("/v1/models")
+    async def openai_models() -> Response:
+        return json_response(views.openai_models(state.snapshot(), int(time.time())))
+
+    @app.get("/v1/models/<path:model_id>")
+    async def openai_model(model_id: str) -> Response:
+        names = views.model_names(state.snapshot())
+        for candidate in (model_id, normalize_model_name(model_id)):
+            if candidate in names:
+                return json_response(views.openai_model(candidate, int(time.time())))
+        raise ModelNotFound(model_id)
+
+    @app.get("/fleet/status")
+    async def fleet_status() -> Response:
+        return json_response(views.fleet_status(
+            state.snapshot(), state.queues.statistics(), trio.current_time()))
+
+    @app.get("/fleet/queue")
+    async def fleet_queue() -> Response:
+        stats = state.queues.statistics()
+        return json_response({"pending": stats.pending, "in_flight": stats.in_flight,
+                              "done": stats.done, "failed": stats.failed,
+                              "queues": stats.queues})
+
+    @app.websocket("/fleet/ws")
+    async def fleet_ws() -> None:
+        await serve_fleet_socket(state)
+
+    return app
+
+
+def token_ok(expected: str | None, presented: str | None) -> bool:
+    if not expected:
+        return True
+    if not presented or not presented.startswith("Bearer "):
+        return False
+    return hmac.compare_digest(presented[7:].encode(), expected.encode())
+
+
+async def serve_fleet_socket(state: RouterState) -> None:
+    """One node's session: heartbeats in, acks (and later commands) out."""
+    if not token_ok(state.config.auth_token, websocket.headers.get("Authorization")):
+        await websocket.close(1008, "fleet token required")
+        return
+    node_id: str | None = None
+    session = object()
+    try:
+        while True:
+            raw = await websocket.receive()
+            if isinstance(raw, bytes | bytearray):
+                raw = raw.decode("utf-8", "replace")
+            if len(raw) > MAX_HEARTBEAT_BYTES:
+                await websocket.send(json.dumps({"type": "error", "message": "message too large"}))
+                continue
+            try:
+                message = json.loads(raw)
+                if not isinstance(message, dict):
+                    raise WireError("message must be a JSON object")
+                if message.get("type") != "heartbeat":
+                    raise WireError(f"unknown message type {message.get('type')!r}")
+                report = report_from_data(message.get("node"))
+            except (ValueError, WireError) as exc:
+                await websocket.send(json.dumps({"type": "error", "message": str(exc)[:500]}))
+                continue
+            if node_id is None:
+                node_id = report.node_id
+                log.info("node %s joined (%s)", node_id, report.backend.url)
+                await websocket.send(json.dumps({
+                    "type": "ack", "node_id": node_id,
+                    "heartbeat_interval": state.config.heartbeat_interval,
+                }))
+            elif report.node_id != node_id:
+                await websocket.send(json.dumps({
+                    "type": "error",
+                    "message": f"this socket belongs to node {node_id!r}, "
+                               f"not {report.node_id!r}"}))
+                continue
+            state.registry.apply_report(report, trio.current_time(), session)
+            state.queues.set_limit(node_id, report.parallel_slots)
+            state.fleet_changed()
+    finally:
+        if node_id is not None:
+            log.info("node %s left", node_id)
+            state.registry.disconnected(node_id, trio.current_time(), session)
+            state.fleet_changed()

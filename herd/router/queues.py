@@ -1,0 +1,172 @@
+"""Exact load accounting per node:model, and each node's concurrency limit.
+
+Rules:
+- A request counts on exactly one node:model at a time: ``pending`` while it waits for one of the
+  node's slots, ``in_flight`` from the moment it holds a slot until its last byte or its
+  cancellation. A :class:`Lease` is the only way to count, and leaving its ``async with`` block
+  by *any* path (return, exception, ``trio.Cancelled``) uncounts it. So when traffic stops, every
+  ``pending`` and ``in_flight`` is back to zero; ``done``/``failed`` only grow.
+- A node runs at most ``limit`` requests at once (its backend's parallel slots, from the
+  heartbeat). Requests beyond it wait in that node's queue, so ``pending`` is real and wait
+  estimates built on it are honest. Limits may change while requests wait or run.
+"""
+
+from __future__ import annotations
+
+import types
+from collections.abc import Iterator
+
+import attrs
+import trio
+
+from herd.models import KIND_TEXT, ModelLoad
+
+
+@attrs.define
+class QueueCounters:
+    kind: str = KIND_TEXT
+    pending: int = 0
+    in_flight: int = 0
+    done: int = 0
+    failed: int = 0
+
+    def as_dict(self) -> dict[str, int | str]:
+        return {
+            "pending": self.pending,
+            "in_flight": self.in_flight,
+            "done": self.done,
+            "failed": self.failed,
+            "kind": self.kind,
+        }
+
+
+@attrs.frozen
+class QueueStatistics:
+    pending: int
+    in_flight: int
+    done: int
+    failed: int
+    queues: dict[str, dict[str, int | str]]
+
+
+@attrs.define(eq=False)
+class Lease:
+    """One request's hold on a node:model. Use with ``async with``; before leaving, call
+    :meth:`succeeded` (counts as done) or :meth:`abandoned` (the client went away: counts as
+    neither done nor failed); by default a lease counts as failed."""
+
+    book: QueueBook
+    node_id: str
+    model: str
+    kind: str
+    _outcome: str | None = "failed"
+    _holding: bool = False
+    _token: object = attrs.field(factory=object)
+
+    def succeeded(self) -> None:
+        self._outcome = "done"
+
+    def failed(self) -> None:
+        self._outcome = "failed"
+
+    def abandoned(self) -> None:
+        self._outcome = None
+
+    async def __aenter__(self) -> Lease:
+        counters = self.book.counters(self.node_id, self.model, self.kind)
+        limiter = self.book.limiter(self.node_id)
+        counters.pending += 1
+        try:
+            await limiter.acquire_on_behalf_of(self._token)
+        finally:
+            counters.pending -= 1
+        counters.in_flight += 1
+        self._holding = True
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: types.TracebackType | None,
+    ) -> None:
+        if isinstance(exc, trio.Cancelled) and self._outcome != "done":
+            self._outcome = None  # cancelled (client gone, router stopping): not a node failure
+        self.release()
+
+    def release(self) -> None:
+        """Uncount now (idempotent). Synchronous, so it can't be interrupted by cancellation."""
+        if not self._holding:
+            return
+        self._holding = False
+        counters = self.book.counters(self.node_id, self.model, self.kind)
+        counters.in_flight -= 1
+        if self._outcome == "done":
+            counters.done += 1
+        elif self._outcome == "failed":
+            counters.failed += 1
+        self.book.limiter(self.node_id).release_on_behalf_of(self._token)
+        self.book.notify()
+
+
+@attrs.define(eq=False)
+class QueueBook:
+    default_limit: int = 4
+    _queues: dict[tuple[str, str], QueueCounters] = attrs.field(factory=dict)
+    _limiters: dict[str, trio.CapacityLimiter] = attrs.field(factory=dict)
+    _freed: trio.Event = attrs.field(factory=trio.Event)
+
+    def counters(self, node_id: str, model: str, kind: str = KIND_TEXT) -> QueueCounters:
+        key = (node_id, model)
+        counters = self._queues.get(key)
+        if counters is None:
+            counters = self._queues[key] = QueueCounters(kind=kind)
+        return counters
+
+    def limiter(self, node_id: str) -> trio.CapacityLimiter:
+        limiter = self._limiters.get(node_id)
+        if limiter is None:
+            limiter = self._limiters[node_id] = trio.CapacityLimiter(self.default_limit)
+        return limiter
+
+    def set_limit(self, node_id: str, slots: int) -> None:
+        """Apply a node's advertised parallel slots (at least 1)."""
+        limiter = self.limiter(node_id)
+        slots = max(1, slots)
+        if limiter.total_tokens != slots:
+            limiter.total_tokens = slots
+
+    def lease(self, node_id: str, model: str, kind: str = KIND_TEXT) -> Lease:
+        return Lease(self, node_id, model, kind)
+
+    def notify(self) -> None:
+        """Wake everyone waiting in :meth:`wait_freed` (a slot was released)."""
+        self._freed.set()
+        self._freed = trio.Event()
+
+    async def wait_freed(self) -> None:
+        await self._freed.wait()
+
+    def load_for(self, node_id: str) -> dict[str, ModelLoad]:
+        return {
+            model: ModelLoad(pending=c.pending, in_flight=c.in_flight)
+            for (node, model), c in self._queues.items()
+            if node == node_id and (c.pending or c.in_flight)
+        }
+
+    def items(self) -> Iterator[tuple[str, str, QueueCounters]]:
+        for (node, model), counters in self._queues.items():
+            yield node, model, counters
+
+    def active(self) -> int:
+        return sum(c.pending + c.in_flight for c in self._queues.values())
+
+    def statistics(self) -> QueueStatistics:
+        queues = {f"{node}:{model}": c.as_dict() for (node, model), c in self._queues.items()}
+        return QueueStatistics(
+            pending=sum(c.pending for c in self._queues.values()),
+            in_flight=sum(c.in_flight for c in self._queues.values()),
+            done=sum(c.done for c in self._queues.values()),
+            failed=sum(c.failed for c in self._queues.values()),
+            queues=queues,
+        )

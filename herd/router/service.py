@@ -1,0 +1,138 @@
+"""The router as a service: :class:`Router` owns the state, the HTTP server, the node monitor
+and (with ``--local-node``) a node agent for this machine, all in one nursery.
+
+Embeddable::
+
+    async with Router(RouterConfig(host="127.0.0.1", port=0)) as router:
+        await router.wait_nodes(1)
+        ...  # router.url, router.fleet
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+from collections.abc import AsyncIterator
+from types import TracebackType
+
+import attrs
+import httpx
+import trio
+
+from herd.config import NodeConfig, RouterConfig
+from herd.models import FleetSnapshot, NodeStatus
+from herd.proxy.handler import ProxyASGI
+from herd.router.app import create_app
+from herd.router.state import RouterState
+from herd.server import serve_app
+
+log = logging.getLogger("herd.router")
+
+
+def upstream_client() -> httpx.AsyncClient:
+    """The one HTTP client for calls to backends. Timeouts to the first byte are cancel scopes
+    at the policy site (dispatch); the transport only bounds connecting."""
+    return httpx.AsyncClient(
+        timeout=httpx.Timeout(connect=5.0, read=None, write=30.0, pool=None),
+        limits=httpx.Limits(max_connections=None, max_keepalive_connections=256),
+        trust_env=False,
+    )
+
+
+@attrs.define(eq=False)
+class Router:
+    config: RouterConfig = attrs.field(factory=RouterConfig)
+    local_node: NodeConfig | None = None
+    _state: RouterState | None = None
+    _url: str | None = None
+    _stack: contextlib.AsyncExitStack | None = None
+
+    # --- library API -------------------------------------------------------------------
+    @property
+    def url(self) -> str:
+        if self._url is None:
+            raise RuntimeError("the router is not running")
+        return self._url
+
+    @property
+    def state(self) -> RouterState:
+        if self._state is None:
+            raise RuntimeError("the router is not running")
+        return self._state
+
+    @property
+    def fleet(self) -> FleetSnapshot:
+        return self.state.snapshot()
+
+    async def wait_nodes(self, count: int) -> None:
+        """Wait until at least ``count`` nodes are online."""
+        while sum(1 for n in self.fleet.nodes if n.status is NodeStatus.ONLINE) < count:
+            await self.state.wait_fleet_changed()
+
+    async def __aenter__(self) -> Router:
+        stack = contextlib.AsyncExitStack()
+        await stack.__aenter__()
+        try:
+            nursery = await stack.enter_async_context(trio.open_nursery())
+            await nursery.start(self._run_services)
+        except BaseException:
+            await stack.__aexit__(None, None, None)
+            raise
+        self._stack = stack
+        self._nursery = nursery
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool | None:
+        assert self._stack is not None
+        self._nursery.cancel_scope.cancel()
+        return await self._stack.__aexit__(exc_type, exc, tb)
+
+    async def run(self, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
+        """Serve until cancelled (the CLI's entry point)."""
+        await self._run_services(task_status=task_status)
+
+    # --- services ------------------------------------------------------------------------
+    async def _run_services(
+        self, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        async with self._open_state() as state, trio.open_nursery() as nursery:
+            app = ProxyASGI(state, create_app(state))
+            self._url = await nursery.start(serve_app, app, self.config.host, self.config.port)
+            nursery.start_soon(self._monitor, state)
+            if self.local_node is not None:
+                await nursery.start(self._run_local_node, self.local_node)
+            log.info("router listening on %s", self._url)
+            task_status.started(self._url)
+
+    @contextlib.asynccontextmanager
+    async def _open_state(self) -> AsyncIterator[RouterState]:
+        async with upstream_client() as client:
+            self._state = RouterState.create(self.config, client)
+            yield self._state
+
+    async def _monitor(self, state: RouterState) -> None:
+        """Age nodes: wake at the next possible transition or when the fleet changes."""
+        while True:
+            deadline = state.registry.next_deadline()
+            with trio.move_on_at(deadline if deadline is not None else math.inf):
+                await state.wait_fleet_changed()
+            changes = state.registry.tick(trio.current_time())
+            for change in changes:
+                log.info("node %s is %s (was %s)", change.node_id, change.new.value,
+                         change.old.value if change.old else "new")
+            if changes:
+                state.fleet_changed(changes)
+
+    async def _run_local_node(
+        self, node_config: NodeConfig, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        from herd.node.service import Node
+
+        config = attrs.evolve(node_config, router_url=self.url)
+        await Node(config, serve_http=False).run(task_status=task_status)

@@ -1,0 +1,145 @@
+"""JSON views of the fleet: ``/fleet/status``, ``/api/tags``, ``/api/ps``, ``/v1/models``.
+
+Pure functions of a :class:`FleetSnapshot` and queue statistics, so they are tested without a
+server and the dashboard (later) shows exactly what the API shows.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+from herd.models import FleetSnapshot, NodeSnapshot, NodeStatus
+from herd.router.queues import QueueStatistics
+from herd.wire import unstructure
+
+
+def _iso(epoch: float | None) -> str | None:
+    if epoch is None:
+        return None
+    return dt.datetime.fromtimestamp(epoch, dt.UTC).isoformat().replace("+00:00", "Z")
+
+
+def node_view(node: NodeSnapshot, now: float) -> dict[str, Any]:
+    report = node.report
+    data: dict[str, Any] = {
+        "node_id": node.node_id,
+        "status": node.status.value,
+        "last_seen_seconds_ago": round(max(0.0, now - node.last_seen), 3),
+        "host": report.host,
+        "agent_version": report.agent_version,
+        "draining": report.draining,
+        "backend": unstructure(report.backend),
+        "cpu": unstructure(report.cpu),
+        "memory": unstructure(report.memory),
+        "disk": unstructure(report.disk),
+        "gpus": unstructure(report.gpus),
+        "models_loaded": [
+            {
+                "name": m.name,
+                "size_bytes": m.size_bytes,
+                "vram_bytes": m.vram_bytes,
+                "context_length": m.context_length,
+                "expires_at": _iso(m.expires_at),
+            }
+            for m in report.loaded_models
+        ],
+        "models_available": [unstructure(m) for m in report.available_models],
+        "capabilities": unstructure(report.capabilities),
+        "capacity": unstructure(report.capacity),
+        "parallel_slots": report.parallel_slots,
+        "requests_in_flight": node.in_flight,
+        "requests_pending": node.pending,
+    }
+    return data
+
+
+def fleet_status(snapshot: FleetSnapshot, queues: QueueStatistics, now: float) -> dict[str, Any]:
+    online = [n for n in snapshot.nodes if n.status is not NodeStatus.OFFLINE]
+    return {
+        "fleet": {
+            "nodes_total": len(snapshot.nodes),
+            "nodes_online": sum(1 for n in snapshot.nodes if n.status is NodeStatus.ONLINE),
+            "nodes_degraded": sum(1 for n in snapshot.nodes if n.status is NodeStatus.DEGRADED),
+            "models_loaded": sum(len(n.report.loaded_models) for n in online),
+            "requests_active": queues.pending + queues.in_flight,
+            "requests_pending": queues.pending,
+            "requests_in_flight": queues.in_flight,
+        },
+        "nodes": [node_view(n, now) for n in snapshot.nodes],
+        "queues": queues.queues,
+    }
+
+
+def _details(family: str, parameter_size: str, quantization: str) -> dict[str, Any]:
+    return {
+        "format": "gguf",
+        "family": family,
+        "families": [family] if family else None,
+        "parameter_size": parameter_size,
+        "quantization_level": quantization,
+    }
+
+
+def routable(snapshot: FleetSnapshot) -> list[NodeSnapshot]:
+    return [n for n in snapshot.nodes if n.status is not NodeStatus.OFFLINE]
+
+
+def tags(snapshot: FleetSnapshot) -> dict[str, Any]:
+    """Union of every routable node's models; each entry lists the nodes that have it."""
+    entries: dict[str, dict[str, Any]] = {}
+    for node in routable(snapshot):
+        for model in node.report.available_models:
+            entry = entries.get(model.name)
+            if entry is None:
+                entry = entries[model.name] = {
+                    "name": model.name,
+                    "model": model.name,
+                    "modified_at": model.modified_at or None,
+                    "size": model.size_bytes,
+                    "digest": model.digest,
+                    "details": _details(model.family, model.parameter_size, model.quantization),
+                    "nodes": [],
+                }
+            entry["nodes"].append(node.node_id)
+    return {"models": sorted(entries.values(), key=lambda e: str(e["name"]))}
+
+
+def ps(snapshot: FleetSnapshot) -> dict[str, Any]:
+    """Every loaded model on every routable node; each entry names its node."""
+    models = []
+    for node in routable(snapshot):
+        for loaded in node.report.loaded_models:
+            available = node.available(loaded.name)
+            models.append(
+                {
+                    "name": loaded.name,
+                    "model": loaded.name,
+                    "size": loaded.size_bytes,
+                    "size_vram": loaded.vram_bytes,
+                    "context_length": loaded.context_length,
+                    "expires_at": _iso(loaded.expires_at),
+                    "digest": available.digest if available else "",
+                    "details": _details(
+                        available.family if available else "",
+                        available.parameter_size if available else "",
+                        available.quantization if available else "",
+                    ),
+                    "node": node.node_id,
+                }
+            )
+    return {"models": models}
+
+
+def model_names(snapshot: FleetSnapshot) -> list[str]:
+    names = {m.name for n in routable(snapshot) for m in n.report.available_models}
+    names |= {m.name for n in routable(snapshot) for m in n.report.loaded_models}
+    return sorted(names)
+
+
+def openai_model(name: str, created: int) -> dict[str, Any]:
+    return {"id": name, "object": "model", "created": created, "owned_by": "herd"}
+
+
+def openai_models(snapshot: FleetSnapshot, created: int) -> dict[str, Any]:
+    return {"object": "list", "data": [openai_model(n, created) for n in model_names(snapshot)]}
