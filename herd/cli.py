@@ -53,8 +53,11 @@ def add_options(parser: argparse.ArgumentParser, roles: Sequence[str]) -> None:
         if option.name == "port":
             default = f"{DEFAULT_PORT} router / {DEFAULT_NODE_PORT} node"
         help_text = f"{option.help} [env {option.env}; default {default}]"
-        kwargs: dict[str, Any] = {"dest": option.name, "default": argparse.SUPPRESS,
-                                  "help": help_text}
+        kwargs: dict[str, Any] = {
+            "dest": option.name,
+            "default": argparse.SUPPRESS,
+            "help": help_text,
+        }
         if option.repeatable:
             kwargs["action"] = "append"
         elif option.parse is bool or option.default is False:
@@ -71,10 +74,18 @@ def serve_parser(prog: str, role: str | None) -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"herd {__version__}")
     if role is None:
-        parser.add_argument("--role", choices=("router", "node"), default="router",
-                            help="which role to run (default router)")
-    parser.add_argument("--local-node", action="store_true", default=False,
-                        help="router only: also run a node agent for this machine's backend")
+        parser.add_argument(
+            "--role",
+            choices=("router", "node"),
+            default="router",
+            help="which role to run (default router)",
+        )
+    parser.add_argument(
+        "--local-node",
+        action="store_true",
+        default=False,
+        help="router only: also run a node agent for this machine's backend",
+    )
     add_options(parser, ("router", "node"))
     return parser
 
@@ -116,8 +127,9 @@ def run_serve(argv: Sequence[str], prog: str, role: str | None) -> int:
             config = router_config(flags, os.environ)
             local = None
             if args.local_node:
-                local = node_config({k: v for k, v in flags.items()
-                                     if k not in ("host", "port")}, os.environ)
+                local = node_config(
+                    {k: v for k, v in flags.items() if k not in ("host", "port")}, os.environ
+                )
             setup_logging(config.log_level)
             from herd.router.service import Router
 
@@ -143,8 +155,11 @@ def run_serve(argv: Sequence[str], prog: str, role: str | None) -> int:
 
 def run_status(argv: Sequence[str]) -> int:
     parser = argparse.ArgumentParser(prog="herd status", description="Print the fleet's state.")
-    parser.add_argument("--url", default=None,
-                        help=f"router URL (default http://127.0.0.1:$FLEET_PORT or {DEFAULT_PORT})")
+    parser.add_argument(
+        "--url",
+        default=None,
+        help=f"router URL (default http://127.0.0.1:$FLEET_PORT or {DEFAULT_PORT})",
+    )
     parser.add_argument("--json", action="store_true", help="print the raw /fleet/status JSON")
     args = parser.parse_args(argv)
     url = args.url or f"http://127.0.0.1:{os.environ.get('FLEET_PORT', DEFAULT_PORT)}"
@@ -154,8 +169,11 @@ def run_status(argv: Sequence[str]) -> int:
         response = httpx.get(url.rstrip("/") + "/fleet/status", timeout=10, trust_env=False)
         response.raise_for_status()
     except httpx.HTTPError as exc:
-        print(f"herd status: cannot read {url}/fleet/status: {exc}\n"
-              "Is the router running? Start it with: herd", file=sys.stderr)
+        print(
+            f"herd status: cannot read {url}/fleet/status: {exc}\n"
+            "Is the router running? Start it with: herd",
+            file=sys.stderr,
+        )
         return 1
     data = response.json()
     print(json.dumps(data, indent=2) if args.json else render_status(data))
@@ -165,11 +183,13 @@ def run_status(argv: Sequence[str]) -> int:
 def run_demo(argv: Sequence[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="herd demo",
-        description="A router with three simulated Ollama nodes (no Ollama needed).")
+        description="A router with three simulated Ollama nodes (no Ollama needed).",
+    )
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=DEFAULT_PORT)
-    parser.add_argument("--traffic", action="store_true",
-                        help="send a steady mixed load through the router")
+    parser.add_argument(
+        "--traffic", action="store_true", help="send a steady mixed load through the router"
+    )
     parser.add_argument("--log-level", default="INFO")
     args = parser.parse_args(argv)
     setup_logging(args.log_level.upper())

@@ -21,8 +21,10 @@ def render_status(data: dict[str, Any]) -> str:
     ]
     nodes = data.get("nodes", [])
     if not nodes:
-        lines.append("no nodes yet: run `herd-node --router-url http://THIS-HOST:11435` "
-                     "on each machine with Ollama")
+        lines.append(
+            "no nodes yet: run `herd-node --router-url http://THIS-HOST:11435` "
+            "on each machine with Ollama"
+        )
     for node in nodes:
         memory = node.get("memory", {})
         backend = node.get("backend", {})
@@ -36,8 +38,10 @@ def render_status(data: dict[str, Any]) -> str:
         )
         loaded = {m["name"]: m for m in node.get("models_loaded", [])}
         for name, model in loaded.items():
-            lines.append(f"    hot   {name}  ctx {model.get('context_length', 0)}  "
-                         f"{_gib(model.get('size_bytes'))} GiB")
+            lines.append(
+                f"    hot   {name}  ctx {model.get('context_length', 0)}  "
+                f"{_gib(model.get('size_bytes'))} GiB"
+            )
         for model in node.get("models_available", []):
             if model["name"] not in loaded:
                 lines.append(f"    cold  {model['name']}")

@@ -189,8 +189,7 @@ async def _attempt(
                     first = await chunks.__anext__()
         except trio.TooSlowError as exc:
             raise NodeTimeout(
-                f"node {node_id} sent no first byte within "
-                f"{state.config.first_byte_timeout:g} s",
+                f"node {node_id} sent no first byte within {state.config.first_byte_timeout:g} s",
                 node_id=node_id,
             ) from exc
         except httpx.TransportError as exc:
@@ -213,4 +212,3 @@ async def _attempt(
         lease=lease,
         first_byte_at=trio.current_time(),
     )
-

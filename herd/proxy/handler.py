@@ -210,8 +210,8 @@ class ProxyASGI:
                 error_message=error,
                 timestamp=ctx.wall,
                 tags=request.tags,
-                runners_up=tuple(
-                    (c.node_id, c.score) for c in opened.decision.runners_up
-                ) if opened is not None else (),
+                runners_up=tuple((c.node_id, c.score) for c in opened.decision.runners_up)
+                if opened is not None
+                else (),
             )
         )

@@ -86,9 +86,7 @@ async def send_json(
     await send({"type": "http.response.body", "body": payload, "more_body": False})
 
 
-async def send_error(
-    send: Send, error: HerdError, flavor: ApiFlavor, request_id: str
-) -> None:
+async def send_error(send: Send, error: HerdError, flavor: ApiFlavor, request_id: str) -> None:
     extra = [(b"x-herd-request-id", request_id.encode())]
     extra += [(k.lower().encode(), v.encode()) for k, v in error.headers().items()]
     await send_json(send, error.status, error.render(flavor), extra)
@@ -162,12 +160,16 @@ async def relay_openai_stream(
     translator: openai_compat.ChatStreamTranslator | openai_compat.CompletionStreamTranslator
     if request.route.name == "openai.chat":
         translator = openai_compat.ChatStreamTranslator(
-            request_id=request_id, created=created, model=opened.model,
+            request_id=request_id,
+            created=created,
+            model=opened.model,
             include_usage=request.include_usage,
         )
     else:
         translator = openai_compat.CompletionStreamTranslator(
-            request_id=request_id, created=created, model=opened.model,
+            request_id=request_id,
+            created=created,
+            model=opened.model,
             include_usage=request.include_usage,
         )
     headers = [
@@ -241,18 +243,26 @@ async def relay_openai_whole(
             str(data["error"]) if data else f"node {opened.node_id} sent an unreadable answer"
         )
         result.error = message
-        body = {"error": {"message": message, "type": "server_error", "param": None,
-                          "code": "node_error"}}
+        body = {
+            "error": {
+                "message": message,
+                "type": "server_error",
+                "param": None,
+                "code": "node_error",
+            }
+        }
         await send_json(send, 502, json.dumps(body).encode(), herd_headers(opened, request_id))
         result.status_code = 502
         return result
     name = request.route.name
     if name == "openai.chat":
         payload = openai_compat.chat_response_to_openai(
-            data, request_id=request_id, created=created, model=opened.model)
+            data, request_id=request_id, created=created, model=opened.model
+        )
     elif name == "openai.completions":
         payload = openai_compat.completion_response_to_openai(
-            data, request_id=request_id, created=created, model=opened.model)
+            data, request_id=request_id, created=created, model=opened.model
+        )
     else:
         payload = openai_compat.embed_response_to_openai(data, model=opened.model)
     _final_stats(result, data)
@@ -268,11 +278,20 @@ async def relay_client_error(
     status = opened.response.status_code
     raw = await read_rest(opened)
     data = _parse_line(raw)
-    message = str(data.get("error")) if data and "error" in data else raw[:300].decode(
-        "utf-8", "replace")
+    message = (
+        str(data.get("error")) if data and "error" in data else raw[:300].decode("utf-8", "replace")
+    )
     if request.route.flavor == "openai":
-        body = json.dumps({"error": {"message": message, "type": "invalid_request_error",
-                                     "param": None, "code": None}}).encode()
+        body = json.dumps(
+            {
+                "error": {
+                    "message": message,
+                    "type": "invalid_request_error",
+                    "param": None,
+                    "code": None,
+                }
+            }
+        ).encode()
     else:
         body = json.dumps({"error": message}).encode()
     await send_json(send, status, body, herd_headers(opened, request_id))

@@ -78,8 +78,9 @@ def parse_tags(body: Mapping[str, Any], header: str | None) -> tuple[str, ...]:
             raise BadRequest("field 'metadata' must be an object", param="metadata")
         raw = metadata.get("tags", [])
         if not isinstance(raw, list) or not all(isinstance(t, str) for t in raw):
-            raise BadRequest("field 'metadata.tags' must be a list of strings",
-                             param="metadata.tags")
+            raise BadRequest(
+                "field 'metadata.tags' must be a list of strings", param="metadata.tags"
+            )
         tags.extend(raw)
     if header:
         tags.extend(header.split(","))
@@ -96,8 +97,9 @@ def _fallbacks(body: Mapping[str, Any]) -> tuple[str, ...]:
     if raw is None:
         return ()
     if not isinstance(raw, list) or not all(isinstance(m, str) and m.strip() for m in raw):
-        raise BadRequest("field 'fallback_models' must be a list of model names",
-                         param="fallback_models")
+        raise BadRequest(
+            "field 'fallback_models' must be a list of model names", param="fallback_models"
+        )
     return tuple(normalize_model_name(m) for m in raw)
 
 
@@ -176,8 +178,7 @@ def _validate_ollama(route: Route, body: Mapping[str, Any]) -> None:
         if value is None:
             raise BadRequest("missing required field 'input'", param="input")
         if not isinstance(value, str | list):
-            raise BadRequest("field 'input' must be a string or a list of strings",
-                             param="input")
+            raise BadRequest("field 'input' must be a string or a list of strings", param="input")
     elif route.name == "ollama.embeddings":
         prompt = body.get("prompt")
         if not isinstance(prompt, str):

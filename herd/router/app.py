@@ -31,13 +31,18 @@ MAX_HEARTBEAT_BYTES = 4 * 2**20
 
 
 def json_response(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
-    return Response(json.dumps(data), status=status, headers=headers,
-                    content_type="application/json")
+    return Response(
+        json.dumps(data), status=status, headers=headers, content_type="application/json"
+    )
 
 
 def error_response(error: HerdError, path: str) -> Response:
-    return Response(error.render(flavor_for_path(path)), status=error.status,
-                    headers=error.headers(), content_type="application/json")
+    return Response(
+        error.render(flavor_for_path(path)),
+        status=error.status,
+        headers=error.headers(),
+        content_type="application/json",
+    )
 
 
 def create_app(state: RouterState) -> QuartTrio:
@@ -63,11 +68,15 @@ def create_app(state: RouterState) -> QuartTrio:
     @app.get("/api/version")
     async def version() -> Response:
         versions = sorted(
-            {n.report.backend.version for n in views.routable(state.snapshot())
-             if n.report.backend.version}
+            {
+                n.report.backend.version
+                for n in views.routable(state.snapshot())
+                if n.report.backend.version
+            }
         )
-        return json_response({"version": versions[0] if versions else "0.0.0",
-                              "herd_version": __version__})
+        return json_response(
+            {"version": versions[0] if versions else "0.0.0", "herd_version": __version__}
+        )
 
     @app.get("/api/tags")
     async def tags() -> Response:
@@ -85,7 +94,8 @@ def create_app(state: RouterState) -> QuartTrio:
             raise BadRequest("missing required field 'model'", param="model")
         model = normalize_model_name(name)
         nodes = [
-            n for n in views.routable(state.snapshot())
+            n
+            for n in views.routable(state.snapshot())
             if n.has_model(model) and n.report.backend.healthy
         ]
         if not nodes:
@@ -97,8 +107,12 @@ def create_app(state: RouterState) -> QuartTrio:
             json={**body, "model": model},
             timeout=30,
         )
-        return Response(upstream.content, status=upstream.status_code,
-                        content_type="application/json", headers={"X-Herd-Node": node.node_id})
+        return Response(
+            upstream.content,
+            status=upstream.status_code,
+            content_type="application/json",
+            headers={"X-Herd-Node": node.node_id},
+        )
 
     @app.get("/v1/models")
     async def openai_models() -> Response:
@@ -114,15 +128,22 @@ def create_app(state: RouterState) -> QuartTrio:
 
     @app.get("/fleet/status")
     async def fleet_status() -> Response:
-        return json_response(views.fleet_status(
-            state.snapshot(), state.queues.statistics(), trio.current_time()))
+        return json_response(
+            views.fleet_status(state.snapshot(), state.queues.statistics(), trio.current_time())
+        )
 
     @app.get("/fleet/queue")
     async def fleet_queue() -> Response:
         stats = state.queues.statistics()
-        return json_response({"pending": stats.pending, "in_flight": stats.in_flight,
-                              "done": stats.done, "failed": stats.failed,
-                              "queues": stats.queues})
+        return json_response(
+            {
+                "pending": stats.pending,
+                "in_flight": stats.in_flight,
+                "done": stats.done,
+                "failed": stats.failed,
+                "queues": stats.queues,
+            }
+        )
 
     @app.websocket("/fleet/ws")
     async def fleet_ws() -> None:
@@ -167,15 +188,25 @@ async def serve_fleet_socket(state: RouterState) -> None:
             if node_id is None:
                 node_id = report.node_id
                 log.info("node %s joined (%s)", node_id, report.backend.url)
-                await websocket.send(json.dumps({
-                    "type": "ack", "node_id": node_id,
-                    "heartbeat_interval": state.config.heartbeat_interval,
-                }))
+                await websocket.send(
+                    json.dumps(
+                        {
+                            "type": "ack",
+                            "node_id": node_id,
+                            "heartbeat_interval": state.config.heartbeat_interval,
+                        }
+                    )
+                )
             elif report.node_id != node_id:
-                await websocket.send(json.dumps({
-                    "type": "error",
-                    "message": f"this socket belongs to node {node_id!r}, "
-                               f"not {report.node_id!r}"}))
+                await websocket.send(
+                    json.dumps(
+                        {
+                            "type": "error",
+                            "message": f"this socket belongs to node {node_id!r}, "
+                            f"not {report.node_id!r}",
+                        }
+                    )
+                )
                 continue
             state.registry.apply_report(report, trio.current_time(), session)
             state.queues.set_limit(node_id, report.parallel_slots)

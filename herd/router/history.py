@@ -30,8 +30,9 @@ class LatencyHistory:
         window = self._latency.setdefault((node_id, model), deque(maxlen=WINDOW))
         window.append(latency_ms)
         ordered = sorted(window)
-        self.latency_p75_ms[(node_id, model)] = ordered[min(len(ordered) - 1,
-                                                            int(len(ordered) * 0.75))]
+        self.latency_p75_ms[(node_id, model)] = ordered[
+            min(len(ordered) - 1, int(len(ordered) * 0.75))
+        ]
         if tokens_per_second and tokens_per_second > 0:
             self._rates.setdefault(node_id, deque(maxlen=WINDOW)).append(tokens_per_second)
             self._recompute_speed()

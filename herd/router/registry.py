@@ -62,8 +62,7 @@ class NodeRegistry:
         self._heartbeats += 1
         record = self._nodes.get(report.node_id)
         if record is None:
-            self._nodes[report.node_id] = NodeRecord(report=report, last_seen=now,
-                                                     session=session)
+            self._nodes[report.node_id] = NodeRecord(report=report, last_seen=now, session=session)
             return [StateChange(report.node_id, None, NodeStatus.ONLINE)]
         record.session = session
         before = {m.name for m in record.report.loaded_models}

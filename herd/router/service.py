@@ -124,13 +124,20 @@ class Router:
                 await state.wait_fleet_changed()
             changes = state.registry.tick(trio.current_time())
             for change in changes:
-                log.info("node %s is %s (was %s)", change.node_id, change.new.value,
-                         change.old.value if change.old else "new")
+                log.info(
+                    "node %s is %s (was %s)",
+                    change.node_id,
+                    change.new.value,
+                    change.old.value if change.old else "new",
+                )
             if changes:
                 state.fleet_changed(changes)
 
     async def _run_local_node(
-        self, node_config: NodeConfig, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+        self,
+        node_config: NodeConfig,
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         from herd.node.service import Node
 

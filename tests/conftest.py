@@ -1,0 +1,115 @@
+"""Shared fixtures: a real router on 127.0.0.1 with real simulated Ollama nodes behind it.
+
+Everything is real HTTP on loopback: the router's hypercorn server, each simulated Ollama
+(``herd.sim``) and each node agent's WebSocket to the router.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator, Callable, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+import attrs
+import httpx
+import pytest
+import trio
+from herd.node.agent import AgentConfig, NodeAgent
+
+from herd.config import RouterConfig
+from herd.router.service import Router
+from herd.sim import SimConfig, SimModel, SimOllama, run_sim
+
+T = TypeVar("T")
+
+GiB = 2**30
+
+LLAMA_3B = SimModel("llama3.2:3b", size_bytes=2 * GiB, parameter_size="3B")
+QWEN_7B = SimModel("qwen2.5:7b", size_bytes=5 * GiB, family="qwen2", parameter_size="7B")
+EMBED = SimModel(
+    "nomic-embed-text:latest",
+    size_bytes=300_000_000,
+    family="nomic-bert",
+    parameter_size="137M",
+    embedding=True,
+    embedding_dim=8,
+)
+
+
+@attrs.define(eq=False)
+class Fleet:
+    router: Router
+    sims: dict[str, SimOllama]
+    agents: dict[str, NodeAgent]
+
+    @property
+    def url(self) -> str:
+        return self.router.url
+
+    def counters_idle(self) -> bool:
+        stats = self.router.state.queues.statistics()
+        return stats.pending == 0 and stats.in_flight == 0
+
+
+def two_node_specs() -> list[SimConfig]:
+    return [
+        SimConfig(
+            name="alpha",
+            models=(LLAMA_3B, QWEN_7B, EMBED),
+            loaded=("llama3.2:3b",),
+            memory_bytes=32 * GiB,
+        ),
+        SimConfig(
+            name="beta", models=(LLAMA_3B, QWEN_7B), loaded=("qwen2.5:7b",), memory_bytes=16 * GiB
+        ),
+    ]
+
+
+@contextlib.asynccontextmanager
+async def running_fleet(
+    tmp_path: Path, specs: Sequence[SimConfig], **router_options: Any
+) -> AsyncIterator[Fleet]:
+    config = RouterConfig(host="127.0.0.1", port=0, data_dir=str(tmp_path), **router_options)
+    async with contextlib.AsyncExitStack() as stack:
+        router = await stack.enter_async_context(Router(config))
+        sims: dict[str, SimOllama] = {}
+        agents: dict[str, NodeAgent] = {}
+        nursery = await stack.enter_async_context(trio.open_nursery())
+        for spec in specs:
+            sims[spec.name] = await stack.enter_async_context(run_sim(spec))
+            agent = NodeAgent(
+                AgentConfig(
+                    router_url=router.url,
+                    ollama_url=sims[spec.name].url,
+                    node_id=spec.name,
+                    heartbeat_interval=config.heartbeat_interval,
+                    parallel_slots=spec.parallel,
+                )
+            )
+            agents[spec.name] = agent
+            await nursery.start(agent.run)
+        with trio.fail_after(10):
+            await router.wait_nodes(len(specs))
+        try:
+            yield Fleet(router=router, sims=sims, agents=agents)
+        finally:
+            nursery.cancel_scope.cancel()
+
+
+@pytest.fixture
+async def fleet(tmp_path: Path) -> AsyncIterator[Fleet]:
+    async with running_fleet(tmp_path, two_node_specs()) as fleet:
+        yield fleet
+
+
+@pytest.fixture
+async def client(fleet: Fleet) -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient(base_url=fleet.url, timeout=10, trust_env=False) as client:
+        yield client
+
+
+async def in_thread(fn: Callable[[], T]) -> T:
+    """Run a blocking client (the OpenAI or Ollama SDK) without blocking the router's loop."""
+    with trio.fail_after(20):
+        return await trio.to_thread.run_sync(fn)

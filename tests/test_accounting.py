@@ -1,0 +1,137 @@
+"""Per-request nurseries and exact load accounting, end to end through real sockets."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx
+import trio
+import trio.testing
+
+from herd.router import traces
+from herd.sim import SimConfig, SimModel
+from tests.conftest import Fleet, GiB, running_fleet
+
+SLOW = SimModel("slow:latest", size_bytes=1 * GiB, tokens_per_second=20.0)
+
+
+async def wait_until(predicate: Callable[[], bool], within: float = 5.0) -> None:
+    """Wait for a condition that another task (or the kernel) will make true."""
+    with trio.fail_after(within):
+        while not predicate():
+            await trio.testing.wait_all_tasks_blocked(cushion=0.002)
+
+
+def queue(fleet: Fleet, key: str) -> dict[str, object]:
+    return fleet.router.state.queues.statistics().queues.get(key, {})
+
+
+async def test_client_disconnect_cancels_the_upstream_request(tmp_path: Path) -> None:
+    spec = SimConfig(name="solo", models=(SLOW,), loaded=("slow:latest",))
+    async with running_fleet(tmp_path, [spec]) as fleet:
+        sim = fleet.sims["solo"]
+        async with httpx.AsyncClient(base_url=fleet.url, trust_env=False) as client:
+            with trio.fail_after(10):
+                async with client.stream(
+                    "POST",
+                    "/api/chat",
+                    json={
+                        "model": "slow",
+                        "messages": [{"role": "user", "content": "hi"}],
+                        "options": {"num_predict": 1000},
+                    },
+                ) as response:
+                    assert response.headers["x-herd-node"] == "solo"
+                    async for _ in response.aiter_raw():
+                        break  # one chunk, then the client goes away
+                    assert sim.open_streams == 1
+                    assert queue(fleet, "solo:slow:latest")["in_flight"] == 1
+        await wait_until(lambda: sim.open_streams == 0)
+        await wait_until(lambda: fleet.counters_idle())
+        assert sim.disconnects == 1
+        await wait_until(lambda: bool(fleet.router.state.traces))
+        trace = fleet.router.state.traces[-1]
+        assert trace.status == traces.CLIENT_DISCONNECTED
+        assert trace.node_id == "solo"
+        counters = queue(fleet, "solo:slow:latest")
+        assert (counters["pending"], counters["in_flight"], counters["failed"]) == (0, 0, 0)
+
+
+async def test_success_failure_and_disconnect_all_return_counters_to_zero(
+    fleet: Fleet, client: httpx.AsyncClient
+) -> None:
+    body = {
+        "model": "llama3.2:3b",
+        "messages": [{"role": "user", "content": "hi"}],
+        "stream": False,
+    }
+    ok = await client.post("/api/chat", json=body)
+    assert ok.status_code == 200
+    # alpha fails with 500: the request is retried on beta, which also has the model.
+    fleet.sims["alpha"].fail("http500", times=1)
+    retried = await client.post("/api/chat", json=body)
+    assert retried.status_code == 200
+    assert retried.headers["x-herd-node"] == "beta"
+    assert retried.headers["x-herd-retries"] == "1"
+    # Both fail: the client gets the error, nothing stays counted.
+    fleet.sims["alpha"].fail("http500", times=1)
+    fleet.sims["beta"].fail("http500", times=1)
+    failed = await client.post("/api/chat", json=body)
+    assert failed.status_code == 502
+    assert "500" in failed.json()["error"]
+    # A stream cut short by the client.
+    async with client.stream("POST", "/api/chat", json={**body, "stream": True}) as response:
+        async for _ in response.aiter_raw():
+            break
+    await wait_until(fleet.counters_idle)
+    stats = fleet.router.state.queues.statistics()
+    assert stats.pending == 0 and stats.in_flight == 0
+    assert stats.failed == 3  # alpha once, then alpha and beta
+    statuses = [t.status for t in fleet.router.state.traces]
+    assert statuses[:3] == [traces.COMPLETED, traces.COMPLETED, traces.FAILED]
+    for sim in fleet.sims.values():
+        await wait_until(lambda sim=sim: sim.open_streams == 0)
+
+
+async def test_node_limit_queues_requests_as_pending(tmp_path: Path) -> None:
+    spec = SimConfig(name="one-slot", models=(SLOW,), loaded=("slow:latest",), parallel=1)
+    async with (
+        running_fleet(tmp_path, [spec]) as fleet,
+        httpx.AsyncClient(base_url=fleet.url, trust_env=False, timeout=20) as client,
+    ):
+        body = {"model": "slow", "prompt": "count", "options": {"num_predict": 4}, "stream": False}
+        results: list[int] = []
+
+        async def one() -> None:
+            results.append((await client.post("/api/generate", json=body)).status_code)
+
+        with trio.fail_after(15):
+            async with trio.open_nursery() as nursery:
+                for _ in range(3):
+                    nursery.start_soon(one)
+                await wait_until(lambda: queue(fleet, "one-slot:slow:latest").get("pending") == 2)
+                assert queue(fleet, "one-slot:slow:latest")["in_flight"] == 1
+                status = (await client.get("/fleet/status")).json()
+                assert status["fleet"]["requests_active"] == 3
+                assert status["queues"]["one-slot:slow:latest"]["pending"] == 2
+        assert results == [200, 200, 200]
+        assert fleet.counters_idle()
+        assert queue(fleet, "one-slot:slow:latest")["done"] == 3
+
+
+async def test_mid_stream_failure_ends_cleanly_in_both_formats(
+    fleet: Fleet, client: httpx.AsyncClient
+) -> None:
+    body = {"model": "llama3.2:3b", "messages": [{"role": "user", "content": "hi"}]}
+    fleet.sims["alpha"].fail("die_mid_stream", times=1, after_chunks=2)
+    response = await client.post("/api/chat", json=body)
+    lines = [line for line in response.text.splitlines() if line]
+    assert "error" in lines[-1] and len(lines) >= 2
+    fleet.sims["alpha"].fail("die_mid_stream", times=1, after_chunks=2)
+    response = await client.post("/v1/chat/completions", json={**body, "stream": True})
+    events = [e for e in response.text.split("\n\n") if e]
+    assert events[-1] == "data: [DONE]"
+    assert '"error"' in events[-2]
+    assert [t.status for t in fleet.router.state.traces][-2:] == [traces.INCOMPLETE] * 2
+    await wait_until(fleet.counters_idle)

@@ -1,0 +1,41 @@
+"""Node states from heartbeat timing."""
+
+from __future__ import annotations
+
+from herd.models import LoadedModel, NodeReport, NodeStatus
+from herd.router.registry import NodeRegistry
+
+
+def test_online_degraded_offline_and_back() -> None:
+    registry = NodeRegistry(heartbeat_timeout=15, heartbeat_offline=30)
+    session = object()
+    changes = registry.apply_report(NodeReport(node_id="a"), now=100.0, session=session)
+    assert [c.new for c in changes] == [NodeStatus.ONLINE]
+    assert registry.next_deadline() == 115.0
+    assert registry.tick(114.9) == []
+    assert [c.new for c in registry.tick(115.0)] == [NodeStatus.DEGRADED]
+    assert registry.next_deadline() == 130.0
+    assert [c.new for c in registry.tick(130.0)] == [NodeStatus.OFFLINE]
+    assert registry.next_deadline() is None
+    changes = registry.apply_report(NodeReport(node_id="a"), now=131.0, session=session)
+    assert [(c.old, c.new) for c in changes] == [(NodeStatus.OFFLINE, NodeStatus.ONLINE)]
+
+
+def test_socket_close_is_offline_but_an_old_session_closing_is_not() -> None:
+    registry = NodeRegistry()
+    old, new = object(), object()
+    registry.apply_report(NodeReport(node_id="a"), 0.0, old)
+    registry.apply_report(NodeReport(node_id="a"), 1.0, new)  # reconnected
+    assert registry.disconnected("a", 2.0, old) == []
+    assert [c.new for c in registry.disconnected("a", 2.0, new)] == [NodeStatus.OFFLINE]
+
+
+def test_unloaded_models_are_remembered_as_warm() -> None:
+    registry = NodeRegistry()
+    hot = NodeReport(node_id="a", loaded_models=(LoadedModel("m:latest"),))
+    registry.apply_report(hot, 0.0)
+    registry.apply_report(NodeReport(node_id="a"), 10.0)
+    snapshot = registry.snapshot(lambda node: {})
+    assert snapshot.nodes[0].recently_unloaded == {"m:latest": 10.0}
+    registry.apply_report(hot, 20.0)
+    assert registry.snapshot(lambda node: {}).nodes[0].recently_unloaded == {}
