@@ -22,6 +22,7 @@ Lower-level exceptions (httpx, JSON) are mapped to these in one place each, with
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from typing import Any, ClassVar, Literal
 
 ApiFlavor = Literal["ollama", "openai"]
@@ -154,7 +155,7 @@ def parse_json_body(raw: bytes) -> dict[str, Any]:
     return data
 
 
-def require_str(body: dict[str, Any], field: str) -> str:
+def require_str(body: Mapping[str, Any], field: str) -> str:
     """Return ``body[field]`` as a non-empty string or raise :class:`BadRequest` naming it."""
     value = body.get(field)
     if value is None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 
 import httpx
 import ollama
@@ -23,17 +24,23 @@ TOOLS = [
 ]
 
 
-def oai(fleet: Fleet) -> openai.OpenAI:
-    return openai.OpenAI(base_url=fleet.url + "/v1", api_key="not-needed", max_retries=0)
+@pytest.fixture
+def oai(fleet: Fleet) -> Iterator[openai.OpenAI]:
+    with openai.OpenAI(base_url=fleet.url + "/v1", api_key="not-needed", max_retries=0) as c:
+        yield c
 
 
-def oll(fleet: Fleet) -> ollama.Client:
-    return ollama.Client(host=fleet.url)
+@pytest.fixture
+def oll(fleet: Fleet) -> Iterator[ollama.Client]:
+    with ollama.Client(host=fleet.url) as c:
+        yield c
 
 
-async def test_openai_chat_not_streaming_lands_on_the_hot_node(fleet: Fleet) -> None:
+async def test_openai_chat_not_streaming_lands_on_the_hot_node(
+    fleet: Fleet, oai: openai.OpenAI
+) -> None:
     def call() -> tuple[object, httpx.Headers]:
-        raw = oai(fleet).chat.completions.with_raw_response.create(
+        raw = oai.chat.completions.with_raw_response.create(
             model="llama3.2:3b",
             messages=[{"role": "user", "content": "Hello there"}],
             temperature=0.2,
@@ -65,9 +72,9 @@ async def test_openai_chat_not_streaming_lands_on_the_hot_node(fleet: Fleet) -> 
     assert body["keep_alive"] == -1
 
 
-async def test_openai_chat_streaming_with_usage(fleet: Fleet) -> None:
+async def test_openai_chat_streaming_with_usage(fleet: Fleet, oai: openai.OpenAI) -> None:
     def call() -> list[object]:
-        stream = oai(fleet).chat.completions.create(
+        stream = oai.chat.completions.create(
             model="qwen2.5:7b",
             messages=[{"role": "user", "content": "Stream please"}],
             stream=True,
@@ -91,9 +98,9 @@ async def test_openai_chat_streaming_with_usage(fleet: Fleet) -> None:
     assert fleet.sims["beta"].requests[-1][0] == "/api/chat"  # qwen is hot on beta
 
 
-async def test_openai_tools_round_trip(fleet: Fleet) -> None:
+async def test_openai_tools_round_trip(fleet: Fleet, oai: openai.OpenAI) -> None:
     def call() -> object:
-        return oai(fleet).chat.completions.create(
+        return oai.chat.completions.create(
             model="llama3.2:3b",
             messages=[
                 {"role": "user", "content": "Weather in Paris?"},
@@ -124,8 +131,8 @@ async def test_openai_tools_round_trip(fleet: Fleet) -> None:
     assert body["messages"][1]["tool_calls"][0]["function"]["arguments"] == {"city": "Paris"}
 
 
-async def test_openai_completions_and_embeddings(fleet: Fleet) -> None:
-    client = oai(fleet)
+async def test_openai_completions_and_embeddings(fleet: Fleet, oai: openai.OpenAI) -> None:
+    client = oai
     completion = await in_thread(
         lambda: client.completions.create(
             model="llama3.2:3b", prompt="Once upon a time", max_tokens=4
@@ -144,8 +151,8 @@ async def test_openai_completions_and_embeddings(fleet: Fleet) -> None:
     assert len(embedding.data[0].embedding) == 8
 
 
-async def test_openai_models_and_unknown_model(fleet: Fleet) -> None:
-    client = oai(fleet)
+async def test_openai_models_and_unknown_model(fleet: Fleet, oai: openai.OpenAI) -> None:
+    client = oai
     models = await in_thread(lambda: client.models.list())
     ids = {m.id for m in models.data}
     assert {"llama3.2:3b", "qwen2.5:7b", "nomic-embed-text:latest"} <= ids
@@ -163,8 +170,8 @@ async def test_openai_models_and_unknown_model(fleet: Fleet) -> None:
         await in_thread(lambda: client.models.retrieve("no-such-model"))
 
 
-async def test_ollama_chat_and_generate(fleet: Fleet) -> None:
-    client = oll(fleet)
+async def test_ollama_chat_and_generate(fleet: Fleet, oll: ollama.Client) -> None:
+    client = oll
     reply = await in_thread(
         lambda: client.chat(
             model="llama3.2:3b", messages=[{"role": "user", "content": "Hi"}], stream=False
@@ -189,8 +196,8 @@ async def test_ollama_chat_and_generate(fleet: Fleet) -> None:
     assert streamed[-1].done and len(streamed) > 2
 
 
-async def test_ollama_embeddings_both_shapes(fleet: Fleet) -> None:
-    client = oll(fleet)
+async def test_ollama_embeddings_both_shapes(fleet: Fleet, oll: ollama.Client) -> None:
+    client = oll
     embedded = await in_thread(lambda: client.embed(model="nomic-embed-text", input="hello"))
     assert len(embedded.embeddings) == 1 and len(embedded.embeddings[0]) == 8
     legacy = await in_thread(lambda: client.embeddings(model="nomic-embed-text", prompt="hello"))
@@ -198,22 +205,24 @@ async def test_ollama_embeddings_both_shapes(fleet: Fleet) -> None:
     assert list(legacy.embedding) == list(embedded.embeddings[0])
 
 
-async def test_ollama_listing_endpoints(fleet: Fleet, client: httpx.AsyncClient) -> None:
-    listed = await in_thread(lambda: oll(fleet).list())
+async def test_ollama_listing_endpoints(
+    fleet: Fleet, client: httpx.AsyncClient, oll: ollama.Client
+) -> None:
+    listed = await in_thread(lambda: oll.list())
     names = {m.model for m in listed.models}
     assert {"llama3.2:3b", "qwen2.5:7b", "nomic-embed-text:latest"} <= names
     tags = (await client.get("/api/tags")).json()["models"]
     nodes = {m["name"]: sorted(m["nodes"]) for m in tags}
     assert nodes["llama3.2:3b"] == ["alpha", "beta"]
     assert nodes["nomic-embed-text:latest"] == ["alpha"]
-    running = await in_thread(lambda: oll(fleet).ps())
+    running = await in_thread(lambda: oll.ps())
     assert {m.model for m in running.models} == {"llama3.2:3b", "qwen2.5:7b"}
     ps = (await client.get("/api/ps")).json()["models"]
     assert {(m["name"], m["node"]) for m in ps} == {
         ("llama3.2:3b", "alpha"),
         ("qwen2.5:7b", "beta"),
     }
-    shown = await in_thread(lambda: oll(fleet).show("qwen2.5:7b"))
+    shown = await in_thread(lambda: oll.show("qwen2.5:7b"))
     assert shown.details is not None and shown.details.family == "qwen2"
     version = (await client.get("/api/version")).json()
     assert version["version"] and version["herd_version"]
@@ -227,12 +236,10 @@ async def test_model_on_only_one_node(fleet: Fleet, client: httpx.AsyncClient) -
     assert response.headers["x-herd-node"] == "alpha"
 
 
-async def test_ollama_unknown_model_is_404(fleet: Fleet) -> None:
+async def test_ollama_unknown_model_is_404(fleet: Fleet, oll: ollama.Client) -> None:
     with pytest.raises(ollama.ResponseError) as info:
         await in_thread(
-            lambda: oll(fleet).chat(
-                model="no-such-model", messages=[{"role": "user", "content": "hi"}]
-            )
+            lambda: oll.chat(model="no-such-model", messages=[{"role": "user", "content": "hi"}])
         )
     assert info.value.status_code == 404
     assert "no-such-model" in info.value.error

@@ -14,11 +14,11 @@ import socket
 
 import attrs
 import trio
-from herd.node.agent import AgentConfig, NodeAgent
 from quart import Response
 from quart_trio import QuartTrio
 
 from herd.config import NodeConfig
+from herd.node.agent import AgentConfig, NodeAgent
 from herd.server import serve_app
 from herd.wire import unstructure
 

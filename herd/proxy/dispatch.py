@@ -22,7 +22,8 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
+from typing import Protocol
 
 import attrs
 import httpx
@@ -60,7 +61,7 @@ class Opened:
     excluded: tuple[str, ...]
     response: httpx.Response
     first_chunk: bytes
-    chunks: AsyncIterator[bytes]
+    chunks: AsyncGenerator[bytes, None]
     lease: Lease
     first_byte_at: float  # router clock
 
@@ -75,10 +76,15 @@ class Attempts:
     last_decision: RouteDecision | None = None
 
 
-async def aclose_shielded(response: httpx.Response) -> None:
-    """Close an upstream response even while the request is being cancelled, briefly."""
+class Closable(Protocol):
+    async def aclose(self) -> None: ...
+
+
+async def aclose_shielded(resource: Closable) -> None:
+    """Close an upstream response (or its iterator) even while the request is being
+    cancelled, within :data:`CLOSE_TIMEOUT`."""
     with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_TIMEOUT) as scope:
-        await response.aclose()
+        await resource.aclose()
     if scope.cancelled_caught:
         log.debug("closing upstream response took over %.0f ms", CLOSE_TIMEOUT * 1000)
 
@@ -184,6 +190,7 @@ async def _attempt(
                         upstream_status=response.status_code,
                     )
                 chunks = response.aiter_raw()
+                attempt_stack.push_async_callback(aclose_shielded, chunks)
                 first = b""
                 with contextlib.suppress(StopAsyncIteration):
                     first = await chunks.__anext__()

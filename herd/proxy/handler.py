@@ -23,7 +23,7 @@ import attrs
 import trio
 
 from herd.errors import HerdError, PayloadTooLarge, parse_json_body
-from herd.proxy import relay
+from herd.proxy import relay as relays
 from herd.proxy.dispatch import Opened, open_upstream
 from herd.proxy.shaping import ROUTES, InferenceRequest, Route, shape
 from herd.router import traces
@@ -36,7 +36,7 @@ Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
-ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+ASGIApp = Any  # the Quart app (its ASGI types are narrower than ours)
 
 
 class ClientGone(Exception):
@@ -51,6 +51,8 @@ class RequestContext:
     wall: float
     disconnected: bool = False
     headers_sent: bool = False
+    # The last byte went out: a disconnect from now on is the normal end of the exchange.
+    finished: bool = False
 
 
 async def read_body(receive: Receive, limit: int) -> bytes:
@@ -104,21 +106,26 @@ class ProxyASGI:
         except ClientGone:
             return
         except HerdError as exc:
-            await relay.send_error(send, exc, route.flavor, ctx.request_id)
+            await relays.send_error(send, exc, route.flavor, ctx.request_id)
             return
         async with trio.open_nursery() as nursery:
 
             async def watch_disconnect() -> None:
                 while True:
                     message = await receive()
-                    if message["type"] == "http.disconnect":
+                    if message["type"] == "http.disconnect" and not ctx.finished:
                         ctx.disconnected = True
                         nursery.cancel_scope.cancel()
                         return
 
+            async def send_marking_end(message: Message) -> None:
+                if message["type"] == "http.response.body" and not message.get("more_body"):
+                    ctx.finished = True  # before the await: the disconnect may come at once
+                await send(message)
+
             nursery.start_soon(watch_disconnect)
             try:
-                await self.serve(ctx, scope, raw, send)
+                await self.serve(ctx, scope, raw, send_marking_end)
             finally:
                 nursery.cancel_scope.cancel()
 
@@ -127,7 +134,7 @@ class ProxyASGI:
         route = ctx.route
         request: InferenceRequest | None = None
         opened: Opened | None = None
-        result: relay.RelayResult | None = None
+        result: relays.RelayResult | None = None
         status = traces.FAILED
         error: str | None = None
         try:
@@ -146,7 +153,7 @@ class ProxyASGI:
         except HerdError as exc:
             error = exc.message
             if not ctx.headers_sent:
-                await relay.send_error(send, exc, route.flavor, ctx.request_id)
+                await relays.send_error(send, exc, route.flavor, ctx.request_id)
         except trio.Cancelled:
             if ctx.disconnected:
                 status = traces.CLIENT_DISCONNECTED
@@ -158,22 +165,22 @@ class ProxyASGI:
 
     async def relay(
         self, ctx: RequestContext, opened: Opened, request: InferenceRequest, send: Send
-    ) -> relay.RelayResult:
+    ) -> relays.RelayResult:
         if opened.response.status_code >= 400:
-            return await relay.relay_client_error(send, opened, request, ctx.request_id)
+            return await relays.relay_client_error(send, opened, request, ctx.request_id)
         if request.route.flavor == "ollama":
-            return await relay.relay_ollama(send, opened, request, ctx.request_id)
+            return await relays.relay_ollama(send, opened, request, ctx.request_id)
         created = int(ctx.wall)
         if request.stream:
-            return await relay.relay_openai_stream(send, opened, request, ctx.request_id, created)
-        return await relay.relay_openai_whole(send, opened, request, ctx.request_id, created)
+            return await relays.relay_openai_stream(send, opened, request, ctx.request_id, created)
+        return await relays.relay_openai_whole(send, opened, request, ctx.request_id, created)
 
     def record(
         self,
         ctx: RequestContext,
         request: InferenceRequest,
         opened: Opened | None,
-        result: relay.RelayResult | None,
+        result: relays.RelayResult | None,
         status: str,
         error: str | None,
     ) -> None:

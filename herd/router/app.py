@@ -88,7 +88,8 @@ def create_app(state: RouterState) -> QuartTrio:
 
     @app.post("/api/show")
     async def show() -> Response:
-        body = parse_json_body(await request.get_data())
+        raw: bytes = await request.get_data(as_text=False)  # type: ignore[assignment]
+        body = parse_json_body(raw)
         name = body.get("model") or body.get("name")
         if not isinstance(name, str) or not name.strip():
             raise BadRequest("missing required field 'model'", param="model")

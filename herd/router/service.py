@@ -47,6 +47,7 @@ class Router:
     _state: RouterState | None = None
     _url: str | None = None
     _stack: contextlib.AsyncExitStack | None = None
+    _nursery: trio.Nursery | None = None
 
     # --- library API -------------------------------------------------------------------
     @property
@@ -89,7 +90,7 @@ class Router:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> bool | None:
-        assert self._stack is not None
+        assert self._stack is not None and self._nursery is not None
         self._nursery.cancel_scope.cancel()
         return await self._stack.__aexit__(exc_type, exc, tb)
 

@@ -1,0 +1,1 @@
+"""The proxy: shaping client requests, dispatching them to nodes, relaying the answers."""

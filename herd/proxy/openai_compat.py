@@ -1,0 +1,501 @@
+"""OpenAI ⇄ Ollama translation. Pure: no I/O, no clock; ids and timestamps are passed in.
+
+The router always speaks Ollama's native API to backends. OpenAI requests are translated here
+field by field (nothing a backend can use is dropped), and Ollama's answers are translated back:
+whole responses as one object, streams chunk by chunk into SSE events that the OpenAI SDK
+parses (a first role chunk, content deltas, tool-call deltas, a final chunk with the real
+``finish_reason``, an optional usage chunk, then ``data: [DONE]``).
+
+Raises :class:`herd.errors.BadRequest` naming the field for anything a client got wrong.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from typing import Any
+
+from herd.errors import BadRequest, require_str
+
+_DUMP = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+
+# OpenAI sampling fields that map one to one onto Ollama options.
+_OPTION_FIELDS = {
+    "temperature": "temperature",
+    "top_p": "top_p",
+    "seed": "seed",
+    "presence_penalty": "presence_penalty",
+    "frequency_penalty": "frequency_penalty",
+}
+
+
+def _options(body: Mapping[str, Any]) -> dict[str, Any]:
+    options: dict[str, Any] = {}
+    extra = body.get("options")
+    if isinstance(extra, dict):
+        options.update(extra)
+    for source, target in _OPTION_FIELDS.items():
+        value = body.get(source)
+        if value is not None:
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise BadRequest(f"field '{source}' must be a number, got {value!r}", param=source)
+            options[target] = value
+    limit = body.get("max_completion_tokens", body.get("max_tokens"))
+    if limit is not None:
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
+            raise BadRequest(
+                f"field 'max_tokens' must be a non-negative integer, got {limit!r}",
+                param="max_tokens",
+            )
+        options["num_predict"] = limit
+    stop = body.get("stop")
+    if stop is not None:
+        if isinstance(stop, str):
+            options["stop"] = [stop]
+        elif isinstance(stop, list) and all(isinstance(s, str) for s in stop):
+            options["stop"] = stop
+        else:
+            raise BadRequest("field 'stop' must be a string or a list of strings", param="stop")
+    return options
+
+
+def _common(body: Mapping[str, Any], upstream: dict[str, Any]) -> dict[str, Any]:
+    options = _options(body)
+    if options:
+        upstream["options"] = options
+    for passthrough in ("keep_alive", "think"):
+        if passthrough in body:
+            upstream[passthrough] = body[passthrough]
+    fmt = body.get("response_format")
+    if fmt is not None:
+        if not isinstance(fmt, dict):
+            raise BadRequest("field 'response_format' must be an object", param="response_format")
+        kind = fmt.get("type")
+        if kind == "json_object":
+            upstream["format"] = "json"
+        elif kind == "json_schema":
+            schema = fmt.get("json_schema", {})
+            if not isinstance(schema, dict) or not isinstance(schema.get("schema"), dict):
+                raise BadRequest(
+                    "response_format.json_schema.schema must be an object", param="response_format"
+                )
+            upstream["format"] = schema["schema"]
+        elif kind not in (None, "text"):
+            raise BadRequest(f"unsupported response_format type {kind!r}", param="response_format")
+    return upstream
+
+
+def _image(part: Mapping[str, Any], index: int) -> str:
+    image = part.get("image_url")
+    url = image.get("url") if isinstance(image, dict) else image
+    if not isinstance(url, str):
+        raise BadRequest(f"messages[{index}]: image_url must have a url", param="messages")
+    if not url.startswith("data:"):
+        raise BadRequest(
+            f"messages[{index}]: only data: URLs are accepted for images (got {url[:40]!r}); "
+            "the router does not fetch URLs",
+            param="messages",
+        )
+    header, _, data = url.partition(",")
+    if ";base64" not in header or not data:
+        raise BadRequest(f"messages[{index}]: image data URL must be base64", param="messages")
+    return data
+
+
+def _content(content: Any, index: int) -> tuple[str, list[str]]:
+    """OpenAI message content (string or parts) → (text, base64 images)."""
+    if content is None:
+        return "", []
+    if isinstance(content, str):
+        return content, []
+    if not isinstance(content, list):
+        raise BadRequest(
+            f"messages[{index}].content must be a string or a list of parts", param="messages"
+        )
+    texts: list[str] = []
+    images: list[str] = []
+    for part in content:
+        if not isinstance(part, dict):
+            raise BadRequest(f"messages[{index}].content parts must be objects", param="messages")
+        kind = part.get("type")
+        if kind == "text":
+            texts.append(str(part.get("text", "")))
+        elif kind == "image_url":
+            images.append(_image(part, index))
+        else:
+            raise BadRequest(
+                f"messages[{index}]: unsupported content part type {kind!r}", param="messages"
+            )
+    return "\n".join(texts), images
+
+
+def _tool_calls_to_ollama(calls: Any, index: int) -> list[dict[str, Any]]:
+    if not isinstance(calls, list):
+        raise BadRequest(f"messages[{index}].tool_calls must be a list", param="messages")
+    out = []
+    for call in calls:
+        function = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+            raise BadRequest(
+                f"messages[{index}].tool_calls entries need function.name", param="messages"
+            )
+        arguments = function.get("arguments", "{}")
+        if isinstance(arguments, str):
+            try:
+                arguments = json.loads(arguments) if arguments.strip() else {}
+            except ValueError as exc:
+                raise BadRequest(
+                    f"messages[{index}].tool_calls: arguments of {function['name']!r} "
+                    f"are not valid JSON: {exc}",
+                    param="messages",
+                ) from exc
+        out.append({"function": {"name": function["name"], "arguments": arguments}})
+    return out
+
+
+def _messages(body: Mapping[str, Any]) -> list[dict[str, Any]]:
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise BadRequest("field 'messages' must be a non-empty list", param="messages")
+    call_names: dict[str, str] = {}
+    out: list[dict[str, Any]] = []
+    for index, message in enumerate(messages):
+        if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+            raise BadRequest(f"messages[{index}] must be an object with a 'role'", param="messages")
+        role = message["role"]
+        if role == "developer":
+            role = "system"
+        text, images = _content(message.get("content"), index)
+        converted: dict[str, Any] = {"role": role, "content": text}
+        if images:
+            converted["images"] = images
+        if message.get("tool_calls"):
+            converted["tool_calls"] = _tool_calls_to_ollama(message["tool_calls"], index)
+            for call in message["tool_calls"]:
+                if isinstance(call, dict) and isinstance(call.get("id"), str):
+                    call_names[call["id"]] = call["function"]["name"]
+        if role == "tool":
+            name = call_names.get(str(message.get("tool_call_id")))
+            if name:
+                converted["tool_name"] = name
+        out.append(converted)
+    return out
+
+
+def chat_request_to_ollama(body: Mapping[str, Any]) -> dict[str, Any]:
+    """``/v1/chat/completions`` body → ``/api/chat`` body."""
+    upstream: dict[str, Any] = {
+        "model": require_str(body, "model"),
+        "messages": _messages(body),
+        "stream": bool(body.get("stream", False)),
+    }
+    tools = body.get("tools")
+    if tools is not None:
+        if not isinstance(tools, list):
+            raise BadRequest("field 'tools' must be a list", param="tools")
+        if body.get("tool_choice") != "none" and tools:
+            upstream["tools"] = tools
+    return _common(body, upstream)
+
+
+def completion_request_to_ollama(body: Mapping[str, Any]) -> dict[str, Any]:
+    """``/v1/completions`` body → ``/api/generate`` body."""
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+        prompt = prompt[0]
+    if not isinstance(prompt, str):
+        raise BadRequest(
+            "field 'prompt' must be a string (or a list of one string)", param="prompt"
+        )
+    upstream: dict[str, Any] = {
+        "model": require_str(body, "model"),
+        "prompt": prompt,
+        "stream": bool(body.get("stream", False)),
+    }
+    suffix = body.get("suffix")
+    if isinstance(suffix, str):
+        upstream["suffix"] = suffix
+    return _common(body, upstream)
+
+
+def embeddings_request_to_ollama(body: Mapping[str, Any]) -> dict[str, Any]:
+    """``/v1/embeddings`` body → ``/api/embed`` body."""
+    value = body.get("input")
+    if isinstance(value, str):
+        inputs: str | list[str] = value
+    elif isinstance(value, list) and value and all(isinstance(v, str) for v in value):
+        inputs = value
+    elif isinstance(value, list) and value:
+        raise BadRequest(
+            "field 'input' must be text; token id arrays are not supported", param="input"
+        )
+    else:
+        raise BadRequest(
+            "field 'input' must be a string or a non-empty list of strings", param="input"
+        )
+    upstream: dict[str, Any] = {"model": require_str(body, "model"), "input": inputs}
+    dimensions = body.get("dimensions")
+    if dimensions is not None:
+        if isinstance(dimensions, bool) or not isinstance(dimensions, int) or dimensions <= 0:
+            raise BadRequest("field 'dimensions' must be a positive integer", param="dimensions")
+        upstream["dimensions"] = dimensions
+    if "keep_alive" in body:
+        upstream["keep_alive"] = body["keep_alive"]
+    return upstream
+
+
+# --- responses ----------------------------------------------------------------------------
+
+
+def _finish_reason(resp: Mapping[str, Any], tool_calls: bool) -> str:
+    if tool_calls:
+        return "tool_calls"
+    return "length" if resp.get("done_reason") == "length" else "stop"
+
+
+def _tool_calls_to_openai(calls: Any, request_id: str, offset: int = 0) -> list[dict[str, Any]]:
+    out = []
+    for index, call in enumerate(calls if isinstance(calls, list) else []):
+        function = call.get("function", {}) if isinstance(call, dict) else {}
+        arguments = function.get("arguments", {})
+        out.append(
+            {
+                "id": f"call_{request_id[:12]}_{offset + index}",
+                "type": "function",
+                "function": {
+                    "name": function.get("name", ""),
+                    "arguments": arguments if isinstance(arguments, str) else _DUMP(arguments),
+                },
+            }
+        )
+    return out
+
+
+def _usage(resp: Mapping[str, Any]) -> dict[str, int]:
+    prompt = int(resp.get("prompt_eval_count") or 0)
+    completion = int(resp.get("eval_count") or 0)
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+    }
+
+
+def chat_response_to_openai(
+    resp: Mapping[str, Any], *, request_id: str, created: int, model: str
+) -> dict[str, Any]:
+    message = resp.get("message") or {}
+    calls = _tool_calls_to_openai(message.get("tool_calls"), request_id)
+    out_message: dict[str, Any] = {"role": "assistant", "content": message.get("content", "")}
+    if calls:
+        out_message["tool_calls"] = calls
+        out_message["content"] = message.get("content") or None
+    return {
+        "id": f"chatcmpl-{request_id}",
+        "object": "chat.completion",
+        "created": created,
+        "model": model,
+        "choices": [
+            {
+                "index": 0,
+                "message": out_message,
+                "finish_reason": _finish_reason(resp, bool(calls)),
+                "logprobs": None,
+            }
+        ],
+        "usage": _usage(resp),
+    }
+
+
+def completion_response_to_openai(
+    resp: Mapping[str, Any], *, request_id: str, created: int, model: str
+) -> dict[str, Any]:
+    return {
+        "id": f"cmpl-{request_id}",
+        "object": "text_completion",
+        "created": created,
+        "model": model,
+        "choices": [
+            {
+                "index": 0,
+                "text": resp.get("response", ""),
+                "finish_reason": _finish_reason(resp, False),
+                "logprobs": None,
+            }
+        ],
+        "usage": _usage(resp),
+    }
+
+
+def embed_response_to_openai(resp: Mapping[str, Any], *, model: str) -> dict[str, Any]:
+    vectors = resp.get("embeddings") or []
+    prompt = int(resp.get("prompt_eval_count") or 0)
+    return {
+        "object": "list",
+        "data": [
+            {"object": "embedding", "index": i, "embedding": v} for i, v in enumerate(vectors)
+        ],
+        "model": model,
+        "usage": {"prompt_tokens": prompt, "total_tokens": prompt},
+    }
+
+
+def _event(payload: Mapping[str, Any]) -> bytes:
+    return b"data: " + _DUMP(payload).encode() + b"\n\n"
+
+
+DONE = b"data: [DONE]\n\n"
+
+
+class _StreamTranslator:
+    object_name = ""
+    id_prefix = ""
+
+    def __init__(self, *, request_id: str, created: int, model: str, include_usage: bool) -> None:
+        self.id = f"{self.id_prefix}{request_id}"
+        self.request_id = request_id
+        self.created = created
+        self.model = model
+        self.include_usage = include_usage
+        self.finished = False
+        self.prompt_tokens = 0
+        self.completion_tokens = 0
+        self._started = False
+
+    def _chunk(self, choice: dict[str, Any] | None) -> dict[str, Any]:
+        chunk: dict[str, Any] = {
+            "id": self.id,
+            "object": self.object_name,
+            "created": self.created,
+            "model": self.model,
+            "choices": [choice] if choice is not None else [],
+        }
+        if self.include_usage:
+            chunk["usage"] = None
+        return chunk
+
+    def _usage_event(self) -> bytes:
+        chunk = self._chunk(None)
+        chunk["usage"] = {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "total_tokens": self.prompt_tokens + self.completion_tokens,
+        }
+        return _event(chunk)
+
+    def _final(self, chunk: Mapping[str, Any]) -> None:
+        self.finished = True
+        self.prompt_tokens = int(chunk.get("prompt_eval_count") or 0)
+        self.completion_tokens = int(chunk.get("eval_count") or 0)
+
+    def done(self) -> bytes:
+        return DONE
+
+    def error(self, message: str) -> bytes:
+        payload = {
+            "error": {
+                "message": message,
+                "type": "server_error",
+                "param": None,
+                "code": "stream_interrupted",
+            }
+        }
+        return _event(payload) + DONE
+
+
+class ChatStreamTranslator(_StreamTranslator):
+    """Ollama ``/api/chat`` NDJSON chunks → OpenAI ``chat.completion.chunk`` SSE events."""
+
+    object_name = "chat.completion.chunk"
+    id_prefix = "chatcmpl-"
+
+    def __init__(self, *, request_id: str, created: int, model: str, include_usage: bool) -> None:
+        super().__init__(
+            request_id=request_id, created=created, model=model, include_usage=include_usage
+        )
+        self._tool_calls = 0
+
+    def _delta(self, delta: dict[str, Any], finish: str | None = None) -> bytes:
+        return _event(
+            self._chunk({"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None})
+        )
+
+    def feed(self, chunk: Mapping[str, Any]) -> bytes:
+        out = b""
+        if not self._started:
+            self._started = True
+            out += self._delta({"role": "assistant", "content": ""})
+        message = chunk.get("message") or {}
+        content = message.get("content")
+        if content:
+            out += self._delta({"content": content})
+        calls = message.get("tool_calls")
+        if calls:
+            converted = _tool_calls_to_openai(calls, self.request_id, self._tool_calls)
+            deltas = []
+            for call in converted:
+                deltas.append({"index": self._tool_calls, **call})
+                self._tool_calls += 1
+            out += self._delta({"tool_calls": deltas})
+        if chunk.get("done") is True:
+            self._final(chunk)
+            finish = _finish_reason(chunk, self._tool_calls > 0)
+            out += self._delta({}, finish)
+            if self.include_usage:
+                out += self._usage_event()
+        return out
+
+
+class CompletionStreamTranslator(_StreamTranslator):
+    """Ollama ``/api/generate`` NDJSON chunks → OpenAI ``text_completion`` SSE events."""
+
+    object_name = "text_completion"
+    id_prefix = "cmpl-"
+
+    def _text(self, text: str, finish: str | None = None) -> bytes:
+        return _event(
+            self._chunk({"index": 0, "text": text, "finish_reason": finish, "logprobs": None})
+        )
+
+    def feed(self, chunk: Mapping[str, Any]) -> bytes:
+        self._started = True
+        out = b""
+        text = chunk.get("response")
+        if text:
+            out += self._text(text)
+        if chunk.get("done") is True:
+            self._final(chunk)
+            out += self._text("", _finish_reason(chunk, False))
+            if self.include_usage:
+                out += self._usage_event()
+        return out
+
+
+def ollama_tags_to_openai_models(models: list[dict[str, Any]], *, created: int) -> dict[str, Any]:
+    return {
+        "object": "list",
+        "data": [
+            {"id": m.get("name", ""), "object": "model", "created": created, "owned_by": "herd"}
+            for m in models
+        ],
+    }
+
+
+def _text_size(value: Any, depth: int = 0) -> int:
+    if depth > 6:
+        return 0
+    if isinstance(value, str):
+        return len(value)
+    if isinstance(value, list):
+        return sum(_text_size(v, depth + 1) for v in value)
+    if isinstance(value, dict):
+        return sum(_text_size(value.get(k), depth + 1) for k in ("content", "text"))
+    return 0
+
+
+def estimate_prompt_tokens(body: Mapping[str, Any]) -> int:
+    """A cheap prompt-size estimate (about four characters a token) for the scorer."""
+    chars = 0
+    for field in ("messages", "prompt", "input", "system", "suffix"):
+        chars += _text_size(body.get(field))
+    return chars // 4

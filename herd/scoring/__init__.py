@@ -1,0 +1,25 @@
+"""Scoring: a pure module that ranks the fleet for one request. See :mod:`herd.scoring.engine`."""
+
+from herd.scoring.engine import (
+    SIGNALS,
+    Candidate,
+    Elimination,
+    History,
+    RouteDecision,
+    RouteRequest,
+    ScoringSettings,
+    explain,
+    score,
+)
+
+__all__ = [
+    "SIGNALS",
+    "Candidate",
+    "Elimination",
+    "History",
+    "RouteDecision",
+    "RouteRequest",
+    "ScoringSettings",
+    "explain",
+    "score",
+]
