@@ -23,7 +23,7 @@ import contextlib
 import json
 import logging
 from collections.abc import AsyncGenerator
-from typing import Protocol
+from typing import Protocol, cast
 
 import attrs
 import httpx
@@ -189,7 +189,8 @@ async def _attempt(
                         node_id=node_id,
                         upstream_status=response.status_code,
                     )
-                chunks = response.aiter_raw()
+                # aiter_raw is an async generator (typed as an iterator): close it explicitly.
+                chunks = cast(AsyncGenerator[bytes, None], response.aiter_raw())
                 attempt_stack.push_async_callback(aclose_shielded, chunks)
                 first = b""
                 with contextlib.suppress(StopAsyncIteration):
