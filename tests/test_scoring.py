@@ -1,0 +1,268 @@
+"""The scorer: eliminations, each signal, ranking and tie-breaks. Plain synchronous tests."""
+
+from __future__ import annotations
+
+import ast
+import random
+from pathlib import Path
+
+import attrs
+import pytest
+
+from herd.models import (
+    AvailableModel,
+    BackendInfo,
+    Capabilities,
+    Capacity,
+    FleetSnapshot,
+    LoadedModel,
+    MemoryInfo,
+    MemoryPressure,
+    ModelLoad,
+    NodeReport,
+    NodeSnapshot,
+    NodeStatus,
+)
+from herd.scoring import SIGNALS, History, RouteRequest, ScoringSettings, explain, score
+
+GiB = 2**30
+S = ScoringSettings()
+M = "llama3.2:3b"
+
+
+def node(
+    node_id: str,
+    *,
+    loaded: tuple[str, ...] = (),
+    available: tuple[str, ...] = (M,),
+    size: int = 2 * GiB,
+    total: int = 32 * GiB,
+    free: int = 24 * GiB,
+    status: NodeStatus = NodeStatus.ONLINE,
+    load: dict[str, ModelLoad] | None = None,
+    slots: int = 4,
+    context: int = 4096,
+    unloaded: dict[str, float] | None = None,
+    **report: object,
+) -> NodeSnapshot:
+    report.setdefault("backend", BackendInfo(url=f"http://{node_id}", healthy=True))
+    report.setdefault("memory", MemoryInfo(total_bytes=total, available_bytes=free))
+    return NodeSnapshot(
+        report=NodeReport(
+            node_id=node_id,
+            loaded_models=tuple(LoadedModel(n, size, size, context) for n in loaded),
+            available_models=tuple(AvailableModel(n, size) for n in available),
+            parallel_slots=slots,
+            **report,  # type: ignore[arg-type]
+        ),
+        status=status,
+        last_seen=0.0,
+        load=load or {},
+        recently_unloaded=unloaded or {},
+    )
+
+
+def decide(
+    *nodes: NodeSnapshot,
+    request: RouteRequest | None = None,
+    history: History | None = None,
+    now: float = 100.0,
+    seed: int = 0,
+):  # type: ignore[no-untyped-def]
+    return score(
+        request or RouteRequest(model=M),
+        FleetSnapshot(nodes=nodes),
+        history or History(),
+        now,
+        S,
+        random.Random(seed),
+    )
+
+
+@pytest.mark.parametrize(
+    ("snapshot", "reason"),
+    [
+        (node("n", status=NodeStatus.OFFLINE), "offline"),
+        (node("n", draining=True), "draining"),
+        (node("n", backend=BackendInfo(healthy=False, error="refused")), "backend down: refused"),
+        (node("n", available=()), "model not on node"),
+        (node("n", size=30 * GiB), "needs 30.0 GiB free, has 24.0 GiB"),
+        (node("n", capacity=Capacity(paused=True)), "capacity paused"),
+        (
+            node("n", memory=MemoryInfo(32 * GiB, 24 * GiB, MemoryPressure.CRITICAL)),
+            "critical memory pressure (cold load refused)",
+        ),
+        (
+            node("n", capacity=Capacity(ceiling_bytes=12 * GiB), size=5 * GiB),
+            "needs 5.0 GiB free, has 4.0 GiB",
+        ),  # 8 GiB used, ceiling 12
+    ],
+)
+def test_eliminations_name_the_reason(snapshot: NodeSnapshot, reason: str) -> None:
+    decision = decide(snapshot)
+    assert decision.winner is None
+    assert [(e.node_id, e.reason) for e in decision.eliminated] == [("n", reason)]
+
+
+def test_excluded_node_and_image_kind() -> None:
+    decision = decide(
+        node("a"), node("b"), request=RouteRequest(model=M, excluded_nodes=frozenset({"a"}))
+    )
+    assert decision.winner is not None and decision.winner.node_id == "b"
+    assert decision.eliminated[0].reason == "failed earlier in this request"
+    image = decide(
+        node("a"),
+        node("b", capabilities=Capabilities(image_backends=("mflux",))),
+        request=RouteRequest(model="z-image-turbo", kind="image"),
+    )
+    assert image.winner is not None and image.winner.node_id == "b"
+
+
+def test_a_hot_model_under_critical_pressure_is_still_served() -> None:
+    pressured = node("n", loaded=(M,), memory=MemoryInfo(32 * GiB, GiB, MemoryPressure.CRITICAL))
+    assert decide(pressured).winner is not None
+
+
+def test_thermal_hot_beats_warm_beats_disk() -> None:
+    hot, warm, cold = node("hot", loaded=(M,)), node("warm", unloaded={M: 90.0}), node("cold")
+    decision = decide(cold, warm, hot)
+    assert [c.node_id for c in decision.ranked] == ["hot", "warm", "cold"]
+    assert [c.breakdown["thermal"] for c in decision.ranked] == [50.0, 30.0, 10.0]
+    # Warm only within the window.
+    stale = decide(node("w", unloaded={M: 0.0}), now=S.warm_window_s + 1)
+    assert stale.ranked[0].breakdown["thermal"] == 10.0
+
+
+def test_queue_penalty_is_capped_and_eased_by_speed() -> None:
+    busy = node("busy", load={M: ModelLoad(pending=40, in_flight=4)})
+    decision = decide(busy)
+    assert decision.ranked[0].breakdown["queue_depth"] == -S.queue_penalty_max
+    half = node("half", load={M: ModelLoad(in_flight=2)})
+    slow = decide(half, history=History(node_speed={"half": 0.5})).ranked[0]
+    fast = decide(half, history=History(node_speed={"half": 2.0})).ranked[0]
+    assert slow.breakdown["queue_depth"] == -10.0
+    assert fast.breakdown["queue_depth"] == -2.5
+
+
+def test_saturated_slow_hot_node_loses_to_an_idle_warm_node() -> None:
+    # Thermal dominates: a queue alone (capped) never outweighs a hot model...
+    hot_busy = node("hot", loaded=(M,), load={M: ModelLoad(pending=12, in_flight=4)})
+    warm_idle = node("idle", unloaded={M: 99.0})
+    assert decide(hot_busy, warm_idle).winner.node_id == "hot"  # type: ignore[union-attr]
+    # ...but a queue that has made the node slow (its latency history) does.
+    history = History(latency_p75_ms={("hot", M): 20_000.0})
+    assert decide(hot_busy, warm_idle, history=history).winner.node_id == "idle"  # type: ignore[union-attr]
+
+
+def test_wait_time_from_history() -> None:
+    history = History(latency_p75_ms={("slow", M): 30_000.0, ("quick", M): 200.0})
+    decision = decide(node("slow"), node("quick"), history=history)
+    breakdown = {c.node_id: c.breakdown["wait_time"] for c in decision.ranked}
+    assert breakdown["slow"] == -S.wait_penalty_max
+    assert -8.0 < breakdown["quick"] < 0
+    assert decision.winner.node_id == "quick"  # type: ignore[union-attr]
+
+
+def test_role_affinity_big_models_to_big_machines() -> None:
+    big_model = RouteRequest(model="llama3.3:70b")
+    studio = node(
+        "studio", available=("llama3.3:70b",), size=40 * GiB, total=128 * GiB, free=100 * GiB
+    )
+    mid = node("mid", available=("llama3.3:70b",), size=40 * GiB, total=64 * GiB, free=50 * GiB)
+    decision = decide(mid, studio, request=big_model)
+    assert decision.winner.node_id == "studio"  # type: ignore[union-attr]
+    assert decision.ranked[0].breakdown["role_affinity"] == S.role_affinity_max
+    small = decide(
+        node("laptop", total=16 * GiB, free=12 * GiB),
+        node("server", total=128 * GiB, free=100 * GiB),
+    )
+    roles = {c.node_id: c.breakdown["role_affinity"] for c in small.ranked}
+    assert roles["laptop"] > roles["server"] == 0.0
+
+
+def test_context_fit() -> None:
+    request = RouteRequest(model=M, estimated_prompt_tokens=3000)
+    fits = decide(node("n", loaded=(M,), context=8192), request=request).ranked[0]
+    tight = decide(node("n", loaded=(M,), context=3600), request=request).ranked[0]
+    short = decide(node("n", loaded=(M,), context=2048), request=request).ranked[0]
+    assert fits.breakdown["context_fit"] == S.context_fit_max
+    assert 0 < tight.breakdown["context_fit"] < S.context_fit_max
+    assert short.breakdown["context_fit"] == -S.context_fit_max
+    asked = RouteRequest(model=M, requested_context=16384)
+    assert (
+        decide(node("n", loaded=(M,), context=8192), request=asked)
+        .ranked[0]
+        .breakdown["context_fit"]
+        == -S.context_fit_max
+    )
+
+
+def test_availability_and_degraded() -> None:
+    full = decide(node("n")).ranked[0].breakdown["availability"]
+    degraded = decide(node("n", status=NodeStatus.DEGRADED)).ranked[0].breakdown["availability"]
+    learned = decide(node("n", capacity=Capacity(availability=0.25))).ranked[0]
+    assert full == S.availability_max
+    assert degraded == S.availability_max - S.degraded_penalty
+    assert learned.breakdown["availability"] == -5.0
+
+
+def test_memory_fit_counts_the_cold_load() -> None:
+    roomy = decide(node("n", free=24 * GiB, size=2 * GiB)).ranked[0].breakdown["memory_fit"]
+    cramped = decide(node("n", free=6 * GiB, size=5 * GiB)).ranked[0].breakdown["memory_fit"]
+    assert roomy == S.memory_fit_max
+    assert 0 < cramped < 2
+
+
+def test_breakdown_sums_to_score_and_names_every_signal() -> None:
+    decision = decide(node("a", loaded=(M,)), node("b"), node("c", unloaded={M: 50.0}))
+    for candidate in decision.ranked:
+        assert set(candidate.breakdown) == set(SIGNALS)
+        assert candidate.score == pytest.approx(sum(candidate.breakdown.values()))
+    assert decision.runners_up == decision.ranked[1:]
+    assert "a" in explain(decision)
+
+
+def test_ties_break_at_random_but_reproducibly() -> None:
+    a, b = node("a"), node("b")
+    winners = {decide(a, b, seed=seed).winner.node_id for seed in range(40)}  # type: ignore[union-attr]
+    assert winners == {"a", "b"}
+    first = [decide(a, b, seed=s).winner.node_id for s in range(10)]  # type: ignore[union-attr]
+    again = [decide(a, b, seed=s).winner.node_id for s in range(10)]  # type: ignore[union-attr]
+    assert first == again
+
+
+def test_same_inputs_same_decision() -> None:
+    fleet = (node("a", loaded=(M,)), node("b"))
+    assert decide(*fleet, seed=3) == decide(*fleet, seed=3)
+    assert attrs.evolve(decide(*fleet).request) == RouteRequest(model=M)
+
+
+ALLOWED = {
+    "__future__",
+    "math",
+    "random",
+    "collections.abc",
+    "typing",
+    "attrs",
+    "herd.models",
+    "herd.scoring",
+    "herd.scoring.engine",
+}
+
+
+def test_scoring_is_pure() -> None:
+    package = Path(__file__).parent.parent / "herd" / "scoring"
+    for path in package.glob("*.py"):
+        tree = ast.parse(path.read_text())
+        for item in ast.walk(tree):
+            if isinstance(item, ast.Import):
+                names = [alias.name for alias in item.names]
+            elif isinstance(item, ast.ImportFrom):
+                names = [item.module or ""]
+            else:
+                continue
+            for name in names:
+                assert name in ALLOWED, f"{path.name} imports {name}"
+        source = path.read_text()
+        for banned in ("time.", "trio.", "datetime.now", "current_time"):
+            assert banned not in source, f"{path.name} uses {banned}"
