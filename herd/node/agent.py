@@ -24,6 +24,7 @@ import logging
 import random
 import socket
 import time
+import urllib.parse
 from collections.abc import Callable
 from importlib import metadata
 
@@ -34,7 +35,7 @@ from trio_websocket import (
     ConnectionClosed,
     HandshakeError,
     WebSocketConnection,
-    open_websocket_url,
+    wrap_client_stream,
 )
 
 from herd.models import (
@@ -73,6 +74,7 @@ class AgentConfig:
     ping_timeout: float = 10.0
     backoff_initial: float = 0.5
     backoff_max: float = 30.0
+    backoff_jitter: float = 0.1  # up to this share is added to each delay, so nodes spread out
     parallel_slots: int = 4
     auth_token: str | None = None
     agent_version: str = attrs.field(factory=_version)
@@ -181,7 +183,7 @@ class NodeAgent:
                 if self.heartbeats_sent > before:
                     delay = self.config.backoff_initial
                 log.info("router connection lost (%s); retrying in %.1f s", self.last_error, delay)
-                await trio.sleep(delay * (1 + 0.1 * self._rng.random()))
+                await trio.sleep(delay * (1 + self.config.backoff_jitter * self._rng.random()))
                 delay = min(self.config.backoff_max, delay * 2)
                 self.reconnects += 1
 
@@ -189,18 +191,30 @@ class NodeAgent:
         headers: list[tuple[bytes, bytes]] = []
         if self.config.auth_token:
             headers.append((b"authorization", f"Bearer {self.config.auth_token}".encode()))
-        async with open_websocket_url(
-            self.config.ws_url,
-            extra_headers=headers,
-            connect_timeout=10,
-            disconnect_timeout=2,
-        ) as ws:
-            self.connected = True
-            log.info("connected to router %s as %s", self.config.router_url, self.config.node_id)
+        target = urllib.parse.urlsplit(self.config.router_url)
+        host, port = target.hostname or "127.0.0.1", target.port or 80
+        # We own the TCP stream (rather than open_websocket_url) so that it is closed on every
+        # path: trio-websocket leaves it open when the router rejects the handshake.
+        with trio.fail_after(10):
+            stream = await trio.open_tcp_stream(host, port)
+        try:
             async with trio.open_nursery() as nursery:
+                with trio.fail_after(10):
+                    ws = await wrap_client_stream(
+                        nursery, stream, f"{host}:{port}", "/fleet/ws", extra_headers=headers
+                    )
+                self.connected = True
+                log.info(
+                    "connected to router %s as %s", self.config.router_url, self.config.node_id
+                )
+                # The loops end only by failing (or cancellation), which takes the reader
+                # task down too; closing the stream below is the goodbye the router sees.
                 nursery.start_soon(self._heartbeats, ws, backend)
                 nursery.start_soon(self._pings, ws)
                 nursery.start_soon(self._receive, ws)
+        finally:
+            with trio.CancelScope(shield=True):
+                await stream.aclose()
 
     async def _heartbeats(self, ws: WebSocketConnection, backend: OllamaBackend) -> None:
         while True:

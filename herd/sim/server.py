@@ -402,20 +402,27 @@ class SimOllama:
             verb = "embeddings" if embed_path else "generate"
             await self._json(send, 400, {"error": f'"{model.name}" does not support {verb}'})
             return
-        gone = False
+        gone = finished = False
         async with trio.open_nursery() as nursery:
 
             async def watch() -> None:
                 nonlocal gone
                 while (await receive())["type"] != "http.disconnect":
                     pass
-                gone = True
-                nursery.cancel_scope.cancel()
+                if not finished:  # after the last byte a disconnect is the normal end
+                    gone = True
+                    nursery.cancel_scope.cancel()
+
+            async def send_marking_end(message: Message) -> None:
+                nonlocal finished
+                if message["type"] == "http.response.body" and not message.get("more_body"):
+                    finished = True
+                await send(message)
 
             nursery.start_soon(watch)
             self.open_streams += 1
             try:
-                await self._respond(path, data, model, failure, send)
+                await self._respond(path, data, model, failure, send_marking_end)
             finally:
                 self.open_streams -= 1
                 if gone:
