@@ -12,8 +12,9 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
 import httpx
@@ -118,6 +119,17 @@ def setup_logging(level: str) -> None:
     logging.getLogger("hypercorn").setLevel(logging.WARNING)
 
 
+async def until_signalled(service: Callable[..., Awaitable[None]], *args: object) -> None:
+    """Run ``service`` until SIGINT or SIGTERM, then cancel it and return (exit status 0)."""
+    async with trio.open_nursery() as nursery:
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            nursery.start_soon(service, *args)
+            async for signum in signals:
+                logging.getLogger("herd").info("%s received: stopping", signal.Signals(signum).name)
+                nursery.cancel_scope.cancel()
+                break
+
+
 def run_serve(argv: Sequence[str], prog: str, role: str | None) -> int:
     args = serve_parser(prog, role).parse_args(argv)
     role = role or args.role
@@ -133,7 +145,7 @@ def run_serve(argv: Sequence[str], prog: str, role: str | None) -> int:
             setup_logging(config.log_level)
             from herd.router.service import Router
 
-            trio.run(Router(config, local).run)
+            trio.run(until_signalled, Router(config, local).run)
         else:
             nconfig = node_config(flags, os.environ)
             setup_logging(nconfig.log_level)
@@ -144,7 +156,7 @@ def run_serve(argv: Sequence[str], prog: str, role: str | None) -> int:
             except NodeConfigError as exc:
                 print(f"herd-node: {exc}", file=sys.stderr)
                 return 2
-            trio.run(Node(nconfig).run)
+            trio.run(until_signalled, Node(nconfig).run)
     except ConfigError as exc:
         print(f"{prog}: {exc}", file=sys.stderr)
         return 2
@@ -196,7 +208,7 @@ def run_demo(argv: Sequence[str]) -> int:
     from herd.demo import run_demo as demo
 
     try:
-        trio.run(demo, args.host, args.port, args.traffic)
+        trio.run(until_signalled, demo, args.host, args.port, args.traffic)
     except KeyboardInterrupt:
         return 0
     return 0

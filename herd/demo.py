@@ -153,7 +153,14 @@ async def traffic(url: str, seed: int = 7) -> None:
                 await trio.sleep(rng.uniform(0.2, 1.0))
 
 
-async def run_demo(host: str, port: int, with_traffic: bool) -> None:
+async def run_demo(
+    host: str,
+    port: int,
+    with_traffic: bool,
+    *,
+    task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run the demo until cancelled; ``task_status.started`` gets the router's URL."""
     with tempfile.TemporaryDirectory(prefix="herd-demo-") as data_dir:
         config = RouterConfig(host=host, port=port, data_dir=data_dir, heartbeat_interval=2.0)
         async with Router(config) as router, trio.open_nursery() as nursery:
@@ -168,6 +175,7 @@ async def run_demo(host: str, port: int, with_traffic: bool) -> None:
                 '[{"role": "user", "content": "hi"}]}\''
             )
             print(f'  openai:  OpenAI(base_url="{router.url}/v1", api_key="x")')
-            print("  Ctrl-C to stop\n")
+            print("  Ctrl-C to stop\n", flush=True)
             if with_traffic:
                 nursery.start_soon(traffic, router.url)
+            task_status.started(router.url)
