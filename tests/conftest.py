@@ -15,9 +15,10 @@ import attrs
 import httpx
 import pytest
 import trio
-from herd.node.agent import AgentConfig, NodeAgent
+import trio.testing
 
 from herd.config import RouterConfig
+from herd.node.agent import AgentConfig, NodeAgent
 from herd.router.service import Router
 from herd.sim import SimConfig, SimModel, SimOllama, run_sim
 
@@ -107,6 +108,14 @@ async def fleet(tmp_path: Path) -> AsyncIterator[Fleet]:
 async def client(fleet: Fleet) -> AsyncIterator[httpx.AsyncClient]:
     async with httpx.AsyncClient(base_url=fleet.url, timeout=10, trust_env=False) as client:
         yield client
+
+
+async def wait_until(predicate: Callable[[], bool], within: float = 5.0) -> None:
+    """Wait for a condition another task (or the kernel) will make true: the router finishes
+    its books just after the client has read the last byte."""
+    with trio.fail_after(within):
+        while not predicate():
+            await trio.testing.wait_all_tasks_blocked(cushion=0.002)
 
 
 async def in_thread(fn: Callable[[], T]) -> T:

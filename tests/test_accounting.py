@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -12,16 +11,9 @@ import trio.testing
 
 from herd.router import traces
 from herd.sim import SimConfig, SimModel
-from tests.conftest import Fleet, GiB, running_fleet
+from tests.conftest import Fleet, GiB, running_fleet, wait_until
 
 SLOW = SimModel("slow:latest", size_bytes=1 * GiB, tokens_per_second=20.0)
-
-
-async def wait_until(predicate: Callable[[], bool], within: float = 5.0) -> None:
-    """Wait for a condition that another task (or the kernel) will make true."""
-    with trio.fail_after(within):
-        while not predicate():
-            await trio.testing.wait_all_tasks_blocked(cushion=0.002)
 
 
 def queue(fleet: Fleet, key: str) -> dict[str, object]:

@@ -90,7 +90,15 @@ async def aclose_shielded(resource: Closable) -> None:
 
 
 def models_known(state: RouterState, models: tuple[str, ...]) -> bool:
-    return any(n.has_model(m) for n in state.snapshot().nodes for m in models)
+    """Does any node (in any state) have one of ``models``? Reads the registry directly."""
+    wanted = set(models)
+    for record in state.registry.records():
+        report = record.report
+        if any(m.name in wanted for m in report.loaded_models) or any(
+            m.name in wanted for m in report.available_models
+        ):
+            return True
+    return False
 
 
 async def open_upstream(
@@ -105,6 +113,7 @@ async def open_upstream(
     while True:
         for index, model in enumerate(request.models):
             while attempts.retries <= config.max_retries:
+                fleet = state.snapshot()
                 decision = score(
                     RouteRequest(
                         model=model,
@@ -113,7 +122,7 @@ async def open_upstream(
                         requested_context=request.requested_context,
                         excluded_nodes=frozenset(attempts.excluded),
                     ),
-                    state.snapshot(),
+                    fleet,
                     state.history.view(),
                     trio.current_time(),
                     state.scoring,
@@ -122,7 +131,7 @@ async def open_upstream(
                 attempts.last_decision = decision
                 if decision.winner is None:
                     break  # next model
-                node = state.snapshot().node(decision.winner.node_id)
+                node = fleet.node(decision.winner.node_id)
                 assert node is not None
                 try:
                     opened = await _attempt(state, request, node, model, decision, attempts, stack)
