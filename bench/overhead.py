@@ -131,7 +131,6 @@ async def wait_ready(url: str, nodes: int) -> None:
 async def serve_backend(router_url: str, port_file: str) -> None:
     """Child process: one fast simulated Ollama plus its node agent."""
     from herd.node.agent import AgentConfig, NodeAgent
-
     from herd.sim import SimConfig, SimModel, run_sim
 
     spec = SimConfig(

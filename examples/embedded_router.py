@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import httpx
 import trio
-from herd.node.agent import AgentConfig, NodeAgent
 
 import herd
+from herd.node.agent import AgentConfig, NodeAgent
 from herd.sim import SimConfig, SimModel, run_sim
 
 GiB = 2**30
