@@ -6,12 +6,13 @@ import contextlib
 from pathlib import Path
 
 import httpx
+import pytest
 import trio
 import trio.testing
 
 from herd.router import traces
 from herd.sim import SimConfig, SimModel
-from tests.conftest import Fleet, GiB, running_fleet, wait_until
+from tests.conftest import Fleet, GiB, running_fleet, two_node_specs, wait_until
 
 SLOW = SimModel("slow:latest", size_bytes=1 * GiB, tokens_per_second=20.0)
 
@@ -131,3 +132,29 @@ async def test_mid_stream_failure_ends_cleanly_in_both_formats(
     await wait_until(fleet.counters_idle)
     await wait_until(lambda: len(fleet.router.state.traces) == 2)
     assert [t.status for t in fleet.router.state.traces] == [traces.INCOMPLETE] * 2
+
+
+async def test_refused_and_hung_nodes_are_retried_elsewhere(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    async with running_fleet(tmp_path, two_node_specs(), first_byte_timeout=60.0) as fleet:
+        async with httpx.AsyncClient(base_url=fleet.url, trust_env=False, timeout=None) as client:
+            body = {"model": "llama3.2:3b", "prompt": "hi", "stream": False}
+            fleet.sims["alpha"].fail("refuse")
+            refused = await client.post("/api/generate", json=body)
+            assert refused.status_code == 200
+            assert (refused.headers["x-herd-node"], refused.headers["x-herd-retries"]) == (
+                "beta",
+                "1",
+            )
+            fleet.sims["alpha"].clear_failure()
+            await fleet.sims["alpha"].listening.wait()
+            fleet.sims["alpha"].fail("hang", times=1)
+            start = trio.current_time()
+            hung = await client.post("/api/generate", json=body)
+            assert hung.headers["x-herd-node"] == "beta"
+            assert trio.current_time() - start == pytest.approx(60.0, abs=0.5)
+        await wait_until(fleet.counters_idle)
+        await wait_until(lambda: fleet.sims["alpha"].open_streams == 0)
+        stats = fleet.router.state.queues.statistics()
+        assert stats.failed == 2 and stats.done == 2

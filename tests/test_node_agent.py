@@ -196,3 +196,30 @@ async def test_probe_parses_a_real_backend() -> None:
     assert state.info.healthy and state.info.version == "0.13.1"
     assert state.loaded[0].vram_bytes == GiB
     assert state.available[0].family == "llama"
+
+
+async def test_node_service_serves_its_status(tmp_path: Path) -> None:
+    from herd import Node, NodeConfig
+
+    with trio.fail_after(10):
+        async with router(tmp_path) as r, run_sim(SPEC) as sim, trio.open_nursery() as nursery:
+            node = Node(
+                NodeConfig(
+                    router_url=r.url,
+                    ollama_url=sim.url,
+                    node_id="svc",
+                    host="127.0.0.1",
+                    port=0,
+                    data_dir=str(tmp_path),
+                )
+            )
+            await nursery.start(node.run)
+            await r.wait_nodes(1)
+            assert node.url is not None
+            async with httpx.AsyncClient(base_url=node.url) as client:
+                assert (await client.get("/")).text == "herd node is running"
+                status = (await client.get("/node/status")).json()
+            assert status["connected"] is True
+            assert status["heartbeats_sent"] >= 1
+            assert status["report"]["node_id"] == "svc"
+            nursery.cancel_scope.cancel()

@@ -148,3 +148,9 @@ async def test_failure_modes() -> None:
                             pass
             with pytest.raises(ValueError, match="unknown failure mode"):
                 sim.fail("explode")
+            sim.fail("refuse")
+            with pytest.raises(httpx.ConnectError):
+                await client.get("/api/version")
+            sim.clear_failure()
+            await sim.listening.wait()
+            assert (await client.get("/api/version")).status_code == 200

@@ -48,7 +48,7 @@ WORDS = (
     "is",
     "lost",
 )
-FAILURE_MODES = ("http500", "hang", "die_mid_stream")
+FAILURE_MODES = ("refuse", "http500", "hang", "die_mid_stream")
 INFERENCE_PATHS = ("/api/chat", "/api/generate", "/api/embed", "/api/embeddings")
 
 
@@ -109,6 +109,10 @@ class SimOllama:
     _after_chunks: int = 2
     _slots: trio.Semaphore | None = None
     _loading: dict[str, trio.Event] = attrs.field(factory=dict)
+    _listener: trio.CancelScope | None = None
+    _reopen: trio.Event = attrs.field(factory=trio.Event)
+    # Set while the server accepts connections; replaced by a fresh event when it stops.
+    listening: trio.Event = attrs.field(factory=trio.Event)
 
     def __attrs_post_init__(self) -> None:
         for model in self.config.models:
@@ -119,12 +123,22 @@ class SimOllama:
     # --- control ----------------------------------------------------------------------
     def fail(self, mode: str, times: int | None = None, after_chunks: int = 2) -> None:
         """Make inference requests fail: ``http500``, ``hang`` (no headers, ever) or
-        ``die_mid_stream`` (after ``after_chunks`` chunks), ``times`` times or until cleared."""
+        ``die_mid_stream`` (after ``after_chunks`` chunks), ``times`` times or until cleared;
+        or ``refuse``: stop listening, so connections are refused, until cleared (then await
+        ``listening.wait()``)."""
         if mode not in FAILURE_MODES:
             raise ValueError(f"unknown failure mode {mode!r}; choose from {FAILURE_MODES}")
+        if mode == "refuse":
+            if times is not None:
+                raise ValueError("'refuse' lasts until clear_failure(); times does not apply")
+            if self._listener is not None:
+                self._listener.cancel()
+                self.listening = trio.Event()  # now, so a waiter can't see the old one
         self._failure, self._failures_left, self._after_chunks = mode, times, after_chunks
 
     def clear_failure(self) -> None:
+        if self._failure == "refuse":
+            self._reopen.set()
         self._failure = None
         self._failures_left = None
 
@@ -166,9 +180,19 @@ class SimOllama:
         task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         self._slots = trio.Semaphore(max(1, self.config.parallel))
-        async with trio.open_nursery() as nursery:
-            self.url = await nursery.start(serve_app, self, host, port)
-            task_status.started(self.url)
+        started = False
+        while True:
+            with trio.CancelScope() as self._listener:
+                async with trio.open_nursery() as nursery:
+                    self.url = await nursery.start(serve_app, self, host, port)
+                    port = int(self.url.rsplit(":", 1)[1])  # reopen on the same port
+                    self.listening.set()
+                    if not started:
+                        started = True
+                        task_status.started(self.url)
+            # "refuse": the listener (and every open connection) is gone until cleared.
+            await self._reopen.wait()
+            self._reopen = trio.Event()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
