@@ -17,6 +17,7 @@ import pytest
 import trio
 import trio.testing
 
+from herd import demo
 from herd.config import RouterConfig
 from herd.node.agent import AgentConfig, NodeAgent
 from herd.router.service import Router
@@ -28,14 +29,7 @@ GiB = 2**30
 
 LLAMA_3B = SimModel("llama3.2:3b", size_bytes=2 * GiB, parameter_size="3B")
 QWEN_7B = SimModel("qwen2.5:7b", size_bytes=5 * GiB, family="qwen2", parameter_size="7B")
-EMBED = SimModel(
-    "nomic-embed-text:latest",
-    size_bytes=300_000_000,
-    family="nomic-bert",
-    parameter_size="137M",
-    embedding=True,
-    embedding_dim=8,
-)
+EMBED = attrs.evolve(demo.EMBED, embedding_dim=8)
 
 
 @attrs.define(eq=False)

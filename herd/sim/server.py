@@ -320,14 +320,21 @@ class SimOllama:
             return 404, f'model "{name}" not found, try pulling it first'
         return model
 
-    async def _show(self, body: bytes, send: Send) -> None:
+    async def _requested_model(self, body: bytes, send: Send) -> SimModel | None:
+        """The model a management request names, or None after answering with the error."""
         data = self._parse(body)
         if isinstance(data, str):
             await self._json(send, 400, {"error": data})
-            return
+            return None
         model = self._model_or_error(data)
         if isinstance(model, tuple):
             await self._json(send, model[0], {"error": model[1]})
+            return None
+        return model
+
+    async def _show(self, body: bytes, send: Send) -> None:
+        model = await self._requested_model(body, send)
+        if model is None:
             return
         capabilities = ["embedding"] if model.embedding else ["completion"]
         if model.tools and not model.embedding:
@@ -393,13 +400,8 @@ class SimOllama:
         await send({"type": "http.response.body", "body": b""})
 
     async def _delete(self, body: bytes, send: Send) -> None:
-        data = self._parse(body)
-        if isinstance(data, str):
-            await self._json(send, 400, {"error": data})
-            return
-        model = self._model_or_error(data)
-        if isinstance(model, tuple):
-            await self._json(send, model[0], {"error": model[1]})
+        model = await self._requested_model(body, send)
+        if model is None:
             return
         del self._models[model.name]
         self._resident.pop(model.name, None)
