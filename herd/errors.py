@@ -82,8 +82,9 @@ class ModelNotFound(ClientError):
     status = 404
     code = "model_not_found"
 
-    def __init__(self, model: str) -> None:
-        super().__init__(f"model '{model}' not found on any node", param="model")
+    def __init__(self, model: str, *, detail: str | None = None) -> None:
+        message = f"model '{model}' not found on any node"
+        super().__init__(f"{message} ({detail})" if detail else message, param="model")
         self.model = model
 
 

@@ -16,7 +16,11 @@ SMALL = SimModel("small:latest", size_bytes=4 * GiB, load_seconds=30.0)
 OTHER = SimModel("other:latest", size_bytes=4 * GiB, load_seconds=5.0)
 EMBED = SimModel("embed:latest", embedding=True, embedding_dim=4)
 CONFIG = SimConfig(name="s", models=(SMALL, OTHER, EMBED), memory_bytes=6 * GiB)
-QUICK = SimConfig(name="q", models=(SimModel("small:latest"), SimModel("other:latest"), EMBED))
+QUICK = SimConfig(
+    name="q",
+    models=(SimModel("small:latest"), SimModel("other:latest"), EMBED),
+    registry=(SimModel("fresh:latest"), SimModel("x:latest")),
+)
 
 
 async def test_cold_load_takes_load_seconds_of_virtual_time(
@@ -119,6 +123,10 @@ async def test_pull_and_delete() -> None:
                 await client.request("DELETE", "/api/delete", json={"model": "fresh"})
             ).status_code == 404
             assert len(sim.requests) == 0  # pulls and deletes are not inference
+            unknown = await client.post("/api/pull", json={"model": "nowhere", "stream": False})
+            assert unknown.status_code == 500 and "does not exist" in unknown.json()["error"]
+            streamed = (await client.post("/api/pull", json={"model": "nowhere"})).text
+            assert "does not exist" in streamed.splitlines()[-1]
 
 
 async def test_failure_modes() -> None:

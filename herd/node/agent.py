@@ -13,7 +13,9 @@ delivered a heartbeat). Losing the router never touches the backend: local infer
 Protocol (JSON text messages):
     node → router  {"type": "heartbeat", "node": <NodeReport>}
     router → node  {"type": "ack", "node_id": ..., "heartbeat_interval": ...}
-                   {"type": "command", "command": "drain"}
+                   {"type": "command", "command": "drain"}       start draining
+                   {"type": "command", "command": "heartbeat"}   send a heartbeat now
+                   {"type": "drained"}      (draining) nothing of ours is in flight any more
                    {"type": "error", "message": ...}
 """
 
@@ -117,6 +119,8 @@ class NodeAgent:
         self.last_error: str | None = None
         self._wake = trio.Event()
         self._rng = random.Random()
+        # Set when the router says this draining node has no requests left in flight.
+        self.drained = trio.Event()
 
     def statistics(self) -> AgentStatistics:
         return AgentStatistics(
@@ -242,8 +246,13 @@ class NodeAgent:
                 log.warning("router sent a message that is not JSON")
                 continue
             kind = message.get("type") if isinstance(message, dict) else None
-            if kind == "command" and message.get("command") == "drain":
+            command = message.get("command") if kind == "command" else None
+            if command == "drain":
                 await self.drain()
+            elif command == "heartbeat":
+                self._wake.set()  # the router wants fresh news (after a pull, a delete)
+            elif kind == "drained":
+                self.drained.set()
             elif kind == "error":
                 log.warning("router: %s", message.get("message"))
             elif kind != "ack":

@@ -23,7 +23,7 @@ import contextlib
 import json
 import logging
 from collections.abc import AsyncGenerator
-from typing import Protocol, cast
+from typing import Any, Protocol, cast
 
 import attrs
 import httpx
@@ -38,8 +38,11 @@ from herd.errors import (
     NodeUnreachable,
     NoEligibleNode,
 )
-from herd.models import NodeSnapshot
+from herd.models import FleetSnapshot
+from herd.policy import context
+from herd.policy.substitutes import loaded_alternatives
 from herd.proxy.shaping import InferenceRequest
+from herd.router import model_admin
 from herd.router.queues import Lease
 from herd.router.state import RouterState
 from herd.scoring import RouteDecision, RouteRequest, score
@@ -57,6 +60,8 @@ class Opened:
     model: str
     retries: int
     fallback: bool
+    substitution: str | None  # None, "fallback_models", "vram" or "context"
+    context_action: str | None
     decision: RouteDecision
     excluded: tuple[str, ...]
     response: httpx.Response
@@ -101,6 +106,129 @@ def models_known(state: RouterState, models: tuple[str, ...]) -> bool:
     return False
 
 
+@attrs.frozen
+class Choice:
+    """Where one attempt goes, and with which body: the scorer's pick after the policies."""
+
+    node_id: str
+    model: str
+    body: dict[str, Any]
+    decision: RouteDecision
+    substitution: str | None  # None, "vram" or "context": a model other than the one asked
+    context_action: str | None  # None, "stripped", "upgraded" or "passthrough"
+
+
+def _route_request(request: InferenceRequest, model: str, attempts: Attempts) -> RouteRequest:
+    return RouteRequest(
+        model=model,
+        kind=request.route.kind,
+        estimated_prompt_tokens=request.estimated_prompt_tokens,
+        requested_context=request.requested_context,
+        excluded_nodes=frozenset(attempts.excluded),
+    )
+
+
+def _score(state: RouterState, fleet: FleetSnapshot, route: RouteRequest) -> RouteDecision:
+    return score(route, fleet, state.history.view(), trio.current_time(), state.scoring, state.rng)
+
+
+def _best_loaded(
+    state: RouterState,
+    fleet: FleetSnapshot,
+    request: InferenceRequest,
+    model: str,
+    attempts: Attempts,
+    *,
+    min_context: int,
+    include_self: bool,
+) -> tuple[str, str, RouteDecision] | None:
+    """The best (node, model) where a stand-in for ``model`` is already loaded."""
+    for name in loaded_alternatives(
+        fleet, model, min_context=min_context, include_self=include_self
+    ):
+        decision = _score(state, fleet, _route_request(request, name, attempts))
+        for candidate in decision.ranked:
+            node = fleet.node(candidate.node_id)
+            loaded = node.loaded(name) if node is not None else None
+            if loaded is not None and loaded.context_length >= min_context:
+                return candidate.node_id, name, decision
+    return None
+
+
+def choose(
+    state: RouterState, request: InferenceRequest, model: str, attempts: Attempts
+) -> Choice | None:
+    """Score the fleet for ``model`` and apply context protection and VRAM-aware fallback.
+    Synchronous: decides only; the attempt does the I/O."""
+    fleet = state.snapshot()
+    decision = _score(state, fleet, _route_request(request, model, attempts))
+    attempts.last_decision = decision
+    winner = decision.winner
+    if winner is None:
+        return None
+    settings = state.settings
+    choice = Choice(winner.node_id, model, request.upstream_body, decision, None, None)
+    wanted = request.requested_context
+    if settings.context_protection and wanted:
+        node = fleet.node(winner.node_id)
+        assert node is not None
+        verdict = context.verdict(wanted, node, model)
+        if verdict == "strip":
+            state.events["context_stripped"] += 1
+            return attrs.evolve(
+                choice, body=context.without_num_ctx(choice.body), context_action="stripped"
+            )
+        if verdict == "too_small":
+            found = _best_loaded(
+                state, fleet, request, model, attempts, min_context=wanted, include_self=True
+            )
+            if found is None:
+                state.events["context_passthrough"] += 1
+                log.info(
+                    "%s needs %d tokens of context; no loaded model has them: "
+                    "passing num_ctx through (a reload)",
+                    model,
+                    wanted,
+                )
+                return attrs.evolve(choice, context_action="passthrough")
+            node_id, served, better = found
+            state.events["context_upgraded"] += 1
+            return Choice(
+                node_id,
+                served,
+                context.without_num_ctx(choice.body),
+                better,
+                None if served == model else "context",
+                "upgraded",
+            )
+    if settings.vram_fallback and not winner.hot:
+        found = _best_loaded(
+            state, fleet, request, model, attempts, min_context=0, include_self=False
+        )
+        if found is not None:
+            node_id, served, better = found
+            state.events["vram_fallbacks"] += 1
+            log.info(
+                "vram fallback: %s is loaded on %s; not cold-loading %s", served, node_id, model
+            )
+            return Choice(node_id, served, choice.body, better, "vram", None)
+    return choice
+
+
+def maybe_prewarm(state: RouterState, choice: Choice) -> None:
+    """A deep queue on the chosen node warms the model on the runner-up (if it is cold there)."""
+    if state.prewarm_send is None:
+        return
+    depth = state.queues.counters(choice.node_id, choice.model).pending
+    if depth < state.settings.prewarm_queue_depth:
+        return
+    for candidate in choice.decision.ranked:
+        if candidate.node_id != choice.node_id and not candidate.hot:
+            with contextlib.suppress(trio.WouldBlock, trio.BrokenResourceError):
+                state.prewarm_send.send_nowait((candidate.node_id, choice.model))
+            return
+
+
 async def open_upstream(
     state: RouterState, request: InferenceRequest, stack: contextlib.AsyncExitStack
 ) -> Opened:
@@ -109,43 +237,27 @@ async def open_upstream(
     config = state.config
     deadline = trio.current_time() + config.queue_timeout
     if not models_known(state, request.models):
-        raise ModelNotFound(request.model)
+        await auto_pull(state, request.model)
     while True:
-        for index, model in enumerate(request.models):
+        for model in request.models:
             while attempts.retries <= config.max_retries:
-                fleet = state.snapshot()
-                decision = score(
-                    RouteRequest(
-                        model=model,
-                        kind=request.route.kind,
-                        estimated_prompt_tokens=request.estimated_prompt_tokens,
-                        requested_context=request.requested_context,
-                        excluded_nodes=frozenset(attempts.excluded),
-                    ),
-                    fleet,
-                    state.history.view(),
-                    trio.current_time(),
-                    state.scoring,
-                    state.rng,
-                )
-                attempts.last_decision = decision
-                if decision.winner is None:
+                choice = choose(state, request, model, attempts)
+                if choice is None:
                     break  # next model
-                node = fleet.node(decision.winner.node_id)
-                assert node is not None
                 try:
-                    opened = await _attempt(state, request, node, model, decision, attempts, stack)
+                    opened = await _attempt(state, request, choice, attempts, stack)
                 except NodeError as exc:
                     attempts.last_error = exc
-                    attempts.excluded.append(node.node_id)
+                    attempts.excluded.append(choice.node_id)
                     if attempts.retries >= config.max_retries:
                         raise
                     attempts.retries += 1
                     state.retries_total += 1
                     log.info("retrying %s elsewhere after %s", model, exc.message)
                     continue
-                if index > 0:
+                if opened.fallback:
                     state.fallbacks_total += 1
+                maybe_prewarm(state, choice)
                 return opened
         if attempts.last_error is not None:
             # Every node that could serve has failed this request: say why, don't wait.
@@ -160,6 +272,18 @@ async def open_upstream(
             raise ModelNotFound(request.model)
 
 
+async def auto_pull(state: RouterState, model: str) -> None:
+    """Pull ``model`` (on no node yet) to the best node, once for all concurrent requests.
+    Raises :class:`ModelNotFound` when auto-pull is off or the pull fails."""
+    if not state.settings.auto_pull:
+        raise ModelNotFound(model)
+    try:
+        await model_admin.pull_once(state, model)
+    except HerdError as exc:
+        raise ModelNotFound(model, detail=f"auto-pull failed: {exc.message}") from exc
+    state.events["auto_pulls"] += 1
+
+
 def _no_node_message(request: InferenceRequest, attempts: Attempts) -> str:
     reasons = ""
     if attempts.last_decision is not None and attempts.last_decision.eliminated:
@@ -171,15 +295,16 @@ def _no_node_message(request: InferenceRequest, attempts: Attempts) -> str:
 async def _attempt(
     state: RouterState,
     request: InferenceRequest,
-    node: NodeSnapshot,
-    model: str,
-    decision: RouteDecision,
+    choice: Choice,
     attempts: Attempts,
     stack: contextlib.AsyncExitStack,
 ) -> Opened:
-    node_id = node.node_id
+    node_id, model = choice.node_id, choice.model
+    node = state.registry.get(node_id)
+    if node is None:
+        raise NodeUnreachable(f"node {node_id} left before the request was sent", node_id=node_id)
     url = node.report.backend.url.rstrip("/") + request.route.upstream_path
-    body = json.dumps({"model": model, **request.upstream_body}).encode()
+    body = json.dumps({"model": model, **choice.body}).encode()
     async with contextlib.AsyncExitStack() as attempt_stack:
         lease = await attempt_stack.enter_async_context(
             state.queues.lease(node_id, model, request.route.kind)
@@ -221,7 +346,9 @@ async def _attempt(
         model=model,
         retries=attempts.retries,
         fallback=model != request.model,
-        decision=decision,
+        substitution=choice.substitution or ("fallback_models" if model != request.model else None),
+        context_action=choice.context_action,
+        decision=choice.decision,
         excluded=tuple(attempts.excluded),
         response=response,
         first_chunk=first,

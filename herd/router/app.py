@@ -6,14 +6,13 @@ front of it. Everything here is read-mostly and cheap.
 
 from __future__ import annotations
 
-import hmac
 import json
 import logging
 import time
 from typing import Any
 
 import trio
-from quart import Response, request, websocket
+from quart import Response, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
@@ -22,12 +21,10 @@ from herd.errors import BadRequest, HerdError, ModelNotFound, NotFound, parse_js
 from herd.models import NodeStatus, normalize_model_name
 from herd.proxy.shaping import flavor_for_path
 from herd.router import views
+from herd.router.fleet_socket import serve_fleet_socket
 from herd.router.state import RouterState
-from herd.wire import WireError, report_from_data
 
 log = logging.getLogger("herd.router")
-
-MAX_HEARTBEAT_BYTES = 4 * 2**20
 
 
 def json_response(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
@@ -151,69 +148,3 @@ def create_app(state: RouterState) -> QuartTrio:
         await serve_fleet_socket(state)
 
     return app
-
-
-def token_ok(expected: str | None, presented: str | None) -> bool:
-    if not expected:
-        return True
-    if not presented or not presented.startswith("Bearer "):
-        return False
-    return hmac.compare_digest(presented[7:].encode(), expected.encode())
-
-
-async def serve_fleet_socket(state: RouterState) -> None:
-    """One node's session: heartbeats in, acks (and later commands) out."""
-    if not token_ok(state.config.auth_token, websocket.headers.get("Authorization")):
-        await websocket.close(1008, "fleet token required")
-        return
-    node_id: str | None = None
-    session = object()
-    try:
-        while True:
-            raw = await websocket.receive()
-            if isinstance(raw, bytes | bytearray):
-                raw = raw.decode("utf-8", "replace")
-            if len(raw) > MAX_HEARTBEAT_BYTES:
-                await websocket.send(json.dumps({"type": "error", "message": "message too large"}))
-                continue
-            try:
-                message = json.loads(raw)
-                if not isinstance(message, dict):
-                    raise WireError("message must be a JSON object")
-                if message.get("type") != "heartbeat":
-                    raise WireError(f"unknown message type {message.get('type')!r}")
-                report = report_from_data(message.get("node"))
-            except (ValueError, WireError) as exc:
-                await websocket.send(json.dumps({"type": "error", "message": str(exc)[:500]}))
-                continue
-            if node_id is None:
-                node_id = report.node_id
-                log.info("node %s joined (%s)", node_id, report.backend.url)
-                await websocket.send(
-                    json.dumps(
-                        {
-                            "type": "ack",
-                            "node_id": node_id,
-                            "heartbeat_interval": state.config.heartbeat_interval,
-                        }
-                    )
-                )
-            elif report.node_id != node_id:
-                await websocket.send(
-                    json.dumps(
-                        {
-                            "type": "error",
-                            "message": f"this socket belongs to node {node_id!r}, "
-                            f"not {report.node_id!r}",
-                        }
-                    )
-                )
-                continue
-            state.registry.apply_report(report, trio.current_time(), session)
-            state.queues.set_limit(node_id, report.parallel_slots)
-            state.fleet_changed()
-    finally:
-        if node_id is not None:
-            log.info("node %s left", node_id)
-            state.registry.disconnected(node_id, trio.current_time(), session)
-            state.fleet_changed()

@@ -14,7 +14,7 @@ Rules:
 from __future__ import annotations
 
 import types
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import attrs
 import trio
@@ -112,6 +112,8 @@ class Lease:
 @attrs.define(eq=False)
 class QueueBook:
     default_limit: int = 4
+    # Called whenever a slot is released (the router wakes waiting requests with it).
+    on_release: Callable[[], None] | None = None
     _queues: dict[tuple[str, str], QueueCounters] = attrs.field(factory=dict)
     _limiters: dict[str, trio.CapacityLimiter] = attrs.field(factory=dict)
     _freed: trio.Event = attrs.field(factory=trio.Event)
@@ -143,6 +145,8 @@ class QueueBook:
         """Wake everyone waiting in :meth:`wait_freed` (a slot was released)."""
         self._freed.set()
         self._freed = trio.Event()
+        if self.on_release is not None:
+            self.on_release()
 
     async def wait_freed(self) -> None:
         await self._freed.wait()

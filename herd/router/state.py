@@ -7,6 +7,7 @@ that wakes requests waiting for a node.
 
 from __future__ import annotations
 
+import collections
 import random
 from collections import deque
 
@@ -19,6 +20,7 @@ from herd.models import FleetSnapshot
 from herd.router.history import LatencyHistory
 from herd.router.queues import QueueBook
 from herd.router.registry import NodeRegistry, StateChange
+from herd.router.settings import RuntimeSettings
 from herd.router.traces import TraceRecord
 from herd.scoring import ScoringSettings
 
@@ -33,6 +35,16 @@ class RequestStatistics:
     client_disconnects: int
     incomplete: int
     failed: int
+    events: dict[str, int]
+
+
+@attrs.define(eq=False)
+class PendingPull:
+    """One pull in progress, shared by every request that needs the same model."""
+
+    done: trio.Event = attrs.field(factory=trio.Event)
+    node_id: str | None = None
+    error: str | None = None
 
 
 @attrs.define(eq=False)
@@ -45,14 +57,23 @@ class RouterState:
     scoring: ScoringSettings = attrs.field(factory=ScoringSettings)
     rng: random.Random = attrs.field(factory=random.Random)
     traces: deque[TraceRecord] = attrs.field(factory=lambda: deque(maxlen=TRACE_MEMORY))
+    settings: RuntimeSettings = attrs.field(factory=RuntimeSettings)
     requests_total: int = 0
     retries_total: int = 0
     fallbacks_total: int = 0
+    # Named counters of resilience events: context_stripped, context_upgraded,
+    # context_passthrough, vram_fallbacks, auto_pulls, reaped, prewarms, ...
+    events: collections.Counter[str] = attrs.field(factory=collections.Counter)
+    # Command channels to connected nodes (their WebSocket sessions), bounded.
+    node_commands: dict[str, trio.MemorySendChannel[dict[str, object]]] = attrs.field(factory=dict)
+    pulls: dict[str, PendingPull] = attrs.field(factory=dict)
+    # Pre-warm jobs (node_id, model) for the pre-warm service; full means drop.
+    prewarm_send: trio.MemorySendChannel[tuple[str, str]] | None = None
     _fleet_changed: trio.Event = attrs.field(factory=trio.Event)
 
     @classmethod
     def create(cls, config: RouterConfig, client: httpx.AsyncClient) -> RouterState:
-        return cls(
+        state = cls(
             config=config,
             client=client,
             registry=NodeRegistry(
@@ -60,6 +81,9 @@ class RouterState:
                 heartbeat_offline=config.heartbeat_offline,
             ),
         )
+        # A freed slot is a fleet change: requests waiting for capacity re-score.
+        state.queues.on_release = state.fleet_changed
+        return state
 
     def snapshot(self) -> FleetSnapshot:
         return self.registry.snapshot(self.queues.load_for)
@@ -71,6 +95,17 @@ class RouterState:
 
     async def wait_fleet_changed(self) -> None:
         await self._fleet_changed.wait()
+
+    def command(self, node_id: str, message: dict[str, object]) -> bool:
+        """Queue a command for a node's socket; False if it isn't connected or is backed up."""
+        channel = self.node_commands.get(node_id)
+        if channel is None:
+            return False
+        try:
+            channel.send_nowait(message)
+        except (trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
+            return False
+        return True
 
     def record_trace(self, trace: TraceRecord) -> None:
         self.traces.append(trace)
@@ -84,4 +119,5 @@ class RouterState:
             client_disconnects=statuses.count("client_disconnected"),
             incomplete=statuses.count("incomplete"),
             failed=statuses.count("failed"),
+            events=dict(self.events),
         )

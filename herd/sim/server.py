@@ -80,6 +80,8 @@ class SimConfig:
     version: str = "0.12.0"
     default_tokens: int = 12
     parallel: int = 4
+    # Models a pull can fetch ("the registry"); pulling anything else fails as Ollama does.
+    registry: tuple[SimModel, ...] = ()
 
 
 class _Abort(Exception):
@@ -367,7 +369,28 @@ class SimOllama:
             return
         if ":" not in name.rsplit("/", 1)[-1]:
             name += ":latest"
-        model = self._models.setdefault(name, SimModel(name))
+        known = {m.name: m for m in self.config.registry} | self._models
+        if name not in known:
+            error = {"error": "pull model manifest: file does not exist"}
+            if data.get("stream") is False:
+                await self._json(send, 500, error)
+                return
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": 200,
+                    "headers": [(b"content-type", b"application/x-ndjson")],
+                }
+            )
+            await send(
+                {
+                    "type": "http.response.body",
+                    "more_body": False,
+                    "body": _dump({"status": "pulling manifest"}) + b"\n" + _dump(error) + b"\n",
+                }
+            )
+            return
+        model = self._models.setdefault(name, known[name])
         if data.get("stream") is False:
             await self._json(send, 200, {"status": "success"})
             return

@@ -1,0 +1,147 @@
+"""The router's end of a node's WebSocket (``/fleet/ws``).
+
+One session per connected node, three tasks in the session's nursery:
+- receive: heartbeats in (validated through the cattrs converter; a bad message gets an
+  ``error`` reply naming the problem and the session goes on);
+- send: everything out — the ack, errors, commands other parts of the router queue for this
+  node (``RouterState.command``) — through one bounded channel, so only one task writes;
+- drain watch: when the node is draining and nothing of its is pending or in flight, tell it
+  ``drained`` so it can exit.
+A closed socket marks the node offline at once (unless it has already reconnected).
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+from typing import Any
+
+import trio
+from quart import websocket
+
+from herd.router.state import RouterState
+from herd.wire import WireError, report_from_data
+
+log = logging.getLogger("herd.router")
+
+MAX_MESSAGE_BYTES = 4 * 2**20
+OUTGOING_BUFFER = 32
+
+
+def token_ok(expected: str | None, presented: str | None) -> bool:
+    """Constant-time check of ``Authorization: Bearer <token>`` (any value if none is set)."""
+    if not expected:
+        return True
+    if not presented or not presented.startswith("Bearer "):
+        return False
+    return hmac.compare_digest(presented[7:].encode(), expected.encode())
+
+
+class FleetSession:
+    def __init__(self, state: RouterState) -> None:
+        self.state = state
+        self.node_id: str | None = None
+        self.joined = trio.Event()
+        self.outgoing, self._outgoing_receive = trio.open_memory_channel[dict[str, Any]](
+            OUTGOING_BUFFER
+        )
+
+    def reply(self, message: dict[str, Any]) -> None:
+        try:
+            self.outgoing.send_nowait(message)
+        except trio.WouldBlock:
+            log.warning(
+                "node %s is not reading its socket; dropped a %s message",
+                self.node_id,
+                message.get("type"),
+            )
+
+    async def send_loop(self) -> None:
+        async for message in self._outgoing_receive:
+            await websocket.send(json.dumps(message))
+
+    async def receive_loop(self) -> None:
+        state = self.state
+        while True:
+            raw = await websocket.receive()
+            if isinstance(raw, bytes | bytearray):
+                raw = raw.decode("utf-8", "replace")
+            if len(raw) > MAX_MESSAGE_BYTES:
+                self.reply({"type": "error", "message": "message too large"})
+                continue
+            try:
+                message = json.loads(raw)
+                if not isinstance(message, dict):
+                    raise WireError("message must be a JSON object")
+                if message.get("type") != "heartbeat":
+                    raise WireError(f"unknown message type {message.get('type')!r}")
+                report = report_from_data(message.get("node"))
+            except (ValueError, WireError, RecursionError) as exc:
+                self.reply({"type": "error", "message": str(exc)[:500]})
+                continue
+            if self.node_id is None:
+                self.node_id = report.node_id
+                log.info("node %s joined (%s)", self.node_id, report.backend.url)
+                state.node_commands[self.node_id] = self.outgoing
+                self.reply(
+                    {
+                        "type": "ack",
+                        "node_id": self.node_id,
+                        "heartbeat_interval": state.config.heartbeat_interval,
+                    }
+                )
+                self.joined.set()
+            elif report.node_id != self.node_id:
+                self.reply(
+                    {
+                        "type": "error",
+                        "message": f"this socket belongs to node "
+                        f"{self.node_id!r}, not {report.node_id!r}",
+                    }
+                )
+                continue
+            state.registry.apply_report(report, trio.current_time(), self)
+            state.queues.set_limit(self.node_id, report.parallel_slots)
+            state.fleet_changed()
+
+    async def drain_watch(self) -> None:
+        await self.joined.wait()
+        assert self.node_id is not None
+        state = self.state
+        while True:
+            record = state.registry.get(self.node_id)
+            if (
+                record is not None
+                and record.session is self
+                and record.report.draining
+                and not state.queues.load_for(self.node_id)
+            ):
+                log.info("node %s drained", self.node_id)
+                self.reply({"type": "drained"})
+                return
+            await state.wait_fleet_changed()
+
+    def close(self) -> None:
+        if self.node_id is None:
+            return
+        state = self.state
+        if state.node_commands.get(self.node_id) is self.outgoing:
+            del state.node_commands[self.node_id]
+        if state.registry.disconnected(self.node_id, trio.current_time(), self):
+            log.info("node %s left", self.node_id)
+        state.fleet_changed()
+
+
+async def serve_fleet_socket(state: RouterState) -> None:
+    if not token_ok(state.config.auth_token, websocket.headers.get("Authorization")):
+        await websocket.close(1008, "fleet token required")
+        return
+    session = FleetSession(state)
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(session.send_loop)
+            nursery.start_soon(session.drain_watch)
+            await session.receive_loop()
+    finally:
+        session.close()
