@@ -53,6 +53,7 @@ class RequestContext:
     headers_sent: bool = False
     # The last byte went out: a disconnect from now on is the normal end of the exchange.
     finished: bool = False
+    response_started: bool = False
 
 
 async def read_body(receive: Receive, limit: int) -> bytes:
@@ -119,8 +120,11 @@ class ProxyASGI:
                         return
 
             async def send_marking_end(message: Message) -> None:
-                if message["type"] == "http.response.body" and not message.get("more_body"):
-                    ctx.finished = True  # before the await: the disconnect may come at once
+                if message["type"] == "http.response.body":
+                    if not message.get("more_body"):
+                        ctx.finished = True  # before the await: the disconnect may come now
+                else:
+                    ctx.response_started = True
                 await send(message)
 
             nursery.start_soon(watch_disconnect)
@@ -143,7 +147,13 @@ class ProxyASGI:
             async with contextlib.AsyncExitStack() as stack:
                 opened = await open_upstream(state, request, stack)
                 ctx.headers_sent = True
-                result = await self.relay(ctx, opened, request, send)
+                with trio.CancelScope() as work:
+                    opened.lease.scope = work  # the zombie reaper cancels this
+                    result = await self.relay(ctx, opened, request, send)
+                if work.cancelled_caught or result is None:
+                    result = relays.RelayResult(complete=False, error=opened.lease.reap_reason)
+                    if ctx.response_started and not ctx.finished:
+                        await relays.end_interrupted(send, request, result.error or "reaped")
                 if result.complete:
                     opened.lease.succeeded()
                     status = traces.COMPLETED

@@ -347,6 +347,19 @@ def _event(payload: Mapping[str, Any]) -> bytes:
 DONE = b"data: [DONE]\n\n"
 
 
+def stream_error(message: str) -> bytes:
+    """The end of an SSE stream that failed: an error event, then ``[DONE]``."""
+    payload = {
+        "error": {
+            "message": message,
+            "type": "server_error",
+            "param": None,
+            "code": "stream_interrupted",
+        }
+    }
+    return _event(payload) + DONE
+
+
 class _StreamTranslator:
     object_name = ""
     id_prefix = ""

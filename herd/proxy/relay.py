@@ -118,6 +118,7 @@ async def relay_ollama(
     content_type = response.headers.get("content-type", "application/json").encode()
     headers = [(b"content-type", content_type), *herd_headers(opened, request_id)]
     await send({"type": "http.response.start", "status": 200, "headers": headers})
+    lease = opened.lease
     tail = Tail()
     if opened.first_chunk:
         tail.add(opened.first_chunk)
@@ -125,6 +126,7 @@ async def relay_ollama(
     error: str | None = None
     try:
         async for chunk in opened.chunks:
+            lease.chunks += 1
             tail.add(chunk)
             await send({"type": "http.response.body", "body": chunk, "more_body": True})
     except httpx.TransportError as exc:
@@ -206,6 +208,7 @@ async def relay_openai_stream(
     try:
         await feed(opened.first_chunk)
         async for data in opened.chunks:
+            opened.lease.chunks += 1
             await feed(data)
         await feed(b"\n")
     except httpx.TransportError as exc:
@@ -223,6 +226,7 @@ async def relay_openai_stream(
 async def read_rest(opened: Opened) -> bytes:
     parts = [opened.first_chunk]
     async for chunk in opened.chunks:
+        opened.lease.chunks += 1
         parts.append(chunk)
     return b"".join(parts)
 
@@ -269,6 +273,15 @@ async def relay_openai_whole(
     result.complete = True
     await send_json(send, 200, json.dumps(payload).encode(), herd_headers(opened, request_id))
     return result
+
+
+async def end_interrupted(send: Send, request: InferenceRequest, message: str) -> None:
+    """Finish a response cut short by the router itself, in the caller's format."""
+    if request.route.flavor == "openai" and request.stream:
+        body = openai_compat.stream_error(message)
+    else:
+        body = json.dumps({"error": message}).encode() + b"\n"
+    await send({"type": "http.response.body", "body": body, "more_body": False})
 
 
 async def relay_client_error(

@@ -20,7 +20,7 @@ from herd import __version__
 from herd.errors import BadRequest, HerdError, ModelNotFound, NotFound, parse_json_body
 from herd.models import NodeStatus, normalize_model_name
 from herd.proxy.shaping import flavor_for_path
-from herd.router import views
+from herd.router import model_admin, views
 from herd.router.fleet_socket import serve_fleet_socket
 from herd.router.state import RouterState
 
@@ -40,6 +40,11 @@ def error_response(error: HerdError, path: str) -> Response:
         headers=error.headers(),
         content_type="application/json",
     )
+
+
+async def request_bytes() -> bytes:
+    data = await request.get_data(as_text=False)
+    return data if isinstance(data, bytes) else data.encode()
 
 
 def create_app(state: RouterState) -> QuartTrio:
@@ -85,8 +90,7 @@ def create_app(state: RouterState) -> QuartTrio:
 
     @app.post("/api/show")
     async def show() -> Response:
-        raw: bytes = await request.get_data(as_text=False)  # type: ignore[assignment]
-        body = parse_json_body(raw)
+        body = parse_json_body(await request_bytes())
         name = body.get("model") or body.get("name")
         if not isinstance(name, str) or not name.strip():
             raise BadRequest("missing required field 'model'", param="model")
@@ -111,6 +115,32 @@ def create_app(state: RouterState) -> QuartTrio:
             content_type="application/json",
             headers={"X-Herd-Node": node.node_id},
         )
+
+    @app.post("/api/pull")
+    async def pull() -> Response:
+        body = parse_json_body(await request_bytes())
+        model = model_admin.requested_model(body)
+        node_id = body.get("node_id")
+        if node_id is not None and not isinstance(node_id, str):
+            raise BadRequest("field 'node_id' must be a string", param="node_id")
+        node = model_admin.pull_target(state.snapshot(), node_id)
+        if body.get("stream") is False:
+            await model_admin.pull(state, node, model)
+            return json_response({"status": "success", "node": node.node_id})
+        return Response(
+            model_admin.pull_progress(state, node, model),
+            content_type="application/x-ndjson",
+            headers={"X-Herd-Node": node.node_id},
+        )
+
+    @app.delete("/api/delete")
+    async def delete() -> Response:
+        body = parse_json_body(await request_bytes())
+        node_id = body.get("node_id")
+        if node_id is not None and not isinstance(node_id, str):
+            raise BadRequest("field 'node_id' must be a string", param="node_id")
+        result = await model_admin.delete(state, model_admin.requested_model(body), node_id)
+        return json_response(result, status=200 if result["deleted"] else 502)
 
     @app.get("/v1/models")
     async def openai_models() -> Response:

@@ -62,6 +62,20 @@ class Lease:
     _outcome: str | None = "failed"
     _holding: bool = False
     _token: object = attrs.field(factory=object)
+    # Progress, for the zombie reaper: the relay counts chunks (an int, nothing more, on the
+    # hot path); the reaper notes when the count last moved.
+    chunks: int = 0
+    seen_chunks: int = -1
+    last_moved: float = 0.0
+    # The request's work scope, once its response is flowing: what the reaper cancels.
+    scope: trio.CancelScope | None = None
+    reap_reason: str | None = None
+
+    def reap(self, reason: str) -> None:
+        """Cancel the request this lease belongs to (it has stopped making progress)."""
+        self.reap_reason = reason
+        if self.scope is not None:
+            self.scope.cancel()
 
     def succeeded(self) -> None:
         self._outcome = "done"
@@ -82,6 +96,7 @@ class Lease:
             counters.pending -= 1
         counters.in_flight += 1
         self._holding = True
+        self.book.active.add(self)
         return self
 
     async def __aexit__(
@@ -99,6 +114,7 @@ class Lease:
         if not self._holding:
             return
         self._holding = False
+        self.book.active.discard(self)
         counters = self.book.counters(self.node_id, self.model, self.kind)
         counters.in_flight -= 1
         if self._outcome == "done":
@@ -117,6 +133,7 @@ class QueueBook:
     _queues: dict[tuple[str, str], QueueCounters] = attrs.field(factory=dict)
     _limiters: dict[str, trio.CapacityLimiter] = attrs.field(factory=dict)
     _freed: trio.Event = attrs.field(factory=trio.Event)
+    active: set[Lease] = attrs.field(factory=set)
 
     def counters(self, node_id: str, model: str, kind: str = KIND_TEXT) -> QueueCounters:
         key = (node_id, model)
@@ -162,8 +179,17 @@ class QueueBook:
         for (node, model), counters in self._queues.items():
             yield node, model, counters
 
-    def active(self) -> int:
-        return sum(c.pending + c.in_flight for c in self._queues.values())
+    def stale(self, now: float, timeout: float) -> list[Lease]:
+        """Leases whose relay hasn't moved a chunk for ``timeout`` seconds (decided here,
+        cancelled by the caller). Progress is sampled: call at least every timeout/4."""
+        stale = []
+        for lease in self.active:
+            if lease.chunks != lease.seen_chunks:
+                lease.seen_chunks = lease.chunks
+                lease.last_moved = now
+            elif now - lease.last_moved >= timeout and lease.scope is not None:
+                stale.append(lease)
+        return stale
 
     def statistics(self) -> QueueStatistics:
         queues = {f"{node}:{model}": c.as_dict() for (node, model), c in self._queues.items()}

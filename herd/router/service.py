@@ -29,6 +29,8 @@ from herd.server import serve_app
 
 log = logging.getLogger("herd.router")
 
+PREWARM_BUFFER = 64
+
 
 def upstream_client() -> httpx.AsyncClient:
     """The one HTTP client for calls to backends. Timeouts to the first byte are cancel scopes
@@ -106,6 +108,10 @@ class Router:
             app = ProxyASGI(state, create_app(state))
             self._url = await nursery.start(serve_app, app, self.config.host, self.config.port)
             nursery.start_soon(self._monitor, state)
+            nursery.start_soon(self._reaper, state)
+            send, receive = trio.open_memory_channel[tuple[str, str]](PREWARM_BUFFER)
+            state.prewarm_send = send
+            nursery.start_soon(self._prewarmer, state, receive)
             if self.local_node is not None:
                 await nursery.start(self._run_local_node, self.local_node)
             log.info("router listening on %s", self._url)
@@ -133,6 +139,46 @@ class Router:
                 )
             if changes:
                 state.fleet_changed(changes)
+
+    async def _reaper(self, state: RouterState) -> None:
+        """Reap in-flight requests whose stream stopped moving for ``stale_timeout``."""
+        while True:
+            timeout = state.settings.stale_timeout
+            await trio.sleep(timeout / 4)
+            for lease in state.queues.stale(trio.current_time(), timeout):
+                log.warning(
+                    "reaping a request on %s:%s: no progress for %.0f s",
+                    lease.node_id,
+                    lease.model,
+                    timeout,
+                )
+                lease.reap(f"reaped by the router: no progress for {timeout:g} s")
+                state.events["reaped"] += 1
+
+    async def _prewarmer(
+        self, state: RouterState, jobs: trio.MemoryReceiveChannel[tuple[str, str]]
+    ) -> None:
+        """Load a model on a runner-up node when the winner's queue for it runs deep."""
+        warmed: dict[tuple[str, str], float] = {}
+        async for node_id, model in jobs:
+            now = trio.current_time()
+            if now - warmed.get((node_id, model), -math.inf) < state.settings.prewarm_cooldown:
+                continue
+            record = state.registry.get(node_id)
+            if record is None or not record.report.backend.healthy:
+                continue
+            warmed[(node_id, model)] = now
+            state.events["prewarms"] += 1
+            log.info("pre-warming %s on %s (deep queue elsewhere)", model, node_id)
+            url = record.report.backend.url.rstrip("/") + "/api/generate"
+            try:
+                with trio.move_on_after(state.config.first_byte_timeout):
+                    await state.client.post(
+                        url, json={"model": model, "keep_alive": -1}, timeout=None
+                    )
+            except httpx.HTTPError as exc:
+                log.warning("pre-warm of %s on %s failed: %s", model, node_id, exc)
+            state.command(node_id, {"type": "command", "command": "heartbeat"})
 
     async def _run_local_node(
         self,
