@@ -119,13 +119,28 @@ def setup_logging(level: str) -> None:
     logging.getLogger("hypercorn").setLevel(logging.WARNING)
 
 
-async def until_signalled(service: Callable[..., Awaitable[None]], *args: object) -> None:
-    """Run ``service`` until SIGINT or SIGTERM, then cancel it and return (exit status 0)."""
+async def until_signalled(
+    service: Callable[..., Awaitable[None]],
+    *args: object,
+    before_stop: Callable[[], Awaitable[object]] | None = None,
+) -> None:
+    """Run ``service`` until SIGINT or SIGTERM; then run ``before_stop`` (a second signal cuts
+    it short), cancel the service and return, for exit status 0."""
     async with trio.open_nursery() as nursery:
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             nursery.start_soon(service, *args)
             async for signum in signals:
                 logging.getLogger("herd").info("%s received: stopping", signal.Signals(signum).name)
+                if before_stop is not None:
+                    async with trio.open_nursery() as stopping:
+
+                        async def stop_early() -> None:
+                            await signals.__anext__()
+                            stopping.cancel_scope.cancel()
+
+                        stopping.start_soon(stop_early)
+                        await before_stop()
+                        stopping.cancel_scope.cancel()
                 nursery.cancel_scope.cancel()
                 break
 
@@ -156,7 +171,12 @@ def run_serve(argv: Sequence[str], prog: str, role: str | None) -> int:
             except NodeConfigError as exc:
                 print(f"herd-node: {exc}", file=sys.stderr)
                 return 2
-            trio.run(until_signalled, Node(nconfig).run)
+            node = Node(nconfig)
+
+            async def serve_node() -> None:
+                await until_signalled(node.run, before_stop=node.drain)
+
+            trio.run(serve_node)
     except ConfigError as exc:
         print(f"{prog}: {exc}", file=sys.stderr)
         return 2

@@ -356,6 +356,7 @@ class NodeConfig:
     heartbeat_interval: float = 5.0
     parallel_slots: int = 4
     auth_token: str | None = None
+    drain_timeout: float = 60.0
     learn_capacity: bool = False
     log_level: str = "INFO"
 

@@ -44,6 +44,9 @@ def agent_config(config: NodeConfig) -> AgentConfig:
         ollama_url=config.ollama_url.rstrip("/"),
         node_id=config.node_id or socket.gethostname(),
         heartbeat_interval=config.heartbeat_interval,
+        # Reconnect at least once per heartbeat interval: after a router restart the fleet is
+        # whole again within two intervals.
+        backoff_max=config.heartbeat_interval,
         parallel_slots=config.parallel_slots or 4,
         auth_token=config.auth_token,
     )
@@ -78,6 +81,22 @@ class Node:
     serve_http: bool = True
     agent: NodeAgent | None = None
     url: str | None = None
+
+    async def drain(self) -> bool:
+        """Stop taking work: announce draining and wait (up to ``drain_timeout``) until the
+        router says none of this node's requests are in flight. Returns True if drained."""
+        agent = self.agent
+        if agent is None:
+            return True
+        await agent.drain()
+        if not agent.connected:
+            return True
+        with trio.move_on_after(self.config.drain_timeout):
+            await agent.drained.wait()
+            log.info("drained: no requests left in flight")
+            return True
+        log.warning("drain timed out after %.0f s; stopping anyway", self.config.drain_timeout)
+        return False
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Run until cancelled. Started once the node's HTTP app (if any) is listening and the

@@ -227,6 +227,8 @@ class ProxyASGI:
                 error_message=error,
                 timestamp=ctx.wall,
                 tags=request.tags,
+                substitution=opened.substitution if opened is not None else None,
+                context_action=opened.context_action if opened is not None else None,
                 runners_up=tuple((c.node_id, c.score) for c in opened.decision.runners_up)
                 if opened is not None
                 else (),

@@ -36,6 +36,10 @@ class TraceRecord:
     timestamp: float  # wall clock, epoch seconds
     tags: tuple[str, ...]
     runners_up: tuple[tuple[str, float], ...] = ()
+    # What resilience did: None, "fallback_models", "vram" or "context" (another model served);
+    # context protection: None, "stripped", "upgraded" or "passthrough".
+    substitution: str | None = None
+    context_action: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
         data = attrs.asdict(self)

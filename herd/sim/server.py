@@ -48,7 +48,7 @@ WORDS = (
     "is",
     "lost",
 )
-FAILURE_MODES = ("refuse", "http500", "hang", "die_mid_stream")
+FAILURE_MODES = ("refuse", "http500", "hang", "die_mid_stream", "stall")
 INFERENCE_PATHS = ("/api/chat", "/api/generate", "/api/embed", "/api/embeddings")
 
 
@@ -103,6 +103,7 @@ class SimOllama:
     open_streams: int = 0
     disconnects: int = 0
     cold_loads: int = 0
+    pulls: int = 0
     requests: deque[tuple[str, dict[str, Any]]] = attrs.field(factory=lambda: deque(maxlen=1000))
     _models: dict[str, SimModel] = attrs.field(factory=dict)
     _resident: OrderedDict[str, None] = attrs.field(factory=OrderedDict)
@@ -125,7 +126,8 @@ class SimOllama:
     # --- control ----------------------------------------------------------------------
     def fail(self, mode: str, times: int | None = None, after_chunks: int = 2) -> None:
         """Make inference requests fail: ``http500``, ``hang`` (no headers, ever) or
-        ``die_mid_stream`` (after ``after_chunks`` chunks), ``times`` times or until cleared;
+        ``die_mid_stream`` / ``stall`` (after ``after_chunks`` chunks, drop the connection / go
+        silent with it open), ``times`` times or until cleared;
         or ``refuse``: stop listening, so connections are refused, until cleared (then await
         ``listening.wait()``)."""
         if mode not in FAILURE_MODES:
@@ -391,6 +393,7 @@ class SimOllama:
             )
             return
         model = self._models.setdefault(name, known[name])
+        self.pulls += 1
         if data.get("stream") is False:
             await self._json(send, 200, {"status": "success"})
             return
@@ -635,6 +638,8 @@ class SimOllama:
         for sent, token in enumerate(tokens):
             if failure == "die_mid_stream" and sent >= self._after_chunks:
                 raise _Abort("died mid-stream")
+            if failure == "stall" and sent >= self._after_chunks:
+                await trio.sleep_forever()
             if delay:
                 await trio.sleep(delay)
             await send(
