@@ -21,6 +21,7 @@ from herd import demo
 from herd.config import RouterConfig
 from herd.node.agent import AgentConfig, NodeAgent
 from herd.router.service import Router
+from herd.router.settings import RuntimeSettings
 from herd.sim import SimConfig, SimModel, SimOllama, run_sim
 
 T = TypeVar("T")
@@ -63,11 +64,16 @@ def two_node_specs() -> list[SimConfig]:
 
 @contextlib.asynccontextmanager
 async def running_fleet(
-    tmp_path: Path, specs: Sequence[SimConfig], **router_options: Any
+    tmp_path: Path,
+    specs: Sequence[SimConfig],
+    settings: RuntimeSettings | None = None,
+    **router_options: Any,
 ) -> AsyncIterator[Fleet]:
     config = RouterConfig(host="127.0.0.1", port=0, data_dir=str(tmp_path), **router_options)
     async with contextlib.AsyncExitStack() as stack:
-        router = await stack.enter_async_context(Router(config))
+        router = await stack.enter_async_context(
+            Router(config, settings=settings or RuntimeSettings())
+        )
         sims: dict[str, SimOllama] = {}
         agents: dict[str, NodeAgent] = {}
         nursery = await stack.enter_async_context(trio.open_nursery())

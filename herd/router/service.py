@@ -24,6 +24,7 @@ from herd.config import NodeConfig, RouterConfig
 from herd.models import FleetSnapshot, NodeStatus
 from herd.proxy.handler import ProxyASGI
 from herd.router.app import create_app
+from herd.router.settings import RuntimeSettings
 from herd.router.state import RouterState
 from herd.server import serve_app
 
@@ -46,6 +47,8 @@ def upstream_client() -> httpx.AsyncClient:
 class Router:
     config: RouterConfig = attrs.field(factory=RouterConfig)
     local_node: NodeConfig | None = None
+    # Initial runtime settings (the defaults unless an embedding program says otherwise).
+    settings: RuntimeSettings = attrs.field(factory=RuntimeSettings)
     _state: RouterState | None = None
     _url: str | None = None
     _stack: contextlib.AsyncExitStack | None = None
@@ -121,6 +124,7 @@ class Router:
     async def _open_state(self) -> AsyncIterator[RouterState]:
         async with upstream_client() as client:
             self._state = RouterState.create(self.config, client)
+            self._state.settings = self.settings
             yield self._state
 
     async def _monitor(self, state: RouterState) -> None:
