@@ -53,4 +53,7 @@ def render_status(data: dict[str, Any]) -> str:
                 f"    [{str(q.get('kind', 'text')).upper()}] {key}  {q.get('pending', 0)}/"
                 f"{q.get('in_flight', 0)}/{q.get('done', 0)}/{q.get('failed', 0)}"
             )
+    events = {k: v for k, v in data.get("events", {}).items() if v}
+    if events:
+        lines += ["", "events: " + ", ".join(f"{k} {v}" for k, v in events.items())]
     return "\n".join(lines)

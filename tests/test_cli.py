@@ -161,3 +161,40 @@ async def test_demo_runs_a_simulated_fleet_with_traffic(
         kinds = {q["kind"] for q in status["queues"].values()}
         assert "text" in kinds
         nursery.cancel_scope.cancel()
+
+
+async def test_node_drains_and_exits_cleanly_on_sigterm(tmp_path: Path) -> None:
+    from herd.config import RouterConfig
+    from herd.router.service import Router
+
+    spec = SimConfig(name="n", models=(SimModel("llama3.2:3b"),))
+    config = RouterConfig(host="127.0.0.1", port=0, data_dir=str(tmp_path))
+    async with Router(config) as router, run_sim(spec) as sim:
+        env = clean_env(tmp_path) | {"FLEET_NODE_OLLAMA_HOST": sim.url}
+        process = await trio.lowlevel.open_process(
+            [
+                sys.executable,
+                "-c",
+                "import sys; from herd.cli import node_main; sys.exit(node_main())",
+                "--router-url",
+                router.url,
+                "--node-id",
+                "leaver",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                "0",
+                "--log-level",
+                "WARNING",
+            ],
+            env=env,
+        )
+        with trio.fail_after(30):
+            await router.wait_nodes(1)
+            process.send_signal(signal.SIGTERM)
+            saw_draining = False
+            while router.fleet.nodes[0].status.value != "offline":
+                saw_draining = saw_draining or router.fleet.nodes[0].report.draining
+                await router.state.wait_fleet_changed()
+            assert saw_draining
+            assert await process.wait() == 0

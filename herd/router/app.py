@@ -156,8 +156,13 @@ def create_app(state: RouterState) -> QuartTrio:
 
     @app.get("/fleet/status")
     async def fleet_status() -> Response:
+        events = dict(state.events)
+        events["retries"] = state.retries_total
+        events["fallbacks"] = state.fallbacks_total
         return json_response(
-            views.fleet_status(state.snapshot(), state.queues.statistics(), trio.current_time())
+            views.fleet_status(
+                state.snapshot(), state.queues.statistics(), trio.current_time(), events
+            )
         )
 
     @app.get("/fleet/queue")

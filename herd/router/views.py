@@ -54,7 +54,12 @@ def node_view(node: NodeSnapshot, now: float) -> dict[str, Any]:
     return data
 
 
-def fleet_status(snapshot: FleetSnapshot, queues: QueueStatistics, now: float) -> dict[str, Any]:
+def fleet_status(
+    snapshot: FleetSnapshot,
+    queues: QueueStatistics,
+    now: float,
+    events: dict[str, int] | None = None,
+) -> dict[str, Any]:
     online = [n for n in snapshot.nodes if n.status is not NodeStatus.OFFLINE]
     return {
         "fleet": {
@@ -68,6 +73,9 @@ def fleet_status(snapshot: FleetSnapshot, queues: QueueStatistics, now: float) -
         },
         "nodes": [node_view(n, now) for n in snapshot.nodes],
         "queues": queues.queues,
+        # What resilience has done since the router started (retries, fallbacks, context
+        # protection, auto-pulls, reaped requests, pre-warms, ...).
+        "events": dict(sorted((events or {}).items())),
     }
 
 
