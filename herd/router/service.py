@@ -24,9 +24,11 @@ from herd.config import NodeConfig, RouterConfig
 from herd.models import FleetSnapshot, NodeStatus
 from herd.proxy.handler import ProxyASGI
 from herd.router.app import create_app
-from herd.router.settings import RuntimeSettings
+from herd.router.settings import RuntimeSettings, load_settings
 from herd.router.state import RouterState
 from herd.server import serve_app
+from herd.store.db import DB_NAME, recent_latencies
+from herd.store.writer import TraceWriter
 
 log = logging.getLogger("herd.router")
 
@@ -108,6 +110,13 @@ class Router:
         self, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED
     ) -> None:
         async with self._open_state() as state, trio.open_nursery() as nursery:
+            state.settings = load_settings(self.config.data_path, self.settings)
+            state.store = TraceWriter(self.config.data_path / DB_NAME)
+            await nursery.start(state.store.run)
+            for node_id, model, latency, rate in await trio.to_thread.run_sync(
+                recent_latencies, state.store.path
+            ):
+                state.history.record(node_id, model, latency, rate)
             app = ProxyASGI(state, create_app(state))
             self._url = await nursery.start(serve_app, app, self.config.host, self.config.port)
             nursery.start_soon(self._monitor, state)
@@ -124,7 +133,6 @@ class Router:
     async def _open_state(self) -> AsyncIterator[RouterState]:
         async with upstream_client() as client:
             self._state = RouterState.create(self.config, client)
-            self._state.settings = self.settings
             yield self._state
 
     async def _monitor(self, state: RouterState) -> None:

@@ -23,6 +23,7 @@ from herd.router.registry import NodeRegistry, StateChange
 from herd.router.settings import RuntimeSettings
 from herd.router.traces import TraceRecord
 from herd.scoring import ScoringSettings
+from herd.store.writer import TraceWriter
 
 TRACE_MEMORY = 1000
 
@@ -69,6 +70,7 @@ class RouterState:
     pulls: dict[str, PendingPull] = attrs.field(factory=dict)
     # Pre-warm jobs (node_id, model) for the pre-warm service; full means drop.
     prewarm_send: trio.MemorySendChannel[tuple[str, str]] | None = None
+    store: TraceWriter | None = None
     _fleet_changed: trio.Event = attrs.field(factory=trio.Event)
 
     @classmethod
@@ -109,6 +111,8 @@ class RouterState:
 
     def record_trace(self, trace: TraceRecord) -> None:
         self.traces.append(trace)
+        if self.store is not None:
+            self.store.submit(trace)
 
     def statistics(self) -> RequestStatistics:
         statuses = [t.status for t in self.traces]

@@ -1,0 +1,157 @@
+"""The SQLite database in the data dir (``latency.db``, WAL): schema, connections, retention.
+
+Synchronous on purpose: every function here runs in a worker thread (``trio.to_thread``), never
+on the event loop. Readers open their own short-lived connection (WAL lets them read while the
+writer writes); the one writer connection belongs to :class:`herd.store.writer.TraceWriter`.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from herd.router.traces import TraceRecord
+
+DB_NAME = "latency.db"
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS request_traces (
+    request_id TEXT PRIMARY KEY,
+    model TEXT NOT NULL,
+    original_model TEXT NOT NULL,
+    node_id TEXT,
+    score REAL,
+    scores_breakdown TEXT NOT NULL DEFAULT '{}',
+    status TEXT NOT NULL,
+    latency_ms REAL NOT NULL,
+    time_to_first_token_ms REAL,
+    prompt_tokens INTEGER,
+    completion_tokens INTEGER,
+    retry_count INTEGER NOT NULL DEFAULT 0,
+    fallback_used INTEGER NOT NULL DEFAULT 0,
+    excluded_nodes TEXT NOT NULL DEFAULT '[]',
+    original_format TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    error_message TEXT,
+    timestamp REAL NOT NULL,
+    tags TEXT NOT NULL DEFAULT '[]',
+    substitution TEXT,
+    context_action TEXT
+);
+CREATE INDEX IF NOT EXISTS request_traces_timestamp ON request_traces (timestamp);
+CREATE INDEX IF NOT EXISTS request_traces_node_model ON request_traces (node_id, model, timestamp);
+CREATE TABLE IF NOT EXISTS benchmark_runs (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    timestamp REAL NOT NULL,
+    name TEXT NOT NULL,
+    data TEXT NOT NULL
+);
+"""
+
+COLUMNS = (
+    "request_id",
+    "model",
+    "original_model",
+    "node_id",
+    "score",
+    "scores_breakdown",
+    "status",
+    "latency_ms",
+    "time_to_first_token_ms",
+    "prompt_tokens",
+    "completion_tokens",
+    "retry_count",
+    "fallback_used",
+    "excluded_nodes",
+    "original_format",
+    "kind",
+    "error_message",
+    "timestamp",
+    "tags",
+    "substitution",
+    "context_action",
+)
+INSERT = (
+    f"INSERT OR REPLACE INTO request_traces ({', '.join(COLUMNS)}) "
+    f"VALUES ({', '.join('?' for _ in COLUMNS)})"
+)
+
+
+def connect(path: Path) -> sqlite3.Connection:
+    connection = sqlite3.connect(path, timeout=10, check_same_thread=False)
+    connection.row_factory = sqlite3.Row
+    connection.execute("PRAGMA journal_mode=WAL")
+    connection.execute("PRAGMA synchronous=NORMAL")
+    return connection
+
+
+def initialise(path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with connect(path) as connection:
+        connection.executescript(SCHEMA)
+    connection.close()
+
+
+def trace_row(trace: TraceRecord) -> tuple[Any, ...]:
+    return (
+        trace.request_id,
+        trace.model,
+        trace.original_model,
+        trace.node_id,
+        trace.score,
+        json.dumps(dict(trace.scores_breakdown)),
+        trace.status,
+        trace.latency_ms,
+        trace.time_to_first_token_ms,
+        trace.prompt_tokens,
+        trace.completion_tokens,
+        trace.retry_count,
+        int(trace.fallback_used),
+        json.dumps(list(trace.excluded_nodes)),
+        trace.original_format,
+        trace.kind,
+        trace.error_message,
+        trace.timestamp,
+        json.dumps(list(trace.tags)),
+        trace.substitution,
+        trace.context_action,
+    )
+
+
+def write_traces(connection: sqlite3.Connection, traces: Iterable[TraceRecord]) -> None:
+    with connection:
+        connection.executemany(INSERT, [trace_row(t) for t in traces])
+
+
+def prune(connection: sqlite3.Connection, before: float) -> int:
+    """Delete traces older than ``before`` (epoch seconds). Returns how many went."""
+    with connection:
+        cursor = connection.execute("DELETE FROM request_traces WHERE timestamp < ?", (before,))
+    return cursor.rowcount
+
+
+def recent_latencies(path: Path, per_key: int = 100) -> list[tuple[str, str, float, float | None]]:
+    """The last ``per_key`` completed requests per node:model: (node, model, latency_ms,
+    tokens per second) — to warm the scorer's history after a restart."""
+    query = """
+        SELECT node_id, model, latency_ms, completion_tokens, time_to_first_token_ms FROM (
+            SELECT *, ROW_NUMBER() OVER (PARTITION BY node_id, model ORDER BY timestamp DESC) AS n
+            FROM request_traces WHERE status = 'completed' AND node_id IS NOT NULL
+        ) WHERE n <= ? ORDER BY timestamp
+    """
+    connection = connect(path)
+    try:
+        rows = connection.execute(query, (per_key,)).fetchall()
+    finally:
+        connection.close()
+    out = []
+    for row in rows:
+        rate = None
+        generating = (row["latency_ms"] or 0) - (row["time_to_first_token_ms"] or 0)
+        if row["completion_tokens"] and generating > 0:
+            rate = row["completion_tokens"] / (generating / 1000)
+        out.append((row["node_id"], row["model"], row["latency_ms"], rate))
+    return out

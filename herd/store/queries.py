@@ -1,0 +1,212 @@
+"""Read-side queries for the dashboard API. Synchronous; run them in a worker thread.
+
+Every time-ranged query takes ``since`` (epoch seconds). Figures come straight from
+``request_traces``; nothing here keeps state.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+from herd.store.db import connect
+
+T = TypeVar("T")
+
+_TOTALS = """
+    COUNT(*) AS requests,
+    SUM(status = 'completed') AS completed,
+    SUM(status = 'failed') AS failed,
+    SUM(status = 'incomplete') AS incomplete,
+    SUM(status = 'client_disconnected') AS client_disconnected,
+    SUM(retry_count) AS retries,
+    SUM(fallback_used) AS fallbacks,
+    AVG(CASE WHEN status = 'completed' THEN latency_ms END) AS avg_latency_ms,
+    AVG(CASE WHEN status = 'completed' THEN time_to_first_token_ms END) AS avg_ttft_ms,
+    COALESCE(SUM(prompt_tokens), 0) AS prompt_tokens,
+    COALESCE(SUM(completion_tokens), 0) AS completion_tokens
+"""
+
+
+def run(path: Path, query: Callable[[sqlite3.Connection], T]) -> T:
+    connection = connect(path)
+    try:
+        return query(connection)
+    finally:
+        connection.close()
+
+
+def _rows(connection: sqlite3.Connection, sql: str, *args: Any) -> list[dict[str, Any]]:
+    return [_clean(dict(row)) for row in connection.execute(sql, args).fetchall()]
+
+
+def _clean(row: dict[str, Any]) -> dict[str, Any]:
+    for key, value in row.items():
+        if isinstance(value, float):
+            row[key] = round(value, 3)
+        elif value is None and key in (
+            "completed",
+            "failed",
+            "incomplete",
+            "client_disconnected",
+            "retries",
+            "fallbacks",
+        ):
+            row[key] = 0
+    return row
+
+
+def overview(connection: sqlite3.Connection, since: float) -> dict[str, Any]:
+    row = _rows(connection, f"SELECT {_TOTALS} FROM request_traces WHERE timestamp >= ?", since)[0]
+    row["error_rate"] = (
+        round((row["failed"] + row["incomplete"]) / row["requests"], 4) if row["requests"] else 0.0
+    )
+    models = connection.execute(
+        "SELECT COUNT(DISTINCT model) FROM request_traces WHERE timestamp >= ?", (since,)
+    ).fetchone()[0]
+    row["models_used"] = models
+    return row
+
+
+def trends(connection: sqlite3.Connection, since: float) -> list[dict[str, Any]]:
+    return _rows(
+        connection,
+        f"""
+        SELECT CAST(timestamp / 3600 AS INTEGER) * 3600 AS hour, {_TOTALS}
+        FROM request_traces WHERE timestamp >= ? GROUP BY hour ORDER BY hour""",
+        since,
+    )
+
+
+def models(connection: sqlite3.Connection, since: float) -> list[dict[str, Any]]:
+    rows = _rows(
+        connection,
+        f"""
+        SELECT model, {_TOTALS},
+            SUM(CASE WHEN status = 'completed' THEN completion_tokens END) AS gen_tokens,
+            SUM(CASE WHEN status = 'completed'
+                THEN latency_ms - COALESCE(time_to_first_token_ms, 0) END) AS gen_ms
+        FROM request_traces WHERE timestamp >= ? GROUP BY model ORDER BY requests DESC""",
+        since,
+    )
+    for row in rows:
+        gen_tokens, gen_ms = row.pop("gen_tokens"), row.pop("gen_ms")
+        row["tokens_per_second"] = (
+            round(gen_tokens / (gen_ms / 1000), 2) if gen_tokens and gen_ms else None
+        )
+    return rows
+
+
+def model_daily(connection: sqlite3.Connection, since: float, model: str) -> list[dict[str, Any]]:
+    return _rows(
+        connection,
+        f"""
+        SELECT date(timestamp, 'unixepoch') AS day, {_TOTALS}
+        FROM request_traces WHERE timestamp >= ? AND model = ? GROUP BY day ORDER BY day""",
+        since,
+        model,
+    )
+
+
+def usage(connection: sqlite3.Connection, since: float) -> list[dict[str, Any]]:
+    return _rows(
+        connection,
+        f"""
+        SELECT date(timestamp, 'unixepoch') AS day, node_id, model, {_TOTALS}
+        FROM request_traces WHERE timestamp >= ? AND node_id IS NOT NULL
+        GROUP BY day, node_id, model ORDER BY day, node_id, model""",
+        since,
+    )
+
+
+def apps(connection: sqlite3.Connection, since: float) -> list[dict[str, Any]]:
+    rows = _rows(
+        connection,
+        f"""
+        SELECT tag.value AS tag, {_TOTALS}
+        FROM request_traces, json_each(request_traces.tags) AS tag
+        WHERE timestamp >= ? GROUP BY tag.value ORDER BY requests DESC""",
+        since,
+    )
+    for row in rows:
+        row["error_rate"] = round((row["failed"] + row["incomplete"]) / row["requests"], 4)
+    return rows
+
+
+def apps_daily(
+    connection: sqlite3.Connection, since: float, tag: str | None = None
+) -> list[dict[str, Any]]:
+    where = "AND tag.value = ?" if tag else ""
+    args: tuple[Any, ...] = (since, tag) if tag else (since,)
+    return _rows(
+        connection,
+        f"""
+        SELECT date(timestamp, 'unixepoch') AS day, tag.value AS tag, {_TOTALS}
+        FROM request_traces, json_each(request_traces.tags) AS tag
+        WHERE timestamp >= ? {where} GROUP BY day, tag.value ORDER BY day, tag.value""",
+        *args,
+    )
+
+
+def traces(connection: sqlite3.Connection, limit: int) -> list[dict[str, Any]]:
+    rows = _rows(connection, "SELECT * FROM request_traces ORDER BY timestamp DESC LIMIT ?", limit)
+    for row in rows:
+        for key in ("scores_breakdown", "excluded_nodes", "tags"):
+            row[key] = json.loads(row[key])
+        row["fallback_used"] = bool(row["fallback_used"])
+    return rows
+
+
+def model_node_usage(
+    connection: sqlite3.Connection, since: float
+) -> dict[tuple[str, str], dict[str, Any]]:
+    rows = _rows(
+        connection,
+        """
+        SELECT node_id, model, COUNT(*) AS requests, MAX(timestamp) AS last_used
+        FROM request_traces WHERE timestamp >= ? AND node_id IS NOT NULL
+        GROUP BY node_id, model""",
+        since,
+    )
+    return {(r["node_id"], r["model"]): r for r in rows}
+
+
+def health_figures(connection: sqlite3.Connection, since: float) -> dict[str, Any]:
+    row = _rows(
+        connection,
+        f"""
+        SELECT {_TOTALS},
+            SUM(status = 'failed' AND error_message LIKE '%first byte%') AS timeouts
+        FROM request_traces WHERE timestamp >= ?""",
+        since,
+    )[0]
+    row["timeouts"] = row["timeouts"] or 0
+    per_node = _rows(
+        connection,
+        """
+        SELECT node_id, COUNT(*) AS requests FROM request_traces
+        WHERE timestamp >= ? AND node_id IS NOT NULL GROUP BY node_id""",
+        since,
+    )
+    row["requests_per_node"] = {r["node_id"]: r["requests"] for r in per_node}
+    return row
+
+
+def save_benchmark(connection: sqlite3.Connection, name: str, data: dict[str, Any]) -> int:
+    with connection:
+        cursor = connection.execute(
+            "INSERT INTO benchmark_runs (timestamp, name, data) VALUES (?, ?, ?)",
+            (time.time(), name, json.dumps(data)),
+        )
+    return int(cursor.lastrowid or 0)
+
+
+def benchmarks(connection: sqlite3.Connection, since: float) -> list[dict[str, Any]]:
+    rows = _rows(connection, "SELECT * FROM benchmark_runs WHERE timestamp >= ? ORDER BY id", since)
+    for row in rows:
+        row["data"] = json.loads(row["data"])
+    return rows
