@@ -288,9 +288,11 @@ async def test_nodes_rejoin_a_restarted_router_within_two_heartbeats(
             await first.wait_nodes(2)
             running.cancel_scope.cancel()  # the router goes away
         await trio.sleep(7)  # autojump clock: the router is down for 7 virtual seconds
-        restarted_at = trio.current_time()
         port = int(url.rsplit(":", 1)[1])
         async with Router(attrs.evolve(config, port=port)) as second:
+            # Measured from when it listens again (its start-up reads the database in a worker
+            # thread, and the virtual clock runs on while a thread works).
+            restarted_at = trio.current_time()
             await second.wait_nodes(2)
             assert trio.current_time() - restarted_at <= 2 * 5.0
         agents.cancel_scope.cancel()
