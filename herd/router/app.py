@@ -156,14 +156,16 @@ def create_app(state: RouterState) -> QuartTrio:
 
     @app.get("/fleet/status")
     async def fleet_status() -> Response:
-        events = dict(state.events)
-        events["retries"] = state.retries_total
-        events["fallbacks"] = state.fallbacks_total
         return json_response(
             views.fleet_status(
-                state.snapshot(), state.queues.statistics(), trio.current_time(), events
+                state.snapshot(), state.queues.statistics(), trio.current_time(), state.all_events()
             )
         )
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        text = state.metrics.render(state.snapshot(), state.queues.statistics(), state.all_events())
+        return Response(text, content_type="text/plain; version=0.0.4; charset=utf-8")
 
     @app.get("/fleet/queue")
     async def fleet_queue() -> Response:

@@ -18,6 +18,7 @@ import trio
 from herd.config import RouterConfig
 from herd.models import FleetSnapshot
 from herd.router.history import LatencyHistory
+from herd.router.metrics import Metrics
 from herd.router.queues import QueueBook
 from herd.router.registry import NodeRegistry, StateChange
 from herd.router.settings import RuntimeSettings
@@ -71,6 +72,7 @@ class RouterState:
     # Pre-warm jobs (node_id, model) for the pre-warm service; full means drop.
     prewarm_send: trio.MemorySendChannel[tuple[str, str]] | None = None
     store: TraceWriter | None = None
+    metrics: Metrics = attrs.field(factory=Metrics)
     _fleet_changed: trio.Event = attrs.field(factory=trio.Event)
 
     @classmethod
@@ -111,8 +113,15 @@ class RouterState:
 
     def record_trace(self, trace: TraceRecord) -> None:
         self.traces.append(trace)
+        self.metrics.observe(trace)
         if self.store is not None:
             self.store.submit(trace)
+
+    def all_events(self) -> dict[str, int]:
+        events = dict(self.events)
+        events["retries"] = self.retries_total
+        events["fallbacks"] = self.fallbacks_total
+        return events
 
     def statistics(self) -> RequestStatistics:
         statuses = [t.status for t in self.traces]
