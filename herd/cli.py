@@ -110,13 +110,12 @@ def node_config(flags: Mapping[str, Any], environ: Mapping[str, str]) -> NodeCon
     return NodeConfig.from_options(values)
 
 
-def setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level, logging.INFO),
-        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
-    )
-    logging.getLogger("httpx").setLevel(logging.WARNING)
-    logging.getLogger("hypercorn").setLevel(logging.WARNING)
+def setup_logging(level: str, data_dir: str | None = None, role: str = "router") -> None:
+    from pathlib import Path
+
+    from herd.logs import setup_logging as configure
+
+    configure(level, Path(os.path.expanduser(data_dir)) if data_dir else None, role)
 
 
 async def until_signalled(
@@ -157,13 +156,13 @@ def run_serve(argv: Sequence[str], prog: str, role: str | None) -> int:
                 local = node_config(
                     {k: v for k, v in flags.items() if k not in ("host", "port")}, os.environ
                 )
-            setup_logging(config.log_level)
+            setup_logging(config.log_level, config.data_dir, "router")
             from herd.router.service import Router
 
             trio.run(until_signalled, Router(config, local).run)
         else:
             nconfig = node_config(flags, os.environ)
-            setup_logging(nconfig.log_level)
+            setup_logging(nconfig.log_level, nconfig.data_dir, "node")
             from herd.node.service import Node, NodeConfigError, agent_config
 
             try:

@@ -17,6 +17,7 @@ from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
 from herd import __version__
+from herd.dashboard.api import create_blueprint
 from herd.errors import BadRequest, HerdError, ModelNotFound, NotFound, parse_json_body
 from herd.models import NodeStatus, normalize_model_name
 from herd.proxy.shaping import flavor_for_path
@@ -62,6 +63,8 @@ def create_app(state: RouterState) -> QuartTrio:
         if error.code == 404:
             herd_error = NotFound(f"no such endpoint: {request.method} {request.path}")
         return error_response(herd_error, request.path)
+
+    app.register_blueprint(create_blueprint(state))
 
     @app.get("/")
     async def root() -> Response:

@@ -12,6 +12,7 @@ A heartbeat brings a node back online at once.
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable
 
 import attrs
@@ -48,12 +49,19 @@ class RegistryStatistics:
     heartbeats: int
 
 
+UNLOAD_MEMORY = 2000
+
+
 @attrs.define(eq=False)
 class NodeRegistry:
     heartbeat_timeout: float = 15.0
     heartbeat_offline: float = 30.0
     _nodes: dict[str, NodeRecord] = attrs.field(factory=dict)
     _heartbeats: int = 0
+    # (router time, node, model) of each model seen leaving a node's memory, bounded.
+    unloads: deque[tuple[float, str, str]] = attrs.field(
+        factory=lambda: deque(maxlen=UNLOAD_MEMORY)
+    )
 
     def apply_report(
         self, report: NodeReport, now: float, session: object | None = None
@@ -69,6 +77,7 @@ class NodeRegistry:
         after = {m.name for m in report.loaded_models}
         for gone in before - after:
             record.recently_unloaded[gone] = now
+            self.unloads.append((now, report.node_id, gone))
         for back in after:
             record.recently_unloaded.pop(back, None)
         for name, when in list(record.recently_unloaded.items()):
@@ -110,6 +119,13 @@ class NodeRegistry:
                 changes.append(StateChange(node_id, record.status, new))
                 record.status = new
         return changes
+
+    def unload_counts(self, since: float) -> dict[tuple[str, str], int]:
+        counts: dict[tuple[str, str], int] = {}
+        for when, node_id, model in self.unloads:
+            if when >= since:
+                counts[(node_id, model)] = counts.get((node_id, model), 0) + 1
+        return counts
 
     def next_deadline(self) -> float | None:
         """Router-clock time of the next possible state transition (for the monitor loop)."""

@@ -1,0 +1,1 @@
+"""The dashboard: its JSON API, its live events, and (later) its pages."""

@@ -1,0 +1,56 @@
+"""Logging: readable lines on the console, JSON lines in ``<data-dir>/logs/``.
+
+One file per role (``herd.jsonl`` for the router, ``herd-node.jsonl`` for a node), rotated at
+midnight UTC, 30 days kept. The file gets DEBUG, the console ``--log-level``. Nothing herd logs
+contains a secret (tokens, API keys) or prompt text; requests are logged by id, model and node.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import logging.handlers
+from pathlib import Path
+
+KEEP_DAYS = 30
+FILES = {"router": "herd.jsonl", "node": "herd-node.jsonl"}
+
+
+class JsonLines(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "ts": dt.datetime.fromtimestamp(record.created, dt.UTC).isoformat(),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry, ensure_ascii=False)
+
+
+def setup_logging(console_level: str, data_dir: Path | None = None, role: str = "router") -> Path:
+    """Configure the root logger; returns the JSONL file's path (or data_dir-less: none)."""
+    root = logging.getLogger()
+    root.setLevel(logging.DEBUG)
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+    console = logging.StreamHandler()
+    console.setLevel(getattr(logging, console_level.upper(), logging.INFO))
+    console.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
+    root.addHandler(console)
+    for noisy in ("httpx", "httpcore", "hypercorn", "trio-websocket", "quart"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    path = Path()
+    if data_dir is not None:
+        logs = data_dir / "logs"
+        logs.mkdir(parents=True, exist_ok=True)
+        path = logs / FILES.get(role, f"herd-{role}.jsonl")
+        file_handler = logging.handlers.TimedRotatingFileHandler(
+            path, when="midnight", backupCount=KEEP_DAYS, encoding="utf-8", utc=True
+        )
+        file_handler.setLevel(logging.DEBUG)
+        file_handler.setFormatter(JsonLines())
+        root.addHandler(file_handler)
+    return path
