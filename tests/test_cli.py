@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -113,7 +114,8 @@ async def test_router_with_local_node_serves_and_status_prints(tmp_path: Path) -
             assert status["nodes"][0]["node_id"] == "box"
             async with httpx.AsyncClient(base_url=url, trust_env=False) as client:
                 reply = await client.post(
-                    "/api/generate", json={"model": "llama3.2:3b", "prompt": "hi", "stream": False}
+                    "/api/generate",
+                    json={"model": "llama3.2:3b", "prompt": "zebra-secret-prompt", "stream": False},
                 )
             assert reply.status_code == 200 and reply.headers["x-herd-node"] == "box"
             printed = await trio.run_process(
@@ -127,6 +129,11 @@ async def test_router_with_local_node_serves_and_status_prints(tmp_path: Path) -
             with trio.fail_after(15):
                 code = await process.wait()
     assert code == 0
+    # The router's JSON-lines log: one object a line, no prompt text in it.
+    lines = (tmp_path / "logs" / "herd.jsonl").read_text().splitlines()
+    records = [json.loads(line) for line in lines]
+    assert any("box joined" in r["message"] for r in records)
+    assert not any("zebra-secret-prompt" in line for line in lines)
 
 
 def test_status_when_router_is_down(tmp_path: Path) -> None:

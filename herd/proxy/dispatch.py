@@ -75,7 +75,9 @@ class Opened:
 class Attempts:
     """What the request has tried so far (for traces and errors)."""
 
+    tries: int = 0  # attempts made (the first one and every retry)
     retries: int = 0
+    last_node: str | None = None
     excluded: list[str] = attrs.field(factory=list)
     last_error: HerdError | None = None
     last_decision: RouteDecision | None = None
@@ -230,30 +232,40 @@ def maybe_prewarm(state: RouterState, choice: Choice) -> None:
 
 
 async def open_upstream(
-    state: RouterState, request: InferenceRequest, stack: contextlib.AsyncExitStack
+    state: RouterState,
+    request: InferenceRequest,
+    stack: contextlib.AsyncExitStack,
+    attempts: Attempts | None = None,
 ) -> Opened:
-    """Route ``request`` and open its upstream response; see the module docstring."""
-    attempts = Attempts()
+    """Route ``request`` and open its upstream response; see the module docstring.
+    ``attempts`` (optional) is filled in as it goes, so a caller can trace a failure."""
+    attempts = attempts if attempts is not None else Attempts()
     config = state.config
     deadline = trio.current_time() + config.queue_timeout
     if not models_known(state, request.models):
         await auto_pull(state, request.model)
     while True:
         for model in request.models:
-            while attempts.retries <= config.max_retries:
+            while attempts.tries <= config.max_retries:
                 choice = choose(state, request, model, attempts)
                 if choice is None:
                     break  # next model
+                if attempts.tries:
+                    attempts.retries += 1
+                    state.retries_total += 1
+                    log.info(
+                        "retrying %s on %s after: %s",
+                        model,
+                        choice.node_id,
+                        attempts.last_error.message if attempts.last_error else "",
+                    )
+                attempts.tries += 1
+                attempts.last_node = choice.node_id
                 try:
                     opened = await _attempt(state, request, choice, attempts, stack)
                 except NodeError as exc:
                     attempts.last_error = exc
                     attempts.excluded.append(choice.node_id)
-                    if attempts.retries >= config.max_retries:
-                        raise
-                    attempts.retries += 1
-                    state.retries_total += 1
-                    log.info("retrying %s elsewhere after %s", model, exc.message)
                     continue
                 if opened.fallback:
                     state.fallbacks_total += 1

@@ -24,7 +24,7 @@ import trio
 
 from herd.errors import HerdError, PayloadTooLarge, parse_json_body
 from herd.proxy import relay as relays
-from herd.proxy.dispatch import Opened, open_upstream
+from herd.proxy.dispatch import Attempts, Opened, open_upstream
 from herd.proxy.shaping import ROUTES, InferenceRequest, Route, shape
 from herd.router import traces
 from herd.router.state import RouterState
@@ -138,6 +138,7 @@ class ProxyASGI:
         route = ctx.route
         request: InferenceRequest | None = None
         opened: Opened | None = None
+        attempts = Attempts()
         result: relays.RelayResult | None = None
         status = traces.FAILED
         error: str | None = None
@@ -145,7 +146,7 @@ class ProxyASGI:
             request = shape(route, parse_json_body(raw), header(scope, b"x-herd-tags"))
             state.requests_total += 1
             async with contextlib.AsyncExitStack() as stack:
-                opened = await open_upstream(state, request, stack)
+                opened = await open_upstream(state, request, stack, attempts)
                 ctx.headers_sent = True
                 with trio.CancelScope() as work:
                     opened.lease.scope = work  # the zombie reaper cancels this
@@ -171,7 +172,7 @@ class ProxyASGI:
             raise
         finally:
             if request is not None:
-                self.record(ctx, request, opened, result, status, error)
+                self.record(ctx, request, opened, attempts, result, status, error)
 
     async def relay(
         self, ctx: RequestContext, opened: Opened, request: InferenceRequest, send: Send
@@ -190,13 +191,15 @@ class ProxyASGI:
         ctx: RequestContext,
         request: InferenceRequest,
         opened: Opened | None,
+        attempts: Attempts,
         result: relays.RelayResult | None,
         status: str,
         error: str | None,
     ) -> None:
         now = trio.current_time()
         latency_ms = (now - ctx.started) * 1000
-        winner = opened.decision.winner if opened is not None else None
+        decision = opened.decision if opened is not None else attempts.last_decision
+        winner = decision.winner if decision is not None else None
         if opened is not None and status == traces.COMPLETED:
             self.state.history.record(
                 opened.node_id,
@@ -209,7 +212,7 @@ class ProxyASGI:
                 request_id=ctx.request_id,
                 model=opened.model if opened is not None else request.model,
                 original_model=request.model,
-                node_id=opened.node_id if opened is not None else None,
+                node_id=opened.node_id if opened is not None else attempts.last_node,
                 score=winner.score if winner is not None else None,
                 scores_breakdown=dict(winner.breakdown) if winner is not None else {},
                 status=status,
@@ -219,9 +222,9 @@ class ProxyASGI:
                 ),
                 prompt_tokens=result.prompt_tokens if result is not None else None,
                 completion_tokens=result.completion_tokens if result is not None else None,
-                retry_count=opened.retries if opened is not None else 0,
+                retry_count=attempts.retries,
                 fallback_used=opened.fallback if opened is not None else False,
-                excluded_nodes=opened.excluded if opened is not None else (),
+                excluded_nodes=tuple(attempts.excluded),
                 original_format=request.route.flavor,
                 kind=request.route.kind,
                 error_message=error,
