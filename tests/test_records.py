@@ -94,7 +94,7 @@ async def get(client: httpx.AsyncClient, path: str) -> Any:
 
 
 async def test_traces_hold_every_request(seeded: Any) -> None:
-    _fleet, client, sent = seeded
+    fleet, client, sent = seeded
     traces = (await get(client, "/dashboard/api/traces?limit=100"))["traces"]
     assert len(traces) == 8
     statuses = sorted(t["status"] for t in traces)
@@ -114,6 +114,8 @@ async def test_traces_hold_every_request(seeded: Any) -> None:
     chat = next(t for t in traces if t["original_format"] == "openai")
     assert set(chat["scores_breakdown"]) == set(SIGNALS)
     assert chat["tags"] == ["app-b", "x"] and chat["node_id"] == "beta"
+    # Tags are herd's: the backend never sees them.
+    assert all("metadata" not in body for _, body in fleet.sims["beta"].requests)
     assert chat["time_to_first_token_ms"] is not None and chat["latency_ms"] > 0
     failed = next(t for t in traces if t["status"] == "failed")
     assert "500" in failed["error_message"] and failed["retry_count"] == 1

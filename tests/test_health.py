@@ -1,0 +1,105 @@
+"""Every health check, driven into its bad state and back (pure, no server)."""
+
+from __future__ import annotations
+
+from herd.health.checks import CRITICAL, INFO, OK, WARNING, HealthInput, evaluate, summary
+from herd.models import (
+    BackendInfo,
+    FleetSnapshot,
+    LoadedModel,
+    MemoryInfo,
+    MemoryPressure,
+    NodeReport,
+    NodeSnapshot,
+    NodeStatus,
+)
+
+GiB = 2**30
+
+
+def node(node_id: str, status: NodeStatus = NodeStatus.ONLINE, **report: object) -> NodeSnapshot:
+    report.setdefault("backend", BackendInfo(healthy=True, version="0.12.0"))
+    report.setdefault("agent_version", "0.1.0")
+    return NodeSnapshot(
+        report=NodeReport(node_id=node_id, **report),  # type: ignore[arg-type]
+        status=status,
+        last_seen=0.0,
+    )
+
+
+def run(
+    nodes: tuple[NodeSnapshot, ...],
+    figures: dict[str, object] | None = None,
+    events: dict[str, int] | None = None,
+    unloads: dict[tuple[str, str], int] | None = None,
+    host: str = "127.0.0.1",
+    token: bool = False,
+) -> dict[str, str]:
+    checks = evaluate(
+        HealthInput(
+            FleetSnapshot(nodes), figures or {}, events or {}, unloads or {}, host, token, 24
+        )
+    )
+    assert len(checks) == 17 and sum(summary(checks).values()) == 17
+    return {c.id: c.severity for c in checks}
+
+
+def test_a_healthy_quiet_fleet_is_all_ok() -> None:
+    assert set(run((node("a"), node("b"))).values()) == {OK}
+
+
+def test_every_check_fires() -> None:
+    nodes = (
+        node("gone", NodeStatus.OFFLINE),
+        node("late", NodeStatus.DEGRADED),
+        node("tight", memory=MemoryInfo(32 * GiB, GiB, MemoryPressure.CRITICAL)),
+        node(
+            "bloat",
+            parallel_slots=16,
+            loaded_models=(LoadedModel("big:latest", context_length=131072),),
+        ),
+        node("old", backend=BackendInfo(healthy=True, version="0.5.0"), agent_version="0.0.9"),
+        node("down", backend=BackendInfo(healthy=False, error="connection refused")),
+        node("idle"),
+    )
+    figures = {
+        "requests": 100,
+        "failed": 25,
+        "incomplete": 3,
+        "client_disconnected": 15,
+        "retries": 20,
+        "timeouts": 2,
+        "requests_per_node": {"tight": 50, "bloat": 50, "old": 1, "late": 1},
+    }
+    events = {"vram_fallbacks": 30, "context_passthrough": 2, "reaped": 1}
+    severity = run(nodes, figures, events, {("tight", "big:latest"): 4}, host="0.0.0.0")
+    assert severity == {
+        "offline_nodes": WARNING,
+        "degraded_nodes": WARNING,
+        "memory_pressure": CRITICAL,
+        "underutilized_nodes": INFO,
+        "vram_fallbacks": WARNING,
+        "kv_cache_bloat": WARNING,
+        "version_mismatch": WARNING,
+        "context_protection": WARNING,
+        "zombie_reaper": WARNING,
+        "model_thrashing": WARNING,
+        "request_timeouts": WARNING,
+        "error_rate": CRITICAL,
+        "retry_rate": WARNING,
+        "client_disconnects": WARNING,
+        "incomplete_streams": WARNING,
+        "backend_unreachable": CRITICAL,
+        "unauthenticated_router": WARNING,
+    }
+
+
+def test_every_node_offline_is_critical_and_a_token_quiets_exposure() -> None:
+    severity = run((node("a", NodeStatus.OFFLINE),), host="0.0.0.0", token=True)
+    assert severity["offline_nodes"] == CRITICAL
+    assert severity["unauthenticated_router"] == OK
+
+
+def test_rates_need_enough_traffic() -> None:
+    severity = run((node("a"),), {"requests": 3, "failed": 3})
+    assert severity["error_rate"] == OK
