@@ -86,7 +86,8 @@ async def running_fleet(
                     node_id=spec.name,
                     heartbeat_interval=config.heartbeat_interval,
                     parallel_slots=spec.parallel,
-                )
+                ),
+                system=sims[spec.name].system_reading,  # the simulated machine's memory
             )
             agents[spec.name] = agent
             await nursery.start(agent.run)

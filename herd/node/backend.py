@@ -1,4 +1,14 @@
-"""Reading the inference backend: version, loaded models, models on disk."""
+"""Reading the inference backend: version, loaded models, models on disk.
+
+:meth:`OllamaBackend.probe` asks Ollama three questions at once (``/api/version``, ``/api/ps``,
+``/api/tags``) under one deadline and turns the answers into our value types. It never raises
+(but for cancellation): a backend that is down, slow, or talks nonsense is reported as
+``healthy=False`` with a one-line reason naming the URL, and no models — the router then sends
+it nothing, which is exactly right for a node whose backend we can't read.
+
+The parsers are pure and lenient: Ollama adds fields between versions, so unknown keys are
+ignored and missing ones take their defaults; an entry without a name is skipped.
+"""
 
 from __future__ import annotations
 
@@ -14,32 +24,43 @@ from herd.models import AvailableModel, BackendInfo, LoadedModel
 PROBE_TIMEOUT = 3.0
 # Ollama reports "never expires" as a date far in the future; treat those as no expiry.
 FAR_FUTURE = dt.datetime(2200, 1, 1, tzinfo=dt.UTC).timestamp()
+ERROR_MAX_CHARS = 200
+PATHS = ("/api/version", "/api/ps", "/api/tags")
 
 
 @attrs.frozen
 class BackendState:
+    """What one probe learned: health and version, and the models (empty when unhealthy)."""
+
     info: BackendInfo
     loaded: tuple[LoadedModel, ...] = ()
     available: tuple[AvailableModel, ...] = ()
 
 
 def parse_time(value: Any) -> float | None:
-    """RFC 3339 (with nanoseconds, ``Z`` or an offset) → epoch seconds; None if absent/odd."""
+    """RFC 3339 (with nanoseconds, ``Z`` or an offset) → epoch seconds.
+
+    None when absent or unparsable, for Go's zero time (``0001-01-01...``) and for the
+    far-future dates Ollama uses for "keep loaded forever".
+    """
     if not isinstance(value, str) or not value or value.startswith("0001-"):
         return None
-    text = value.replace("Z", "+00:00")
-    if "." in text:  # trim fractional seconds beyond microseconds
+    text = value.strip().replace("Z", "+00:00").replace("z", "+00:00")
+    if "." in text:  # fromisoformat takes at most microseconds; Go sends nanoseconds
         head, _, rest = text.partition(".")
         digits = "".join(ch for ch in rest if ch.isdigit())
         tz = rest[len(digits) :]
-        text = f"{head}.{digits[:6]}{tz}"
+        text = f"{head}.{digits[:6]}{tz}" if digits else f"{head}{tz}"
     try:
         moment = dt.datetime.fromisoformat(text)
     except ValueError:
         return None
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=dt.UTC)
-    epoch = moment.timestamp()
+    try:
+        epoch = moment.timestamp()
+    except (OverflowError, OSError):  # year 9999 and friends on some platforms
+        return None
     return None if epoch >= FAR_FUTURE else epoch
 
 
@@ -47,69 +68,103 @@ def _int(value: Any) -> int:
     return int(value) if isinstance(value, int | float) and not isinstance(value, bool) else 0
 
 
-def parse_ps(data: Any) -> tuple[LoadedModel, ...]:
+def _str(value: Any) -> str:
+    return value if isinstance(value, str) else ""
+
+
+def _entries(data: Any) -> list[dict[str, Any]]:
     models = data.get("models") if isinstance(data, dict) else None
-    out = []
-    for entry in models if isinstance(models, list) else []:
-        if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
-            continue
-        out.append(
-            LoadedModel(
-                name=entry["name"],
-                size_bytes=_int(entry.get("size")),
-                vram_bytes=_int(entry.get("size_vram")),
-                context_length=_int(entry.get("context_length")),
-                expires_at=parse_time(entry.get("expires_at")),
-            )
+    if not isinstance(models, list):
+        return []
+    return [m for m in models if isinstance(m, dict) and isinstance(m.get("name"), str)]
+
+
+def parse_ps(data: Any) -> tuple[LoadedModel, ...]:
+    """Ollama ``/api/ps`` body → loaded models (names as the backend reports them)."""
+    return tuple(
+        LoadedModel(
+            name=entry["name"],
+            size_bytes=_int(entry.get("size")),
+            vram_bytes=_int(entry.get("size_vram")),
+            context_length=_int(entry.get("context_length")),  # absent before Ollama 0.6
+            expires_at=parse_time(entry.get("expires_at")),
         )
-    return tuple(out)
+        for entry in _entries(data)
+    )
 
 
 def parse_tags(data: Any) -> tuple[AvailableModel, ...]:
-    models = data.get("models") if isinstance(data, dict) else None
+    """Ollama ``/api/tags`` body → models on disk."""
     out = []
-    for entry in models if isinstance(models, list) else []:
-        if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
-            continue
+    for entry in _entries(data):
         raw_details = entry.get("details")
         details: dict[str, Any] = raw_details if isinstance(raw_details, dict) else {}
         out.append(
             AvailableModel(
                 name=entry["name"],
                 size_bytes=_int(entry.get("size")),
-                family=str(details.get("family") or ""),
-                parameter_size=str(details.get("parameter_size") or ""),
-                quantization=str(details.get("quantization_level") or ""),
-                modified_at=str(entry.get("modified_at") or ""),
-                digest=str(entry.get("digest") or ""),
+                family=_str(details.get("family")),
+                parameter_size=_str(details.get("parameter_size")),
+                quantization=_str(details.get("quantization_level")),
+                modified_at=_str(entry.get("modified_at")),
+                digest=_str(entry.get("digest")),
             )
         )
     return tuple(out)
 
 
+def _describe(url: str, exc: BaseException) -> str:
+    """One short line for ``BackendInfo.error``: which URL, what went wrong."""
+    if isinstance(exc, httpx.HTTPStatusError):
+        text = f"{exc.request.url}: HTTP {exc.response.status_code}"
+    elif isinstance(exc, httpx.RequestError):
+        detail = str(exc).splitlines()[0] if str(exc) else ""
+        text = f"{exc.request.url}: {type(exc).__name__}" + (f": {detail}" if detail else "")
+    else:
+        detail = str(exc).splitlines()[0] if str(exc) else ""
+        text = f"{url}: {type(exc).__name__}" + (f": {detail}" if detail else "")
+    return text[:ERROR_MAX_CHARS]
+
+
+def _strip_slash(url: str) -> str:
+    return url.rstrip("/")
+
+
 @attrs.define(eq=False)
 class OllamaBackend:
-    url: str
+    """An Ollama server read through a client the caller owns (and closes)."""
+
+    url: str = attrs.field(converter=_strip_slash)
     client: httpx.AsyncClient
+    # The whole probe's deadline; also each request's transport timeout.
+    timeout: float = PROBE_TIMEOUT
 
     async def probe(self) -> BackendState:
-        """Read version, ps and tags concurrently. Never raises (but for cancellation): a
-        backend that doesn't answer is reported unhealthy with the reason."""
+        """Read version, ps and tags concurrently, within ``timeout`` seconds.
+
+        Raises nothing but ``trio.Cancelled``: any failure is reported in the result as
+        ``healthy=False`` with the reason.
+        """
         results: dict[str, Any] = {}
+        request_timeout = httpx.Timeout(self.timeout)
 
         async def get(path: str) -> None:
-            response = await self.client.get(self.url + path, timeout=PROBE_TIMEOUT)
+            response = await self.client.get(self.url + path, timeout=request_timeout)
             response.raise_for_status()
             results[path] = response.json()
 
         error: str | None = None
         try:
-            async with trio.open_nursery() as nursery:
-                for path in ("/api/version", "/api/ps", "/api/tags"):
-                    nursery.start_soon(get, path)
-        except* (httpx.HTTPError, ValueError) as group:
-            first = group.exceptions[0]
-            error = f"{self.url}: {type(first).__name__}: {first}"[:300]
+            with trio.move_on_after(self.timeout) as deadline:
+                async with trio.open_nursery() as nursery:
+                    for path in PATHS:
+                        nursery.start_soon(get, path)
+        except* (httpx.HTTPError, httpx.InvalidURL, ValueError) as group:
+            # ValueError: a body that is not JSON. The first failure is the cause; the
+            # others were cancelled by it or are the same story.
+            error = _describe(self.url, group.exceptions[0])
+        if deadline.cancelled_caught:
+            error = f"{self.url}: no answer within {self.timeout:g} s"
         if error is not None:
             return BackendState(
                 info=BackendInfo(kind="ollama", url=self.url, healthy=False, error=error)
@@ -119,7 +174,7 @@ class OllamaBackend:
             info=BackendInfo(
                 kind="ollama",
                 url=self.url,
-                version=str(version.get("version", "")) if isinstance(version, dict) else "",
+                version=_str(version.get("version")) if isinstance(version, dict) else "",
                 healthy=True,
             ),
             loaded=parse_ps(results["/api/ps"]),

@@ -1,4 +1,15 @@
-"""This machine's CPU, memory and disk, read with psutil (cheap and synchronous)."""
+"""This machine's CPU, memory and disk, read with psutil (cheap and synchronous).
+
+Memory pressure is judged from the share of memory in use (psutil's ``percent``, which counts
+reclaimable cache as available):
+
+- ``critical`` at 95 % or more: loading another model would push the machine into swap, so the
+  router sends no cold loads here;
+- ``warn`` at 85 % or more: the router prefers other nodes for cold loads;
+- ``normal`` below.
+
+GPUs are not read yet: reports carry ``gpus=()``.
+"""
 
 from __future__ import annotations
 
@@ -6,8 +17,6 @@ import psutil
 
 from herd.models import CpuInfo, DiskInfo, MemoryInfo, MemoryPressure
 
-# Memory in use (percent) at which the node reports pressure. At "critical" the router stops
-# sending cold loads here: loading a model would push the machine into swap.
 PRESSURE_WARN_PERCENT = 85.0
 PRESSURE_CRITICAL_PERCENT = 95.0
 
@@ -21,6 +30,8 @@ def pressure_for(percent_used: float) -> MemoryPressure:
 
 
 def read_system(disk_path: str = "/") -> tuple[CpuInfo, MemoryInfo, DiskInfo]:
+    """CPU (cores, percent busy since the previous call), memory and the disk holding
+    ``disk_path`` (zeros if it can't be read). The first call's CPU percent is 0.0."""
     memory = psutil.virtual_memory()
     try:
         disk = psutil.disk_usage(disk_path)

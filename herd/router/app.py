@@ -18,6 +18,7 @@ from werkzeug.exceptions import HTTPException
 
 from herd import __version__
 from herd.dashboard.api import create_blueprint
+from herd.dashboard.pages import create_pages
 from herd.errors import BadRequest, HerdError, ModelNotFound, NotFound, parse_json_body
 from herd.models import NodeStatus, normalize_model_name
 from herd.proxy.shaping import flavor_for_path
@@ -65,6 +66,7 @@ def create_app(state: RouterState) -> QuartTrio:
         return error_response(herd_error, request.path)
 
     app.register_blueprint(create_blueprint(state))
+    app.register_blueprint(create_pages())
 
     @app.get("/")
     async def root() -> Response:
