@@ -239,6 +239,57 @@ OPTIONS: tuple[Option, ...] = (
         category="node",
     ),
     Option(
+        "drain_timeout",
+        "--drain-timeout",
+        "FLEET_NODE_DRAIN_TIMEOUT",
+        60.0,
+        _positive_float,
+        "seconds a stopping node waits for its requests to finish",
+        roles=("node",),
+        category="node",
+    ),
+    Option(
+        "advertise_host",
+        "--advertise-host",
+        "FLEET_NODE_ADVERTISE_HOST",
+        None,
+        str,
+        "address the router uses to reach this node's own port (default: the address this "
+        "machine uses to reach the router)",
+        roles=("node",),
+        category="node",
+    ),
+    Option(
+        "whisper_model",
+        "--whisper-model",
+        "FLEET_NODE_WHISPER_MODEL",
+        None,
+        str,
+        "faster-whisper model (a CTranslate2 model directory or size name) for speech-to-text",
+        roles=("node",),
+        category="multimodal",
+    ),
+    Option(
+        "asr_url",
+        "--asr-url",
+        "FLEET_NODE_ASR_URL",
+        None,
+        str,
+        "an OpenAI-compatible transcription server (e.g. Qwen3-ASR) on this machine",
+        roles=("node",),
+        category="multimodal",
+    ),
+    Option(
+        "image_timeout",
+        "--image-timeout",
+        "FLEET_NODE_IMAGE_TIMEOUT",
+        600.0,
+        _positive_float,
+        "seconds one image generation may take",
+        roles=("node",),
+        category="multimodal",
+    ),
+    Option(
         "learn_capacity",
         "--learn-capacity",
         "FLEET_NODE_ENABLE_CAPACITY_LEARNING",
@@ -357,6 +408,10 @@ class NodeConfig:
     parallel_slots: int = 4
     auth_token: str | None = None
     drain_timeout: float = 60.0
+    advertise_host: str | None = None
+    whisper_model: str | None = None
+    asr_url: str | None = None
+    image_timeout: float = 600.0
     learn_capacity: bool = False
     log_level: str = "INFO"
 

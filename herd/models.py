@@ -99,8 +99,10 @@ class GpuInfo:
 class Capabilities:
     text: bool = True
     embed_models: tuple[str, ...] = ()
-    image_backends: tuple[str, ...] = ()
-    stt_backends: tuple[str, ...] = ()
+    image_backends: tuple[str, ...] = ()  # "mflux", "diffusionkit", "ollama"
+    image_models: tuple[str, ...] = ()  # what those backends can generate with
+    stt_backends: tuple[str, ...] = ()  # "faster-whisper", "qwen3-asr"
+    stt_models: tuple[str, ...] = ()
 
 
 @attrs.frozen
@@ -121,6 +123,8 @@ class NodeReport:
     node_id: str
     host: str = ""
     agent_version: str = ""
+    # The node agent's own HTTP address (image generation, speech-to-text); "" if none.
+    agent_url: str = ""
     backend: BackendInfo = BackendInfo()
     cpu: CpuInfo = CpuInfo()
     memory: MemoryInfo = MemoryInfo()

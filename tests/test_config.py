@@ -88,3 +88,11 @@ def test_env_file_parsing(tmp_path: Path) -> None:
     path.write_text('A=1\n\n# x\nB="two words"\nnot a line\n')
     assert read_env_file(path) == {"A": "1", "B": "two words"}
     assert read_env_file(tmp_path / "missing") == {}
+
+
+def test_docs_name_no_option_that_does_not_exist() -> None:
+    import re
+
+    docs = (Path(__file__).parent.parent / "docs" / "configuration.md").read_text()
+    documented = set(re.findall(r"^\| `(--[a-z-]+)`", docs, flags=re.MULTILINE))
+    assert documented == {o.flag for o in OPTIONS}

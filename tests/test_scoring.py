@@ -112,7 +112,10 @@ def test_excluded_node_and_image_kind() -> None:
     assert decision.eliminated[0].reason == "failed earlier in this request"
     image = decide(
         node("a"),
-        node("b", capabilities=Capabilities(image_backends=("mflux",))),
+        node(
+            "b",
+            capabilities=Capabilities(image_backends=("mflux",), image_models=("z-image-turbo",)),
+        ),
         request=RouteRequest(model="z-image-turbo", kind="image"),
     )
     assert image.winner is not None and image.winner.node_id == "b"

@@ -1,40 +1,63 @@
 """The node agent: one persistent WebSocket to the router, heartbeats on it, commands back.
 
-Session (trio-websocket's heartbeat recipe): inside the connection's nursery run three loops,
-- heartbeats: probe the backend, build a :class:`NodeReport`, send it, sleep ``interval`` (woken
-  early by :meth:`NodeAgent.drain`);
-- pings: ``fail_after(ping_timeout): await ws.ping()`` then sleep, so a dead router tears the
-  session down instead of leaving the node talking to nobody;
-- receive: the router's messages (``ack``; ``command`` with ``drain``; others ignored).
-When any loop fails the session ends; the agent reconnects after a capped exponential backoff
-(``backoff_initial`` doubling to ``backoff_max``, with jitter; reset after a session that
-delivered a heartbeat). Losing the router never touches the backend: local inference goes on.
+Theory of operation
+-------------------
+:meth:`NodeAgent.run` loops forever: open a session, and when it ends (it only ends by failing),
+wait a backoff delay and open the next. A session is trio-websocket's heartbeat recipe: inside
+the connection's nursery run three loops,
 
-Protocol (JSON text messages):
+- heartbeats: probe the backend, build a :class:`NodeReport`, send it, then wait
+  ``heartbeat_interval`` — or less, when :meth:`NodeAgent.drain` or the router's ``heartbeat``
+  command sets the wake-up event;
+- pings: ``fail_after(ping_timeout): await ws.ping()`` then sleep ``heartbeat_interval``, so a
+  router that stopped answering tears the session down instead of leaving the node talking to
+  nobody;
+- receive: the router's messages, below.
+
+Any of them failing takes the others down with it. Backoff: ``backoff_initial`` doubling up to
+``backoff_max``, each wait stretched by up to ``backoff_jitter`` (drawn from the agent's own
+``random.Random``) so a fleet doesn't reconnect in lockstep after a router restart. The delay
+goes back to ``backoff_initial`` after a session in which the router acknowledged us (a router
+that accepts the socket and drops it at once is still backed off). Losing the router never
+touches the backend: local inference goes on.
+
+Protocol (JSON text messages on ``/fleet/ws``; ``Authorization: Bearer <token>`` on the
+handshake when a fleet token is set)::
+
     node → router  {"type": "heartbeat", "node": <NodeReport>}
-    router → node  {"type": "ack", "node_id": ..., "heartbeat_interval": ...}
+    router → node  {"type": "ack", "node_id": ..., "heartbeat_interval": ...}   after the first
                    {"type": "command", "command": "drain"}       start draining
                    {"type": "command", "command": "heartbeat"}   send a heartbeat now
                    {"type": "drained"}      (draining) nothing of ours is in flight any more
-                   {"type": "error", "message": ...}
+                   {"type": "error", "message": ...}              logged
+Anything else is logged and ignored, so a newer router can talk to an older node.
+
+trio-websocket notes: the agent opens (and always closes) the TCP stream itself and hands it to
+``wrap_client_stream``, because a rejected handshake leaves the library's own stream open; and
+the handshake runs under our own deadline, because a peer that closes the TCP connection
+before answering the handshake leaves ``wrap_client_stream`` waiting forever.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import random
 import socket
+import ssl
 import time
 import urllib.parse
 from collections.abc import Callable
 from importlib import metadata
+from typing import Any
 
 import attrs
 import httpx
 import trio
 from trio_websocket import (
     ConnectionClosed,
+    ConnectionRejected,
     HandshakeError,
     WebSocketConnection,
     wrap_client_stream,
@@ -50,6 +73,8 @@ from herd.models import (
     NodeReport,
 )
 from herd.node.backend import BackendState, OllamaBackend
+from herd.node.media import MediaCapabilities, whisper_model_path
+from herd.node.media import detect as media_capabilities
 from herd.node.metrics import read_system
 from herd.wire import report_to_json
 
@@ -57,6 +82,16 @@ log = logging.getLogger("herd.node")
 
 SystemReader = Callable[[], tuple[CpuInfo, MemoryInfo, DiskInfo]]
 EMBED_FAMILIES = ("bert", "nomic-bert", "xlm-roberta")
+FLEET_PATH = "/fleet/ws"
+ERROR_MAX_CHARS = 300
+# What ends a session and is answered by reconnecting. Anything else is a bug and propagates.
+SESSION_ERRORS: tuple[type[Exception], ...] = (
+    ConnectionClosed,  # the router closed the socket, or the TCP connection broke
+    HandshakeError,  # the router refused the WebSocket handshake (e.g. wrong fleet token)
+    OSError,  # refused, unreachable, DNS; our own timeouts are raised as TimeoutError
+    trio.BrokenResourceError,  # TLS failures surface as this
+    trio.TooSlowError,
+)
 
 
 def _version() -> str:
@@ -67,26 +102,70 @@ def _version() -> str:
 
 
 @attrs.frozen
+class RouterEndpoint:
+    """Where the fleet socket is, parsed once from ``router_url``."""
+
+    host: str
+    port: int
+    tls: bool
+    resource: str  # the path, e.g. "/fleet/ws"
+
+    @classmethod
+    def from_url(cls, url: str) -> RouterEndpoint:
+        """Parse ``http(s)://host[:port][/prefix]`` (or ``ws(s)://``). Raises ValueError."""
+        parts = urllib.parse.urlsplit(url.strip())
+        if parts.scheme not in ("http", "https", "ws", "wss"):
+            raise ValueError(f"router URL must start with http:// or https://, got {url!r}")
+        if not parts.hostname:
+            raise ValueError(f"router URL has no host: {url!r}")
+        tls = parts.scheme in ("https", "wss")
+        try:
+            port = parts.port or (443 if tls else 80)
+        except ValueError:
+            raise ValueError(f"router URL has a bad port: {url!r}") from None
+        return cls(parts.hostname, port, tls, parts.path.rstrip("/") + FLEET_PATH)
+
+    @property
+    def host_header(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return host if self.port == (443 if self.tls else 80) else f"{host}:{self.port}"
+
+    @property
+    def url(self) -> str:
+        return f"{'wss' if self.tls else 'ws'}://{self.host_header}{self.resource}"
+
+
+@attrs.frozen
 class AgentConfig:
-    router_url: str
+    router_url: str  # http://host:port of the router; the socket is ws://host:port/fleet/ws
     ollama_url: str = "http://localhost:11434"
     node_id: str = attrs.field(factory=socket.gethostname)
-    advertise_url: str | None = None
+    advertise_url: str | None = None  # backend URL the router should use; default ollama_url
     heartbeat_interval: float = 5.0
     ping_timeout: float = 10.0
+    connect_timeout: float = 10.0  # TCP connect + WebSocket handshake
     backoff_initial: float = 0.5
     backoff_max: float = 30.0
     backoff_jitter: float = 0.1  # up to this share is added to each delay, so nodes spread out
-    parallel_slots: int = 4
-    auth_token: str | None = None
+    parallel_slots: int = 4  # advertised concurrency limit
+    auth_token: str | None = None  # sent as "Authorization: Bearer <token>" on the handshake
     agent_version: str = attrs.field(factory=_version)
+    # The node's own HTTP app (image generation, speech-to-text), if it serves one; media
+    # capabilities are only advertised when it does.
+    agent_url: str = ""
+    whisper_model: str | None = None
+    asr_url: str | None = None
+
+    def __attrs_post_init__(self) -> None:
+        RouterEndpoint.from_url(self.router_url)  # fail at construction, naming the bad URL
+
+    @property
+    def endpoint(self) -> RouterEndpoint:
+        return RouterEndpoint.from_url(self.router_url)
 
     @property
     def ws_url(self) -> str:
-        base = self.router_url.rstrip("/")
-        if base.startswith("https://"):
-            return "wss://" + base[len("https://") :] + "/fleet/ws"
-        return "ws://" + base.removeprefix("http://") + "/fleet/ws"
+        return self.endpoint.url
 
 
 @attrs.frozen
@@ -95,32 +174,51 @@ class AgentStatistics:
     heartbeats_sent: int
     reconnects: int
     last_error: str | None
+    draining: bool
 
 
 def is_embedding_model(model: AvailableModel) -> bool:
     return model.family in EMBED_FAMILIES or "embed" in model.name
 
 
+def describe_error(exc: BaseException) -> str:
+    """One line for ``last_error`` and the log. Never includes our request headers."""
+    if isinstance(exc, ConnectionRejected):
+        text = f"router refused the connection: HTTP {exc.status_code}"
+    elif isinstance(exc, ConnectionClosed):
+        reason = exc.reason
+        text = "router connection closed"
+        if reason is not None:
+            text += f" (code {reason.code}" + (f": {reason.reason})" if reason.reason else ")")
+    else:
+        detail = str(exc).splitlines()[0] if str(exc) else ""
+        text = type(exc).__name__ + (f": {detail}" if detail else "")
+    return text[:ERROR_MAX_CHARS]
+
+
+@attrs.define(eq=False)
 class NodeAgent:
-    def __init__(
-        self,
-        config: AgentConfig,
-        backend: OllamaBackend | None = None,
-        system: SystemReader | None = None,
-    ) -> None:
-        self.config = config
-        self.backend = backend
-        self.system: SystemReader = system or read_system
-        self.draining = False
-        self.last_report: NodeReport | None = None
-        self.connected = False
-        self.heartbeats_sent = 0
-        self.reconnects = 0
-        self.last_error: str | None = None
-        self._wake = trio.Event()
-        self._rng = random.Random()
-        # Set when the router says this draining node has no requests left in flight.
-        self.drained = trio.Event()
+    """Heartbeats for one backend to one router, until cancelled. See the module docstring."""
+
+    config: AgentConfig
+    backend: OllamaBackend | None = None  # default: Ollama at config.ollama_url, own client
+    system: SystemReader = read_system
+    rng: random.Random = attrs.field(factory=random.Random)  # backoff jitter
+
+    draining: bool = attrs.field(default=False, init=False)
+    last_report: NodeReport | None = attrs.field(default=None, init=False)
+    # True from the first heartbeat sent on a socket until that socket is gone.
+    connected: bool = attrs.field(default=False, init=False)
+    heartbeats_sent: int = attrs.field(default=0, init=False)
+    reconnects: int = attrs.field(default=0, init=False)
+    last_error: str | None = attrs.field(default=None, init=False)
+    # Set when the router says this draining node has no requests left in flight.
+    drained: trio.Event = attrs.field(factory=trio.Event, init=False)
+    _wake: trio.Event = attrs.field(factory=trio.Event, init=False)
+    _up: trio.Event = attrs.field(factory=trio.Event, init=False)
+    _acked: bool = attrs.field(default=False, init=False)
+    # What this machine can do beyond text, as of the last heartbeat.
+    media: MediaCapabilities = attrs.field(factory=MediaCapabilities, init=False)
 
     def statistics(self) -> AgentStatistics:
         return AgentStatistics(
@@ -128,10 +226,26 @@ class NodeAgent:
             heartbeats_sent=self.heartbeats_sent,
             reconnects=self.reconnects,
             last_error=self.last_error,
+            draining=self.draining,
         )
 
+    async def wait_connected(self) -> None:
+        """Return once the agent has a socket and has sent a heartbeat on it."""
+        while not self.connected:
+            await self._up.wait()
+
     def build_report(self, state: BackendState, now_wall: float) -> NodeReport:
+        """Assemble one heartbeat: this machine's metrics, the backend's state, our flags.
+        ``now_wall`` is wall-clock epoch seconds (it crosses machines)."""
         cpu, memory, disk = self.system()
+        media = (
+            media_capabilities(
+                state.available, whisper_model_path(self.config.whisper_model), self.config.asr_url
+            )
+            if self.config.agent_url
+            else MediaCapabilities()
+        )
+        self.media = media
         backend = state.info
         if self.config.advertise_url:
             backend = attrs.evolve(backend, url=self.config.advertise_url)
@@ -139,10 +253,12 @@ class NodeAgent:
             node_id=self.config.node_id,
             host=socket.gethostname(),
             agent_version=self.config.agent_version,
+            agent_url=self.config.agent_url,
             backend=backend,
             cpu=cpu,
             memory=memory,
             disk=disk,
+            gpus=(),
             loaded_models=state.loaded,
             available_models=state.available,
             in_flight=0,
@@ -150,6 +266,10 @@ class NodeAgent:
             capabilities=Capabilities(
                 text=True,
                 embed_models=tuple(m.name for m in state.available if is_embedding_model(m)),
+                image_backends=media.image_backends,
+                image_models=media.image_models,
+                stt_backends=media.stt_backends,
+                stt_models=media.stt_models,
             ),
             capacity=Capacity(),
             draining=self.draining,
@@ -157,103 +277,146 @@ class NodeAgent:
         )
 
     async def drain(self) -> None:
-        """Announce draining now (and in every heartbeat after)."""
+        """Announce draining: at once if connected (the heartbeat loop wakes up), and in
+        every heartbeat after, across reconnects."""
+        self._start_draining()
+
+    def _start_draining(self) -> None:
         self.draining = True
         self._wake.set()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Connect, heartbeat, reconnect — until cancelled. Started at once: the agent keeps
-        trying whether or not the router is there yet."""
+        """Connect, heartbeat, reconnect — until cancelled.
+
+        Reports started at once, before any connection: the agent keeps trying whether or
+        not the router is up yet. Use :meth:`wait_connected` to wait for the router.
+        """
         task_status.started()
-        delay = self.config.backoff_initial
-        async with httpx.AsyncClient(trust_env=False) as client:
-            backend = self.backend or OllamaBackend(self.config.ollama_url.rstrip("/"), client)
+        async with contextlib.AsyncExitStack() as stack:
+            backend = self.backend
+            if backend is None:
+                client = await stack.enter_async_context(httpx.AsyncClient(trust_env=False))
+                backend = OllamaBackend(self.config.ollama_url, client)
+            delay = self.config.backoff_initial
             while True:
-                before = self.heartbeats_sent
+                self._acked = False
                 try:
                     await self._session(backend)
-                except* (
-                    ConnectionClosed,
-                    HandshakeError,
-                    OSError,
-                    trio.TooSlowError,
-                    trio.BrokenResourceError,
-                    ValueError,
-                ) as group:
-                    first = group.exceptions[0]
-                    self.last_error = f"{type(first).__name__}: {first}"[:300]
+                except* SESSION_ERRORS as group:
+                    self.last_error = describe_error(group.exceptions[0])
                 finally:
-                    self.connected = False
-                if self.heartbeats_sent > before:
+                    self._disconnected()
+                if self._acked:
                     delay = self.config.backoff_initial
-                log.info("router connection lost (%s); retrying in %.1f s", self.last_error, delay)
-                await trio.sleep(delay * (1 + self.config.backoff_jitter * self._rng.random()))
+                wait = delay * (1 + self.config.backoff_jitter * self.rng.random())
+                log.info("router connection lost (%s); retrying in %.1f s", self.last_error, wait)
+                await trio.sleep(wait)
                 delay = min(self.config.backoff_max, delay * 2)
                 self.reconnects += 1
 
+    def _disconnected(self) -> None:
+        if self.connected:
+            self.connected = False
+            self._up = trio.Event()
+
+    async def _open_stream(
+        self, endpoint: RouterEndpoint
+    ) -> trio.SocketStream | trio.SSLStream[trio.SocketStream]:
+        if endpoint.tls:
+            return await trio.open_ssl_over_tcp_stream(
+                endpoint.host,
+                endpoint.port,
+                ssl_context=ssl.create_default_context(),
+                https_compatible=True,
+            )
+        return await trio.open_tcp_stream(endpoint.host, endpoint.port)
+
     async def _session(self, backend: OllamaBackend) -> None:
+        endpoint = self.config.endpoint
         headers: list[tuple[bytes, bytes]] = []
         if self.config.auth_token:
             headers.append((b"authorization", f"Bearer {self.config.auth_token}".encode()))
-        target = urllib.parse.urlsplit(self.config.router_url)
-        host, port = target.hostname or "127.0.0.1", target.port or 80
-        # We own the TCP stream (rather than open_websocket_url) so that it is closed on every
-        # path: trio-websocket leaves it open when the router rejects the handshake.
-        with trio.fail_after(10):
-            stream = await trio.open_tcp_stream(host, port)
+        too_slow = f"no handshake from {endpoint.url} within {self.config.connect_timeout:g} s"
+        deadline = trio.current_time() + self.config.connect_timeout
+        try:
+            with trio.fail_at(deadline):
+                stream = await self._open_stream(endpoint)
+        except trio.TooSlowError:
+            raise TimeoutError(too_slow) from None
         try:
             async with trio.open_nursery() as nursery:
-                with trio.fail_after(10):
-                    ws = await wrap_client_stream(
-                        nursery, stream, f"{host}:{port}", "/fleet/ws", extra_headers=headers
-                    )
-                self.connected = True
-                log.info(
-                    "connected to router %s as %s", self.config.router_url, self.config.node_id
-                )
+                try:
+                    with trio.fail_at(deadline):
+                        ws = await wrap_client_stream(
+                            nursery,
+                            stream,
+                            endpoint.host_header,
+                            endpoint.resource,
+                            extra_headers=headers,
+                        )
+                except trio.TooSlowError:
+                    raise TimeoutError(too_slow) from None
+                log.info("connected to router %s as %s", endpoint.url, self.config.node_id)
                 # The loops end only by failing (or cancellation), which takes the reader
                 # task down too; closing the stream below is the goodbye the router sees.
                 nursery.start_soon(self._heartbeats, ws, backend)
                 nursery.start_soon(self._pings, ws)
                 nursery.start_soon(self._receive, ws)
         finally:
-            with trio.CancelScope(shield=True):
+            with trio.CancelScope(shield=True), trio.move_on_after(1):
                 await stream.aclose()
 
     async def _heartbeats(self, ws: WebSocketConnection, backend: OllamaBackend) -> None:
         while True:
+            # A wake-up asked for before this point is answered by the report we now build.
+            self._wake = trio.Event()
             state = await backend.probe()
             report = self.build_report(state, time.time())
             self.last_report = report
             await ws.send_message(report_to_json(report))
             self.heartbeats_sent += 1
+            if not self.connected:
+                self.connected = True
+                self._up.set()
             with trio.move_on_after(self.config.heartbeat_interval):
                 await self._wake.wait()
-            self._wake = trio.Event()
 
     async def _pings(self, ws: WebSocketConnection) -> None:
         while True:
-            with trio.fail_after(self.config.ping_timeout):
-                await ws.ping()
+            try:
+                with trio.fail_after(self.config.ping_timeout):
+                    await ws.ping()
+            except trio.TooSlowError:
+                raise TimeoutError(
+                    f"router did not answer a ping within {self.config.ping_timeout:g} s"
+                ) from None
             await trio.sleep(self.config.heartbeat_interval)
 
     async def _receive(self, ws: WebSocketConnection) -> None:
         while True:
-            raw = await ws.get_message()
-            try:
-                message = json.loads(raw)
-            except ValueError:
-                log.warning("router sent a message that is not JSON")
-                continue
-            kind = message.get("type") if isinstance(message, dict) else None
-            command = message.get("command") if kind == "command" else None
+            self._handle(await ws.get_message())
+
+    def _handle(self, raw: str | bytes) -> None:
+        try:
+            message: Any = json.loads(raw)
+        except ValueError:
+            log.warning("router sent a message that is not JSON; ignored")
+            return
+        kind = message.get("type") if isinstance(message, dict) else None
+        if kind == "ack":
+            self._acked = True
+        elif kind == "command":
+            command = message.get("command")
             if command == "drain":
-                await self.drain()
+                log.info("router asked this node to drain")
+                self._start_draining()
             elif command == "heartbeat":
                 self._wake.set()  # the router wants fresh news (after a pull, a delete)
-            elif kind == "drained":
-                self.drained.set()
-            elif kind == "error":
-                log.warning("router: %s", message.get("message"))
-            elif kind != "ack":
-                log.debug("ignoring router message of type %r", kind)
+            else:
+                log.warning("ignoring unknown router command %r", command)
+        elif kind == "drained":
+            self.drained.set()
+        elif kind == "error":
+            log.warning("router: %s", message.get("message"))
+        else:
+            log.debug("ignoring router message of type %r", kind)

@@ -13,6 +13,7 @@ ignored and missing ones take their defaults; an entry without a name is skipped
 from __future__ import annotations
 
 import datetime as dt
+import itertools
 from typing import Any
 
 import attrs
@@ -48,7 +49,7 @@ def parse_time(value: Any) -> float | None:
     text = value.strip().replace("Z", "+00:00").replace("z", "+00:00")
     if "." in text:  # fromisoformat takes at most microseconds; Go sends nanoseconds
         head, _, rest = text.partition(".")
-        digits = "".join(ch for ch in rest if ch.isdigit())
+        digits = "".join(itertools.takewhile(str.isdigit, rest))
         tz = rest[len(digits) :]
         text = f"{head}.{digits[:6]}{tz}" if digits else f"{head}{tz}"
     try:
@@ -113,16 +114,20 @@ def parse_tags(data: Any) -> tuple[AvailableModel, ...]:
     return tuple(out)
 
 
+class _NotJSON(Exception):
+    """A backend answer that isn't JSON (only ever caught inside :meth:`OllamaBackend.probe`)."""
+
+
 def _describe(url: str, exc: BaseException) -> str:
     """One short line for ``BackendInfo.error``: which URL, what went wrong."""
     if isinstance(exc, httpx.HTTPStatusError):
         text = f"{exc.request.url}: HTTP {exc.response.status_code}"
-    elif isinstance(exc, httpx.RequestError):
-        detail = str(exc).splitlines()[0] if str(exc) else ""
-        text = f"{exc.request.url}: {type(exc).__name__}" + (f": {detail}" if detail else "")
+    elif isinstance(exc, _NotJSON):
+        text = str(exc)
     else:
+        where = exc.request.url if isinstance(exc, httpx.RequestError) else url
         detail = str(exc).splitlines()[0] if str(exc) else ""
-        text = f"{url}: {type(exc).__name__}" + (f": {detail}" if detail else "")
+        text = f"{where}: {type(exc).__name__}" + (f": {detail}" if detail else "")
     return text[:ERROR_MAX_CHARS]
 
 
@@ -151,7 +156,10 @@ class OllamaBackend:
         async def get(path: str) -> None:
             response = await self.client.get(self.url + path, timeout=request_timeout)
             response.raise_for_status()
-            results[path] = response.json()
+            try:
+                results[path] = response.json()
+            except ValueError as exc:
+                raise _NotJSON(f"{self.url}{path}: answer is not JSON ({exc})") from exc
 
         error: str | None = None
         try:
@@ -159,9 +167,9 @@ class OllamaBackend:
                 async with trio.open_nursery() as nursery:
                     for path in PATHS:
                         nursery.start_soon(get, path)
-        except* (httpx.HTTPError, httpx.InvalidURL, ValueError) as group:
-            # ValueError: a body that is not JSON. The first failure is the cause; the
-            # others were cancelled by it or are the same story.
+        except* (httpx.HTTPError, httpx.InvalidURL, _NotJSON) as group:
+            # The first failure is the cause; the others were cancelled by it or are the
+            # same story.
             error = _describe(self.url, group.exceptions[0])
         if deadline.cancelled_caught:
             error = f"{self.url}: no answer within {self.timeout:g} s"

@@ -1,5 +1,9 @@
 """The node as a service: the heartbeat agent plus the node's own small HTTP app.
 
+The app serves what the router asks of the node itself (not of its Ollama): its status, image
+generation and speech-to-text. Its address is advertised in every heartbeat (``agent_url``);
+when a fleet token is set, these endpoints require it.
+
 Embeddable like the router::
 
     async with trio.open_nursery() as nursery:
@@ -8,17 +12,23 @@ Embeddable like the router::
 
 from __future__ import annotations
 
+import hmac
 import json
 import logging
 import socket
+import urllib.parse
+from typing import Any
 
 import attrs
+import httpx
 import trio
-from quart import Response
+from quart import Response, request
 from quart_trio import QuartTrio
 
 from herd.config import NodeConfig
+from herd.errors import BadRequest, HerdError, NodeError, Unauthorized, parse_json_body
 from herd.node.agent import AgentConfig, NodeAgent
+from herd.node.media import ImageRequest, Transcriber, generate_image, whisper_model_path
 from herd.server import serve_app
 from herd.wire import unstructure
 
@@ -29,7 +39,7 @@ class NodeConfigError(ValueError):
     """The node can't start with this configuration; the message says what to change."""
 
 
-def agent_config(config: NodeConfig) -> AgentConfig:
+def agent_config(config: NodeConfig, agent_url: str = "") -> AgentConfig:
     if not config.router_url:
         raise NodeConfigError(
             "no router URL: pass --router-url http://ROUTER-HOST:11435 "
@@ -39,21 +49,61 @@ def agent_config(config: NodeConfig) -> AgentConfig:
         raise NodeConfigError(
             f"backend {config.backend!r} is not supported by this version; use --backend ollama"
         )
-    return AgentConfig(
-        router_url=config.router_url.rstrip("/"),
-        ollama_url=config.ollama_url.rstrip("/"),
-        node_id=config.node_id or socket.gethostname(),
-        heartbeat_interval=config.heartbeat_interval,
-        # Reconnect at least once per heartbeat interval: after a router restart the fleet is
-        # whole again within two intervals.
-        backoff_max=config.heartbeat_interval,
-        parallel_slots=config.parallel_slots or 4,
-        auth_token=config.auth_token,
-    )
+    try:
+        return AgentConfig(
+            router_url=config.router_url.rstrip("/"),
+            ollama_url=config.ollama_url.rstrip("/"),
+            node_id=config.node_id or socket.gethostname(),
+            heartbeat_interval=config.heartbeat_interval,
+            # Reconnect at least once per heartbeat interval: after a router restart the fleet
+            # is whole again within two intervals.
+            backoff_max=config.heartbeat_interval,
+            parallel_slots=config.parallel_slots or 4,
+            auth_token=config.auth_token,
+            agent_url=agent_url,
+            whisper_model=config.whisper_model,
+            asr_url=config.asr_url,
+        )
+    except ValueError as exc:
+        raise NodeConfigError(str(exc)) from exc
 
 
-def create_node_app(agent: NodeAgent) -> QuartTrio:
+def advertised_url(bound: str, config: NodeConfig) -> str:
+    """The URL the router should use for this node's app: the configured host, else the bound
+    one, else (bound to every interface) the address this machine uses to reach the router."""
+    port = bound.rsplit(":", 1)[1]
+    host = config.advertise_host
+    if not host and config.host not in ("0.0.0.0", "::", ""):
+        host = config.host
+    if not host:
+        target = urllib.parse.urlsplit(config.router_url or "http://127.0.0.1")
+        try:
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+                probe.connect((target.hostname or "127.0.0.1", target.port or 80))  # no packet
+                host = probe.getsockname()[0]
+        except OSError:
+            host = "127.0.0.1"
+    return f"http://{host}:{port}"
+
+
+def create_node_app(node: Node, client: httpx.AsyncClient) -> QuartTrio:
     app = QuartTrio("herd-node")
+    config = node.config
+    app.config["MAX_CONTENT_LENGTH"] = 64 * 2**20
+
+    @app.errorhandler(HerdError)
+    async def on_error(error: HerdError) -> Response:
+        return Response(
+            error.render("ollama"), status=error.status, content_type="application/json"
+        )
+
+    def check_token() -> None:
+        if not config.auth_token:
+            return
+        presented = request.headers.get("Authorization", "")
+        expected = f"Bearer {config.auth_token}"
+        if not hmac.compare_digest(presented.encode(), expected.encode()):
+            raise Unauthorized("this node's endpoints need the fleet token")
 
     @app.get("/")
     async def root() -> Response:
@@ -61,6 +111,8 @@ def create_node_app(agent: NodeAgent) -> QuartTrio:
 
     @app.get("/node/status")
     async def status() -> Response:
+        agent = node.agent
+        assert agent is not None
         report = agent.last_report
         stats = agent.statistics()
         body = {
@@ -72,7 +124,68 @@ def create_node_app(agent: NodeAgent) -> QuartTrio:
         }
         return Response(json.dumps(body), content_type="application/json")
 
+    @app.post("/node/image")
+    async def image() -> Response:
+        check_token()
+        data = await request.get_data(as_text=False)
+        job = ImageRequest.from_body(
+            parse_json_body(data if isinstance(data, bytes) else data.encode())
+        )
+        assert node.agent is not None
+        try:
+            png = await generate_image(
+                job, node.agent.media, config.ollama_url.rstrip("/"), client, config.image_timeout
+            )
+        except NodeError as exc:
+            return Response(
+                json.dumps({"error": exc.message}), status=502, content_type="application/json"
+            )
+        return Response(png, content_type="image/png")
+
+    @app.post("/node/transcribe")
+    async def transcribe() -> Response:
+        check_token()
+        form = await request.form
+        files = await request.files
+        upload = files.get("file") or files.get("audio")
+        if upload is None:
+            raise BadRequest("multipart field 'file' is required", param="file")
+        audio = upload.read()
+        language = form.get("language") or None
+        if form.get("model") == "qwen3-asr" and config.asr_url:
+            result = await forward_asr(client, config.asr_url, audio, upload.filename, language)
+        else:
+            transcriber = node.transcriber()
+            if transcriber is None:
+                raise BadRequest("no speech-to-text model on this node (--whisper-model)")
+            result = await transcriber.transcribe(audio, language)
+        return Response(json.dumps(result), content_type="application/json")
+
     return app
+
+
+async def forward_asr(
+    client: httpx.AsyncClient, url: str, audio: bytes, filename: str | None, language: str | None
+) -> dict[str, Any]:
+    """An OpenAI-compatible transcription server (e.g. Qwen3-ASR behind vLLM)."""
+    data = {"model": "qwen3-asr", "response_format": "verbose_json"}
+    if language:
+        data["language"] = language
+    response = await client.post(
+        url.rstrip("/") + "/v1/audio/transcriptions",
+        data=data,
+        files={"file": (filename or "audio", audio)},
+        timeout=None,
+    )
+    if response.status_code >= 400:
+        raise BadRequest(f"ASR server answered {response.status_code}: {response.text[:200]}")
+    result = response.json()
+    return {
+        "text": result.get("text", ""),
+        "segments": result.get("segments", []),
+        "language": result.get("language", language or ""),
+        "duration": result.get("duration"),
+    }
 
 
 @attrs.define(eq=False)
@@ -81,6 +194,15 @@ class Node:
     serve_http: bool = True
     agent: NodeAgent | None = None
     url: str | None = None
+    _transcriber: Transcriber | None = None
+
+    def transcriber(self) -> Transcriber | None:
+        if self._transcriber is None:
+            path = whisper_model_path(self.config.whisper_model)
+            if path is None:
+                return None
+            self._transcriber = Transcriber(path)
+        return self._transcriber
 
     async def drain(self) -> bool:
         """Stop taking work: announce draining and wait (up to ``drain_timeout``) until the
@@ -101,12 +223,15 @@ class Node:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Run until cancelled. Started once the node's HTTP app (if any) is listening and the
         agent is running (it connects, and reconnects, on its own)."""
-        self.agent = NodeAgent(agent_config(self.config))
-        async with trio.open_nursery() as nursery:
+        agent_config(self.config)  # fail early, naming the problem
+        async with httpx.AsyncClient(trust_env=False) as client, trio.open_nursery() as nursery:
+            agent_url = ""
             if self.serve_http:
                 self.url = await nursery.start(
-                    serve_app, create_node_app(self.agent), self.config.host, self.config.port
+                    serve_app, create_node_app(self, client), self.config.host, self.config.port
                 )
-                log.info("node listening on %s", self.url)
+                agent_url = advertised_url(self.url, self.config)
+                log.info("node listening on %s (advertised as %s)", self.url, agent_url)
+            self.agent = NodeAgent(agent_config(self.config, agent_url))
             await nursery.start(self.agent.run)
             task_status.started()

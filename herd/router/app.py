@@ -21,6 +21,7 @@ from herd.dashboard.api import create_blueprint
 from herd.dashboard.pages import create_pages
 from herd.errors import BadRequest, HerdError, ModelNotFound, NotFound, parse_json_body
 from herd.models import NodeStatus, normalize_model_name
+from herd.proxy.media import create_media_blueprint
 from herd.proxy.shaping import flavor_for_path
 from herd.router import model_admin, views
 from herd.router.fleet_socket import serve_fleet_socket
@@ -67,6 +68,7 @@ def create_app(state: RouterState) -> QuartTrio:
 
     app.register_blueprint(create_blueprint(state))
     app.register_blueprint(create_pages())
+    app.register_blueprint(create_media_blueprint(state))
 
     @app.get("/")
     async def root() -> Response:

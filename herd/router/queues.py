@@ -19,7 +19,11 @@ from collections.abc import Callable, Iterator
 import attrs
 import trio
 
-from herd.models import KIND_TEXT, ModelLoad
+from herd.models import KIND_IMAGE, KIND_STT, KIND_TEXT, ModelLoad
+
+# Per-node limits of the queue classes that don't share the LLM's parallel slots: one image at
+# a time (it takes the GPU whole), two transcriptions (CPU-bound).
+OWN_LIMITS = {KIND_IMAGE: 1, KIND_STT: 2}
 
 
 @attrs.define
@@ -88,7 +92,7 @@ class Lease:
 
     async def __aenter__(self) -> Lease:
         counters = self.book.counters(self.node_id, self.model, self.kind)
-        limiter = self.book.limiter(self.node_id)
+        limiter = self.book.limiter(self.node_id, self.kind)
         counters.pending += 1
         try:
             await limiter.acquire_on_behalf_of(self._token)
@@ -121,7 +125,7 @@ class Lease:
             counters.done += 1
         elif self._outcome == "failed":
             counters.failed += 1
-        self.book.limiter(self.node_id).release_on_behalf_of(self._token)
+        self.book.limiter(self.node_id, self.kind).release_on_behalf_of(self._token)
         self.book.notify()
 
 
@@ -131,7 +135,7 @@ class QueueBook:
     # Called whenever a slot is released (the router wakes waiting requests with it).
     on_release: Callable[[], None] | None = None
     _queues: dict[tuple[str, str], QueueCounters] = attrs.field(factory=dict)
-    _limiters: dict[str, trio.CapacityLimiter] = attrs.field(factory=dict)
+    _limiters: dict[tuple[str, str], trio.CapacityLimiter] = attrs.field(factory=dict)
     _freed: trio.Event = attrs.field(factory=trio.Event)
     active: set[Lease] = attrs.field(factory=set)
 
@@ -142,14 +146,19 @@ class QueueBook:
             counters = self._queues[key] = QueueCounters(kind=kind)
         return counters
 
-    def limiter(self, node_id: str) -> trio.CapacityLimiter:
-        limiter = self._limiters.get(node_id)
+    def limiter(self, node_id: str, kind: str = KIND_TEXT) -> trio.CapacityLimiter:
+        """The node's limiter for ``kind``: chat and embeddings share the backend's parallel
+        slots; image generation and speech-to-text have their own (small) limits."""
+        key = (node_id, kind if kind in OWN_LIMITS else KIND_TEXT)
+        limiter = self._limiters.get(key)
         if limiter is None:
-            limiter = self._limiters[node_id] = trio.CapacityLimiter(self.default_limit)
+            limiter = self._limiters[key] = trio.CapacityLimiter(
+                OWN_LIMITS.get(kind, self.default_limit)
+            )
         return limiter
 
     def set_limit(self, node_id: str, slots: int) -> None:
-        """Apply a node's advertised parallel slots (at least 1)."""
+        """Apply a node's advertised parallel slots (at least 1) to its text/embed limiter."""
         limiter = self.limiter(node_id)
         slots = max(1, slots)
         if limiter.total_tokens != slots:

@@ -174,7 +174,11 @@ def eliminate(request: RouteRequest, node: NodeSnapshot) -> str | None:
     if report.capacity.paused:
         return "capacity paused"
     if request.kind == KIND_IMAGE:
-        return None if report.capabilities.image_backends else "no image backend"
+        if not report.capabilities.image_backends:
+            return "no image backend"
+        if request.model not in report.capabilities.image_models:
+            return "image model not on node"
+        return None
     if request.kind == KIND_STT:
         return None if report.capabilities.stt_backends else "no speech-to-text backend"
     if node.loaded(request.model) is not None:
