@@ -269,3 +269,15 @@ def test_scoring_is_pure() -> None:
         source = path.read_text()
         for banned in ("time.", "trio.", "datetime.now", "current_time"):
             assert banned not in source, f"{path.name} uses {banned}"
+
+
+def test_image_jobs_avoid_evicting_hot_models() -> None:
+    caps = Capabilities(image_backends=("mflux",), image_models=("flux-dev",))
+    busy = node("busy", loaded=(M,), free=6 * GiB, total=64 * GiB, capabilities=caps)
+    idle = node("idle", free=20 * GiB, total=24 * GiB, capabilities=caps)
+    decision = decide(busy, idle, request=RouteRequest(model="flux-dev", kind="image"))
+    assert decision.winner is not None and decision.winner.node_id == "idle"
+    scores = {c.node_id: c.breakdown["thermal"] for c in decision.ranked}
+    assert scores == {"busy": -S.image_eviction_penalty, "idle": 0.0}
+    # Alone, the crowded node still takes the job: better than refusing it.
+    assert decide(busy, request=RouteRequest(model="flux-dev", kind="image")).winner is not None

@@ -109,6 +109,10 @@ class ScoringSettings:
     # Context: a loaded window with at least this much spare is a comfortable fit.
     context_fit_max: float = 15.0
     context_comfort_ratio: float = 1.5
+    # Image jobs need the GPU's memory: on a node whose free memory is below this and that has
+    # models loaded, the job would push them out. Costs points (thermal) so another node wins.
+    image_memory_need: int = 12 * GiB
+    image_eviction_penalty: float = 30.0
 
 
 @attrs.frozen
@@ -195,6 +199,10 @@ def eliminate(request: RouteRequest, node: NodeSnapshot) -> str | None:
 
 
 def thermal(request: RouteRequest, node: NodeSnapshot, now: float, s: ScoringSettings) -> float:
+    if request.kind == KIND_IMAGE:
+        # No "hot" image models to find; what matters is not evicting the LLMs that are hot.
+        crowded = free_memory(node) < s.image_memory_need and node.report.loaded_models
+        return -s.image_eviction_penalty if crowded else 0.0
     if node.loaded(request.model) is not None:
         return s.thermal_loaded
     unloaded_at = node.recently_unloaded.get(request.model)
