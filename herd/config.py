@@ -239,6 +239,17 @@ OPTIONS: tuple[Option, ...] = (
         category="node",
     ),
     Option(
+        "lan_proxy",
+        "--lan-proxy",
+        "FLEET_NODE_LAN_PROXY",
+        "auto",
+        str,
+        "serve the backend on this node's port for the router: auto (when the backend listens "
+        "on loopback only and the router is elsewhere), always, never",
+        roles=("node",),
+        category="node",
+    ),
+    Option(
         "drain_timeout",
         "--drain-timeout",
         "FLEET_NODE_DRAIN_TIMEOUT",
@@ -409,6 +420,7 @@ class NodeConfig:
     auth_token: str | None = None
     drain_timeout: float = 60.0
     advertise_host: str | None = None
+    lan_proxy: str = "auto"
     whisper_model: str | None = None
     asr_url: str | None = None
     image_timeout: float = 600.0

@@ -67,6 +67,8 @@ class BackendInfo:
     version: str = ""
     healthy: bool = False
     error: str = ""
+    # True when ``url`` is the node agent's LAN proxy in front of a loopback-only backend.
+    proxied: bool = False
 
 
 @attrs.frozen

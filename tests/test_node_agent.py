@@ -70,7 +70,7 @@ MiB = 2**20
 # ---------------------------------------------------------------------------------------------
 
 VERSION = {"version": "0.13.1"}
-PS = {
+PS: dict[str, Any] = {
     "models": [
         {
             "name": "llama3.2:3b",
@@ -90,7 +90,7 @@ PS = {
         },
     ]
 }
-TAGS = {
+TAGS: dict[str, Any] = {
     "models": [
         {
             "name": "llama3.2:3b",
@@ -857,3 +857,59 @@ async def test_node_service_serves_its_status(tmp_path: Path) -> None:
             assert status["heartbeats_sent"] >= 1
             assert status["report"]["node_id"] == "svc"
             nursery.cancel_scope.cancel()
+
+
+async def test_lan_proxy_serves_a_loopback_backend(tmp_path: Path) -> None:
+    """The backend listens on 127.0.0.1 only; the router reaches it through the node's port."""
+    from herd import Node, NodeConfig
+
+    with trio.fail_after(20):
+        async with (
+            real_router(tmp_path, auth_token="fleet-secret") as r,
+            run_sim(SIM) as sim,
+            trio.open_nursery() as nursery,
+        ):
+            node = Node(
+                NodeConfig(
+                    router_url=r.url,
+                    ollama_url=sim.url,
+                    node_id="lan",
+                    host="127.0.0.1",
+                    port=0,
+                    data_dir=str(tmp_path),
+                    lan_proxy="always",
+                    auth_token="fleet-secret",
+                )
+            )
+            await nursery.start(node.run)
+            await r.wait_nodes(1)
+            backend = r.fleet.nodes[0].report.backend
+            assert backend.proxied is True
+            assert backend.url == f"{node.url}/backend" != sim.url
+            async with httpx.AsyncClient(base_url=r.url, timeout=10) as client:
+                streamed = await client.post(
+                    "/api/chat",
+                    json={"model": "m", "messages": [{"role": "user", "content": "hi"}]},
+                )
+                lines = [json.loads(line) for line in streamed.text.splitlines()]
+                assert lines[-1]["done"] is True and streamed.headers["x-herd-node"] == "lan"
+                tags = (await client.get("/api/tags")).json()["models"]
+                assert tags[0]["name"] == "m:latest"
+            assert sim.requests[-1][0] == "/api/chat"  # it really went to the backend
+            async with httpx.AsyncClient(base_url=node.url) as direct:
+                refused = await direct.get("/backend/api/tags")
+                assert refused.status_code == 401  # the proxy is for the fleet only
+            nursery.cancel_scope.cancel()
+
+
+def test_lan_proxy_auto_rule() -> None:
+    from herd.config import NodeConfig
+    from herd.node.service import needs_lan_proxy
+
+    def auto(ollama: str, router_url: str) -> bool:
+        return needs_lan_proxy(NodeConfig(router_url=router_url, ollama_url=ollama))
+
+    assert auto("http://localhost:11434", "http://10.0.0.5:11435") is True
+    assert auto("http://127.0.0.1:11434", "http://studio.lan:11435") is True
+    assert auto("http://localhost:11434", "http://127.0.0.1:11435") is False  # same machine
+    assert auto("http://10.0.0.7:11434", "http://10.0.0.5:11435") is False  # reachable as is

@@ -141,6 +141,7 @@ class AgentConfig:
     ollama_url: str = "http://localhost:11434"
     node_id: str = attrs.field(factory=socket.gethostname)
     advertise_url: str | None = None  # backend URL the router should use; default ollama_url
+    advertise_proxied: bool = False  # advertise_url is our LAN proxy
     heartbeat_interval: float = 5.0
     ping_timeout: float = 10.0
     connect_timeout: float = 10.0  # TCP connect + WebSocket handshake
@@ -248,7 +249,9 @@ class NodeAgent:
         self.media = media
         backend = state.info
         if self.config.advertise_url:
-            backend = attrs.evolve(backend, url=self.config.advertise_url)
+            backend = attrs.evolve(
+                backend, url=self.config.advertise_url, proxied=self.config.advertise_proxied
+            )
         return NodeReport(
             node_id=self.config.node_id,
             host=socket.gethostname(),

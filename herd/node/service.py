@@ -13,10 +13,12 @@ Embeddable like the router::
 from __future__ import annotations
 
 import hmac
+import ipaddress
 import json
 import logging
 import socket
 import urllib.parse
+from collections.abc import AsyncIterator
 from typing import Any
 
 import attrs
@@ -34,9 +36,49 @@ from herd.wire import unstructure
 
 log = logging.getLogger("herd.node")
 
+PROXY_PREFIX = "/backend"
+HOP_HEADERS = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "transfer-encoding",
+        "te",
+        "trailer",
+        "upgrade",
+        "proxy-authorization",
+        "proxy-authenticate",
+        "host",
+        "content-length",
+        "authorization",
+    }
+)
+
 
 class NodeConfigError(ValueError):
     """The node can't start with this configuration; the message says what to change."""
+
+
+def is_loopback(host: str | None) -> bool:
+    if not host or host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host.endswith(".localhost")
+
+
+def needs_lan_proxy(config: NodeConfig) -> bool:
+    """Serve the backend through this node? ``auto``: when it listens on loopback only and the
+    router is on another machine (which could not reach it)."""
+    if config.lan_proxy not in ("auto", "always", "never"):
+        raise NodeConfigError(
+            f"--lan-proxy must be auto, always or never, got {config.lan_proxy!r}"
+        )
+    if config.lan_proxy != "auto":
+        return config.lan_proxy == "always"
+    backend = urllib.parse.urlsplit(config.ollama_url).hostname
+    router = urllib.parse.urlsplit(config.router_url or "").hostname
+    return is_loopback(backend) and not is_loopback(router)
 
 
 def agent_config(config: NodeConfig, agent_url: str = "") -> AgentConfig:
@@ -61,6 +103,10 @@ def agent_config(config: NodeConfig, agent_url: str = "") -> AgentConfig:
             parallel_slots=config.parallel_slots or 4,
             auth_token=config.auth_token,
             agent_url=agent_url,
+            advertise_url=agent_url + PROXY_PREFIX
+            if agent_url and needs_lan_proxy(config)
+            else None,
+            advertise_proxied=bool(agent_url) and needs_lan_proxy(config),
             whisper_model=config.whisper_model,
             asr_url=config.asr_url,
         )
@@ -123,6 +169,39 @@ def create_node_app(node: Node, client: httpx.AsyncClient) -> QuartTrio:
             "last_error": stats.last_error,
         }
         return Response(json.dumps(body), content_type="application/json")
+
+    @app.route(PROXY_PREFIX + "/<path:path>", methods=["GET", "POST", "DELETE", "HEAD"])
+    async def lan_proxy(path: str) -> Response:
+        """The LAN proxy: the router reaches a loopback-only backend through this node."""
+        check_token()
+        body = await request.get_data(as_text=False)
+        headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_HEADERS}
+        upstream = client.build_request(
+            request.method,
+            config.ollama_url.rstrip("/") + "/" + path,
+            params=request.args.to_dict(),
+            content=body,
+            headers=headers,
+        )
+        try:
+            response = await client.send(upstream, stream=True)
+        except httpx.TransportError as exc:
+            return Response(
+                json.dumps({"error": f"backend unreachable: {exc}"}),
+                status=502,
+                content_type="application/json",
+            )
+
+        async def relay() -> AsyncIterator[bytes]:
+            try:
+                async for chunk in response.aiter_raw():
+                    yield chunk
+            finally:
+                with trio.CancelScope(shield=True), trio.move_on_after(1):
+                    await response.aclose()
+
+        kept = {k: v for k, v in response.headers.items() if k.lower() not in HOP_HEADERS}
+        return Response(relay(), status=response.status_code, headers=kept)
 
     @app.post("/node/image")
     async def image() -> Response:

@@ -35,10 +35,13 @@ log = logging.getLogger("herd.router")
 PREWARM_BUFFER = 64
 
 
-def upstream_client() -> httpx.AsyncClient:
-    """The one HTTP client for calls to backends. Timeouts to the first byte are cancel scopes
-    at the policy site (dispatch); the transport only bounds connecting."""
+def upstream_client(fleet_token: str | None = None) -> httpx.AsyncClient:
+    """The one HTTP client for calls to backends and nodes. Timeouts to the first byte are
+    cancel scopes at the policy site (dispatch); the transport only bounds connecting. With a
+    fleet token, every call presents it (a node's LAN proxy and media endpoints require it;
+    Ollama ignores it)."""
     return httpx.AsyncClient(
+        headers={"Authorization": f"Bearer {fleet_token}"} if fleet_token else None,
         timeout=httpx.Timeout(connect=5.0, read=None, write=30.0, pool=None),
         limits=httpx.Limits(max_connections=None, max_keepalive_connections=256),
         trust_env=False,
@@ -131,7 +134,7 @@ class Router:
 
     @contextlib.asynccontextmanager
     async def _open_state(self) -> AsyncIterator[RouterState]:
-        async with upstream_client() as client:
+        async with upstream_client(self.config.auth_token) as client:
             self._state = RouterState.create(self.config, client)
             yield self._state
 
