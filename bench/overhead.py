@@ -182,7 +182,12 @@ def main(quick: bool, chunks: int) -> None:
     port = free_port()
     router_url = f"http://127.0.0.1:{port}"
     with tempfile.TemporaryDirectory() as tmp:
-        env = {**os.environ, "FLEET_DATA_DIR": tmp, "FLEET_LOG_LEVEL": "WARNING"}
+        env = {
+            **os.environ,
+            "FLEET_DATA_DIR": tmp,
+            "FLEET_LOG_LEVEL": "WARNING",
+            "FLEET_MDNS": "false",
+        }
         router = subprocess.Popen(
             [sys.executable, "-m", "herd", "--host", "127.0.0.1", "--port", str(port)], env=env
         )

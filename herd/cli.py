@@ -166,7 +166,8 @@ def run_serve(argv: Sequence[str], prog: str, role: str | None) -> int:
             from herd.node.service import Node, NodeConfigError, agent_config
 
             try:
-                agent_config(nconfig)
+                if nconfig.router_url:
+                    agent_config(nconfig)
             except NodeConfigError as exc:
                 print(f"herd-node: {exc}", file=sys.stderr)
                 return 2

@@ -158,6 +158,16 @@ OPTIONS: tuple[Option, ...] = (
         category="limits",
     ),
     Option(
+        "mdns",
+        "--mdns",
+        "FLEET_MDNS",
+        True,
+        _bool,
+        "advertise the router on the LAN by mDNS (_herd._tcp.local.) so nodes find it",
+        roles=("router",),
+        category="discovery",
+    ),
+    Option(
         "auth_token",
         "--auth-token",
         "FLEET_AUTH_TOKEN",
@@ -394,6 +404,8 @@ class RouterConfig:
     auth_token: str | None = None
     api_keys: tuple[str, ...] = ()
     log_level: str = "INFO"
+    # Embedded routers don't advertise themselves unless asked; the `herd` command does.
+    mdns: bool = False
 
     @property
     def data_path(self) -> Path:

@@ -27,6 +27,7 @@ POLL_SECONDS = 0.05
 def clean_env(tmp_path: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("FLEET_")}
     env["FLEET_DATA_DIR"] = str(tmp_path)
+    env["FLEET_MDNS"] = "false"  # tests send nothing beyond loopback
     return env
 
 
@@ -62,16 +63,22 @@ def test_help_lists_every_option(tmp_path: Path) -> None:
     assert "herd demo" in result.stdout
 
 
-def test_node_without_router_url_says_what_to_do(tmp_path: Path) -> None:
+def test_node_with_a_bad_router_url_says_what_is_wrong(tmp_path: Path) -> None:
     result = subprocess.run(
-        [sys.executable, "-c", "import sys; from herd.cli import node_main; sys.exit(node_main())"],
+        [
+            sys.executable,
+            "-c",
+            "import sys; from herd.cli import node_main; sys.exit(node_main())",
+            "--router-url",
+            "ftp://nowhere",
+        ],
         capture_output=True,
         text=True,
         env=clean_env(tmp_path),
         check=False,
     )
     assert result.returncode == 2
-    assert "--router-url" in result.stderr
+    assert "router URL must start with http://" in result.stderr
 
 
 def test_bad_option_value_is_a_clear_error(tmp_path: Path) -> None:

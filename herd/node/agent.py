@@ -48,7 +48,7 @@ import socket
 import ssl
 import time
 import urllib.parse
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from importlib import metadata
 from typing import Any
 
@@ -205,6 +205,8 @@ class NodeAgent:
     backend: OllamaBackend | None = None  # default: Ollama at config.ollama_url, own client
     system: SystemReader = read_system
     rng: random.Random = attrs.field(factory=random.Random)  # backoff jitter
+    # How to find the router again after losing it (mDNS), when it wasn't given by URL.
+    locate: Callable[[], Awaitable[str | None]] | None = None
 
     draining: bool = attrs.field(default=False, init=False)
     last_report: NodeReport | None = attrs.field(default=None, init=False)
@@ -316,6 +318,12 @@ class NodeAgent:
                 await trio.sleep(wait)
                 delay = min(self.config.backoff_max, delay * 2)
                 self.reconnects += 1
+                if self.locate is not None:
+                    # Found by mDNS: look again, in case the router moved.
+                    url = await self.locate()
+                    if url and url != self.config.router_url:
+                        log.info("router found at %s", url)
+                        self.config = attrs.evolve(self.config, router_url=url)
 
     def _disconnected(self) -> None:
         if self.connected:

@@ -28,6 +28,7 @@ from quart import Response, request
 from quart_trio import QuartTrio
 
 from herd.config import NodeConfig
+from herd.discovery import SERVICE_TYPE, discover
 from herd.errors import BadRequest, HerdError, NodeError, Unauthorized, parse_json_body
 from herd.node.agent import AgentConfig, NodeAgent
 from herd.node.media import ImageRequest, Transcriber, generate_image, whisper_model_path
@@ -37,6 +38,7 @@ from herd.wire import unstructure
 log = logging.getLogger("herd.node")
 
 PROXY_PREFIX = "/backend"
+DISCOVERY_TIMEOUT = 5.0
 HOP_HEADERS = frozenset(
     {
         "connection",
@@ -85,7 +87,7 @@ def agent_config(config: NodeConfig, agent_url: str = "") -> AgentConfig:
     if not config.router_url:
         raise NodeConfigError(
             "no router URL: pass --router-url http://ROUTER-HOST:11435 "
-            "(or set FLEET_NODE_ROUTER_URL)"
+            "(or set FLEET_NODE_ROUTER_URL), or let the node find the router by mDNS"
         )
     if config.backend != "ollama":
         raise NodeConfigError(
@@ -267,6 +269,10 @@ async def forward_asr(
     }
 
 
+async def find_router() -> str | None:
+    return await discover(within=DISCOVERY_TIMEOUT)
+
+
 @attrs.define(eq=False)
 class Node:
     config: NodeConfig
@@ -302,6 +308,15 @@ class Node:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Run until cancelled. Started once the node's HTTP app (if any) is listening and the
         agent is running (it connects, and reconnects, on its own)."""
+        locate = None
+        if not self.config.router_url:
+            locate = find_router
+            log.info("no --router-url: looking for a router on the LAN (mDNS %s)", SERVICE_TYPE)
+            url = None
+            while url is None:
+                url = await find_router()
+            log.info("found the router at %s", url)
+            self.config = attrs.evolve(self.config, router_url=url)
         agent_config(self.config)  # fail early, naming the problem
         async with httpx.AsyncClient(trust_env=False) as client, trio.open_nursery() as nursery:
             agent_url = ""
@@ -311,6 +326,6 @@ class Node:
                 )
                 agent_url = advertised_url(self.url, self.config)
                 log.info("node listening on %s (advertised as %s)", self.url, agent_url)
-            self.agent = NodeAgent(agent_config(self.config, agent_url))
+            self.agent = NodeAgent(agent_config(self.config, agent_url), locate=locate)
             await nursery.start(self.agent.run)
             task_status.started()

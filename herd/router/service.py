@@ -21,6 +21,7 @@ import httpx
 import trio
 
 from herd.config import NodeConfig, RouterConfig
+from herd.discovery import advertise
 from herd.models import FleetSnapshot, NodeStatus
 from herd.proxy.handler import ProxyASGI
 from herd.router.app import create_app
@@ -122,6 +123,9 @@ class Router:
                 state.history.record(node_id, model, latency, rate)
             app = ProxyASGI(state, create_app(state))
             self._url = await nursery.start(serve_app, app, self.config.host, self.config.port)
+            if self.config.mdns:
+                port = int(self._url.rsplit(":", 1)[1])
+                await nursery.start(advertise, self.config.host, port)
             nursery.start_soon(self._monitor, state)
             nursery.start_soon(self._reaper, state)
             send, receive = trio.open_memory_channel[tuple[str, str]](PREWARM_BUFFER)
