@@ -50,7 +50,7 @@ import time
 import urllib.parse
 from collections.abc import Awaitable, Callable
 from importlib import metadata
-from typing import Any
+from typing import Any, Protocol
 
 import attrs
 import httpx
@@ -81,6 +81,14 @@ from herd.wire import report_to_json
 log = logging.getLogger("herd.node")
 
 SystemReader = Callable[[], tuple[CpuInfo, MemoryInfo, DiskInfo]]
+
+
+class Probe(Protocol):
+    """A backend the agent can read: Ollama, or an OpenAI-compatible server."""
+
+    async def probe(self) -> BackendState: ...
+
+
 EMBED_FAMILIES = ("bert", "nomic-bert", "xlm-roberta")
 FLEET_PATH = "/fleet/ws"
 ERROR_MAX_CHARS = 300
@@ -202,7 +210,7 @@ class NodeAgent:
     """Heartbeats for one backend to one router, until cancelled. See the module docstring."""
 
     config: AgentConfig
-    backend: OllamaBackend | None = None  # default: Ollama at config.ollama_url, own client
+    backend: Probe | None = None  # default: Ollama at config.ollama_url, own client
     system: SystemReader = read_system
     rng: random.Random = attrs.field(factory=random.Random)  # backoff jitter
     # How to find the router again after losing it (mDNS), when it wasn't given by URL.
@@ -298,7 +306,7 @@ class NodeAgent:
         """
         task_status.started()
         async with contextlib.AsyncExitStack() as stack:
-            backend = self.backend
+            backend: Probe | None = self.backend
             if backend is None:
                 client = await stack.enter_async_context(httpx.AsyncClient(trust_env=False))
                 backend = OllamaBackend(self.config.ollama_url, client)
@@ -342,7 +350,7 @@ class NodeAgent:
             )
         return await trio.open_tcp_stream(endpoint.host, endpoint.port)
 
-    async def _session(self, backend: OllamaBackend) -> None:
+    async def _session(self, backend: Probe) -> None:
         endpoint = self.config.endpoint
         headers: list[tuple[bytes, bytes]] = []
         if self.config.auth_token:
@@ -377,7 +385,7 @@ class NodeAgent:
             with trio.CancelScope(shield=True), trio.move_on_after(1):
                 await stream.aclose()
 
-    async def _heartbeats(self, ws: WebSocketConnection, backend: OllamaBackend) -> None:
+    async def _heartbeats(self, ws: WebSocketConnection, backend: Probe) -> None:
         while True:
             # A wake-up asked for before this point is answered by the report we now build.
             self._wake = trio.Event()

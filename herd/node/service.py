@@ -30,8 +30,10 @@ from quart_trio import QuartTrio
 from herd.config import NodeConfig
 from herd.discovery import SERVICE_TYPE, discover
 from herd.errors import BadRequest, HerdError, NodeError, Unauthorized, parse_json_body
+from herd.node import openai_backend as oa
 from herd.node.agent import AgentConfig, NodeAgent
 from herd.node.media import ImageRequest, Transcriber, generate_image, whisper_model_path
+from herd.node.openai_backend import OpenAIBackend
 from herd.server import serve_app
 from herd.wire import unstructure
 
@@ -83,16 +85,20 @@ def needs_lan_proxy(config: NodeConfig) -> bool:
     return is_loopback(backend) and not is_loopback(router)
 
 
+def via_node(config: NodeConfig) -> bool:
+    """Does the router reach the backend through this node's port? Always for an
+    OpenAI-compatible backend (the node gives it an Ollama face), else per the LAN proxy rule."""
+    return config.backend == "openai" or needs_lan_proxy(config)
+
+
 def agent_config(config: NodeConfig, agent_url: str = "") -> AgentConfig:
     if not config.router_url:
         raise NodeConfigError(
             "no router URL: pass --router-url http://ROUTER-HOST:11435 "
             "(or set FLEET_NODE_ROUTER_URL), or let the node find the router by mDNS"
         )
-    if config.backend != "ollama":
-        raise NodeConfigError(
-            f"backend {config.backend!r} is not supported by this version; use --backend ollama"
-        )
+    if config.backend not in ("ollama", "openai"):
+        raise NodeConfigError(f"--backend must be ollama or openai, got {config.backend!r}")
     try:
         return AgentConfig(
             router_url=config.router_url.rstrip("/"),
@@ -174,9 +180,13 @@ def create_node_app(node: Node, client: httpx.AsyncClient) -> QuartTrio:
 
     @app.route(PROXY_PREFIX + "/<path:path>", methods=["GET", "POST", "DELETE", "HEAD"])
     async def lan_proxy(path: str) -> Response:
-        """The LAN proxy: the router reaches a loopback-only backend through this node."""
+        """The LAN proxy: the router reaches a loopback-only backend through this node (for an
+        OpenAI-compatible backend: through the Ollama face the node puts on it)."""
         check_token()
         body = await request.get_data(as_text=False)
+        if node.openai is not None:
+            raw = body if isinstance(body, bytes) else body.encode()
+            return await openai_facade(node.openai, request.method, path, raw)
         headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_HEADERS}
         upstream = client.build_request(
             request.method,
@@ -245,6 +255,49 @@ def create_node_app(node: Node, client: httpx.AsyncClient) -> QuartTrio:
     return app
 
 
+async def openai_facade(backend: OpenAIBackend, method: str, path: str, raw: bytes) -> Response:
+    """Ollama's native API, answered by an OpenAI-compatible server."""
+    route = (method, "/" + path)
+    if route == ("GET", "/api/tags"):
+        return Response(json.dumps(oa.tags(backend)), content_type="application/json")
+    if route == ("GET", "/api/ps"):
+        return Response(json.dumps(oa.ps(backend)), content_type="application/json")
+    if route == ("GET", "/api/version"):
+        return Response(
+            json.dumps({"version": "openai-compatible"}), content_type="application/json"
+        )
+    if route in (("GET", "/"), ("HEAD", "/")):
+        return Response("Ollama is running", content_type="text/plain")
+    body = parse_json_body(raw) if raw else {}
+    if route == ("POST", "/api/show"):
+        name = body.get("model") or body.get("name") or ""
+        if oa.normalize_model_name(str(name)) not in backend.ids:
+            return Response(
+                json.dumps({"error": f"model '{name}' not found"}),
+                status=404,
+                content_type="application/json",
+            )
+        return Response(
+            json.dumps(
+                {"details": {"format": "gguf"}, "model_info": {}, "capabilities": ["completion"]}
+            ),
+            content_type="application/json",
+        )
+    if route in (("POST", "/api/chat"), ("POST", "/api/generate")):
+        status, content_type, chunks = await oa.chat_or_generate(
+            backend, body, chat=path == "api/chat"
+        )
+        return Response(chunks, status=status, content_type=content_type)
+    if route in (("POST", "/api/embed"), ("POST", "/api/embeddings")):
+        result = await oa.embed(backend, body, legacy=path == "api/embeddings")
+        return Response(json.dumps(result), content_type="application/json")
+    return Response(
+        json.dumps({"error": f"{method} /{path} is not available on an OpenAI-compatible backend"}),
+        status=404,
+        content_type="application/json",
+    )
+
+
 async def forward_asr(
     client: httpx.AsyncClient, url: str, audio: bytes, filename: str | None, language: str | None
 ) -> dict[str, Any]:
@@ -279,6 +332,7 @@ class Node:
     serve_http: bool = True
     agent: NodeAgent | None = None
     url: str | None = None
+    openai: OpenAIBackend | None = None  # set when --backend openai
     _transcriber: Transcriber | None = None
 
     def transcriber(self) -> Transcriber | None:
@@ -326,6 +380,12 @@ class Node:
                 )
                 agent_url = advertised_url(self.url, self.config)
                 log.info("node listening on %s (advertised as %s)", self.url, agent_url)
-            self.agent = NodeAgent(agent_config(self.config, agent_url), locate=locate)
+            if self.config.backend == "openai":
+                if not self.serve_http:
+                    raise NodeConfigError("an OpenAI-compatible backend needs the node's port")
+                self.openai = OpenAIBackend(self.config.ollama_url.rstrip("/"), client)
+            self.agent = NodeAgent(
+                agent_config(self.config, agent_url), backend=self.openai, locate=locate
+            )
             await nursery.start(self.agent.run)
             task_status.started()

