@@ -42,6 +42,7 @@ herd: one endpoint for a fleet of Ollama servers.
   herd-node [options]                run a node agent (same as: herd serve --role node)
   herd status [--url URL]            print the fleet's state
   herd demo [--traffic]              a router with a simulated fleet, no Ollama needed
+  herd node pause|resume             stop / restart fleet work on this machine
 
 Options (flag > environment > <data-dir>/env file > default):"""
 
@@ -234,8 +235,44 @@ def run_demo(argv: Sequence[str]) -> int:
     return 0
 
 
+def run_node_command(argv: Sequence[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="herd node", description="Pause or resume fleet work on this machine's node."
+    )
+    parser.add_argument("action", choices=("pause", "resume"))
+    parser.add_argument(
+        "--url",
+        default=f"http://127.0.0.1:{DEFAULT_NODE_PORT}",
+        help="the node's own address (default: this machine's node)",
+    )
+    args = parser.parse_args(argv)
+    token = os.environ.get("FLEET_AUTH_TOKEN")
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    try:
+        response = httpx.post(
+            f"{args.url.rstrip('/')}/node/{args.action}",
+            headers=headers,
+            timeout=10,
+            trust_env=False,
+        )
+    except httpx.HTTPError as exc:
+        print(f"herd node: cannot reach {args.url}: {exc}", file=sys.stderr)
+        return 1
+    if response.status_code != 200:
+        print(f"herd node: {response.text}", file=sys.stderr)
+        return 1
+    print(
+        "paused: the fleet sends this machine no new work"
+        if args.action == "pause"
+        else "resumed: this machine takes fleet work again"
+    )
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "node":
+        return run_node_command(argv[1:])
     if argv and argv[0] == "serve":
         return run_serve(argv[1:], "herd serve", None)
     if argv and argv[0] == "status":

@@ -215,6 +215,8 @@ class NodeAgent:
     rng: random.Random = attrs.field(factory=random.Random)  # backoff jitter
     # How to find the router again after losing it (mDNS), when it wasn't given by URL.
     locate: Callable[[], Awaitable[str | None]] | None = None
+    # Adaptive capacity (--learn-capacity): what the fleet may use of this machine now.
+    capacity: Callable[[CpuInfo, MemoryInfo], Capacity] | None = None
 
     draining: bool = attrs.field(default=False, init=False)
     last_report: NodeReport | None = attrs.field(default=None, init=False)
@@ -284,7 +286,7 @@ class NodeAgent:
                 stt_backends=media.stt_backends,
                 stt_models=media.stt_models,
             ),
-            capacity=Capacity(),
+            capacity=self.capacity(cpu, memory) if self.capacity is not None else Capacity(),
             draining=self.draining,
             sent_at=now_wall,
         )
@@ -296,6 +298,10 @@ class NodeAgent:
 
     def _start_draining(self) -> None:
         self.draining = True
+        self._wake.set()
+
+    def wake(self) -> None:
+        """Send a heartbeat now (something in the report changed, e.g. a manual pause)."""
         self._wake.set()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:

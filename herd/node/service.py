@@ -12,17 +12,22 @@ Embeddable like the router::
 
 from __future__ import annotations
 
+import datetime as dt
 import hmac
 import ipaddress
 import json
 import logging
+import os
 import socket
+import sys
 import urllib.parse
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import attrs
 import httpx
+import psutil
 import trio
 from quart import Response, request
 from quart_trio import QuartTrio
@@ -30,8 +35,10 @@ from quart_trio import QuartTrio
 from herd.config import NodeConfig
 from herd.discovery import SERVICE_TYPE, discover
 from herd.errors import BadRequest, HerdError, NodeError, Unauthorized, parse_json_body
+from herd.models import Capacity, CpuInfo, MemoryInfo
 from herd.node import openai_backend as oa
 from herd.node.agent import AgentConfig, NodeAgent
+from herd.node.capacity import CapacityLearner, in_meeting
 from herd.node.media import ImageRequest, Transcriber, generate_image, whisper_model_path
 from herd.node.openai_backend import OpenAIBackend
 from herd.server import serve_app
@@ -159,6 +166,12 @@ def create_node_app(node: Node, client: httpx.AsyncClient) -> QuartTrio:
         if not hmac.compare_digest(presented.encode(), expected.encode()):
             raise Unauthorized("this node's endpoints need the fleet token")
 
+    def check_local_or_token() -> None:
+        if config.auth_token:
+            check_token()
+        elif not is_loopback(request.remote_addr):
+            raise Unauthorized("pause and resume are for this machine only (or need the token)")
+
     @app.get("/")
     async def root() -> Response:
         return Response("herd node is running", content_type="text/plain")
@@ -214,6 +227,20 @@ def create_node_app(node: Node, client: httpx.AsyncClient) -> QuartTrio:
 
         kept = {k: v for k, v in response.headers.items() if k.lower() not in HOP_HEADERS}
         return Response(relay(), status=response.status_code, headers=kept)
+
+    @app.post("/node/pause")
+    @app.post("/node/resume")
+    async def pause_resume() -> Response:
+        """The owner's manual override: no new fleet work while paused."""
+        check_local_or_token()
+        learner = node.learner
+        if learner is None:
+            raise BadRequest("capacity learning is off on this node (--learn-capacity)")
+        paused = request.path.endswith("/pause")
+        await trio.to_thread.run_sync(learner.set_paused, paused)
+        assert node.agent is not None
+        node.agent.wake()
+        return Response(json.dumps({"paused": paused}), content_type="application/json")
 
     @app.post("/node/image")
     async def image() -> Response:
@@ -322,6 +349,10 @@ async def forward_asr(
     }
 
 
+def data_path(config: NodeConfig) -> Path:
+    return Path(os.path.expanduser(config.data_dir))
+
+
 async def find_router() -> str | None:
     return await discover(within=DISCOVERY_TIMEOUT)
 
@@ -333,7 +364,22 @@ class Node:
     agent: NodeAgent | None = None
     url: str | None = None
     openai: OpenAIBackend | None = None  # set when --backend openai
+    learner: CapacityLearner | None = None  # set when --learn-capacity
     _transcriber: Transcriber | None = None
+
+    def capacity_now(self, cpu: CpuInfo, memory: MemoryInfo) -> Capacity:
+        assert self.learner is not None
+        names = {p.info.get("name") or "" for p in psutil.process_iter(["name"])}
+        used = (
+            100.0 * (1 - memory.available_bytes / memory.total_bytes) if memory.total_bytes else 0
+        )
+        return self.learner.current(
+            cpu.percent,
+            used,
+            memory.total_bytes,
+            dt.datetime.now(),
+            in_meeting(names, sys.platform),
+        )
 
     def transcriber(self) -> Transcriber | None:
         if self._transcriber is None:
@@ -384,8 +430,17 @@ class Node:
                 if not self.serve_http:
                     raise NodeConfigError("an OpenAI-compatible backend needs the node's port")
                 self.openai = OpenAIBackend(self.config.ollama_url.rstrip("/"), client)
+            capacity = None
+            if self.config.learn_capacity:
+                self.learner = await trio.to_thread.run_sync(
+                    lambda: CapacityLearner.load(data_path(self.config) / "capacity.json")
+                )
+                capacity = self.capacity_now
             self.agent = NodeAgent(
-                agent_config(self.config, agent_url), backend=self.openai, locate=locate
+                agent_config(self.config, agent_url),
+                backend=self.openai,
+                locate=locate,
+                capacity=capacity,
             )
             await nursery.start(self.agent.run)
             task_status.started()
