@@ -277,7 +277,7 @@ class NodeAgent:
             loaded_models=state.loaded,
             available_models=state.available,
             in_flight=0,
-            parallel_slots=self.config.parallel_slots,
+            parallel_slots=state.slots or self.config.parallel_slots,
             capabilities=Capabilities(
                 text=True,
                 embed_models=tuple(m.name for m in state.available if is_embedding_model(m)),

@@ -36,6 +36,7 @@ class BackendState:
     info: BackendInfo
     loaded: tuple[LoadedModel, ...] = ()
     available: tuple[AvailableModel, ...] = ()
+    slots: int = 0  # parallel slots, when the backend says (llama-server does); 0 = unknown
 
 
 def parse_time(value: Any) -> float | None:

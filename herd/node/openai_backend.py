@@ -88,6 +88,7 @@ class OpenAIBackend:
             info=BackendInfo(kind="openai", url=self.url, version="openai", healthy=True),
             loaded=loaded,
             available=available,
+            slots=self.slots,
         )
         self.last = state
         return state

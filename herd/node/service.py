@@ -118,10 +118,8 @@ def agent_config(config: NodeConfig, agent_url: str = "") -> AgentConfig:
             parallel_slots=config.parallel_slots or 4,
             auth_token=config.auth_token,
             agent_url=agent_url,
-            advertise_url=agent_url + PROXY_PREFIX
-            if agent_url and needs_lan_proxy(config)
-            else None,
-            advertise_proxied=bool(agent_url) and needs_lan_proxy(config),
+            advertise_url=agent_url + PROXY_PREFIX if agent_url and via_node(config) else None,
+            advertise_proxied=bool(agent_url) and via_node(config),
             whisper_model=config.whisper_model,
             asr_url=config.asr_url,
         )

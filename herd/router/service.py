@@ -27,6 +27,7 @@ from herd.proxy.handler import ProxyASGI
 from herd.router.app import create_app
 from herd.router.settings import RuntimeSettings, load_settings
 from herd.router.state import RouterState
+from herd.security import ApiKeyGate
 from herd.server import serve_app
 from herd.store.db import DB_NAME, recent_latencies
 from herd.store.writer import TraceWriter
@@ -121,7 +122,16 @@ class Router:
                 recent_latencies, state.store.path
             ):
                 state.history.record(node_id, model, latency, rate)
-            app = ProxyASGI(state, create_app(state))
+            app = ApiKeyGate(self.config.api_keys, ProxyASGI(state, create_app(state)))
+            if (
+                self.config.host not in ("127.0.0.1", "localhost", "::1")
+                and not self.config.auth_token
+            ):
+                log.warning(
+                    "the router listens on %s with no fleet token: any machine that can reach "
+                    "it can join as a node. Set FLEET_AUTH_TOKEN on the router and the nodes.",
+                    self.config.host,
+                )
             self._url = await nursery.start(serve_app, app, self.config.host, self.config.port)
             if self.config.mdns:
                 port = int(self._url.rsplit(":", 1)[1])

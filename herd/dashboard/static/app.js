@@ -10,8 +10,21 @@ const num = v => v == null ? "–" : (Math.round(v * 10) / 10).toLocaleString();
 const pct = v => v == null ? "–" : (v * 100).toFixed(1) + "%";
 const when = ts => ts ? new Date(ts * 1000).toLocaleString() : "–";
 
-async function api(path, options) {
-  const response = await fetch(path, options);
+// With API keys configured on the router, the dashboard asks for one once and keeps it here.
+const keyHeader = () => {
+  const key = localStorage.getItem("herd-key");
+  return key ? { Authorization: `Bearer ${key}` } : {};
+};
+
+async function api(path, options = {}) {
+  let response = await fetch(path, { ...options, headers: { ...(options.headers || {}), ...keyHeader() } });
+  if (response.status === 401) {
+    const key = prompt("This herd router needs an API key:");
+    if (key) {
+      localStorage.setItem("herd-key", key);
+      response = await fetch(path, { ...options, headers: { ...(options.headers || {}), ...keyHeader() } });
+    }
+  }
   const body = await response.json().catch(() => ({}));
   if (!response.ok) {
     const error = body.error;
@@ -112,7 +125,8 @@ function renderFleet(status) {
 let lastStatus = null;
 function connectEvents() {
   const live = $("#live");
-  const source = new EventSource("/dashboard/events");
+  const key = localStorage.getItem("herd-key");
+  const source = new EventSource("/dashboard/events" + (key ? `?key=${encodeURIComponent(key)}` : ""));
   source.addEventListener("fleet", event => {
     lastStatus = JSON.parse(event.data);
     live.textContent = "live"; live.className = "live on";
@@ -250,7 +264,7 @@ loaders.recommendations = async () => {
       for (const model of models) {
         progress.textContent = `${model}: starting…`;
         const response = await fetch("/dashboard/api/pull", {
-          method: "POST", headers: { "Content-Type": "application/json" },
+          method: "POST", headers: { "Content-Type": "application/json", ...keyHeader() },
           body: JSON.stringify({ model, node_id: button.dataset.node }),
         });
         const reader = response.body.getReader();
