@@ -7,7 +7,8 @@ caller's API expects.
     │   ├── Unauthorized           401  missing or bad API key / fleet token
     │   ├── NotFound               404  unknown path
     │   ├── ModelNotFound          404  no node has the model
-    │   └── PayloadTooLarge        413  body over the limit
+    │   ├── PayloadTooLarge        413  body over the limit
+    │   └── TooManyRequests        429  one client has too many requests in progress
     ├── NodeError                  a node failed; the router may retry elsewhere
     │   ├── NodeUnreachable        connect error, broken connection before the first byte
     │   ├── NodeTimeout            no first byte in time
@@ -91,6 +92,15 @@ class ModelNotFound(ClientError):
 class PayloadTooLarge(ClientError):
     status = 413
     code = "payload_too_large"
+
+
+class TooManyRequests(ClientError):
+    status = 429
+    openai_type = "rate_limit_error"
+    code = "too_many_requests"
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": "1"}
 
 
 class NodeError(HerdError):

@@ -18,7 +18,7 @@ def hypercorn_config(host: str, port: int) -> Config:
     config.keep_alive_timeout = 75
     config.backlog = 2048  # bursts of hundreds of clients must not be reset at connect
     config.graceful_timeout = 5
-    config.h11_max_incomplete_size = 64 * 1024
+    config.h11_max_incomplete_size = 16 * 1024  # request line + headers; 431 beyond
     config.websocket_max_message_size = 8 * 2**20
     return config
 

@@ -77,3 +77,30 @@ def test_key_extraction_and_comparison() -> None:
     assert presented_key(scope([], b"key=abc&hours=24")) == "abc"
     assert presented_key(scope([(b"authorization", b"Basic abc")])) is None
     assert key_ok(("a", "b"), "b") and not key_ok(("a",), None) and not key_ok(("a",), "ab")
+
+
+async def test_limits_answer_in_the_callers_shape(tmp_path: Path) -> None:
+    from herd.proxy import handler
+
+    async with (
+        running_fleet(tmp_path, two_node_specs()) as fleet,
+        httpx.AsyncClient(base_url=fleet.url, timeout=10, trust_env=False) as client,
+    ):
+        many = [{"role": "user", "content": "x"}] * 10_001
+        response = await client.post("/api/chat", json={"model": "llama3.2:3b", "messages": many})
+        assert response.status_code == 400 and "too many messages" in response.json()["error"]
+        # One client with too much in flight gets 429 (the limit lowered for the test).
+        original = handler.PER_CLIENT_LIMIT
+        handler.PER_CLIENT_LIMIT = 0
+        try:
+            limited = await client.post(
+                "/v1/chat/completions",
+                json={"model": "llama3.2:3b", "messages": [{"role": "user", "content": "x"}]},
+            )
+        finally:
+            handler.PER_CLIENT_LIMIT = original
+        assert limited.status_code == 429 and limited.headers["retry-after"] == "1"
+        assert limited.json()["error"]["type"] == "rate_limit_error"
+        huge_header = await client.get("/api/tags", headers={"X-Big": "x" * 100_000})
+        assert huge_header.status_code in (400, 431)
+        assert (await client.get("/api/tags")).status_code == 200  # still serving

@@ -22,7 +22,7 @@ from typing import Any
 import attrs
 import trio
 
-from herd.errors import HerdError, PayloadTooLarge, parse_json_body
+from herd.errors import HerdError, PayloadTooLarge, TooManyRequests, parse_json_body
 from herd.proxy import relay as relays
 from herd.proxy.dispatch import Attempts, Opened, open_upstream
 from herd.proxy.shaping import ROUTES, InferenceRequest, Route, shape
@@ -80,18 +80,37 @@ def header(scope: Scope, name: bytes) -> str | None:
     return None
 
 
+# Requests one client address may have in progress at once; beyond it, 429 with Retry-After.
+PER_CLIENT_LIMIT = 512
+
+
 class ProxyASGI:
     """Route the inference paths here; hand everything else to ``app`` (the Quart app)."""
 
     def __init__(self, state: RouterState, app: ASGIApp) -> None:
         self.state = state
         self.app = app
+        self.per_client: dict[str, int] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["method"] == "POST":
             route = ROUTES.get(scope["path"])
             if route is not None:
-                await self.handle(route, scope, receive, send)
+                client = (scope.get("client") or ("?",))[0]
+                if self.per_client.get(client, 0) >= PER_CLIENT_LIMIT:
+                    error = TooManyRequests(
+                        f"this client already has {PER_CLIENT_LIMIT} "
+                        "requests in progress; wait for some to finish"
+                    )
+                    await relays.send_error(send, error, route.flavor, "-")
+                    return
+                self.per_client[client] = self.per_client.get(client, 0) + 1
+                try:
+                    await self.handle(route, scope, receive, send)
+                finally:
+                    self.per_client[client] -= 1
+                    if not self.per_client[client]:
+                        del self.per_client[client]
                 return
         await self.app(scope, receive, send)
 

@@ -19,6 +19,7 @@ from herd.models import KIND_EMBED, KIND_TEXT, normalize_model_name
 from herd.proxy import openai_compat
 
 HERD_EXTENSIONS = ("fallback_models", "metadata")
+MAX_MESSAGES = 10_000  # messages in one chat request; far beyond any context window
 MAX_TAGS = 16
 MAX_TAG_LENGTH = 64
 
@@ -124,6 +125,11 @@ def _requested_context(upstream: Mapping[str, Any]) -> int | None:
 
 def shape(route: Route, body: dict[str, Any], tags_header: str | None = None) -> InferenceRequest:
     """Validate and shape one inference request. Raises :class:`BadRequest` naming the field."""
+    messages = body.get("messages")
+    if isinstance(messages, list) and len(messages) > MAX_MESSAGES:
+        raise BadRequest(
+            f"too many messages: {len(messages)} (the limit is {MAX_MESSAGES})", param="messages"
+        )
     model = normalize_model_name(require_str(body, "model"))
     fallbacks = _fallbacks(body)
     tags = parse_tags(body, tags_header)
