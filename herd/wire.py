@@ -8,16 +8,39 @@ clients own that schema and unknown fields pass through to the backend untouched
 from __future__ import annotations
 
 import json
+import math
 from typing import Any, TypeVar
 
 import cattrs
 from cattrs.preconf.json import make_converter
 
-from herd.models import NodeReport
+from herd.models import MemoryPressure, NodeReport, NodeStatus
 
 T = TypeVar("T")
 
 converter = make_converter(forbid_extra_keys=True)
+
+
+def _strict(kind: type[Any]) -> Any:
+    """Refuse instead of coercing: ``"node_id": 5`` is an error, not the id ``"5"``."""
+
+    def structure(value: Any, _: Any) -> Any:
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            return float(value)
+        if kind is float and isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"expected a finite number, got {value}")
+        if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
+            raise TypeError(f"expected {kind.__name__}, got {type(value).__name__}")
+        return value
+
+    return structure
+
+
+for _kind in (str, int, float, bool):
+    converter.register_structure_hook(_kind, _strict(_kind))
+# Our StrEnums are str subclasses: give them their own hook, more specific than str's.
+for _enum in (MemoryPressure, NodeStatus):
+    converter.register_structure_hook(_enum, lambda value, kind: kind(value))
 
 
 class WireError(ValueError):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import math
 import random
 from pathlib import Path
 
@@ -23,7 +24,15 @@ from herd.models import (
     NodeSnapshot,
     NodeStatus,
 )
-from herd.scoring import SIGNALS, History, RouteRequest, ScoringSettings, explain, score
+from herd.scoring import (
+    SIGNALS,
+    History,
+    RouteDecision,
+    RouteRequest,
+    ScoringSettings,
+    explain,
+    score,
+)
 
 GiB = 2**30
 S = ScoringSettings()
@@ -68,7 +77,7 @@ def decide(
     history: History | None = None,
     now: float = 100.0,
     seed: int = 0,
-):  # type: ignore[no-untyped-def]
+) -> RouteDecision:
     return score(
         request or RouteRequest(model=M),
         FleetSnapshot(nodes=nodes),
@@ -121,6 +130,55 @@ def test_excluded_node_and_image_kind() -> None:
     assert image.winner is not None and image.winner.node_id == "b"
 
 
+@pytest.mark.parametrize(
+    ("snapshot", "request_", "reason"),
+    [
+        (node("n"), RouteRequest(model=M, kind="video"), "kind not supported: 'video'"),
+        (
+            node("n", capabilities=Capabilities(text=False)),
+            RouteRequest(model=M),
+            "kind not supported: node serves no text models",
+        ),
+        (node("n"), RouteRequest(model="whisper", kind="stt"), "no speech-to-text backend"),
+        (node("n"), RouteRequest(model="flux-dev", kind="image"), "no image backend"),
+        (
+            node("n", capabilities=Capabilities(image_backends=("mflux",))),
+            RouteRequest(model="flux-dev", kind="image"),
+            "image model not on node",
+        ),
+    ],
+)
+def test_kind_eliminations(snapshot: NodeSnapshot, request_: RouteRequest, reason: str) -> None:
+    decision = decide(snapshot, request=request_)
+    assert decision.winner is None
+    assert [e.reason for e in decision.eliminated] == [reason]
+
+
+def test_speech_to_text_needs_only_the_backend() -> None:
+    stt = node("n", available=(), capabilities=Capabilities(stt_backends=("faster-whisper",)))
+    decision = decide(stt, request=RouteRequest(model="whisper", kind="stt"))
+    assert decision.winner is not None and decision.winner.node_id == "n"
+
+
+def test_embeddings_use_the_model_list() -> None:
+    request = RouteRequest(model="nomic-embed-text:latest", kind="embed")
+    has = node("has", available=("nomic-embed-text:latest",))
+    lacks = node("lacks")
+    decision = decide(has, lacks, request=request)
+    assert decision.winner is not None and decision.winner.node_id == "has"
+    assert [(e.node_id, e.reason) for e in decision.eliminated] == [("lacks", "model not on node")]
+
+
+def test_every_node_is_ranked_or_eliminated_once() -> None:
+    fleet = (node("a", loaded=(M,)), node("b", draining=True), node("c"), node("d", available=()))
+    decision = decide(*fleet)
+    seen = [c.node_id for c in decision.ranked] + [e.node_id for e in decision.eliminated]
+    assert sorted(seen) == ["a", "b", "c", "d"]
+    assert [e.node_id for e in decision.eliminated] == ["b", "d"]  # fleet order
+    assert decision.winner is decision.ranked[0]
+    assert [c.hot for c in decision.ranked] == [True, False]
+
+
 def test_a_hot_model_under_critical_pressure_is_still_served() -> None:
     pressured = node("n", loaded=(M,), memory=MemoryInfo(32 * GiB, GiB, MemoryPressure.CRITICAL))
     assert decide(pressured).winner is not None
@@ -134,6 +192,11 @@ def test_thermal_hot_beats_warm_beats_disk() -> None:
     # Warm only within the window.
     stale = decide(node("w", unloaded={M: 0.0}), now=S.warm_window_s + 1)
     assert stale.ranked[0].breakdown["thermal"] == 10.0
+    # "Less than warm_window_s ago": the boundary itself is no longer warm.
+    edge = decide(node("w", unloaded={M: 0.0}), now=S.warm_window_s)
+    assert edge.ranked[0].breakdown["thermal"] == 10.0
+    just = decide(node("w", unloaded={M: 0.0}), now=S.warm_window_s - 0.001)
+    assert just.ranked[0].breakdown["thermal"] == 30.0
 
 
 def test_queue_penalty_is_capped_and_eased_by_speed() -> None:
@@ -251,24 +314,53 @@ ALLOWED = {
     "herd.scoring",
     "herd.scoring.engine",
 }
+BANNED_NAMES = {"time", "trio", "asyncio", "datetime", "httpx", "quart", "os", "socket"}
+BANNED_ATTRIBUTES = {"current_time", "monotonic", "perf_counter", "time_ns", "utcnow"}
+
+
+def _sources() -> list[tuple[str, ast.Module]]:
+    package = Path(__file__).parent.parent / "herd" / "scoring"
+    found = [(path.name, ast.parse(path.read_text())) for path in sorted(package.glob("*.py"))]
+    assert len(found) >= 2
+    return found
 
 
 def test_scoring_is_pure() -> None:
-    package = Path(__file__).parent.parent / "herd" / "scoring"
-    for path in package.glob("*.py"):
-        tree = ast.parse(path.read_text())
+    for name, tree in _sources():
         for item in ast.walk(tree):
             if isinstance(item, ast.Import):
-                names = [alias.name for alias in item.names]
+                modules = [alias.name for alias in item.names]
             elif isinstance(item, ast.ImportFrom):
-                names = [item.module or ""]
+                modules = [item.module or ""]
             else:
-                continue
-            for name in names:
-                assert name in ALLOWED, f"{path.name} imports {name}"
-        source = path.read_text()
-        for banned in ("time.", "trio.", "datetime.now", "current_time"):
-            assert banned not in source, f"{path.name} uses {banned}"
+                modules = []
+            for module in modules:
+                assert module in ALLOWED, f"{name} imports {module}"
+            if isinstance(item, ast.Name):
+                assert item.id not in BANNED_NAMES, f"{name}:{item.lineno} uses {item.id}"
+            if isinstance(item, ast.Attribute):
+                assert item.attr not in BANNED_ATTRIBUTES, f"{name}:{item.lineno} {item.attr}"
+            # The global random generator is shared state: only a passed-in Random may be used.
+            if (
+                isinstance(item, ast.Attribute)
+                and isinstance(item.value, ast.Name)
+                and item.value.id == "random"
+            ):
+                assert item.attr == "Random", f"{name}:{item.lineno} random.{item.attr}"
+
+
+def test_scoring_has_no_module_level_mutable_state() -> None:
+    mutable = (ast.List, ast.Dict, ast.Set, ast.ListComp, ast.DictComp, ast.SetComp)
+    for name, tree in _sources():
+        for item in tree.body:
+            targets = item.targets if isinstance(item, ast.Assign) else []
+            if any(isinstance(t, ast.Name) and t.id == "__all__" for t in targets):
+                continue  # export list, by convention
+            if isinstance(item, ast.Assign | ast.AnnAssign) and item.value is not None:
+                assert not isinstance(item.value, mutable), f"{name}:{item.lineno}"
+                if isinstance(item.value, ast.Call) and isinstance(item.value.func, ast.Name):
+                    assert item.value.func.id not in {"list", "dict", "set"}, f"{name}"
+            assert not isinstance(item, ast.Global), f"{name}:{item.lineno}"
 
 
 def test_image_jobs_avoid_evicting_hot_models() -> None:
@@ -281,3 +373,59 @@ def test_image_jobs_avoid_evicting_hot_models() -> None:
     assert scores == {"busy": -S.image_eviction_penalty, "idle": 0.0}
     # Alone, the crowded node still takes the job: better than refusing it.
     assert decide(busy, request=RouteRequest(model="flux-dev", kind="image")).winner is not None
+
+
+def test_odd_numbers_from_nodes_and_history_never_raise() -> None:
+    nan = float("nan")
+    fleet = (
+        node("a", loaded=(M,), capacity=Capacity(availability=nan), context=0),
+        node("b", total=0, free=0, size=0, load={M: ModelLoad(in_flight=3)}, slots=0),
+        node("c", capacity=Capacity(availability=7.0, ceiling_bytes=GiB // 2), size=0),
+    )
+    history = History(
+        latency_p75_ms={("a", M): nan, ("b", M): -5.0, ("c", M): float("inf")},
+        node_speed={"a": nan, "b": 0.0, "c": -1.0},
+    )
+    decision = decide(*fleet, history=history)
+    assert len(decision.ranked) == 3
+    for candidate in decision.ranked:
+        assert all(math.isfinite(v) for v in candidate.breakdown.values()), candidate
+        assert math.isfinite(candidate.score)
+    points = {c.node_id: c.breakdown for c in decision.ranked}
+    assert points["a"]["availability"] == 0.0  # NaN availability: no opinion
+    assert points["a"]["wait_time"] == 0.0  # NaN latency: no history
+    assert points["b"]["wait_time"] == 0.0
+    assert points["c"]["wait_time"] == 0.0  # inf latency: no history either
+    assert points["c"]["availability"] == S.availability_max  # clamped to 1.0
+    assert points["b"]["queue_depth"] == -S.queue_penalty_max  # speed 0 floored, slots 0 -> 1
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"thermal_loaded": -1.0},
+        {"queue_penalty_max": float("nan")},
+        {"wait_penalty_max": float("inf")},
+        {"wait_full_penalty_ms": 0.0},
+        {"big_node_bytes": 0},
+        {"memory_comfort_share": 0.0},
+        {"context_comfort_ratio": 0.9},
+    ],
+)
+def test_settings_refuse_meaningless_values(change: dict[str, float]) -> None:
+    (name,) = change
+    with pytest.raises(ValueError, match=name):
+        ScoringSettings(**change)  # type: ignore[arg-type]
+
+
+def test_settings_can_be_tuned() -> None:
+    cold_first = ScoringSettings(thermal_loaded=0.0, thermal_on_disk=60.0)
+    decision = score(
+        RouteRequest(model=M),
+        FleetSnapshot(nodes=(node("hot", loaded=(M,)), node("cold"))),
+        History(),
+        0.0,
+        cold_first,
+        random.Random(0),
+    )
+    assert decision.winner is not None and decision.winner.node_id == "cold"

@@ -7,6 +7,9 @@ Rules
   for tie-breaking. Same inputs, same decision. ``tests/test_scoring.py`` checks the imports.
 - Every candidate gets a per-signal breakdown whose values sum to its score, so a trace can say
   *why* a node won.
+- No module-level mutable state. Settings are validated when built (``ScoringSettings`` raises
+  ``ValueError``); after that nothing here raises: a node's odd numbers (NaN availability, a
+  negative latency) are read as "no information", never as an exception mid-request.
 
 Theory of operation
 -------------------
@@ -18,23 +21,37 @@ A decision has three stages.
    Each elimination keeps a reason that names the value that failed.
 2. **Score** the survivors on seven signals (points; positive is better):
 
-   ============  ===========  =====================================================
-   signal        range        meaning
-   ============  ===========  =====================================================
-   thermal       0 .. +50     loaded +50; unloaded recently +30; only on disk +10
-   memory_fit    0 .. +20     headroom left after serving (cold loads use memory)
-   queue_depth   -30 .. 0     requests queued or running per slot, eased by speed
-   wait_time     -25 .. 0     p75 latency of this node:model from history
-   role_affinity 0 .. +15     big models to big machines, small models to small ones
-   availability  -10 .. +10   learned availability; degraded heartbeat costs points
-   context_fit   -15 .. +15   loaded context window vs the tokens the request needs
-   ============  ===========  =====================================================
+   =============  ===========  ====================================================
+   signal         range        meaning
+   =============  ===========  ====================================================
+   thermal        -30 .. +50   loaded +50; unloaded recently +30; only on disk +10;
+                               image jobs -30 where they would evict hot models
+   memory_fit     0 .. +20     headroom left after serving (cold loads use memory)
+   queue_depth    -30 .. 0     requests running or queued per slot, eased by speed
+   wait_time      -25 .. 0     p75 latency of this node:model from history (log)
+   role_affinity  0 .. +15     big models to big machines, small models to small
+   availability   -20 .. +10   learned availability ±10; a degraded node -10 more
+   context_fit    -15 .. +15   loaded context window vs the tokens the request needs
+   =============  ===========  ====================================================
 
    Thermal dominates on purpose: a cold load of a large model costs seconds to minutes, far
-   more than any queue. The queue penalty is capped so a hot node that is busy still loses to an
-   idle warm one only when it is really saturated, and no node is starved for ever.
+   more than any queue. A queue alone (capped at 30) never takes the work from a hot node whose
+   window fits; a queue that has made the node *slow* does, through ``wait_time``. The cap keeps
+   a busy node in the ranking, so nothing starves, and its load still spreads ties.
 3. **Rank** by total score; exact ties are broken by the caller's ``rng``; the decision keeps the
    winner, the runners-up and every elimination.
+
+Choices worth knowing
+---------------------
+- Critical memory pressure refuses only *cold* loads. A model already loaded needs no new
+  memory, and refusing it would turn a busy node into an outage; its memory fit is ~0 anyway,
+  so any comfortable peer wins.
+- ``now`` and ``recently_unloaded`` are on the router's clock; "warm" means unloaded strictly
+  less than ``warm_window_s`` ago.
+- Image jobs need the backend *and* the model listed in ``image_models``; speech-to-text needs
+  only a backend (the node picks its model). Text needs ``capabilities.text``; embeddings use
+  the ordinary model list. Any other kind is eliminated as "kind not supported".
+- Scores are rounded to 3 decimals so float noise doesn't hide a tie from the tie-breaker.
 """
 
 from __future__ import annotations
@@ -46,8 +63,10 @@ from collections.abc import Mapping
 import attrs
 
 from herd.models import (
+    KIND_EMBED,
     KIND_IMAGE,
     KIND_STT,
+    KIND_TEXT,
     FleetSnapshot,
     MemoryPressure,
     NodeSnapshot,
@@ -69,76 +88,106 @@ SIGNALS = (
 
 @attrs.frozen
 class RouteRequest:
-    model: str
-    kind: str = "text"
-    estimated_prompt_tokens: int = 0
-    requested_context: int | None = None
-    excluded_nodes: frozenset[str] = frozenset()
+    """What the scorer needs to know of one request."""
+
+    model: str  # normalized, e.g. "llama3.2:3b"
+    kind: str = KIND_TEXT  # herd.models.KIND_*
+    estimated_prompt_tokens: int = 0  # the router's estimate of the prompt
+    requested_context: int | None = None  # num_ctx the client asked for, if any
+    excluded_nodes: frozenset[str] = frozenset()  # nodes that already failed this request
 
 
 @attrs.frozen
 class History:
+    """What the router has learned from completed requests."""
+
+    # (node_id, model) -> p75 latency of completed requests, ms. Missing = no penalty.
     latency_p75_ms: Mapping[tuple[str, str], float] = attrs.field(factory=dict)
+    # node_id -> relative speed (1.0 = fleet median, 2.0 = twice as fast). Missing = 1.0.
     node_speed: Mapping[str, float] = attrs.field(factory=dict)
 
 
 @attrs.frozen
 class ScoringSettings:
-    # Thermal: a hot model answers at once; a warm one was just in memory (OS page cache still
-    # holds much of it); a disk-only model pays a full load.
-    thermal_loaded: float = 50.0
-    thermal_warm: float = 30.0
-    thermal_on_disk: float = 10.0
-    warm_window_s: float = 1800.0  # "recently unloaded" means within 30 minutes
-    # Memory: full points when at least this share of total memory stays free after serving.
-    memory_fit_max: float = 20.0
-    memory_comfort_share: float = 0.5
-    # Queue: points lost per request waiting or running per parallel slot, capped.
-    queue_penalty_max: float = 30.0
-    queue_penalty_per_slot_load: float = 10.0
-    # Wait: the p75 latency that costs the full penalty (longer is no worse: capped).
-    wait_penalty_max: float = 25.0
-    wait_full_penalty_ms: float = 30_000.0
-    # Role affinity: models at least this big are "large" and prefer nodes with a lot of memory.
-    role_affinity_max: float = 15.0
-    large_model_bytes: int = 20 * GiB
-    big_node_bytes: int = 64 * GiB
-    # Availability: ±10 around 0.5 learned availability; a degraded node loses this much more.
-    availability_max: float = 10.0
-    degraded_penalty: float = 10.0
-    # Context: a loaded window with at least this much spare is a comfortable fit.
-    context_fit_max: float = 15.0
-    context_comfort_ratio: float = 1.5
-    # Image jobs need the GPU's memory: on a node whose free memory is below this and that has
-    # models loaded, the job would push them out. Costs points (thermal) so another node wins.
-    image_memory_need: int = 12 * GiB
-    image_eviction_penalty: float = 30.0
+    """Every weight and threshold. Raises ``ValueError`` when built with a value that would make
+    scoring meaningless (negative, NaN or infinite; a zero divisor)."""
+
+    # Thermal dominates: a cold load costs seconds to minutes, more than any queue.
+    thermal_loaded: float = 50.0  # in memory: answers at once
+    thermal_warm: float = 30.0  # just unloaded: the OS page cache still holds much of it
+    thermal_on_disk: float = 10.0  # a full load from disk; still better than no node
+    warm_window_s: float = 1800.0  # page cache rarely survives half an hour of other work
+    # Memory fit: full points when this share of total memory stays free after serving.
+    memory_fit_max: float = 20.0  # second only to thermal: swapping ruins every request
+    memory_comfort_share: float = 0.5  # half the machine free leaves room for a second model
+    # Queue: points lost per (request running or waiting) per parallel slot, capped.
+    queue_penalty_max: float = 30.0  # < thermal_loaded - thermal_on_disk: no hot node starves
+    queue_penalty_per_slot_load: float = 10.0  # one full round of slots queued = -10
+    # Wait: log-scaled p75 latency; this much p75 costs the full penalty.
+    wait_penalty_max: float = 25.0  # a node proven slow loses even a hot-vs-warm lead (20)
+    wait_full_penalty_ms: float = 30_000.0  # 30 s p75 is as bad as it gets for interactive use
+    # Role affinity: keep the big machines free for the big models.
+    role_affinity_max: float = 15.0  # a tie-breaker among equals, never over thermal
+    large_model_bytes: int = 20 * GiB  # ~30B+ parameters at Q4: only big machines hold these
+    big_node_bytes: int = 64 * GiB  # a node this big (or bigger) is fully "big"
+    small_model_affinity_share: float = 0.5  # small models care half as much where they run
+    # Availability: learned capacity maps 0..1 to -10..+10; degraded heartbeats cost more.
+    availability_max: float = 10.0  # the owner is using this machine: prefer another
+    degraded_penalty: float = 10.0  # late heartbeats: the node may be about to drop out
+    # Context fit: loaded window vs the tokens the request needs.
+    context_fit_max: float = 15.0  # a reload for a bigger window costs about a cold load
+    context_comfort_ratio: float = 1.5  # 50% spare leaves room for the answer
+    # Image jobs need the GPU's memory: on a node with models loaded and less free than this,
+    # the job would push them out. Costs points (in thermal) so another node wins.
+    image_memory_need: int = 12 * GiB  # a Flux-class model in 8 bits plus activations
+    image_eviction_penalty: float = 30.0  # about the thermal gap between hot and on disk
+
+    def __attrs_post_init__(self) -> None:
+        for field in attrs.fields(type(self)):
+            value = getattr(self, field.name)
+            if not math.isfinite(value) or value < 0:
+                raise ValueError(f"scoring setting {field.name} must be >= 0, got {value!r}")
+        for name in ("memory_comfort_share", "wait_full_penalty_ms", "big_node_bytes"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"scoring setting {name} must be > 0, got {getattr(self, name)!r}")
+        if self.context_comfort_ratio < 1.0:
+            raise ValueError(
+                f"scoring setting context_comfort_ratio must be >= 1.0, "
+                f"got {self.context_comfort_ratio!r}"
+            )
 
 
 @attrs.frozen
 class Candidate:
+    """A node that can serve the request, and why it scored what it did."""
+
     node_id: str
     model: str
-    score: float
-    breakdown: Mapping[str, float]
-    hot: bool
+    score: float  # sum of the breakdown
+    breakdown: Mapping[str, float]  # signal name (see SIGNALS) -> points
+    hot: bool  # the model is loaded on the node: no cold load
 
 
 @attrs.frozen
 class Elimination:
+    """A node that can't serve the request at all."""
+
     node_id: str
-    reason: str
+    reason: str  # short, names the failing value: "needs 40.0 GiB free, has 12.1 GiB"
 
 
 @attrs.frozen
 class RouteDecision:
+    """The outcome of :func:`score`: every node appears once, ranked or eliminated."""
+
     request: RouteRequest
-    winner: Candidate | None
-    ranked: tuple[Candidate, ...]
-    eliminated: tuple[Elimination, ...]
+    winner: Candidate | None  # None when every node was eliminated
+    ranked: tuple[Candidate, ...]  # best first; the winner first
+    eliminated: tuple[Elimination, ...]  # in fleet order
 
     @property
     def runners_up(self) -> tuple[Candidate, ...]:
+        """The candidates after the winner, best first."""
         return self.ranked[1:]
 
 
@@ -146,26 +195,37 @@ def _gib(value: float) -> str:
     return f"{value / GiB:.1f} GiB"
 
 
+def _number(value: float | None, default: float) -> float:
+    """``value`` if it is a finite number, else ``default``: odd input means "no information"."""
+    if value is None or not math.isfinite(value):
+        return default
+    return value
+
+
 def free_memory(node: NodeSnapshot) -> int:
-    """Memory a cold load may use: available memory, capped by the capacity ceiling."""
-    free = node.report.memory.available_bytes
+    """Memory a cold load may use: available memory, capped by the capacity ceiling (the ceiling
+    minus what is in use). Never negative. Raises nothing."""
+    memory = node.report.memory
+    free = memory.available_bytes
     ceiling = node.report.capacity.ceiling_bytes
     if ceiling is not None:
-        used = node.report.memory.total_bytes - node.report.memory.available_bytes
-        free = min(free, max(0, ceiling - used))
-    return free
+        used = memory.total_bytes - memory.available_bytes
+        free = min(free, ceiling - used)
+    return max(0, free)
 
 
 def model_size(node: NodeSnapshot, model: str) -> int:
+    """Bytes ``model`` takes on ``node``: its loaded size, else its size on disk, else 0 (unknown).
+    Raises nothing."""
     loaded = node.loaded(model)
-    if loaded is not None and loaded.size_bytes:
+    if loaded is not None and loaded.size_bytes > 0:
         return loaded.size_bytes
     available = node.available(model)
-    return available.size_bytes if available is not None else 0
+    return max(0, available.size_bytes) if available is not None else 0
 
 
 def eliminate(request: RouteRequest, node: NodeSnapshot) -> str | None:
-    """Why ``node`` can't serve ``request`` at all, or None if it can."""
+    """Why ``node`` can't serve ``request`` at all, or None if it can. Raises nothing."""
     report = node.report
     if node.status is NodeStatus.OFFLINE:
         return "offline"
@@ -185,8 +245,12 @@ def eliminate(request: RouteRequest, node: NodeSnapshot) -> str | None:
         return None
     if request.kind == KIND_STT:
         return None if report.capabilities.stt_backends else "no speech-to-text backend"
+    if request.kind not in (KIND_TEXT, KIND_EMBED):
+        return f"kind not supported: {request.kind!r}"
+    if request.kind == KIND_TEXT and not report.capabilities.text:
+        return "kind not supported: node serves no text models"
     if node.loaded(request.model) is not None:
-        return None
+        return None  # hot: needs no new memory, whatever the pressure
     if node.available(request.model) is None:
         return "model not on node"
     if report.memory.pressure is MemoryPressure.CRITICAL:
@@ -199,6 +263,8 @@ def eliminate(request: RouteRequest, node: NodeSnapshot) -> str | None:
 
 
 def thermal(request: RouteRequest, node: NodeSnapshot, now: float, s: ScoringSettings) -> float:
+    """Residency: loaded, warm (unloaded < ``warm_window_s`` ago) or on disk. For image jobs,
+    a penalty when the job would push hot models out of a crowded node. Raises nothing."""
     if request.kind == KIND_IMAGE:
         # No "hot" image models to find; what matters is not evicting the LLMs that are hot.
         crowded = free_memory(node) < s.image_memory_need and node.report.loaded_models
@@ -206,12 +272,14 @@ def thermal(request: RouteRequest, node: NodeSnapshot, now: float, s: ScoringSet
     if node.loaded(request.model) is not None:
         return s.thermal_loaded
     unloaded_at = node.recently_unloaded.get(request.model)
-    if unloaded_at is not None and now - unloaded_at <= s.warm_window_s:
+    if unloaded_at is not None and now - unloaded_at < s.warm_window_s:
         return s.thermal_warm
     return s.thermal_on_disk
 
 
 def memory_fit(request: RouteRequest, node: NodeSnapshot, s: ScoringSettings) -> float:
+    """Headroom after serving, as a share of total memory: a cold load spends the model's size,
+    a hot model only what is free now. Full points at ``memory_comfort_share``. Raises nothing."""
     total = node.report.memory.total_bytes
     if total <= 0:
         return 0.0
@@ -223,11 +291,13 @@ def memory_fit(request: RouteRequest, node: NodeSnapshot, s: ScoringSettings) ->
 
 
 def queue_depth(node: NodeSnapshot, history: History, s: ScoringSettings) -> float:
+    """Requests running or waiting on the node (all models) per parallel slot, divided by the
+    node's relative speed (floored at 0.25), capped at ``queue_penalty_max``. Raises nothing."""
     waiting = node.in_flight + node.pending
     if waiting <= 0:
         return 0.0
     slots = max(1, node.report.parallel_slots)
-    speed = max(0.25, history.node_speed.get(node.node_id, 1.0))
+    speed = max(0.25, _number(history.node_speed.get(node.node_id), 1.0))
     penalty = s.queue_penalty_per_slot_load * (waiting / slots) / speed
     return -round(min(s.queue_penalty_max, penalty), 3)
 
@@ -235,8 +305,10 @@ def queue_depth(node: NodeSnapshot, history: History, s: ScoringSettings) -> flo
 def wait_time(
     request: RouteRequest, node: NodeSnapshot, history: History, s: ScoringSettings
 ) -> float:
-    p75 = history.latency_p75_ms.get((node.node_id, request.model))
-    if p75 is None or p75 <= 0:
+    """Expected wait from the p75 latency of this node:model, log-scaled, full penalty at
+    ``wait_full_penalty_ms``; 0 without history. Raises nothing."""
+    p75 = _number(history.latency_p75_ms.get((node.node_id, request.model)), 0.0)
+    if p75 <= 0:
         return 0.0
     # Logarithmic: the difference between 100 ms and 1 s matters as much as 1 s and 10 s.
     fraction = math.log1p(p75 / 100.0) / math.log1p(s.wait_full_penalty_ms / 100.0)
@@ -244,6 +316,9 @@ def wait_time(
 
 
 def role_affinity(request: RouteRequest, node: NodeSnapshot, s: ScoringSettings) -> float:
+    """Large models (>= ``large_model_bytes``) score by how big the node is, up to
+    ``big_node_bytes``; small ones by how small it is, at ``small_model_affinity_share`` of the
+    weight. 0 when a size is unknown. Raises nothing."""
     total = node.report.memory.total_bytes
     size = model_size(node, request.model)
     if total <= 0 or size <= 0:
@@ -252,18 +327,23 @@ def role_affinity(request: RouteRequest, node: NodeSnapshot, s: ScoringSettings)
     if size >= s.large_model_bytes:
         return round(s.role_affinity_max * node_bigness, 3)
     # Small models: prefer small nodes, keeping big machines free for big models.
-    return round(s.role_affinity_max * (1.0 - node_bigness) * 0.5, 3)
+    return round(s.role_affinity_max * (1.0 - node_bigness) * s.small_model_affinity_share, 3)
 
 
 def availability(node: NodeSnapshot, s: ScoringSettings) -> float:
-    level = min(1.0, max(0.0, node.report.capacity.availability))
+    """Learned availability 0..1 mapped to -max..+max (NaN reads as 0.5, no opinion); a
+    degraded node loses ``degraded_penalty`` more. Raises nothing."""
+    level = min(1.0, max(0.0, _number(node.report.capacity.availability, 0.5)))
     points = s.availability_max * (2 * level - 1)
     if node.status is NodeStatus.DEGRADED:
         points -= s.degraded_penalty
-    return round(max(-s.availability_max - s.degraded_penalty, points), 3)
+    return round(points, 3)
 
 
 def context_fit(request: RouteRequest, node: NodeSnapshot, s: ScoringSettings) -> float:
+    """Loaded context window vs the tokens needed (max of the prompt estimate and the asked
+    ``num_ctx``): +max with ``context_comfort_ratio`` to spare, scaled down to 0 as it gets
+    tight, -max when it won't fit (a reload). 0 when not loaded. Raises nothing."""
     loaded = node.loaded(request.model)
     if loaded is None or loaded.context_length <= 0:
         return 0.0
@@ -281,6 +361,7 @@ def context_fit(request: RouteRequest, node: NodeSnapshot, s: ScoringSettings) -
 def breakdown(
     request: RouteRequest, node: NodeSnapshot, history: History, now: float, s: ScoringSettings
 ) -> dict[str, float]:
+    """Every signal's points for one eligible node, keyed as in ``SIGNALS``. Raises nothing."""
     return {
         "thermal": thermal(request, node, now, s),
         "memory_fit": memory_fit(request, node, s),
@@ -300,7 +381,12 @@ def score(
     settings: ScoringSettings,
     rng: random.Random,
 ) -> RouteDecision:
-    """Rank every node for ``request``. Never raises; an empty ``ranked`` means no node can."""
+    """Rank every node of ``fleet`` for ``request``: each one is either a candidate or an
+    elimination. Exact ties are ordered by ``rng`` (the only state used; pass a seeded one for
+    reproducible decisions). ``now`` is on the same clock as ``NodeSnapshot.last_seen``.
+
+    Raises nothing: a decision whose ``winner`` is None means no node can serve the request.
+    """
     candidates: list[Candidate] = []
     eliminated: list[Elimination] = []
     for node in fleet.nodes:
@@ -331,7 +417,8 @@ def score(
 
 
 def explain(decision: RouteDecision) -> str:
-    """One line per candidate and elimination, for logs."""
+    """A header, then one line per candidate (winner starred, with its breakdown) and per
+    elimination, for logs. Raises nothing."""
     lines = [f"route {decision.request.model} ({decision.request.kind}):"]
     for candidate in decision.ranked:
         parts = " ".join(f"{k}={v:+g}" for k, v in candidate.breakdown.items())

@@ -566,6 +566,7 @@ class SimOllama:
         assert isinstance(options, dict)
         limit = options.get("num_predict")
         count = limit if isinstance(limit, int) and limit >= 0 else self.config.default_tokens
+        count = min(count, model.context_length)  # as a real server: bounded by the context
         if chat and data.get("tools") and model.tools:
             tokens: list[str] = []
             tool_calls = [
