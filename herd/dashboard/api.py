@@ -267,9 +267,7 @@ def create_blueprint(state: RouterState) -> Blueprint:
     async def dashboard_pull() -> Response:
         body = await body_json()
         model = model_admin.requested_model(body)
-        node_id = body.get("node_id")
-        if node_id is not None and not isinstance(node_id, str):
-            raise BadRequest("field 'node_id' must be a string", param="node_id")
+        node_id = model_admin.requested_node(body)
         node = model_admin.pull_target(state.snapshot(), node_id)
         if body.get("stream") is False:
             await model_admin.pull(state, node, model)
@@ -281,9 +279,7 @@ def create_blueprint(state: RouterState) -> Blueprint:
     @bp.post("/dashboard/api/delete")
     async def dashboard_delete() -> Response:
         body = await body_json()
-        node_id = body.get("node_id")
-        if node_id is not None and not isinstance(node_id, str):
-            raise BadRequest("field 'node_id' must be a string", param="node_id")
+        node_id = model_admin.requested_node(body)
         result = await model_admin.delete(state, model_admin.requested_model(body), node_id)
         return _json(result, status=200 if result["deleted"] else 502)
 

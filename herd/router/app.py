@@ -127,9 +127,7 @@ def create_app(state: RouterState) -> QuartTrio:
     async def pull() -> Response:
         body = parse_json_body(await request_bytes())
         model = model_admin.requested_model(body)
-        node_id = body.get("node_id")
-        if node_id is not None and not isinstance(node_id, str):
-            raise BadRequest("field 'node_id' must be a string", param="node_id")
+        node_id = model_admin.requested_node(body)
         node = model_admin.pull_target(state.snapshot(), node_id)
         if body.get("stream") is False:
             await model_admin.pull(state, node, model)
@@ -143,9 +141,7 @@ def create_app(state: RouterState) -> QuartTrio:
     @app.delete("/api/delete")
     async def delete() -> Response:
         body = parse_json_body(await request_bytes())
-        node_id = body.get("node_id")
-        if node_id is not None and not isinstance(node_id, str):
-            raise BadRequest("field 'node_id' must be a string", param="node_id")
+        node_id = model_admin.requested_node(body)
         result = await model_admin.delete(state, model_admin.requested_model(body), node_id)
         return json_response(result, status=200 if result["deleted"] else 502)
 

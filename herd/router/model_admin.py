@@ -61,6 +61,14 @@ def pull_target(fleet: FleetSnapshot, node_id: str | None = None) -> NodeSnapsho
     return max(nodes, key=lambda n: (n.report.disk.free_bytes, n.report.memory.available_bytes))
 
 
+def requested_node(body: dict[str, Any]) -> str | None:
+    """The optional ``node_id`` of a pull or delete. Raises BadRequest if it isn't a string."""
+    node_id = body.get("node_id")
+    if node_id is not None and not isinstance(node_id, str):
+        raise BadRequest("field 'node_id' must be a string", param="node_id")
+    return node_id
+
+
 def requested_model(body: dict[str, Any]) -> str:
     name = body.get("model") or body.get("name")
     if not isinstance(name, str) or not name.strip():
