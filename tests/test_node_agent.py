@@ -438,7 +438,7 @@ async def test_refused_connections_back_off_and_say_why(io_clock: trio.testing.M
             async with running(agent):
                 start = trio.current_time()
                 # Attempts at +0, +0.5, +1.5, +3.5: three reconnects by +3.6 s.
-                await trio.sleep(3.6)
+                await trio.sleep(3.6)  # io_clock: an autojump MockClock, virtual seconds
                 stats = agent.statistics()
                 assert trio.current_time() - start == pytest.approx(3.6)
     assert stats.reconnects == 3 and stats.heartbeats_sent == 0 and not stats.connected
