@@ -405,15 +405,7 @@ class _StreamTranslator:
         return DONE
 
     def error(self, message: str) -> bytes:
-        payload = {
-            "error": {
-                "message": message,
-                "type": "server_error",
-                "param": None,
-                "code": "stream_interrupted",
-            }
-        }
-        return _event(payload) + DONE
+        return stream_error(message)
 
 
 class ChatStreamTranslator(_StreamTranslator):
