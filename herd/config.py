@@ -158,6 +158,16 @@ OPTIONS: tuple[Option, ...] = (
         category="limits",
     ),
     Option(
+        "body_timeout",
+        "--body-timeout",
+        "FLEET_BODY_TIMEOUT",
+        60.0,
+        _positive_float,
+        "seconds a client may take to send an inference request's body (408 beyond)",
+        roles=("router",),
+        category="limits",
+    ),
+    Option(
         "mdns",
         "--mdns",
         "FLEET_MDNS",
@@ -401,6 +411,7 @@ class RouterConfig:
     queue_timeout: float = 30.0
     first_byte_timeout: float = 300.0
     max_body_bytes: int = 32 * MiB
+    body_timeout: float = 60.0
     auth_token: str | None = None
     api_keys: tuple[str, ...] = ()
     log_level: str = "INFO"

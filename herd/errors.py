@@ -7,6 +7,7 @@ caller's API expects.
     │   ├── Unauthorized           401  missing or bad API key / fleet token
     │   ├── NotFound               404  unknown path
     │   ├── ModelNotFound          404  no node has the model
+    │   ├── RequestTimeout         408  the body did not arrive in time (a slow client)
     │   ├── PayloadTooLarge        413  body over the limit
     │   └── TooManyRequests        429  one client has too many requests in progress
     ├── NodeError                  a node failed; the router may retry elsewhere
@@ -87,6 +88,14 @@ class ModelNotFound(ClientError):
         message = f"model '{model}' not found on any node"
         super().__init__(f"{message} ({detail})" if detail else message, param="model")
         self.model = model
+
+
+class RequestTimeout(ClientError):
+    status = 408
+    code = "request_timeout"
+
+    def headers(self) -> dict[str, str]:
+        return {"Connection": "close"}  # the rest of the body may still be on its way
 
 
 class PayloadTooLarge(ClientError):

@@ -150,6 +150,8 @@ class ModelLoad:
 
     pending: int = 0
     in_flight: int = 0
+    # Router clock of the last time a request for this model took or left a slot here.
+    last_used: float | None = None
 
 
 @attrs.frozen

@@ -15,6 +15,12 @@ def hypercorn_config(host: str, port: int) -> Config:
     config.bind = [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
     config.accesslog = None
     config.errorlog = logging.getLogger("herd.http")
+    # Also the deadline for a request's line and headers: hypercorn's keep-alive timer runs
+    # from connecting (or the last response) until a whole request head has arrived, and
+    # trickled bytes don't reset it, so a slowloris client is cut after this long. Bodies have
+    # their own deadline (--body-timeout). read_timeout stays unset: hypercorn applies it to
+    # every read, including the silence while a client reads a long streamed answer, which it
+    # would cut (tests/test_security.py shows both).
     config.keep_alive_timeout = 75
     config.backlog = 2048  # bursts of hundreds of clients must not be reset at connect
     config.graceful_timeout = 5

@@ -212,7 +212,7 @@ class FakeRouter:
         if self.token is not None and presented != f"Bearer {self.token}".encode():
             self.rejected += 1
             self._notify()
-            await request.reject(403, body=b"fleet token required")
+            await request.reject(401, body=b"fleet token required")  # as the real router
             return
         ws = await request.accept()
         self.ws = ws
@@ -560,6 +560,8 @@ async def test_draining_before_connecting_is_in_the_first_heartbeat() -> None:
 # Auth
 # ---------------------------------------------------------------------------------------------
 
+REFUSED_TOKEN = "router refused the fleet token (401): check --auth-token here and on the router"
+
 
 async def test_fleet_token_goes_in_the_handshake_and_is_never_logged(
     io_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
@@ -574,8 +576,11 @@ async def test_fleet_token_goes_in_the_handshake_and_is_never_logged(
                 stranger_stats = stranger.statistics()
     assert b"Bearer s3cret" in router.authorization and None in router.authorization
     assert {h.node_id for h in router.heartbeats} == {"member"}
-    assert stranger_stats.last_error == "router refused the connection: HTTP 403"
+    assert stranger_stats.last_error == REFUSED_TOKEN
     assert stranger_stats.heartbeats_sent == 0
+    # Said plainly, as a warning (and the agent kept trying: two refusals above).
+    refusals = [r for r in caplog.records if "refused the fleet token (401)" in r.getMessage()]
+    assert refusals and all(r.levelno == logging.WARNING for r in refusals)
     assert "s3cret" not in caplog.text
     gc.collect()  # a socket leaked by a rejected handshake would warn (= fail) here
 
@@ -802,7 +807,7 @@ async def test_real_router_refuses_a_node_without_the_token(tmp_path: Path) -> N
                     await stranger.wait_connected()
                     pytest.fail("a node without the fleet token got in")
                 assert [n.node_id for n in r.fleet.nodes] == ["member"]
-                assert stranger.last_error == "router refused the connection: HTTP 403"
+                assert stranger.last_error == REFUSED_TOKEN
     gc.collect()
 
 

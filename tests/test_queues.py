@@ -47,9 +47,14 @@ async def test_limit_makes_requests_wait_in_pending() -> None:
         book.set_limit("a", 3)  # a heartbeat raised the node's slots
         await trio.testing.wait_all_tasks_blocked()
         assert (counters.pending, counters.in_flight) == (0, 3)
+        released_at = trio.current_time()
         release.set()
     assert (counters.pending, counters.in_flight, counters.done) == (0, 0, 3)
-    assert book.load_for("a") == {}
+    assert not book.busy("a")
+    idle = book.load_for("a")["m"]
+    assert (idle.pending, idle.in_flight) == (0, 0)
+    # The eviction cost reads this recency: set when the last request left its slot.
+    assert idle.last_used is not None and released_at <= idle.last_used <= trio.current_time()
 
 
 async def test_cancel_while_pending_uncounts() -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from herd.models import LoadedModel, NodeReport, NodeStatus
-from herd.router.registry import NodeRegistry
+from herd.router.registry import Admission, NodeRegistry
 
 
 def test_online_degraded_offline_and_back() -> None:
@@ -28,6 +28,22 @@ def test_socket_close_is_offline_but_an_old_session_closing_is_not() -> None:
     registry.apply_report(NodeReport(node_id="a"), 1.0, new)  # reconnected
     assert registry.disconnected("a", 2.0, old) == []
     assert [c.new for c in registry.disconnected("a", 2.0, new)] == [NodeStatus.OFFLINE]
+
+
+def test_one_live_session_per_node_id() -> None:
+    registry = NodeRegistry(heartbeat_timeout=15, heartbeat_offline=30)
+    first, second = object(), object()
+    assert registry.admit("a", first) == Admission(allowed=True)  # a node never seen
+    registry.apply_report(NodeReport(node_id="a"), 0.0, first)
+    assert registry.admit("a", first) == Admission(allowed=True)
+    assert registry.admit("a", second) == Admission(allowed=False)  # live: no takeover
+    registry.tick(15.0)
+    assert registry.admit("a", second) == Admission(allowed=False)  # degraded is still live
+    registry.tick(30.0)  # silent past offline, socket still open (half-open): replaceable
+    assert registry.admit("a", second) == Admission(allowed=True, stale=first)
+    registry.apply_report(NodeReport(node_id="a"), 31.0, first)
+    registry.disconnected("a", 32.0, first)  # the socket closed: rejoin at once
+    assert registry.admit("a", second) == Admission(allowed=True)
 
 
 def test_unloaded_models_are_remembered_as_warm() -> None:

@@ -1,16 +1,43 @@
-"""API keys and the fleet token, against a running router."""
+"""API keys, the fleet token, node identity and slow clients, against a running router."""
 
 from __future__ import annotations
 
+import contextlib
+import gc
+import json
 import logging
+from collections.abc import AsyncIterator
 from pathlib import Path
 
+import attrs
+import h11
 import httpx
 import openai
 import pytest
+import trio
+import trio.testing
+from trio_websocket import (
+    ConnectionClosed,
+    ConnectionRejected,
+    WebSocketConnection,
+    wrap_client_stream,
+)
 
+from herd.models import NodeReport, NodeStatus
+from herd.node.agent import RouterEndpoint
+from herd.router.registry import NodeRecord
 from herd.security import key_ok, presented_key
-from tests.conftest import in_thread, running_fleet, two_node_specs
+from herd.server import hypercorn_config
+from herd.sim import SimConfig
+from herd.wire import report_to_json
+from tests.conftest import (
+    LLAMA_3B,
+    Fleet,
+    in_thread,
+    running_fleet,
+    two_node_specs,
+    wait_until,
+)
 
 KEY = "sk-herd-test-1234"
 
@@ -104,3 +131,273 @@ async def test_limits_answer_in_the_callers_shape(tmp_path: Path) -> None:
         huge_header = await client.get("/api/tags", headers={"X-Big": "x" * 100_000})
         assert huge_header.status_code in (400, 431)
         assert (await client.get("/api/tags")).status_code == 200  # still serving
+
+
+# ---------------------------------------------------------------------------------------------
+# The fleet socket: who may join, and as whom
+# ---------------------------------------------------------------------------------------------
+
+TOKEN = "s3cret-fleet-token"
+
+
+@pytest.fixture
+def io_clock() -> trio.testing.MockClock:
+    """Virtual time that jumps only after 20 ms of real idleness, so loopback I/O in flight
+    is never mistaken for "everyone is asleep"."""
+    return trio.testing.MockClock(autojump_threshold=0.02)
+
+
+@contextlib.asynccontextmanager
+async def fleet_socket(
+    router_url: str, token: str | None = None
+) -> AsyncIterator[WebSocketConnection]:
+    """A raw node socket to the router, opened as the agent opens it: on our own TCP stream,
+    closed even when the handshake is refused."""
+    endpoint = RouterEndpoint.from_url(router_url)
+    headers = [(b"authorization", f"Bearer {token}".encode())] if token else []
+    stream = await trio.open_tcp_stream(endpoint.host, endpoint.port)
+    try:
+        async with trio.open_nursery() as nursery:
+            ws = await wrap_client_stream(
+                nursery, stream, endpoint.host_header, endpoint.resource, extra_headers=headers
+            )
+            try:
+                yield ws
+            finally:
+                await ws.aclose()
+    finally:
+        await stream.aclose()
+
+
+def record_of(fleet: Fleet, node_id: str) -> NodeRecord:
+    record = fleet.router.state.registry.get(node_id)
+    assert record is not None, node_id
+    return record
+
+
+async def join(ws: WebSocketConnection, node_id: str) -> None:
+    await ws.send_message(report_to_json(NodeReport(node_id=node_id)))
+    reply = json.loads(await ws.get_message())
+    assert reply["type"] == "ack" and reply["node_id"] == node_id
+
+
+async def test_fleet_handshake_without_the_token_is_refused_with_401(tmp_path: Path) -> None:
+    refused_401 = pytest.RaisesExc(
+        ConnectionRejected,
+        check=lambda e: e.status_code == 401 and e.body == b"fleet token required\n",
+    )
+    with trio.fail_after(10):
+        async with running_fleet(tmp_path, [], auth_token=TOKEN) as fleet:
+            for token in (None, "wrong-token"):
+                # Refused before the socket is accepted: an HTTP answer, not a close frame.
+                with pytest.RaisesGroup(refused_401, flatten_subgroups=True):
+                    async with fleet_socket(fleet.url, token):
+                        pass
+            assert fleet.router.fleet.nodes == ()
+            async with fleet_socket(fleet.url, TOKEN) as ws:
+                await join(ws, "member")
+                assert [node.node_id for node in fleet.router.fleet.nodes] == ["member"]
+    gc.collect()  # a socket leaked by a refused handshake would warn (= fail) here
+
+
+@pytest.mark.parametrize("token", [None, TOKEN])
+async def test_a_second_socket_cannot_take_over_a_connected_node(
+    tmp_path: Path, token: str | None, caplog: pytest.LogCaptureFixture
+) -> None:
+    with trio.fail_after(10):
+        async with (
+            running_fleet(tmp_path, [], auth_token=token) as fleet,
+            fleet_socket(fleet.url, token) as first,
+        ):
+            state = fleet.router.state
+            await join(first, "alpha")
+            session = record_of(fleet, "alpha").session
+            async with fleet_socket(fleet.url, token) as impostor:
+                await impostor.send_message(report_to_json(NodeReport(node_id="alpha")))
+                with pytest.raises(ConnectionClosed) as info:
+                    await impostor.get_message()
+            reason = info.value.reason
+            assert reason is not None and reason.code == 1008
+            assert reason.reason == "node id 'alpha' is already connected from another session"
+            # The first session goes on: still the node's, online, and the router's commands
+            # for the node still reach it.
+            assert record_of(fleet, "alpha").session is session
+            assert record_of(fleet, "alpha").status is NodeStatus.ONLINE
+            assert state.command("alpha", {"type": "command", "command": "heartbeat"})
+            assert json.loads(await first.get_message())["command"] == "heartbeat"
+            await first.send_message(report_to_json(NodeReport(node_id="alpha")))
+            await wait_until(lambda: state.registry.statistics().heartbeats == 2)
+            assert record_of(fleet, "alpha").session is session
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert any("second connection for node alpha" in r.getMessage() for r in warnings)
+
+
+@pytest.mark.parametrize("token", [None, TOKEN])
+async def test_a_node_whose_socket_closed_rejoins_at_once(
+    tmp_path: Path, token: str | None
+) -> None:
+    with trio.fail_after(10):
+        async with running_fleet(tmp_path, [], auth_token=token) as fleet:
+            async with fleet_socket(fleet.url, token) as before_restart:
+                await join(before_restart, "alpha")
+            await wait_until(lambda: record_of(fleet, "alpha").status is NodeStatus.OFFLINE)
+            async with fleet_socket(fleet.url, token) as after_restart:
+                await join(after_restart, "alpha")
+                assert fleet.router.fleet.nodes[0].status is NodeStatus.ONLINE
+
+
+async def test_a_node_silent_past_offline_is_replaced_and_its_old_socket_closed(
+    tmp_path: Path, io_clock: trio.testing.MockClock
+) -> None:
+    # The old socket is still open (a crashed machine's half-open connection), but the node
+    # has sent nothing for heartbeat_offline: the node restarting must not be locked out.
+    # (Deadlines start once the router is up: virtual time would leap to any deadline while
+    # its database opens in a thread.)
+    async with running_fleet(tmp_path, [], heartbeat_offline=30.0) as fleet:
+        with trio.fail_after(120):
+            async with fleet_socket(fleet.url) as stale:
+                state = fleet.router.state
+                await join(stale, "alpha")
+                joined = trio.current_time()
+                async with fleet_socket(fleet.url) as early:
+                    await early.send_message(report_to_json(NodeReport(node_id="alpha")))
+                    with pytest.raises(ConnectionClosed):
+                        await early.get_message()  # still heartbeating recently: refused
+                while record_of(fleet, "alpha").status is not NodeStatus.OFFLINE:
+                    await state.wait_fleet_changed()
+                assert trio.current_time() - joined == pytest.approx(30.0, abs=0.05)
+                async with fleet_socket(fleet.url) as restarted:
+                    await join(restarted, "alpha")
+                    with pytest.raises(ConnectionClosed):
+                        await stale.get_message()  # the router ended the stale session
+                    assert record_of(fleet, "alpha").status is NodeStatus.ONLINE
+                    assert state.command("alpha", {"type": "command", "command": "heartbeat"})
+                    assert json.loads(await restarted.get_message())["command"] == "heartbeat"
+
+
+# ---------------------------------------------------------------------------------------------
+# Slow clients
+# ---------------------------------------------------------------------------------------------
+
+
+def address(url: str) -> tuple[str, int]:
+    host, _, port = url.removeprefix("http://").rpartition(":")
+    return host, int(port)
+
+
+@attrs.frozen
+class SlowAnswer:
+    status: int
+    body: bytes
+    after: float  # seconds from connecting to the answer
+    closed: bool  # the router closed the connection after answering
+
+
+async def send_body_slowly(url: str, path: str) -> SlowAnswer:
+    """Declare a 1000-byte body, send 9 bytes of it, and never send the rest."""
+    connection = h11.Connection(h11.CLIENT)
+    stream = await trio.open_tcp_stream(*address(url))
+    async with stream:
+        start = trio.current_time()
+        request = h11.Request(
+            method="POST",
+            target=path,
+            headers=[
+                ("Host", "router"),
+                ("Content-Type", "application/json"),
+                ("Content-Length", "1000"),
+            ],
+        )
+        await stream.send_all(
+            connection.send(request) + connection.send(h11.Data(data=b'{"model":'))
+        )
+        status, body = 0, b""
+        while True:
+            event = connection.next_event()
+            if event is h11.NEED_DATA:
+                connection.receive_data(await stream.receive_some())
+            elif isinstance(event, h11.Response):
+                status, after = event.status_code, trio.current_time() - start
+            elif isinstance(event, h11.Data):
+                body += event.data
+            elif isinstance(event, h11.EndOfMessage):
+                break
+        closed = await stream.receive_some() == b""
+    return SlowAnswer(status, body, after, closed)
+
+
+async def send_headers_slowly(url: str) -> float:
+    """Send a request line, then one more header line every 10 s, forever. Returns how long
+    the router kept the connection open."""
+    stream = await trio.open_tcp_stream(*address(url))
+    async with stream, trio.open_nursery() as nursery:
+        start = trio.current_time()
+
+        async def dribble() -> None:
+            await stream.send_all(b"POST /api/chat HTTP/1.1\r\nHost: router\r\n")
+            with contextlib.suppress(trio.BrokenResourceError):
+                while True:
+                    await trio.sleep(10)
+                    await stream.send_all(b"X-Slow: 1\r\n")
+
+        nursery.start_soon(dribble)
+        with contextlib.suppress(trio.BrokenResourceError):  # closed, or reset
+            while await stream.receive_some():
+                pass
+        nursery.cancel_scope.cancel()
+        return trio.current_time() - start
+
+
+async def test_slow_clients_are_cut_but_a_long_stream_is_not(
+    tmp_path: Path, io_clock: trio.testing.MockClock
+) -> None:
+    slow = attrs.evolve(LLAMA_3B, tokens_per_second=1.0)  # 120 tokens: two virtual minutes
+    spec = SimConfig(name="slow", models=(slow,), loaded=(slow.name,))
+    answers: dict[str, SlowAnswer] = {}
+    streamed: list[dict[str, object]] = []
+    # (Deadlines start once the router is up; see the test above.)
+    async with running_fleet(tmp_path, [spec], body_timeout=30.0) as fleet:
+        with trio.fail_after(600):
+
+            async def long_stream() -> None:
+                body = {"model": slow.name, "prompt": "hi", "options": {"num_predict": 120}}
+                async with (
+                    httpx.AsyncClient(base_url=fleet.url, timeout=None, trust_env=False) as c,
+                    c.stream("POST", "/api/generate", json=body) as response,
+                ):
+                    assert response.status_code == 200
+                    async for line in response.aiter_lines():
+                        if line:
+                            streamed.append({"at": trio.current_time(), **json.loads(line)})
+
+            async def slow_body(path: str) -> None:
+                answers[path] = await send_body_slowly(fleet.url, path)
+
+            held: list[float] = []
+
+            async def slow_headers() -> None:
+                held.append(await send_headers_slowly(fleet.url))
+
+            start = trio.current_time()
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(long_stream)
+                nursery.start_soon(slow_body, "/api/chat")
+                nursery.start_soon(slow_body, "/v1/chat/completions")
+                nursery.start_soon(slow_headers)
+            await wait_until(fleet.counters_idle)
+            assert fleet.router.state.queues.statistics().done == 1
+
+    # The body deadline: 408 at 30 s in the caller's API shape, and the connection closed.
+    ollama, openai_shape = answers["/api/chat"], answers["/v1/chat/completions"]
+    for answer in (ollama, openai_shape):
+        assert answer.status == 408 and answer.closed
+        assert answer.after == pytest.approx(30.0, abs=0.1)
+    assert "body not received within 30 s" in json.loads(ollama.body)["error"]
+    error = json.loads(openai_shape.body)["error"]
+    assert (error["type"], error["code"]) == ("invalid_request_error", "request_timeout")
+    # Headers that never finish: hypercorn's keep-alive timer runs until a whole request head
+    # has arrived, and trickled bytes don't reset it.
+    assert held == [pytest.approx(hypercorn_config("127.0.0.1", 0).keep_alive_timeout, abs=0.1)]
+    # The stream ran four times the body deadline and past the keep-alive time, uncut.
+    assert streamed[-1]["done"] is True and len(streamed) == 121
+    assert streamed[-1]["at"] - start == pytest.approx(120.0, abs=1.0)  # type: ignore[operator]

@@ -192,7 +192,9 @@ def is_embedding_model(model: AvailableModel) -> bool:
 
 def describe_error(exc: BaseException) -> str:
     """One line for ``last_error`` and the log. Never includes our request headers."""
-    if isinstance(exc, ConnectionRejected):
+    if isinstance(exc, ConnectionRejected) and exc.status_code == 401:
+        text = "router refused the fleet token (401): check --auth-token here and on the router"
+    elif isinstance(exc, ConnectionRejected):
         text = f"router refused the connection: HTTP {exc.status_code}"
     elif isinstance(exc, ConnectionClosed):
         reason = exc.reason
@@ -203,6 +205,14 @@ def describe_error(exc: BaseException) -> str:
         detail = str(exc).splitlines()[0] if str(exc) else ""
         text = type(exc).__name__ + (f": {detail}" if detail else "")
     return text[:ERROR_MAX_CHARS]
+
+
+def is_refusal(exc: BaseException) -> bool:
+    """The router turned us away (handshake refused, or closed with 1008 "policy violation",
+    e.g. another session already holds our node id), rather than the connection failing."""
+    if isinstance(exc, ConnectionRejected):
+        return True
+    return isinstance(exc, ConnectionClosed) and exc.reason is not None and exc.reason.code == 1008
 
 
 @attrs.define(eq=False)
@@ -319,16 +329,23 @@ class NodeAgent:
             delay = self.config.backoff_initial
             while True:
                 self._acked = False
+                refused = False
                 try:
                     await self._session(backend)
                 except* SESSION_ERRORS as group:
                     self.last_error = describe_error(group.exceptions[0])
+                    refused = is_refusal(group.exceptions[0])
                 finally:
                     self._disconnected()
                 if self._acked:
                     delay = self.config.backoff_initial
                 wait = delay * (1 + self.config.backoff_jitter * self.rng.random())
-                log.info("router connection lost (%s); retrying in %.1f s", self.last_error, wait)
+                if refused:  # a setup problem (token, duplicate node id): say so louder
+                    log.warning("%s; retrying in %.1f s", self.last_error, wait)
+                else:
+                    log.info(
+                        "router connection lost (%s); retrying in %.1f s", self.last_error, wait
+                    )
                 await trio.sleep(wait)
                 delay = min(self.config.backoff_max, delay * 2)
                 self.reconnects += 1

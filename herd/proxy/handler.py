@@ -22,7 +22,13 @@ from typing import Any
 import attrs
 import trio
 
-from herd.errors import HerdError, PayloadTooLarge, TooManyRequests, parse_json_body
+from herd.errors import (
+    HerdError,
+    PayloadTooLarge,
+    RequestTimeout,
+    TooManyRequests,
+    parse_json_body,
+)
 from herd.proxy import relay as relays
 from herd.proxy.dispatch import Attempts, Opened, open_upstream
 from herd.proxy.shaping import ROUTES, InferenceRequest, Route, shape
@@ -57,7 +63,8 @@ class RequestContext:
 
 
 async def read_body(receive: Receive, limit: int) -> bytes:
-    """Read the whole request body. Raises :class:`PayloadTooLarge` past ``limit`` bytes."""
+    """Read the whole request body. Raises :class:`PayloadTooLarge` past ``limit`` bytes,
+    :class:`ClientGone` on a disconnect. The caller puts it under the body deadline."""
     parts: list[bytes] = []
     size = 0
     while True:
@@ -121,8 +128,20 @@ class ProxyASGI:
             started=trio.current_time(),
             wall=time.time(),
         )
+        config = self.state.config
+        raw: bytes | None = None
         try:
-            raw = await read_body(receive, self.state.config.max_body_bytes)
+            # One deadline for the whole body, not per read, so a client trickling a byte at a
+            # time (slowloris) can't hold the connection and its per-client slot. Hypercorn's
+            # read_timeout can't do this: it also runs while a client silently reads a long
+            # streamed answer, and would cut that.
+            with trio.move_on_after(config.body_timeout):
+                raw = await read_body(receive, config.max_body_bytes)
+            if raw is None:
+                raise RequestTimeout(
+                    f"request body not received within {config.body_timeout:g} s; "
+                    "send it faster or raise --body-timeout"
+                )
         except ClientGone:
             return
         except HerdError as exc:

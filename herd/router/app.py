@@ -53,6 +53,7 @@ async def request_bytes() -> bytes:
 def create_app(state: RouterState) -> QuartTrio:
     app = QuartTrio("herd")
     app.config["MAX_CONTENT_LENGTH"] = state.config.max_body_bytes
+    app.config["BODY_TIMEOUT"] = state.config.body_timeout  # 408 for a slow client, as below
 
     @app.errorhandler(HerdError)
     async def on_herd_error(error: HerdError) -> Response:
@@ -184,7 +185,7 @@ def create_app(state: RouterState) -> QuartTrio:
         )
 
     @app.websocket("/fleet/ws")
-    async def fleet_ws() -> None:
-        await serve_fleet_socket(state)
+    async def fleet_ws() -> Response | None:
+        return await serve_fleet_socket(state)  # a Response refuses the handshake
 
     return app

@@ -8,6 +8,12 @@ One session per connected node, three tasks in the session's nursery:
 - drain watch: when the node is draining and nothing of its is pending or in flight, tell it
   ``drained`` so it can exit.
 A closed socket marks the node offline at once (unless it has already reconnected).
+
+Who may connect: with a fleet token, the handshake must carry it or it is refused with HTTP 401
+before the socket is accepted. Whoever connects, one node id has one live session: a socket
+whose first heartbeat claims the id of a node that is connected and not offline is closed
+(1008, naming the id) and the first session goes on serving; a node that left, or went silent
+past ``heartbeat_offline``, rejoins at once (its stale session, if still open, is ended).
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ import logging
 from typing import Any
 
 import trio
-from quart import websocket
+from quart import Response, websocket
 
 from herd.router.state import RouterState
 from herd.wire import WireError, report_from_data
@@ -43,6 +49,8 @@ class FleetSession:
         self.state = state
         self.node_id: str | None = None
         self.joined = trio.Event()
+        # Set by serve_fleet_socket: cancelling it ends the session (see retire()).
+        self.scope: trio.CancelScope | None = None
         self.outgoing, self._outgoing_receive = trio.open_memory_channel[dict[str, Any]](
             OUTGOING_BUFFER
         )
@@ -61,7 +69,9 @@ class FleetSession:
         async for message in self._outgoing_receive:
             await websocket.send(json.dumps(message))
 
-    async def receive_loop(self) -> None:
+    async def receive_loop(self) -> str:
+        """Take heartbeats until the socket closes. Returns only to refuse the node: the
+        reason to close the socket with."""
         state = self.state
         while True:
             raw = await websocket.receive()
@@ -81,6 +91,17 @@ class FleetSession:
                 self.reply({"type": "error", "message": str(exc)[:500]})
                 continue
             if self.node_id is None:
+                admission = state.registry.admit(report.node_id, self)
+                if not admission.allowed:
+                    log.warning(
+                        "refused a second connection for node %s from %s: "
+                        "that node is connected and still heartbeating",
+                        report.node_id,
+                        websocket.remote_addr,
+                    )
+                    return f"node id {report.node_id!r} is already connected from another session"
+                if isinstance(admission.stale, FleetSession):
+                    admission.stale.retire()
                 self.node_id = report.node_id
                 log.info("node %s joined (%s)", self.node_id, report.backend.url)
                 state.node_commands[self.node_id] = self.outgoing
@@ -115,12 +136,18 @@ class FleetSession:
                 record is not None
                 and record.session is self
                 and record.report.draining
-                and not state.queues.load_for(self.node_id)
+                and not state.queues.busy(self.node_id)
             ):
                 log.info("node %s drained", self.node_id)
                 self.reply({"type": "drained"})
                 return
             await state.wait_fleet_changed()
+
+    def retire(self) -> None:
+        """A newer session took this node over (this one had gone silent): end this one."""
+        log.info("node %s reconnected; closing its silent old session", self.node_id)
+        if self.scope is not None:
+            self.scope.cancel()
 
     def close(self) -> None:
         if self.node_id is None:
@@ -133,15 +160,23 @@ class FleetSession:
         state.fleet_changed()
 
 
-async def serve_fleet_socket(state: RouterState) -> None:
+async def serve_fleet_socket(state: RouterState) -> Response | None:
+    """Serve one node's socket until it closes. Returns the HTTP response refusing the
+    handshake (Quart sends it instead of accepting) when the fleet token is missing or wrong."""
     if not token_ok(state.config.auth_token, websocket.headers.get("Authorization")):
-        await websocket.close(1008, "fleet token required")
-        return
+        log.warning("refused a node from %s: missing or wrong fleet token", websocket.remote_addr)
+        return Response("fleet token required\n", status=401, content_type="text/plain")
     session = FleetSession(state)
+    refusal: str | None = None
     try:
         async with trio.open_nursery() as nursery:
+            session.scope = nursery.cancel_scope
             nursery.start_soon(session.send_loop)
             nursery.start_soon(session.drain_watch)
-            await session.receive_loop()
+            refusal = await session.receive_loop()
+            nursery.cancel_scope.cancel()
     finally:
         session.close()
+    if refusal is not None:
+        await websocket.close(1008, refusal)
+    return None

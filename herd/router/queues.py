@@ -33,6 +33,7 @@ class QueueCounters:
     in_flight: int = 0
     done: int = 0
     failed: int = 0
+    last_used: float | None = None  # router clock: a request last took or left a slot
 
     def as_dict(self) -> dict[str, int | str]:
         return {
@@ -68,6 +69,7 @@ class Lease:
     _token: object = attrs.field(factory=object)
     # Progress, for the zombie reaper: the relay counts chunks (an int, nothing more, on the
     # hot path); the reaper notes when the count last moved.
+    acquired_at: float | None = None  # router clock: when it got its slot
     chunks: int = 0
     seen_chunks: int = -1
     last_moved: float = 0.0
@@ -99,6 +101,7 @@ class Lease:
         finally:
             counters.pending -= 1
         counters.in_flight += 1
+        counters.last_used = self.acquired_at = trio.current_time()
         self._holding = True
         self.book.active.add(self)
         return self
@@ -121,6 +124,7 @@ class Lease:
         self.book.active.discard(self)
         counters = self.book.counters(self.node_id, self.model, self.kind)
         counters.in_flight -= 1
+        counters.last_used = trio.current_time()
         if self._outcome == "done":
             counters.done += 1
         elif self._outcome == "failed":
@@ -178,11 +182,19 @@ class QueueBook:
         await self._freed.wait()
 
     def load_for(self, node_id: str) -> dict[str, ModelLoad]:
+        """Every model the router has sent to ``node_id``: its queue and when it was last used
+        (the scorer's eviction cost reads the recency)."""
         return {
-            model: ModelLoad(pending=c.pending, in_flight=c.in_flight)
+            model: ModelLoad(pending=c.pending, in_flight=c.in_flight, last_used=c.last_used)
             for (node, model), c in self._queues.items()
-            if node == node_id and (c.pending or c.in_flight)
+            if node == node_id
         }
+
+    def busy(self, node_id: str) -> bool:
+        """Does any request wait for or hold a slot on ``node_id``?"""
+        return any(
+            c.pending or c.in_flight for (node, _), c in self._queues.items() if node == node_id
+        )
 
     def items(self) -> Iterator[tuple[str, str, QueueCounters]]:
         for (node, model), counters in self._queues.items():

@@ -41,6 +41,16 @@ class NodeRecord:
 
 
 @attrs.frozen
+class Admission:
+    """Whether a WebSocket session may speak for a node id (see :meth:`NodeRegistry.admit`)."""
+
+    allowed: bool
+    # An older session of the same node that is still open but has gone silent (offline):
+    # the newcomer replaces it, and the caller should end it.
+    stale: object | None = None
+
+
+@attrs.frozen
 class RegistryStatistics:
     nodes_total: int
     nodes_online: int
@@ -89,6 +99,23 @@ class NodeRegistry:
         old = record.status
         record.status = NodeStatus.ONLINE
         return [] if old is NodeStatus.ONLINE else [StateChange(report.node_id, old, record.status)]
+
+    def admit(self, node_id: str, session: object) -> Admission:
+        """May ``session`` register as ``node_id``?
+
+        Not while another session of that id is connected and not offline: a second socket
+        can't take over a live node (by mistake, two machines with one name; or on purpose, a
+        LAN peer after its traffic). A node whose socket closed, or that has been silent past
+        ``heartbeat_offline`` (a half-open socket after a crash or a network cut), may rejoin
+        at once: its old session, if still open, is returned as ``stale``."""
+        record = self._nodes.get(node_id)
+        if record is None or record.session is None or record.session is session:
+            return Admission(allowed=True)
+        if not record.connected:
+            return Admission(allowed=True)
+        if record.status is not NodeStatus.OFFLINE:
+            return Admission(allowed=False)
+        return Admission(allowed=True, stale=record.session)
 
     def disconnected(
         self, node_id: str, now: float, session: object | None = None
