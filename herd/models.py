@@ -12,6 +12,7 @@ epoch seconds where a value crosses machines, as marked) for time.
 from __future__ import annotations
 
 import enum
+import functools
 
 import attrs
 
@@ -143,6 +144,16 @@ class NodeReport:
     # Wall-clock epoch seconds at the node when the report was made.
     sent_at: float = 0.0
 
+    # Lookups by name, built once per report (a report lives for a heartbeat interval and is
+    # read by every routing decision meanwhile). Not fields: not on the wire, not compared.
+    @functools.cached_property
+    def loaded_index(self) -> dict[str, LoadedModel]:
+        return {m.name: m for m in reversed(self.loaded_models)}  # the first of a name wins
+
+    @functools.cached_property
+    def available_index(self) -> dict[str, AvailableModel]:
+        return {m.name: m for m in reversed(self.available_models)}
+
 
 @attrs.frozen
 class ModelLoad:
@@ -179,16 +190,10 @@ class NodeSnapshot:
         return sum(m.pending for m in self.load.values())
 
     def loaded(self, model: str) -> LoadedModel | None:
-        for m in self.report.loaded_models:
-            if m.name == model:
-                return m
-        return None
+        return self.report.loaded_index.get(model)
 
     def available(self, model: str) -> AvailableModel | None:
-        for m in self.report.available_models:
-            if m.name == model:
-                return m
-        return None
+        return self.report.available_index.get(model)
 
     def has_model(self, model: str) -> bool:
         return self.loaded(model) is not None or self.available(model) is not None

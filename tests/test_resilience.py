@@ -45,7 +45,9 @@ async def client_for(url: str):  # type: ignore[no-untyped-def]
 async def test_context_protection(tmp_path: Path) -> None:
     specs = [
         SimConfig(name="alpha", models=(LLAMA_3B,), loaded=("llama3.2:3b",)),
-        SimConfig(name="beta", models=(LLAMA_3B, QWEN_LONG), loaded=("qwen2.5:7b",)),
+        # beta can't load llama itself (a fresh load would size its window for the request):
+        # the only llama is alpha's, loaded with a 4096-token window.
+        SimConfig(name="beta", models=(QWEN_LONG,), loaded=("qwen2.5:7b",)),
     ]
     async with running_fleet(tmp_path, specs) as fleet, client_for(fleet.url) as client:
         with trio.fail_after(20):
@@ -209,9 +211,13 @@ async def test_reaper_ends_stalled_streams_but_not_slow_healthy_ones(
 
 
 async def test_deep_queue_prewarms_the_runner_up(tmp_path: Path) -> None:
+    # A big model: a cold load costs so much that a short queue keeps it on its hot node.
+    big = attrs.evolve(SLOW, size_bytes=32 * GiB)
     specs = [
-        SimConfig(name="alpha", models=(SLOW,), loaded=("slow:latest",), parallel=1),
-        SimConfig(name="beta", models=(SLOW,), loaded=()),
+        SimConfig(
+            name="alpha", models=(big,), loaded=("slow:latest",), parallel=1, memory_bytes=64 * GiB
+        ),
+        SimConfig(name="beta", models=(big,), loaded=(), memory_bytes=64 * GiB),
     ]
     async with running_fleet(tmp_path, specs) as fleet, client_for(fleet.url) as client:
         fleet.router.state.settings.vram_fallback = False

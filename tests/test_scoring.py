@@ -185,48 +185,87 @@ def test_a_hot_model_under_critical_pressure_is_still_served() -> None:
 
 
 def test_thermal_hot_beats_warm_beats_disk() -> None:
-    hot, warm, cold = node("hot", loaded=(M,)), node("warm", unloaded={M: 90.0}), node("cold")
+    # A model as big as thermal_full_load_bytes: the whole gap from hot to on disk.
+    big = {"size": S.thermal_full_load_bytes, "total": 128 * GiB, "free": 100 * GiB}
+    hot = node("hot", loaded=(M,), **big)  # type: ignore[arg-type]
+    warm = node("warm", unloaded={M: 90.0}, **big)  # type: ignore[arg-type]
+    cold = node("cold", **big)  # type: ignore[arg-type]
     decision = decide(cold, warm, hot)
     assert [c.node_id for c in decision.ranked] == ["hot", "warm", "cold"]
     assert [c.breakdown["thermal"] for c in decision.ranked] == [50.0, 30.0, 10.0]
+    # A small model loses less for a cold load: loading it is quick.
+    small = decide(node("small", size=S.thermal_full_load_bytes // 4)).ranked[0]
+    assert small.breakdown["thermal"] == 50.0 - (50.0 - 10.0) / 4
     # Warm only within the window.
-    stale = decide(node("w", unloaded={M: 0.0}), now=S.warm_window_s + 1)
+    stale = decide(node("w", unloaded={M: 0.0}, **big), now=S.warm_window_s + 1)  # type: ignore[arg-type]
     assert stale.ranked[0].breakdown["thermal"] == 10.0
     # "Less than warm_window_s ago": the boundary itself is no longer warm.
-    edge = decide(node("w", unloaded={M: 0.0}), now=S.warm_window_s)
+    edge = decide(node("w", unloaded={M: 0.0}, **big), now=S.warm_window_s)  # type: ignore[arg-type]
     assert edge.ranked[0].breakdown["thermal"] == 10.0
-    just = decide(node("w", unloaded={M: 0.0}), now=S.warm_window_s - 0.001)
+    just = decide(node("w", unloaded={M: 0.0}, **big), now=S.warm_window_s - 0.001)  # type: ignore[arg-type]
     assert just.ranked[0].breakdown["thermal"] == 30.0
 
 
-def test_queue_penalty_is_capped_and_eased_by_speed() -> None:
-    busy = node("busy", load={M: ModelLoad(pending=40, in_flight=4)})
-    decision = decide(busy)
-    assert decision.ranked[0].breakdown["queue_depth"] == -S.queue_penalty_max
-    half = node("half", load={M: ModelLoad(in_flight=2)})
-    slow = decide(half, history=History(node_speed={"half": 0.5})).ranked[0]
-    fast = decide(half, history=History(node_speed={"half": 2.0})).ranked[0]
-    assert slow.breakdown["queue_depth"] == -10.0
-    assert fast.breakdown["queue_depth"] == -2.5
+def test_queue_penalty_saturates_but_keeps_growing_and_is_eased_by_speed() -> None:
+    def penalty(pending: int, history: History | None = None, in_flight: int = 4) -> float:
+        busy = node("busy", load={M: ModelLoad(pending=pending, in_flight=in_flight)})
+        return decide(busy, history=history).ranked[0].breakdown["queue_depth"]
+
+    # Full scale at queue_penalty_max; beyond it, slowly (logarithmically) more.
+    deep, deeper = penalty(40), penalty(80)
+    assert deeper < deep < -S.queue_penalty_max
+    assert deeper > 2 * deep  # slowly: twice the queue costs far less than twice the points
+    # Per round of slots, divided by the node's speed.
+    assert penalty(0, in_flight=2) == -S.queue_penalty_per_slot_load / 2
+    slow = penalty(0, History(node_speed={"busy": 0.5}), in_flight=2)
+    fast = penalty(0, History(node_speed={"busy": 2.0}), in_flight=2)
+    assert slow == -S.queue_penalty_per_slot_load and fast == -S.queue_penalty_per_slot_load / 4
+    # A node the history doesn't know yet, while others are known, counts as slowish.
+    unknown = penalty(0, History(node_speed={"other": 1.0}), in_flight=2)
+    assert unknown == -round(S.queue_penalty_per_slot_load / 2 / S.unknown_node_speed, 3)
 
 
-def test_saturated_slow_hot_node_loses_to_an_idle_warm_node() -> None:
-    # Thermal dominates: a queue alone (capped) never outweighs a hot model...
+def test_queue_moves_small_models_off_a_hot_node_but_big_ones_stay() -> None:
+    # A small model loads in a second or two: a deep queue on the hot node sends it elsewhere.
     hot_busy = node("hot", loaded=(M,), load={M: ModelLoad(pending=12, in_flight=4)})
     warm_idle = node("idle", unloaded={M: 99.0})
-    assert decide(hot_busy, warm_idle).winner.node_id == "hot"  # type: ignore[union-attr]
-    # ...but a queue that has made the node slow (its latency history) does.
-    history = History(latency_p75_ms={("hot", M): 20_000.0})
-    assert decide(hot_busy, warm_idle, history=history).winner.node_id == "idle"  # type: ignore[union-attr]
+    assert decide(hot_busy, warm_idle).winner.node_id == "idle"  # type: ignore[union-attr]
+    # A 32 GiB model costs a minute to load: a short queue doesn't move it.
+    big = {"size": 32 * GiB, "total": 128 * GiB, "free": 100 * GiB}
+    hot = node("hot", loaded=(M,), load={M: ModelLoad(pending=2, in_flight=4)}, **big)  # type: ignore[arg-type]
+    cold = node("cold", **big)  # type: ignore[arg-type]
+    assert decide(hot, cold).winner.node_id == "hot"  # type: ignore[union-attr]
+    # ...but a history that shows the hot node slow for it does.
+    history = History(
+        latency_p75_ms={("hot", M): 60_000.0}, model_p75_ms={M: 10_000.0}, node_speed={"cold": 1.0}
+    )
+    assert decide(hot, cold, history=history).winner.node_id == "cold"  # type: ignore[union-attr]
 
 
 def test_wait_time_from_history() -> None:
+    # Without a typical time for the model: the absolute p75, log-scaled.
     history = History(latency_p75_ms={("slow", M): 30_000.0, ("quick", M): 200.0})
     decision = decide(node("slow"), node("quick"), history=history)
     breakdown = {c.node_id: c.breakdown["wait_time"] for c in decision.ranked}
     assert breakdown["slow"] == -S.wait_penalty_max
-    assert -8.0 < breakdown["quick"] < 0
+    assert -S.wait_penalty_max / 4 < breakdown["quick"] < 0
     assert decision.winner.node_id == "quick"  # type: ignore[union-attr]
+    # With one: in units of the typical time, full penalty at wait_full_multiple of them; a
+    # node that hasn't served the model is estimated from its speed; a queue multiplies.
+    typical = 10_000.0
+    history = History(
+        latency_p75_ms={("known", M): typical},
+        model_p75_ms={M: typical},
+        node_speed={"known": 1.0, "fast": 2.0},
+    )
+    queued = node("queued", load={M: ModelLoad(in_flight=2)})  # half a round of its 4 slots
+    decision = decide(node("known"), node("fast"), queued, history=history)
+    points = {c.node_id: c.breakdown["wait_time"] for c in decision.ranked}
+    one = S.wait_penalty_max / S.wait_full_multiple
+    assert points["known"] == -round(one, 3)
+    assert points["fast"] == -round(one / 2, 3)
+    # Unknown speed (slowish), then half as long again for the queue ahead.
+    assert points["queued"] == -round(one / S.unknown_node_speed * 1.5, 3)
 
 
 def test_role_affinity_big_models_to_big_machines() -> None:
@@ -397,7 +436,8 @@ def test_odd_numbers_from_nodes_and_history_never_raise() -> None:
     assert points["b"]["wait_time"] == 0.0
     assert points["c"]["wait_time"] == 0.0  # inf latency: no history either
     assert points["c"]["availability"] == S.availability_max  # clamped to 1.0
-    assert points["b"]["queue_depth"] == -S.queue_penalty_max  # speed 0 floored, slots 0 -> 1
+    # Speed 0 is floored at speed_floor, slots 0 read as 1: a deep (saturated) penalty.
+    assert points["b"]["queue_depth"] < -S.queue_penalty_max
 
 
 @pytest.mark.parametrize(

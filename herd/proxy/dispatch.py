@@ -120,18 +120,31 @@ class Choice:
     context_action: str | None  # None, "stripped", "upgraded" or "passthrough"
 
 
-def _route_request(request: InferenceRequest, model: str, attempts: Attempts) -> RouteRequest:
+def _route_request(
+    state: RouterState, request: InferenceRequest, model: str, attempts: Attempts
+) -> RouteRequest:
+    earlier = state.affinity.find(request.earlier_keys, model) if request.earlier_keys else None
     return RouteRequest(
         model=model,
         kind=request.route.kind,
         estimated_prompt_tokens=request.estimated_prompt_tokens,
         requested_context=request.requested_context,
         excluded_nodes=frozenset(attempts.excluded),
+        affinity_node=earlier.node_id if earlier is not None else None,
+        affinity_tokens=earlier.tokens if earlier is not None else 0,
     )
 
 
 def _score(state: RouterState, fleet: FleetSnapshot, route: RouteRequest) -> RouteDecision:
     return score(route, fleet, state.history.view(), trio.current_time(), state.scoring, state.rng)
+
+
+def remember_conversation(state: RouterState, request: InferenceRequest, opened: Opened) -> None:
+    """The node that took this prompt now holds it in its cache: the next turn prefers it."""
+    if request.prompt_key is not None:
+        state.affinity.remember(
+            request.prompt_key, opened.node_id, opened.model, request.estimated_prompt_tokens
+        )
 
 
 def _best_loaded(
@@ -148,7 +161,7 @@ def _best_loaded(
     for name in loaded_alternatives(
         fleet, model, min_context=min_context, include_self=include_self
     ):
-        decision = _score(state, fleet, _route_request(request, name, attempts))
+        decision = _score(state, fleet, _route_request(state, request, name, attempts))
         for candidate in decision.ranked:
             node = fleet.node(candidate.node_id)
             loaded = node.loaded(name) if node is not None else None
@@ -163,7 +176,7 @@ def choose(
     """Score the fleet for ``model`` and apply context protection and VRAM-aware fallback.
     Synchronous: decides only; the attempt does the I/O."""
     fleet = state.snapshot()
-    decision = _score(state, fleet, _route_request(request, model, attempts))
+    decision = _score(state, fleet, _route_request(state, request, model, attempts))
     attempts.last_decision = decision
     winner = decision.winner
     if winner is None:
@@ -269,6 +282,7 @@ async def open_upstream(
                     continue
                 if opened.fallback:
                     state.fallbacks_total += 1
+                remember_conversation(state, request, opened)
                 maybe_prewarm(state, choice)
                 return opened
         if attempts.last_error is not None:

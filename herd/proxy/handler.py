@@ -239,10 +239,12 @@ class ProxyASGI:
         decision = opened.decision if opened is not None else attempts.last_decision
         winner = decision.winner if decision is not None else None
         if opened is not None and status == traces.COMPLETED:
+            # Service time: from the slot to the last byte. The scorer adds the queue itself.
+            slot_at = opened.lease.acquired_at or ctx.started
             self.state.history.record(
                 opened.node_id,
                 opened.model,
-                latency_ms,
+                (now - slot_at) * 1000,
                 result.tokens_per_second if result is not None else None,
             )
         self.state.record_trace(

@@ -16,6 +16,7 @@ import attrs
 
 from herd.errors import ApiFlavor, BadRequest, require_str
 from herd.models import KIND_EMBED, KIND_TEXT, normalize_model_name
+from herd.policy.conversation import continuation_keys, prefix_keys
 from herd.proxy import openai_compat
 
 HERD_EXTENSIONS = ("fallback_models", "metadata")
@@ -60,6 +61,10 @@ class InferenceRequest:
     upstream_body: dict[str, Any]
     estimated_prompt_tokens: int
     requested_context: int | None
+    # Conversation affinity (chat only): this prompt's key, and the keys an earlier turn of the
+    # same conversation may be remembered under, longest first. See herd.policy.conversation.
+    prompt_key: str | None = None
+    earlier_keys: tuple[str, ...] = ()
 
     @property
     def models(self) -> tuple[str, ...]:
@@ -154,6 +159,9 @@ def shape(route: Route, body: dict[str, Any], tags_header: str | None = None) ->
         upstream.pop(extension, None)
     if route.kind == KIND_TEXT or route.name == "ollama.embed" or route.name == "openai.embeddings":
         upstream.setdefault("keep_alive", -1)
+    messages = upstream.get("messages") if route.kind == KIND_TEXT else None
+    messages = messages if isinstance(messages, list) else []
+    keys = prefix_keys(messages)
     return InferenceRequest(
         route=route,
         model=model,
@@ -164,6 +172,8 @@ def shape(route: Route, body: dict[str, Any], tags_header: str | None = None) ->
         upstream_body=upstream,
         estimated_prompt_tokens=openai_compat.estimate_prompt_tokens(body),
         requested_context=_requested_context(upstream),
+        prompt_key=keys[-1] if keys else None,
+        earlier_keys=tuple(continuation_keys(messages, keys)) if keys else (),
     )
 
 

@@ -17,6 +17,7 @@ import trio
 
 from herd.config import RouterConfig
 from herd.models import FleetSnapshot
+from herd.router.affinity import AffinityTable
 from herd.router.history import LatencyHistory
 from herd.router.metrics import Metrics
 from herd.router.queues import QueueBook
@@ -56,6 +57,7 @@ class RouterState:
     registry: NodeRegistry
     queues: QueueBook = attrs.field(factory=QueueBook)
     history: LatencyHistory = attrs.field(factory=LatencyHistory)
+    affinity: AffinityTable = attrs.field(factory=AffinityTable)
     scoring: ScoringSettings = attrs.field(factory=ScoringSettings)
     rng: random.Random = attrs.field(factory=random.Random)
     traces: deque[TraceRecord] = attrs.field(factory=lambda: deque(maxlen=TRACE_MEMORY))

@@ -22,7 +22,9 @@ import attrs
 import trio
 
 from herd.models import CpuInfo, DiskInfo, MemoryInfo
+from herd.policy.conversation import continuation_keys, prefix_keys
 from herd.server import serve_app
+from herd.sim.costs import PromptCache, prefill_seconds
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -62,8 +64,9 @@ class SimModel:
     context_length: int = 4096
     embedding: bool = False
     embedding_dim: int = 8
-    load_seconds: float = 0.0
-    tokens_per_second: float = 0.0
+    load_seconds: float = 0.0  # a cold load; proportional to the size in realistic fleets
+    tokens_per_second: float = 0.0  # decoding, one stream, at speed 1.0; 0 = instant
+    prefill_tokens_per_second: float = 0.0  # prompt processing at speed 1.0; 0 = instant
     tools: bool = True
 
     @property
@@ -80,6 +83,7 @@ class SimConfig:
     version: str = "0.12.0"
     default_tokens: int = 12
     parallel: int = 4
+    speed: float = 1.0  # compute speed relative to a typical node: scales prefill and decoding
     # Models a pull can fetch ("the registry"); pulling anything else fails as Ollama does.
     registry: tuple[SimModel, ...] = ()
 
@@ -104,6 +108,8 @@ class SimOllama:
     disconnects: int = 0
     cold_loads: int = 0
     pulls: int = 0
+    prompt_cache_hits: int = 0
+    prompts: PromptCache = attrs.field(factory=PromptCache)
     requests: deque[tuple[str, dict[str, Any]]] = attrs.field(factory=lambda: deque(maxlen=1000))
     _models: dict[str, SimModel] = attrs.field(factory=dict)
     _resident: OrderedDict[str, None] = attrs.field(factory=OrderedDict)
@@ -496,7 +502,8 @@ class SimOllama:
             while (
                 self._resident and self.used_bytes() + model.size_bytes > self.config.memory_bytes
             ):
-                self._resident.popitem(last=False)
+                evicted, _ = self._resident.popitem(last=False)
+                self.prompts.drop(evicted)
             self._resident[model.name] = None
             self.cold_loads += 1
         finally:
@@ -552,6 +559,26 @@ class SimOllama:
         words += len(str(data.get("prompt", "")).split())
         return max(1, words)
 
+    async def _prefill(self, data: dict[str, Any], model: SimModel, prompt_tokens: int) -> float:
+        """Process the prompt: the part the prompt cache doesn't hold costs prefill time.
+        Returns the seconds spent."""
+        messages = data.get("messages")
+        messages = messages if isinstance(messages, list) else []
+        keys = prefix_keys(messages)
+        cached = min(
+            prompt_tokens, self.prompts.cached_tokens(model.name, continuation_keys(messages, keys))
+        )
+        if cached:
+            self.prompt_cache_hits += 1
+        seconds = prefill_seconds(
+            prompt_tokens - cached, model.prefill_tokens_per_second, self.config.speed
+        )
+        if seconds:
+            await trio.sleep(seconds)
+        if keys:
+            self.prompts.remember(model.name, keys[-1], prompt_tokens)
+        return seconds
+
     async def _generate(
         self,
         path: str,
@@ -582,7 +609,9 @@ class SimOllama:
         stream = data.get("stream", True) is not False
         created = _now_iso()
         prompt_tokens = self._prompt_tokens(data)
-        delay = 1.0 / model.tokens_per_second if model.tokens_per_second > 0 else 0.0
+        rate = model.tokens_per_second * self.config.speed
+        delay = 1.0 / rate if rate > 0 else 0.0
+        prefill = await self._prefill(data, model, prompt_tokens)
 
         def piece(
             text: str, done: bool, calls: list[dict[str, Any]] | None = None
@@ -607,7 +636,7 @@ class SimOllama:
                     "total_duration": int(load * 1e9) + eval_ns + 1_000_000,
                     "load_duration": int(load * 1e9),
                     "prompt_eval_count": prompt_tokens,
-                    "prompt_eval_duration": 1_000_000,
+                    "prompt_eval_duration": int(prefill * 1e9) or 1_000_000,
                     "eval_count": max(len(tokens), len(tool_calls)),
                     "eval_duration": eval_ns,
                 }
