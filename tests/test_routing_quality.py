@@ -7,8 +7,11 @@ least-connections; they assert on simulated seconds, which don't depend on the m
 
 from __future__ import annotations
 
+import functools
 import random
+from pathlib import Path
 
+import openai
 import pytest
 import trio
 import trio.testing
@@ -32,6 +35,7 @@ from herd.scoring.engine import evictions
 from herd.sim.replay import Session, Turn, run
 from herd.sim.server import SimConfig, SimModel
 from herd.sim.virtual import VirtualNode
+from tests.conftest import in_thread, running_fleet, wait_until
 
 GiB = 2**30
 S = ScoringSettings()
@@ -323,3 +327,45 @@ def test_herd_beats_least_connections_on_a_small_trace() -> None:
     assert herd.cached_share > baseline.cached_share
     # Affinity yields to load: no node takes every continuing turn.
     assert herd.conversation_share < 0.8
+
+
+# --- conversation affinity through the router, with the OpenAI client --------------------
+
+
+async def test_a_conversation_returns_to_the_node_holding_its_prompt(tmp_path: Path) -> None:
+    model = SimModel("chat:8b", size_bytes=5 * GiB, prefill_tokens_per_second=1e6)
+    specs = [
+        SimConfig(name=name, models=(model,), loaded=("chat:8b",), memory_bytes=32 * GiB)
+        for name in ("alpha", "beta", "gamma")
+    ]
+    async with running_fleet(tmp_path, specs) as fleet:
+        with openai.OpenAI(
+            base_url=fleet.url + "/v1", api_key="not-needed", max_retries=0
+        ) as client:
+
+            def turn(messages: list[dict[str, str]]) -> tuple[str, str]:
+                raw = client.chat.completions.with_raw_response.create(
+                    model="chat:8b",
+                    messages=messages,  # type: ignore[arg-type]
+                )
+                answer = raw.parse().choices[0].message.content or ""
+                return raw.headers["x-herd-node"], answer
+
+            history = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "a"}]
+            first, answer = await in_thread(lambda: turn(history))
+            for question in ("b", "c", "d"):
+                history += [
+                    {"role": "assistant", "content": answer},
+                    {"role": "user", "content": question},
+                ]
+                node, answer = await in_thread(functools.partial(turn, list(history)))
+                assert node == first  # every turn back to the node that holds the prompt
+        # The simulated backend found the earlier prompt in its cache each time.
+        assert fleet.sims[first].prompt_cache_hits == 3
+        await wait_until(lambda: len(fleet.router.state.traces) == 4)
+        later = list(fleet.router.state.traces)[1:]
+        assert all(t.scores_breakdown and t.scores_breakdown["affinity"] > 0 for t in later)
+        # A new conversation with the same system prompt is not tied to that node.
+        assert not fleet.router.state.affinity.find(
+            continuation_keys(history[:1], prefix_keys(history[:1])), "chat:8b"
+        )
