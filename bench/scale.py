@@ -36,12 +36,17 @@ from herd.scoring import History, RouteRequest, ScoringSettings, score
 GiB = 2**30
 
 
-def synthetic_fleet(nodes: int, models: int, rng: random.Random) -> FleetSnapshot:
+def synthetic_fleet(
+    nodes: int, models: int, rng: random.Random, per_node: int | None = None
+) -> FleetSnapshot:
+    """``nodes`` nodes; ``models`` models in the fleet, ``per_node`` of them (all by default)
+    on each node's disk, three of those loaded."""
     names = [f"model-{i}:{rng.choice((3, 8, 14))}b" for i in range(models)]
     snapshots = []
     for n in range(nodes):
         total = rng.choice((16, 32, 64, 128, 192)) * GiB
-        loaded = rng.sample(names, 3)
+        on_disk = rng.sample(names, per_node) if per_node else names
+        loaded = rng.sample(on_disk, 3)
         snapshots.append(
             NodeSnapshot(
                 report=NodeReport(
@@ -53,7 +58,7 @@ def synthetic_fleet(nodes: int, models: int, rng: random.Random) -> FleetSnapsho
                         for i, m in enumerate(loaded)
                     ),
                     available_models=tuple(
-                        AvailableModel(m, rng.choice((2, 5, 9)) * GiB) for m in names
+                        AvailableModel(m, rng.choice((2, 5, 9)) * GiB) for m in on_disk
                     ),
                     parallel_slots=rng.choice((1, 2, 4)),
                 ),
@@ -65,11 +70,13 @@ def synthetic_fleet(nodes: int, models: int, rng: random.Random) -> FleetSnapsho
     return FleetSnapshot(tuple(snapshots))
 
 
-def time_scoring(nodes: int, models: int, decisions: int = 2000) -> tuple[float, float]:
+def time_scoring(
+    nodes: int, models: int, per_node: int | None = None, decisions: int = 2000
+) -> tuple[float, float]:
     """Median and p95 microseconds per decision."""
     rng = random.Random(1)
-    fleet = synthetic_fleet(nodes, models, rng)
-    names = [m.name for m in fleet.nodes[0].report.available_models]
+    fleet = synthetic_fleet(nodes, models, rng, per_node)
+    names = sorted({m.name for n in fleet.nodes for m in n.report.available_models})
     history = History(
         latency_p75_ms={
             (n.node_id, m): rng.uniform(500, 20_000) for n in fleet.nodes for m in names
@@ -99,12 +106,12 @@ def main() -> None:
     parser.add_argument("--models", type=int, default=50)
     parser.add_argument("--streams", type=int, default=1000)
     args = parser.parse_args()
-    median, p95 = time_scoring(args.nodes, args.models)
-    print(
-        f"scoring, {args.nodes} nodes x {args.models} models: "
-        f"{median:.0f} us per decision (median), {p95:.0f} us (p95); "
-        f"{median / args.nodes:.2f} us per node"
-    )
+    for per_node, label in ((None, "every model on every node"), (10, "10 models per node")):
+        median, p95 = time_scoring(args.nodes, args.models, per_node)
+        print(
+            f"scoring, {args.nodes} nodes x {args.models} models, {label}: "
+            f"{median:.0f} us per decision (median), {p95:.0f} us (p95)"
+        )
     if args.streams:
         from load import concurrent_streams
 

@@ -51,7 +51,8 @@ Choices worth knowing
 - Image jobs need the backend *and* the model listed in ``image_models``; speech-to-text needs
   only a backend (the node picks its model). Text needs ``capabilities.text``; embeddings use
   the ordinary model list. Any other kind is eliminated as "kind not supported".
-- Scores are rounded to 3 decimals so float noise doesn't hide a tie from the tie-breaker.
+- Totals are rounded to 3 decimals so float noise doesn't hide a tie from the tie-breaker;
+  breakdowns are rounded when read.
 """
 
 from __future__ import annotations
@@ -202,20 +203,26 @@ class ScoringSettings:
             )
 
 
-@attrs.frozen
-class Candidate:
-    """A node that can serve the request, and why it scored what it did."""
+class Candidate(NamedTuple):
+    """A node that can serve the request, and why it scored what it did. (A named tuple, not
+    an attrs class: a decision builds one per node, so it has to be cheap.)"""
 
     node_id: str
     model: str
-    score: float  # sum of the breakdown
-    breakdown: Mapping[str, float]  # signal name (see SIGNALS) -> points
+    score: float  # sum of the points
+    points: tuple[float, ...]  # one per signal, in the order of SIGNALS
     hot: bool  # the model is loaded on the node: no cold load
 
+    @property
+    def breakdown(self) -> dict[str, float]:
+        """Signal name (see SIGNALS) -> points, rounded to 3 decimals; a fresh dict each
+        time. Built on demand: a decision ranks every node, but only the winner's breakdown is
+        usually read."""
+        return {name: round(value, 3) for name, value in zip(SIGNALS, self.points, strict=True)}
 
-@attrs.frozen
-class Elimination:
-    """A node that can't serve the request at all."""
+
+class Elimination(NamedTuple):
+    """A node that can't serve the request at all. (A named tuple: cheap, as above.)"""
 
     node_id: str
     reason: str  # short, names the failing value: "needs 40.0 GiB free, has 12.1 GiB"
@@ -404,7 +411,7 @@ def thermal(
     cold = s.thermal_warm if warm else s.thermal_on_disk
     # A cold load costs time in proportion to the bytes read: a small model loses less for it.
     share = min(1.0, f.size / s.thermal_full_load_bytes) if f.size > 0 else 1.0
-    return round(s.thermal_loaded - (s.thermal_loaded - cold) * share, 3)
+    return s.thermal_loaded - (s.thermal_loaded - cold) * share
 
 
 def memory_fit(node: NodeSnapshot, f: Facts, s: ScoringSettings) -> float:
@@ -415,7 +422,7 @@ def memory_fit(node: NodeSnapshot, f: Facts, s: ScoringSettings) -> float:
         return 0.0
     free = f.free if f.loaded is not None else f.free - f.size
     share = max(0.0, free / total)
-    return round(s.memory_fit_max * min(1.0, share / s.memory_comfort_share), 3)
+    return s.memory_fit_max * min(1.0, share / s.memory_comfort_share)
 
 
 def queue_depth(f: Facts, s: ScoringSettings) -> float:
@@ -425,7 +432,7 @@ def queue_depth(f: Facts, s: ScoringSettings) -> float:
     if f.ahead <= 0:
         return 0.0
     penalty = s.queue_penalty_per_slot_load * (f.ahead / f.slots) / f.speed
-    return -round(s.queue_penalty_max * _saturate(penalty / s.queue_penalty_max, s), 3)
+    return -s.queue_penalty_max * _saturate(penalty / s.queue_penalty_max, s)
 
 
 def wait_time(
@@ -452,7 +459,7 @@ def wait_time(
     else:
         # Logarithmic: the difference between 100 ms and 1 s matters as much as 1 s and 10 s.
         fraction = math.log1p(expected / 100.0) / math.log1p(s.wait_full_penalty_ms / 100.0)
-    return -round(s.wait_penalty_max * _saturate(fraction, s), 3)
+    return -s.wait_penalty_max * _saturate(fraction, s)
 
 
 def role_affinity(node: NodeSnapshot, f: Facts, s: ScoringSettings) -> float:
@@ -464,19 +471,21 @@ def role_affinity(node: NodeSnapshot, f: Facts, s: ScoringSettings) -> float:
         return 0.0
     node_bigness = min(1.0, total / s.big_node_bytes)
     if f.size >= s.large_model_bytes:
-        return round(s.role_affinity_max * node_bigness, 3)
+        return s.role_affinity_max * node_bigness
     # Small models: prefer small nodes, keeping big machines free for big models.
-    return round(s.role_affinity_max * (1.0 - node_bigness) * s.small_model_affinity_share, 3)
+    return s.role_affinity_max * (1.0 - node_bigness) * s.small_model_affinity_share
 
 
 def availability(node: NodeSnapshot, s: ScoringSettings) -> float:
     """Learned availability 0..1 mapped to -max..+max (NaN reads as 0.5, no opinion); a
     degraded node loses ``degraded_penalty`` more. Raises nothing."""
-    level = min(1.0, max(0.0, _number(node.report.capacity.availability, 0.5)))
+    level = node.report.capacity.availability
+    if not 0.0 <= level <= 1.0:  # NaN fails every comparison: no opinion
+        level = 0.5 if math.isnan(level) else min(1.0, max(0.0, level))
     points = s.availability_max * (2 * level - 1)
     if node.status is NodeStatus.DEGRADED:
         points -= s.degraded_penalty
-    return round(points, 3)
+    return points
 
 
 def context_fit(request: RouteRequest, f: Facts, s: ScoringSettings) -> float:
@@ -495,7 +504,7 @@ def context_fit(request: RouteRequest, f: Facts, s: ScoringSettings) -> float:
     if ratio >= s.context_comfort_ratio:
         return s.context_fit_max
     if ratio >= 1.0:
-        return round(s.context_fit_max * (ratio - 1.0) / (s.context_comfort_ratio - 1.0), 3)
+        return s.context_fit_max * (ratio - 1.0) / (s.context_comfort_ratio - 1.0)
     return -s.context_fit_max
 
 
@@ -506,7 +515,7 @@ def affinity(request: RouteRequest, node: NodeSnapshot, f: Facts, s: ScoringSett
     if request.affinity_node != node.node_id or f.loaded is None:
         return 0.0
     share = min(1.0, max(0, request.affinity_tokens) / s.affinity_full_tokens)
-    return round(s.affinity_max * share, 3)
+    return s.affinity_max * share
 
 
 def eviction(
@@ -530,25 +539,34 @@ def eviction(
             cost += s.eviction_recent
         else:
             cost += s.eviction_idle
-    return -round(min(s.eviction_max, cost), 3)
+    return -min(s.eviction_max, cost)
+
+
+def points(
+    request: RouteRequest, node: NodeSnapshot, history: History, now: float, s: ScoringSettings
+) -> tuple[float, ...]:
+    """Every signal's points for one eligible node, in the order of ``SIGNALS``. Raises
+    nothing."""
+    f = facts(request, node, history, s)
+    return (
+        thermal(request, node, f, now, s),
+        memory_fit(node, f, s),
+        queue_depth(f, s),
+        wait_time(request, node, f, history, s),
+        role_affinity(node, f, s),
+        availability(node, s),
+        context_fit(request, f, s),
+        affinity(request, node, f, s),
+        eviction(request, node, f, now, s),
+    )
 
 
 def breakdown(
     request: RouteRequest, node: NodeSnapshot, history: History, now: float, s: ScoringSettings
 ) -> dict[str, float]:
-    """Every signal's points for one eligible node, keyed as in ``SIGNALS``. Raises nothing."""
-    f = facts(request, node, history, s)
-    return {
-        "thermal": thermal(request, node, f, now, s),
-        "memory_fit": memory_fit(node, f, s),
-        "queue_depth": queue_depth(f, s),
-        "wait_time": wait_time(request, node, f, history, s),
-        "role_affinity": role_affinity(node, f, s),
-        "availability": availability(node, s),
-        "context_fit": context_fit(request, f, s),
-        "affinity": affinity(request, node, f, s),
-        "eviction": eviction(request, node, f, now, s),
-    }
+    """:func:`points` keyed by signal name, rounded to 3 decimals. Raises nothing."""
+    values = points(request, node, history, now, s)
+    return {name: round(value, 3) for name, value in zip(SIGNALS, values, strict=True)}
 
 
 def score(
@@ -572,13 +590,13 @@ def score(
         if reason is not None:
             eliminated.append(Elimination(node.node_id, reason))
             continue
-        points = breakdown(request, node, history, now, settings)
+        values = points(request, node, history, now, settings)
         candidates.append(
             Candidate(
                 node_id=node.node_id,
                 model=request.model,
-                score=round(sum(points.values()), 3),
-                breakdown=points,
+                score=round(sum(values), 3),
+                points=values,
                 hot=request.model in node.report.loaded_index,
             )
         )
