@@ -145,10 +145,30 @@ async def until_signalled(
                 break
 
 
+def raise_open_file_limit(wanted: int = 65536) -> int:
+    """Raise this process's soft limit on open files towards ``wanted`` (within the hard
+    limit): each stream through the router holds two sockets, and macOS starts processes at
+    256. Returns the soft limit now in force (unchanged where the platform has no limits)."""
+    try:
+        import resource
+    except ImportError:  # Windows
+        return wanted
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError):
+            pass
+    return soft
+
+
 def run_serve(argv: Sequence[str], prog: str, role: str | None) -> int:
     args = serve_parser(prog, role).parse_args(argv)
     role = role or args.role
     flags = flags_of(args)
+    raise_open_file_limit()
     try:
         if role == "router":
             config = router_config(flags, os.environ)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import signal
 import socket
 import subprocess
@@ -15,6 +16,7 @@ from typing import Any
 import httpx
 import trio
 
+from herd import cli
 from herd.config import OPTIONS
 from herd.demo import DEMO_FLEET, run_demo
 from herd.sim import SimConfig, SimModel, run_sim
@@ -212,3 +214,14 @@ async def test_node_drains_and_exits_cleanly_on_sigterm(tmp_path: Path) -> None:
                 await router.state.wait_fleet_changed()
             assert saw_draining
             assert await process.wait() == 0
+
+
+def test_serve_raises_the_open_file_limit() -> None:
+    """1,000 streams hold 2,000 sockets; macOS starts processes with a soft limit of 256."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))
+        now = cli.raise_open_file_limit(4096)
+        assert now == min(4096, hard) == resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
