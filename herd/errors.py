@@ -24,6 +24,7 @@ Lower-level exceptions (httpx, JSON) are mapped to these in one place each, with
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping
 from typing import Any, ClassVar, Literal
 
@@ -161,7 +162,9 @@ def parse_json_body(raw: bytes) -> dict[str, Any]:
     if not raw.strip():
         raise BadRequest("request body is empty; expected a JSON object")
     try:
-        data = json.loads(raw)
+        # NaN, Infinity and numbers too big for a float are not JSON; nothing downstream
+        # (a backend, our own re-encoding) could take them.
+        data = json.loads(raw, parse_constant=_not_json, parse_float=_finite)
     except UnicodeDecodeError as exc:
         raise BadRequest(f"request body is not valid UTF-8: {exc.reason}") from exc
     except json.JSONDecodeError as exc:
@@ -172,7 +175,27 @@ def parse_json_body(raw: bytes) -> dict[str, Any]:
         raise BadRequest("malformed JSON in request body: nested too deeply") from exc
     if not isinstance(data, dict):
         raise BadRequest(f"request body must be a JSON object, not {type(data).__name__}")
+    if b"\\ud" in raw or b"\\uD" in raw:
+        # A \ud800-\udfff escape decodes to a lone surrogate unless paired: valid JSON text,
+        # but no UTF-8 can carry it on to a backend.
+        try:
+            json.dumps(data, ensure_ascii=False).encode()
+        except UnicodeEncodeError as exc:
+            raise BadRequest(
+                "request body has an unpaired surrogate escape (\\ud800-\\udfff) in a string"
+            ) from exc
     return data
+
+
+def _not_json(name: str) -> Any:
+    raise BadRequest(f"malformed JSON in request body: {name} is not a JSON value")
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise BadRequest(f"malformed JSON in request body: number {text[:40]} is out of range")
+    return value
 
 
 def require_str(body: Mapping[str, Any], field: str) -> str:

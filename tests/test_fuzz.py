@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import attrs
 import httpx
 import pytest
 import trio
@@ -19,7 +20,7 @@ from trio_websocket import open_websocket_url
 
 from herd.models import NodeReport
 from herd.wire import report_to_json
-from tests.conftest import Fleet, running_fleet, two_node_specs
+from tests.conftest import LLAMA_3B, Fleet, running_fleet, two_node_specs, wait_until
 
 POST_PATHS = [
     "/api/chat",
@@ -97,8 +98,8 @@ models = st.sampled_from(["llama3.2:3b", "qwen2.5:7b", "nomic-embed-text", "", "
 class Live:
     """The running router (with a short repr: Hypothesis prints its arguments)."""
 
-    def __init__(self, url: str, fleet: Fleet) -> None:
-        self.url, self.fleet = url, fleet
+    def __init__(self, url: str, fleet: Fleet, token: trio.lowlevel.TrioToken) -> None:
+        self.url, self.fleet, self.token = url, fleet, token
 
     def __iter__(self) -> Iterator[Any]:
         return iter((self.url, self.fleet))
@@ -115,16 +116,19 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
 
     async def main() -> None:
         path = tmp_path_factory.mktemp("fuzz")
-        async with running_fleet(Path(path), two_node_specs(), queue_timeout=0.5) as fleet:
+        # The registry lets the last test pull a model back: the fuzzing may delete any.
+        specs = [attrs.evolve(spec, registry=(LLAMA_3B,)) for spec in two_node_specs()]
+        async with running_fleet(Path(path), specs, queue_timeout=0.5) as fleet:
             fleet.router.state.settings.auto_pull = False
             box["fleet"] = fleet
+            box["token"] = trio.lowlevel.current_trio_token()
             ready.set()
             await trio.to_thread.run_sync(stop.wait)
 
     thread = threading.Thread(target=lambda: trio.run(main), daemon=True)
     thread.start()
     assert ready.wait(30), "the router did not start"
-    yield Live(box["fleet"].url, box["fleet"])
+    yield Live(box["fleet"].url, box["fleet"], box["token"])
     stop.set()
     thread.join(30)
 
@@ -157,6 +161,100 @@ def test_json_bodies_of_any_shape(live: Live, path: str, body: dict[str, Any], m
     with httpx.Client(base_url=url, timeout=20, trust_env=False) as client:
         raw = json.dumps(body, allow_nan=True).encode()
         check(client.post(path, content=raw, headers={"content-type": "application/json"}))
+
+
+def _json_object(body: bytes) -> bool:
+    """Is ``body`` a JSON object by the standard library's reading (which is laxer than the
+    router's: it takes NaN)?"""
+    try:
+        return isinstance(json.loads(body), dict)
+    except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
+        return False
+
+
+def _truncated(data: st.DataObject) -> bytes:
+    """A valid request body cut short at any byte."""
+    body = json.dumps(data.draw(bodies, label="body"), allow_nan=True).encode()
+    return body[: data.draw(st.integers(0, max(0, len(body) - 1)), label="cut")]
+
+
+raw_bodies = st.one_of(
+    st.binary(max_size=300),  # anything, mostly not UTF-8
+    st.text(max_size=100).map(lambda t: t.encode("utf-16")),  # UTF-16 (with a BOM)
+    st.sampled_from(
+        [
+            b"",
+            b"null",
+            b"[]",
+            b'"just a string"',
+            b"1e999999",
+            b'{"model": "\\ud800"}',  # a lone surrogate escape
+            b'{"model": "llama3.2:3b", "messages": [' + b"[" * 10_000 + b"]" * 10_000 + b"]}",
+            b'{"model": "llama3.2:3b", "model": "qwen2.5:7b", "messages": []}',  # duplicate key
+            b'{"model": "llama3.2:3b", "messages": [], "options": {"num_ctx": -5}}',
+            b'{"model": "llama3.2:3b", "prompt": "x", "options": {"num_predict": NaN}}',
+            b'\xef\xbb\xbf{"model": "llama3.2:3b", "messages": []}',  # a UTF-8 BOM
+        ]
+    ),
+)
+
+
+@FUZZ
+@given(
+    path=st.sampled_from(POST_PATHS),
+    data=st.data(),
+    content_type=st.sampled_from(
+        ["application/json", "text/plain", "application/x-www-form-urlencoded", ""]
+    ),
+)
+def test_raw_truncated_and_non_utf8_bodies(
+    live: Live, path: str, data: st.DataObject, content_type: str
+) -> None:
+    url, _ = live
+    body = data.draw(raw_bodies, label="raw") if data.draw(st.booleans()) else _truncated(data)
+    headers = {"content-type": content_type} if content_type else {}
+    with httpx.Client(base_url=url, timeout=20, trust_env=False) as client:
+        response = client.post(path, content=body, headers=headers)
+        check(response)
+        if path in ("/api/chat", "/v1/chat/completions") and not _json_object(body):
+            assert response.status_code == 400, response.text  # named as such
+
+
+@FUZZ
+@given(
+    path=st.sampled_from(GET_PATHS),
+    query=st.dictionaries(
+        st.sampled_from(["hours", "limit", "model", "node", "key", "x"]),
+        st.text(max_size=12) | st.integers(-(2**40), 2**40).map(str),
+        max_size=3,
+    ),
+)
+def test_query_strings_of_any_shape(live: Live, path: str, query: dict[str, str]) -> None:
+    url, _ = live
+    with httpx.Client(base_url=url, timeout=20, trust_env=False) as client:
+        check(client.get(path, params=query))
+
+
+def test_after_the_fuzzing_nothing_is_left_counted(live: Live) -> None:
+    """Runs after the fuzz tests above (same module, file order): every counter is back to
+    zero and the router still routes."""
+    url, fleet = live
+    with httpx.Client(base_url=url, timeout=20, trust_env=False) as client:
+        # The fuzzing may have deleted it (delete is among the endpoints): pull it back.
+        pulled = client.post("/api/pull", json={"model": "llama3.2:3b", "stream": False})
+        assert pulled.status_code == 200, pulled.text
+        ok = client.post(
+            "/api/chat",
+            json={
+                "model": "llama3.2:3b",
+                "messages": [{"role": "user", "content": "hi"}],
+                "stream": False,
+            },
+        )
+        assert ok.status_code == 200, ok.text
+    # The router finishes its books just after the reply: wait for that in its own thread.
+    trio.from_thread.run(wait_until, fleet.counters_idle, trio_token=live.token)
+    assert fleet.router.state.in_progress_by_client == {}
 
 
 async def test_junk_on_the_fleet_socket(tmp_path: Path) -> None:

@@ -97,7 +97,7 @@ class ProxyASGI:
     def __init__(self, state: RouterState, app: ASGIApp) -> None:
         self.state = state
         self.app = app
-        self.per_client: dict[str, int] = {}
+        self.per_client = state.in_progress_by_client
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["method"] == "POST":

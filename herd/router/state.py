@@ -75,6 +75,8 @@ class RouterState:
     prewarm_send: trio.MemorySendChannel[tuple[str, str]] | None = None
     store: TraceWriter | None = None
     metrics: Metrics = attrs.field(factory=Metrics)
+    # Inference requests in progress per client address (the per-client cap), only non-zero.
+    in_progress_by_client: dict[str, int] = attrs.field(factory=dict)
     _fleet_changed: trio.Event = attrs.field(factory=trio.Event)
 
     @classmethod
