@@ -77,6 +77,7 @@ from herd.models import (
 )
 
 GiB = 2**30
+_MODEL_KINDS = (KIND_TEXT, KIND_EMBED)  # kinds served from the node's model lists
 
 SIGNALS = (
     "thermal",
@@ -297,6 +298,13 @@ def model_size(node: NodeSnapshot, model: str) -> int:
 def eliminate(request: RouteRequest, node: NodeSnapshot) -> str | None:
     """Why ``node`` can't serve ``request`` at all, or None if it can. Raises nothing."""
     report = node.report
+    model = request.model
+    if (
+        model not in report.loaded_index
+        and model not in report.available_index
+        and request.kind in _MODEL_KINDS
+    ):
+        return "model not on node"  # first: in a big fleet most nodes lack any one model
     if node.status is NodeStatus.OFFLINE:
         return "offline"
     if node.node_id in request.excluded_nodes:
@@ -319,10 +327,8 @@ def eliminate(request: RouteRequest, node: NodeSnapshot) -> str | None:
         return f"kind not supported: {request.kind!r}"
     if request.kind == KIND_TEXT and not report.capabilities.text:
         return "kind not supported: node serves no text models"
-    if node.loaded(request.model) is not None:
+    if model in report.loaded_index:
         return None  # hot: needs no new memory, whatever the pressure
-    if node.available(request.model) is None:
-        return "model not on node"
     if report.memory.pressure is MemoryPressure.CRITICAL:
         return "critical memory pressure (cold load refused)"
     need = model_size(node, request.model)
