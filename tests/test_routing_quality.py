@@ -29,6 +29,7 @@ from herd.models import (
 )
 from herd.policy.conversation import LOOKBACK, continuation_keys, prefix_keys
 from herd.router.affinity import AffinityTable
+from herd.router.history import LatencyHistory
 from herd.scoring import History, RouteRequest, ScoringSettings, score
 from herd.scoring.baselines import RoundRobin, least_connections, uniform
 from herd.scoring.engine import evictions
@@ -369,3 +370,20 @@ async def test_a_conversation_returns_to_the_node_holding_its_prompt(tmp_path: P
         assert not fleet.router.state.affinity.find(
             continuation_keys(history[:1], prefix_keys(history[:1])), "chat:8b"
         )
+
+
+def test_history_learns_speed_per_model_and_each_models_typical_time() -> None:
+    history = LatencyHistory()
+    # "big" runs only the 70B model, slowly in tokens/s; that alone says nothing of its speed.
+    history.record("big", "70b", 40_000.0, 8.0)
+    assert history.node_speed == {"big": 1.0}
+    # Two nodes run the 8B: "fast" twice the rate of "slow".
+    history.record("fast", "8b", 2_000.0, 60.0)
+    history.record("slow", "8b", 4_000.0, 30.0)
+    history.record("big", "8b", 2_800.0, 45.0)
+    assert history.node_speed["fast"] > history.node_speed["big"] > history.node_speed["slow"]
+    # The 8B's typical time is normalised to speed 1.0: the median of p75 x speed.
+    typical = history.model_p75_ms["8b"]
+    assert 2_000.0 < typical < 4_000.0
+    view = history.view()
+    assert view.model_p75_ms is history.model_p75_ms  # no copy per request
