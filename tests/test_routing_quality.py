@@ -28,6 +28,7 @@ from herd.models import (
     NodeStatus,
 )
 from herd.policy.conversation import LOOKBACK, continuation_keys, prefix_keys
+from herd.proxy.relay import RelayResult
 from herd.router.affinity import AffinityTable
 from herd.router.history import LatencyHistory
 from herd.scoring import History, RouteRequest, ScoringSettings, score
@@ -387,3 +388,14 @@ def test_history_learns_speed_per_model_and_each_models_typical_time() -> None:
     assert 2_000.0 < typical < 4_000.0
     view = history.view()
     assert view.model_p75_ms is history.model_p75_ms  # no copy per request
+
+
+def test_embeddings_teach_the_router_a_nodes_speed_too() -> None:
+    """An embedding generates nothing; the speed it read its input at is what it reports."""
+    chat = RelayResult(complete=True, prompt_tokens=10, completion_tokens=50, eval_seconds=2.0)
+    assert chat.tokens_per_second == 25.0
+    embed = RelayResult(complete=True, prompt_tokens=800, total_seconds=1.5, load_seconds=0.5)
+    assert embed.tokens_per_second == 800.0
+    loading = RelayResult(complete=True, prompt_tokens=8, total_seconds=0.5, load_seconds=0.5)
+    assert loading.tokens_per_second is None  # all of it was the load
+    assert RelayResult(complete=True).tokens_per_second is None

@@ -38,12 +38,19 @@ class RelayResult:
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
     eval_seconds: float | None = None
+    total_seconds: float | None = None  # the backend's total_duration (load included)
+    load_seconds: float | None = None
     error: str | None = None
 
     @property
     def tokens_per_second(self) -> float | None:
+        """Generation speed; for an embedding (nothing generated), the speed it read the
+        input at. The router's per-node speed learning compares like with like (per model)."""
         if self.completion_tokens and self.eval_seconds:
             return self.completion_tokens / self.eval_seconds
+        if not self.completion_tokens and self.prompt_tokens and self.total_seconds:
+            working = self.total_seconds - (self.load_seconds or 0.0)
+            return self.prompt_tokens / working if working > 0 else None
         return None
 
 
@@ -100,6 +107,11 @@ def _final_stats(result: RelayResult, final: dict[str, Any]) -> None:
     result.completion_tokens = completion if isinstance(completion, int) else None
     if isinstance(duration, int | float) and duration > 0:
         result.eval_seconds = duration / 1e9
+    total, load = final.get("total_duration"), final.get("load_duration")
+    if isinstance(total, int | float) and total > 0:
+        result.total_seconds = total / 1e9
+    if isinstance(load, int | float) and load > 0:
+        result.load_seconds = load / 1e9
 
 
 def _parse_line(line: bytes) -> dict[str, Any] | None:
