@@ -136,10 +136,11 @@ class VirtualNode:
         if spec.name in self._resident:
             self._resident.move_to_end(spec.name)
             return False
-        pending = self._loading.get(spec.name)
-        if pending is not None:
-            await pending.wait()
-            return True
+        while (pending := self._loading.get(spec.name)) is not None:
+            await pending.wait()  # another request is loading it
+            if spec.name in self._resident:
+                return True
+        # (the other load was cancelled: load it here)
         done = self._loading[spec.name] = trio.Event()
         try:
             await self._make_room(spec.size_bytes)
