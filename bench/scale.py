@@ -113,10 +113,9 @@ def main() -> None:
             f"{median:.0f} us per decision (median), {p95:.0f} us (p95)"
         )
     if args.streams:
-        from load import concurrent_streams
+        from load import concurrent_streams  # bench/load.py, beside this script
 
-        result = concurrent_streams(args.streams)
-        print(result.describe())
+        concurrent_streams(args.streams)
 
 
 if __name__ == "__main__":
