@@ -214,12 +214,29 @@ def run_status(argv: Sequence[str]) -> int:
         help=f"router URL (default http://127.0.0.1:$FLEET_PORT or {DEFAULT_PORT})",
     )
     parser.add_argument("--json", action="store_true", help="print the raw /fleet/status JSON")
+    parser.add_argument(
+        "--api-key",
+        default=None,
+        help="API key, if the router requires one (default: the first of $FLEET_API_KEYS)",
+    )
     args = parser.parse_args(argv)
     url = args.url or f"http://127.0.0.1:{os.environ.get('FLEET_PORT', DEFAULT_PORT)}"
+    key = args.api_key or os.environ.get("FLEET_API_KEYS", "").split(",")[0].strip()
     from herd.status import render_status
 
     try:
-        response = httpx.get(url.rstrip("/") + "/fleet/status", timeout=10, trust_env=False)
+        response = httpx.get(
+            url.rstrip("/") + "/fleet/status",
+            timeout=10,
+            trust_env=False,
+            headers={"Authorization": f"Bearer {key}"} if key else None,
+        )
+        if response.status_code == 401:
+            print(
+                f"herd status: {url} requires an API key: pass --api-key or set FLEET_API_KEYS",
+                file=sys.stderr,
+            )
+            return 1
         response.raise_for_status()
     except httpx.HTTPError as exc:
         print(

@@ -21,6 +21,7 @@ from herd.config import OPTIONS
 from herd.demo import DEMO_FLEET, run_demo
 from herd.sim import SimConfig, SimModel, run_sim
 from herd.status import render_status
+from tests.conftest import running_fleet, two_node_specs
 
 # Polling interval for waiting on another *process* (nothing to wait on but its HTTP answer).
 POLL_SECONDS = 0.05
@@ -225,3 +226,22 @@ def test_serve_raises_the_open_file_limit() -> None:
         assert now == min(4096, hard) == resource.getrlimit(resource.RLIMIT_NOFILE)[0]
     finally:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+async def test_status_with_an_api_key(tmp_path: Path) -> None:
+    async with running_fleet(tmp_path, two_node_specs(), api_keys=("sesame",)) as fleet:
+        status = [sys.executable, "-m", "herd", "status", "--url", fleet.url]
+        env = clean_env(tmp_path)
+
+        async def run(args: list[str], extra: dict[str, str]) -> subprocess.CompletedProcess[bytes]:
+            return await trio.run_process(
+                args, env=env | extra, capture_stdout=True, capture_stderr=True, check=False
+            )
+
+        refused = await run(status, {})
+        assert refused.returncode == 1
+        assert b"requires an API key" in refused.stderr
+        flag = await run([*status, "--api-key", "sesame"], {})
+        assert flag.returncode == 0 and b"2/2 nodes online" in flag.stdout
+        from_env = await run(status, {"FLEET_API_KEYS": "sesame,other"})
+        assert from_env.returncode == 0 and b"2/2 nodes online" in from_env.stdout

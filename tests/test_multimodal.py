@@ -137,6 +137,10 @@ async def test_image_generation_through_the_node_subprocess(
         await router.state.store.flush()  # type: ignore[union-attr]
         kinds = [(t.kind, t.status) for t in router.state.traces]
         assert ("image", "completed") in kinds
+        # Image jobs are traced with the decision, like chats: score and per-signal breakdown.
+        image = next(t for t in router.state.traces if t.kind == "image")
+        assert image.score is not None and image.node_id == "gpu-box"
+        assert image.scores_breakdown["thermal"] == 0.0  # nothing to evict on an idle node
         assert router.state.queues.statistics().queues["gpu-box:z-image-turbo"]["kind"] == "image"
 
 

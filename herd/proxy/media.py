@@ -41,7 +41,7 @@ from herd.proxy.shaping import parse_tags
 from herd.router import traces
 from herd.router.state import RouterState
 from herd.router.traces import TraceRecord
-from herd.scoring import RouteRequest, score
+from herd.scoring import Candidate, RouteDecision, RouteRequest, score
 
 MEDIA_TIMEOUT = 900.0  # seconds for one job on a node, generous: images can be slow
 DEFAULT_STT_MODEL = "whisper"
@@ -78,6 +78,8 @@ async def dispatch_media(
     node_id: str | None = None
     status, error = traces.FAILED, None
     response: httpx.Response | None = None
+    winner: Candidate | None = None
+    decision: RouteDecision | None = None
     deadline = started + state.config.queue_timeout
     try:
         while True:
@@ -99,7 +101,8 @@ async def dispatch_media(
                 with trio.move_on_after(remaining):
                     await state.wait_fleet_changed()
                 continue
-            node = state.snapshot().node(decision.winner.node_id)
+            winner = decision.winner
+            node = state.snapshot().node(winner.node_id)
             assert node is not None
             node_id = node.node_id
             try:
@@ -145,8 +148,13 @@ async def dispatch_media(
                 model=model,
                 original_model=model,
                 node_id=node_id,
-                score=None,
-                scores_breakdown={},
+                score=winner.score if winner is not None else None,
+                scores_breakdown=winner.breakdown if winner is not None else {},
+                runners_up=(
+                    tuple((c.node_id, c.score) for c in decision.runners_up)
+                    if decision is not None and winner is not None
+                    else ()
+                ),
                 status=status,
                 latency_ms=(trio.current_time() - started) * 1000,
                 time_to_first_token_ms=None,
