@@ -111,12 +111,15 @@ def node_config(flags: Mapping[str, Any], environ: Mapping[str, str]) -> NodeCon
     return NodeConfig.from_options(values)
 
 
-def setup_logging(level: str, data_dir: str | None = None, role: str = "router") -> None:
+def setup_logging(
+    level: str, data_dir: str | None = None, role: str = "router", local_node: bool = False
+) -> None:
     from pathlib import Path
 
     from herd.logs import setup_logging as configure
 
-    configure(level, Path(os.path.expanduser(data_dir)) if data_dir else None, role)
+    path = Path(os.path.expanduser(data_dir)) if data_dir else None
+    configure(level, path, role, local_node=local_node)
 
 
 async def until_signalled(
@@ -177,7 +180,7 @@ def run_serve(argv: Sequence[str], prog: str, role: str | None) -> int:
                 local = node_config(
                     {k: v for k, v in flags.items() if k not in ("host", "port")}, os.environ
                 )
-            setup_logging(config.log_level, config.data_dir, "router")
+            setup_logging(config.log_level, config.data_dir, "router", local_node=local is not None)
             from herd.router.service import Router
 
             trio.run(until_signalled, Router(config, local).run)

@@ -30,8 +30,31 @@ class JsonLines(logging.Formatter):
         return json.dumps(entry, ensure_ascii=False)
 
 
-def setup_logging(console_level: str, data_dir: Path | None = None, role: str = "router") -> Path:
-    """Configure the root logger; returns the JSONL file's path (or data_dir-less: none)."""
+def _file_handler(path: Path) -> logging.Handler:
+    handler = logging.handlers.TimedRotatingFileHandler(
+        path, when="midnight", backupCount=KEEP_DAYS, encoding="utf-8", utc=True
+    )
+    handler.setLevel(logging.DEBUG)
+    handler.setFormatter(JsonLines())
+    return handler
+
+
+def _is_node(record: logging.LogRecord) -> bool:
+    return record.name == NODE_LOGGER or record.name.startswith(NODE_LOGGER + ".")
+
+
+NODE_LOGGER = "herd.node"
+
+
+def setup_logging(
+    console_level: str,
+    data_dir: Path | None = None,
+    role: str = "router",
+    local_node: bool = False,
+) -> Path:
+    """Configure the root logger; returns the JSONL file's path (or data_dir-less: none).
+    A router with ``local_node`` writes its in-process node's records (logger ``herd.node``)
+    to the node's file, as a separate ``herd-node`` process would."""
     root = logging.getLogger()
     root.setLevel(logging.DEBUG)
     for handler in list(root.handlers):
@@ -47,10 +70,11 @@ def setup_logging(console_level: str, data_dir: Path | None = None, role: str = 
         logs = data_dir / "logs"
         logs.mkdir(parents=True, exist_ok=True)
         path = logs / FILES.get(role, f"herd-{role}.jsonl")
-        file_handler = logging.handlers.TimedRotatingFileHandler(
-            path, when="midnight", backupCount=KEEP_DAYS, encoding="utf-8", utc=True
-        )
-        file_handler.setLevel(logging.DEBUG)
-        file_handler.setFormatter(JsonLines())
+        file_handler = _file_handler(path)
         root.addHandler(file_handler)
+        if local_node and role == "router":
+            file_handler.addFilter(lambda record: not _is_node(record))
+            node_handler = _file_handler(logs / FILES["node"])
+            node_handler.addFilter(_is_node)
+            root.addHandler(node_handler)
     return path

@@ -144,6 +144,11 @@ async def test_router_with_local_node_serves_and_status_prints(tmp_path: Path) -
     records = [json.loads(line) for line in lines]
     assert any("box joined" in r["message"] for r in records)
     assert not any("zebra-secret-prompt" in line for line in lines)
+    # The in-process node logs to the node's own file, as a herd-node process would.
+    assert not any(r["logger"] == "herd.node" for r in records)
+    node_lines = (tmp_path / "logs" / "herd-node.jsonl").read_text().splitlines()
+    node_records = [json.loads(line) for line in node_lines]
+    assert node_records and all(r["logger"] == "herd.node" for r in node_records)
 
 
 def test_status_when_router_is_down(tmp_path: Path) -> None:
