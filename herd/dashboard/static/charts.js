@@ -2,7 +2,7 @@
 "use strict";
 
 const Charts = (() => {
-  const W = 600, H = 180, L = 46, R = 10, T = 10, B = 24;
+  const W = 600, H = 180, L = 52, R = 10, T = 10, B = 26;
 
   function niceMax(v) {
     if (!(v > 0)) return 1;
