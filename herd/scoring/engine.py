@@ -78,6 +78,9 @@ from herd.models import (
 
 GiB = 2**30
 _MODEL_KINDS = (KIND_TEXT, KIND_EMBED)  # kinds served from the node's model lists
+# Enum members as plain names: looking them up on the class costs more than the comparison.
+_OFFLINE, _DEGRADED = NodeStatus.OFFLINE, NodeStatus.DEGRADED
+_CRITICAL = MemoryPressure.CRITICAL
 
 SIGNALS = (
     "thermal",
@@ -204,9 +207,9 @@ class ScoringSettings:
             )
 
 
-class Candidate(NamedTuple):
-    """A node that can serve the request, and why it scored what it did. (A named tuple, not
-    an attrs class: a decision builds one per node, so it has to be cheap.)"""
+@attrs.frozen
+class Candidate:
+    """A node that can serve the request, and why it scored what it did."""
 
     node_id: str
     model: str
@@ -222,8 +225,9 @@ class Candidate(NamedTuple):
         return {name: round(value, 3) for name, value in zip(SIGNALS, self.points, strict=True)}
 
 
-class Elimination(NamedTuple):
-    """A node that can't serve the request at all. (A named tuple: cheap, as above.)"""
+@attrs.frozen
+class Elimination:
+    """A node that can't serve the request at all."""
 
     node_id: str
     reason: str  # short, names the failing value: "needs 40.0 GiB free, has 12.1 GiB"
@@ -258,7 +262,7 @@ def _number(value: float | None, default: float) -> float:
 def _speed(node: NodeSnapshot, history: History, s: ScoringSettings) -> float:
     """The node's relative speed from history, floored at ``speed_floor``; a node the history
     doesn't know yet (while others are known) counts as ``unknown_node_speed``."""
-    known = history.node_speed.get(node.node_id)
+    known = history.node_speed.get(node.report.node_id)
     if known is None:
         return s.unknown_node_speed if history.node_speed else 1.0
     return max(s.speed_floor, _number(known, 1.0))
@@ -305,9 +309,9 @@ def eliminate(request: RouteRequest, node: NodeSnapshot) -> str | None:
         and request.kind in _MODEL_KINDS
     ):
         return "model not on node"  # first: in a big fleet most nodes lack any one model
-    if node.status is NodeStatus.OFFLINE:
+    if node.status is _OFFLINE:
         return "offline"
-    if node.node_id in request.excluded_nodes:
+    if node.report.node_id in request.excluded_nodes:
         return "failed earlier in this request"
     if report.draining:
         return "draining"
@@ -329,7 +333,7 @@ def eliminate(request: RouteRequest, node: NodeSnapshot) -> str | None:
         return "kind not supported: node serves no text models"
     if model in report.loaded_index:
         return None  # hot: needs no new memory, whatever the pressure
-    if report.memory.pressure is MemoryPressure.CRITICAL:
+    if report.memory.pressure is _CRITICAL:
         return "critical memory pressure (cold load refused)"
     need = model_size(node, request.model)
     free = free_memory(node)
@@ -363,13 +367,14 @@ def facts(request: RouteRequest, node: NodeSnapshot, history: History, s: Scorin
     ahead = 0
     for load in node.load.values():
         ahead += load.in_flight + load.pending
+    # Positional: built once per candidate, on the hot path. The order of Facts' fields.
     return Facts(
-        loaded=loaded,
-        size=size,
-        free=free_memory(node),
-        ahead=max(0, ahead),
-        slots=max(1, node.report.parallel_slots),
-        speed=_speed(node, history, s),
+        loaded,
+        size,
+        free_memory(node),
+        max(0, ahead),
+        max(1, node.report.parallel_slots),
+        _speed(node, history, s),
     )
 
 
@@ -454,7 +459,7 @@ def wait_time(
     slowly beyond. Without a typical time, the absolute p75 counts, log-scaled, full at
     ``wait_full_penalty_ms``. 0 without any history. Raises nothing."""
     typical = _number(history.model_p75_ms.get(request.model), 0.0)
-    service = _number(history.latency_p75_ms.get((node.node_id, request.model)), 0.0)
+    service = _number(history.latency_p75_ms.get((node.report.node_id, request.model)), 0.0)
     if service <= 0:
         service = typical / f.speed
     if service <= 0:
@@ -489,7 +494,7 @@ def availability(node: NodeSnapshot, s: ScoringSettings) -> float:
     if not 0.0 <= level <= 1.0:  # NaN fails every comparison: no opinion
         level = 0.5 if math.isnan(level) else min(1.0, max(0.0, level))
     points = s.availability_max * (2 * level - 1)
-    if node.status is NodeStatus.DEGRADED:
+    if node.status is _DEGRADED:
         points -= s.degraded_penalty
     return points
 
@@ -518,7 +523,7 @@ def affinity(request: RouteRequest, node: NodeSnapshot, f: Facts, s: ScoringSett
     """Points for the node that served this conversation's earlier turn while the model is
     still loaded there (its prompt cache holds the prefix), scaled by the prefix's length up to
     ``affinity_full_tokens``. Raises nothing."""
-    if request.affinity_node != node.node_id or f.loaded is None:
+    if request.affinity_node != node.report.node_id or f.loaded is None:
         return 0.0
     share = min(1.0, max(0, request.affinity_tokens) / s.affinity_full_tokens)
     return s.affinity_max * share
@@ -594,16 +599,16 @@ def score(
     for node in fleet.nodes:
         reason = eliminate(request, node)
         if reason is not None:
-            eliminated.append(Elimination(node.node_id, reason))
+            eliminated.append(Elimination(node.report.node_id, reason))
             continue
         values = points(request, node, history, now, settings)
         candidates.append(
-            Candidate(
-                node_id=node.node_id,
-                model=request.model,
-                score=round(sum(values), 3),
-                points=values,
-                hot=request.model in node.report.loaded_index,
+            Candidate(  # positional: a decision builds one per node
+                node.report.node_id,
+                request.model,
+                round(sum(values), 3),
+                values,
+                request.model in node.report.loaded_index,
             )
         )
     # Shuffle first, then a stable sort: equal scores end up in random (seeded) order.
