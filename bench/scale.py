@@ -100,6 +100,26 @@ def time_scoring(
     return samples[len(samples) // 2], samples[int(len(samples) * 0.95)]
 
 
+def time_history(nodes: int, models: int, records: int = 20_000) -> float:
+    """Median microseconds to record one completed request in the router's latency history,
+    once it holds every node:model."""
+    from herd.router.history import LatencyHistory
+
+    rng = random.Random(2)
+    history = LatencyHistory()
+    pairs = [(f"node-{n}", f"model-{m}") for n in range(nodes) for m in range(models)]
+    for node, model in pairs:
+        history.record(node, model, rng.uniform(500, 5000), rng.uniform(5, 80))
+    samples = []
+    for _ in range(records):
+        node, model = rng.choice(pairs)
+        start = time.perf_counter_ns()
+        history.record(node, model, rng.uniform(500, 5000), rng.uniform(5, 80))
+        samples.append((time.perf_counter_ns() - start) / 1000)
+    samples.sort()
+    return samples[len(samples) // 2]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--nodes", type=int, default=100)
@@ -112,6 +132,10 @@ def main() -> None:
             f"scoring, {args.nodes} nodes x {args.models} models, {label}: "
             f"{median:.0f} us per decision (median), {p95:.0f} us (p95)"
         )
+    print(
+        f"latency history, {args.nodes} nodes x {args.models} models: "
+        f"{time_history(args.nodes, args.models):.0f} us per completed request (median)"
+    )
     if args.streams:
         from load import concurrent_streams  # bench/load.py, beside this script
 

@@ -8,6 +8,7 @@ completes, and only for the model it used.
 
 from __future__ import annotations
 
+import math
 import statistics
 from collections import deque
 
@@ -22,8 +23,11 @@ WINDOW = 100
 class LatencyHistory:
     _latency: dict[tuple[str, str], deque[float]] = attrs.field(factory=dict)
     _rates: dict[tuple[str, str], deque[float]] = attrs.field(factory=dict)
-    _relative: dict[tuple[str, str], float] = attrs.field(factory=dict)  # rate / fleet median
     _served: dict[str, set[str]] = attrs.field(factory=dict)  # model -> nodes that served it
+    # model -> node -> log of the node's median rate; model -> median of those (log)
+    _model_rates: dict[str, dict[str, float]] = attrs.field(factory=dict)
+    _fleet_log: dict[str, float] = attrs.field(factory=dict)
+    _speed_sums: dict[str, list[float]] = attrs.field(factory=dict)
     latency_p75_ms: dict[tuple[str, str], float] = attrs.field(factory=dict)
     node_speed: dict[str, float] = attrs.field(factory=dict)
     model_p75_ms: dict[str, float] = attrs.field(factory=dict)
@@ -40,26 +44,37 @@ class LatencyHistory:
         self._served.setdefault(model, set()).add(node_id)
         if tokens_per_second and tokens_per_second > 0:
             self._rates.setdefault((node_id, model), deque(maxlen=WINDOW)).append(tokens_per_second)
-            self._recompute_speed(model)
+            self._recompute_speed(node_id, model)
         self._recompute_typical(model)
 
-    def _recompute_speed(self, model: str) -> None:
-        """A node's speed is the median, over the models it ran, of its rate for the model
-        divided by the fleet's median rate for that model: a node that runs big (slow) models
-        is not taken for a slow node."""
-        medians = {
-            node: statistics.median(self._rates[(node, model)])
-            for node in self._served.get(model, ())
-            if self._rates.get((node, model))
-        }
-        fleet = statistics.median(medians.values()) if medians else 0.0
-        if fleet <= 0:
-            return
-        for node, rate in medians.items():
-            self._relative[(node, model)] = rate / fleet
-        for node in medians:
-            ratios = [v for (n, _), v in self._relative.items() if n == node]
-            self.node_speed[node] = statistics.median(ratios)
+    def _recompute_speed(self, node: str, model: str) -> None:
+        """A node's speed is the geometric mean, over the models it ran, of its rate for the
+        model divided by the fleet's median rate for that model: a node that runs big (slow)
+        models is not taken for a slow node.
+
+        Kept as sums of logarithms per node (its rates, and the fleet medians it is compared
+        with), so a record costs two medians plus one addition per node that ran the model,
+        whatever the size of the fleet. Invariant: every node's fleet sum holds the current
+        median of each model it ran."""
+        log_rate = math.log(statistics.median(self._rates[(node, model)]))
+        rates = self._model_rates.setdefault(model, {})
+        first = node not in rates
+        sums = self._speed_sums.setdefault(node, [0.0, 0.0, 0])  # log rates, log fleet, count
+        sums[0] += log_rate - rates.get(node, 0.0)
+        rates[node] = log_rate
+        old = self._fleet_log.get(model)
+        fleet = self._fleet_log[model] = statistics.median(rates.values())
+        if first:  # a new model for this node: compare it with the new median from now on
+            sums[1] += fleet
+            sums[2] += 1
+        moved: list[str] = []
+        if old is not None and fleet != old:
+            moved = [n for n in rates if n != node or not first]
+            for other in moved:
+                self._speed_sums[other][1] += fleet - old
+        for other in {node, *moved}:
+            total_rate, total_fleet, count = self._speed_sums[other]
+            self.node_speed[other] = math.exp((total_rate - total_fleet) / count)
 
     def _recompute_typical(self, model: str) -> None:
         """The model's p75 on a node of speed 1.0: the median over the nodes that served it of

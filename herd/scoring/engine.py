@@ -140,10 +140,10 @@ class ScoringSettings:
     # 16 GiB (the old cap) kept mid-size models too sticky to saturated nodes in the bench.
     warm_window_s: float = 1800.0  # page cache rarely survives half an hour of other work
     # Memory fit: headroom after serving; full points when this share of memory stays free.
-    memory_fit_max: float = 8.0  # the reference's 20 beat speed: idle big slow machines won
+    memory_fit_max: float = 6.0  # the reference's 20 beat speed: idle big slow machines won
     memory_comfort_share: float = 0.5  # half the machine free leaves room for a second model
     # Queue: points lost per round of the node's slots already taken, divided by its speed.
-    queue_penalty_per_slot_load: float = 15.0  # one full round queued = -15: about a cold
+    queue_penalty_per_slot_load: float = 17.0  # one full round queued = -17: about a cold
     # load of a mid-size model, so a second copy gets loaded when a queue builds up
     queue_penalty_max: float = 40.0  # full scale; beyond it the penalty grows only slowly
     overflow_slope: float = 1.0  # ... as 1 + ln(x): a deeper queue always costs more. A hard
@@ -152,13 +152,13 @@ class ScoringSettings:
     unknown_node_speed: float = 0.6  # a node not measured yet counts as slowish, not average:
     # at 1.0 a burst piled onto an unmeasured CPU-only node before its first answer came back
     # Wait: expected time to an answer (service x queue), in units of the model's typical time.
-    wait_penalty_max: float = 50.0  # as much as thermal: a node 3x slower than usual loses
+    wait_penalty_max: float = 60.0  # more than thermal: a node 3x slower than usual loses
     # its hot lead; the reference's 25 could not move work off a slow hot node
     wait_full_multiple: float = 3.0  # three typical service times is as bad as a cold load
     wait_queue_factor: float = 1.0  # each request ahead per slot adds one service time
     wait_full_penalty_ms: float = 30_000.0  # fallback scale before any typical time is known
     # Role affinity: keep the big machines free for the big models.
-    role_affinity_max: float = 5.0  # a tie-breaker; at 15 it sent small models to slow boxes
+    role_affinity_max: float = 4.0  # a tie-breaker; at 15 it sent small models to slow boxes
     large_model_bytes: int = 20 * GiB  # ~30B+ parameters at Q4: only big machines hold these
     big_node_bytes: int = 64 * GiB  # a node this big (or bigger) is fully "big"
     small_model_affinity_share: float = 0.4  # small models care less where they run
@@ -175,7 +175,7 @@ class ScoringSettings:
     image_memory_need: int = 12 * GiB  # a Flux-class model in 8 bits plus activations
     image_eviction_penalty: float = 30.0  # about the thermal gap between hot and on disk
     # Conversation affinity: the node whose prompt cache holds the conversation so far skips
-    # its prefill. Worth less than one round of queue (15), so it yields to load.
+    # its prefill. Worth less than one round of queue (17), so it yields to load.
     affinity_max: float = 10.0
     affinity_full_tokens: int = 2000  # a prefix this long saves seconds of prefill anywhere
     # Eviction: a cold load that pushes loaded models out pays, per model, for how much that
