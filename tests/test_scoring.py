@@ -450,6 +450,11 @@ def test_odd_numbers_from_nodes_and_history_never_raise() -> None:
         {"big_node_bytes": 0},
         {"memory_comfort_share": 0.0},
         {"context_comfort_ratio": 0.9},
+        {"thermal_full_load_bytes": 0},  # divisors, all of them
+        {"queue_penalty_max": 0.0},
+        {"speed_floor": 0.0},
+        {"unknown_node_speed": 0.0},
+        {"wait_full_multiple": 0.0},
     ],
 )
 def test_settings_refuse_meaningless_values(change: dict[str, float]) -> None:

@@ -197,6 +197,10 @@ class ScoringSettings:
             "big_node_bytes",
             "affinity_full_tokens",
             "wait_full_multiple",
+            "thermal_full_load_bytes",
+            "queue_penalty_max",
+            "speed_floor",
+            "unknown_node_speed",
         ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"scoring setting {name} must be > 0, got {getattr(self, name)!r}")
