@@ -21,11 +21,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -37,7 +34,7 @@ import trio
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from overhead import free_port, wait_ready
+from overhead import router_and_backend, wait_ready
 
 MODEL = "load:latest"
 EMBED = "load-embed:latest"
@@ -48,7 +45,7 @@ SOURCES = ("127.0.0.1", "127.0.0.2", "127.0.0.3", "127.0.0.4")
 
 async def serve_backends(router_url: str) -> None:
     """Child process: four simulated Ollama nodes and their agents."""
-    from herd.node.agent import AgentConfig, NodeAgent
+    from herd.demo import serve_simulated_node
     from herd.sim import SimConfig, SimModel
 
     models = (
@@ -64,25 +61,7 @@ async def serve_backends(router_url: str) -> None:
                 parallel=SLOTS,
                 memory_bytes=64 * 2**30,
             )
-            sim = await nursery.start(_serve_sim, spec)
-            agent = NodeAgent(
-                AgentConfig(
-                    router_url=router_url,
-                    ollama_url=sim.url,
-                    node_id=spec.name,
-                    parallel_slots=SLOTS,
-                ),
-                system=sim.system_reading,
-            )
-            nursery.start_soon(agent.run)
-
-
-async def _serve_sim(spec: object, *, task_status: trio.TaskStatus[object]) -> None:
-    from herd.sim import run_sim
-
-    async with run_sim(spec) as sim:  # type: ignore[arg-type]
-        task_status.started(sim)
-        await trio.sleep_forever()
+            await nursery.start(serve_simulated_node, spec, router_url)
 
 
 @attrs.define
@@ -251,25 +230,8 @@ async def run(
 
 def concurrent_streams(streams: int, soak_minutes: float = 0.0, workers: int = 32) -> None:
     """Start the router and the backends, run the parts, stop everything."""
-    port = free_port()
-    router_url = f"http://127.0.0.1:{port}"
-    with tempfile.TemporaryDirectory() as tmp:
-        env = {
-            **os.environ,
-            "FLEET_DATA_DIR": tmp,
-            "FLEET_LOG_LEVEL": "WARNING",
-            "FLEET_MDNS": "false",
-        }
-        router = subprocess.Popen(
-            [sys.executable, "-m", "herd", "--host", "127.0.0.1", "--port", str(port)], env=env
-        )
-        backend = subprocess.Popen([sys.executable, __file__, "--backends", router_url], env=env)
-        try:
-            trio.run(run, router_url, router.pid, streams, soak_minutes, workers)
-        finally:
-            for process in (backend, router):
-                process.terminate()
-                process.wait(timeout=10)
+    with router_and_backend(__file__, "--backends") as (router_url, router_pid):
+        trio.run(run, router_url, router_pid, streams, soak_minutes, workers)
 
 
 if __name__ == "__main__":

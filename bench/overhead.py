@@ -14,6 +14,7 @@ Ollama-native request sent direct: the figure includes translation (NDJSON→SSE
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -21,7 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -178,7 +179,11 @@ async def run_all(router_url: str, backend_url_file: str, quick: bool, chunks: i
         )
 
 
-def main(quick: bool, chunks: int) -> None:
+@contextlib.contextmanager
+def router_and_backend(script: str, flag: str, *extra: str) -> Iterator[tuple[str, int]]:
+    """Start a router (``herd``) on a free loopback port and ``script flag ROUTER_URL extra...``
+    (the simulated nodes) beside it, both with a throwaway data directory and no mDNS; yield
+    (router URL, router pid); stop both on the way out."""
     port = free_port()
     router_url = f"http://127.0.0.1:{port}"
     with tempfile.TemporaryDirectory() as tmp:
@@ -191,16 +196,20 @@ def main(quick: bool, chunks: int) -> None:
         router = subprocess.Popen(
             [sys.executable, "-m", "herd", "--host", "127.0.0.1", "--port", str(port)], env=env
         )
-        url_file = str(Path(tmp) / "backend-url")
-        backend = subprocess.Popen(
-            [sys.executable, __file__, "--backend", router_url, url_file], env=env
-        )
+        backend = subprocess.Popen([sys.executable, script, flag, router_url, *extra], env=env)
         try:
-            trio.run(run_all, router_url, url_file, quick, chunks)
+            yield router_url, router.pid
         finally:
             for process in (backend, router):
                 process.terminate()
                 process.wait(timeout=10)
+
+
+def main(quick: bool, chunks: int) -> None:
+    with tempfile.TemporaryDirectory() as scratch:
+        url_file = str(Path(scratch) / "backend-url")
+        with router_and_backend(__file__, "--backend", url_file) as (router_url, _):
+            trio.run(run_all, router_url, url_file, quick, chunks)
 
 
 if __name__ == "__main__":

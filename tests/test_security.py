@@ -337,7 +337,7 @@ async def send_headers_slowly(url: str) -> float:
             await stream.send_all(b"POST /api/chat HTTP/1.1\r\nHost: router\r\n")
             with contextlib.suppress(trio.BrokenResourceError):
                 while True:
-                    await trio.sleep(10)
+                    await trio.sleep(10)  # virtual: the test runs on io_clock (a MockClock)
                     await stream.send_all(b"X-Slow: 1\r\n")
 
         nursery.start_soon(dribble)

@@ -363,11 +363,7 @@ class Facts(NamedTuple):
 def facts(request: RouteRequest, node: NodeSnapshot, history: History, s: ScoringSettings) -> Facts:
     """Look up, once, what the signals need of ``node``. Raises nothing."""
     loaded = node.report.loaded_index.get(request.model)
-    if loaded is not None and loaded.size_bytes > 0:
-        size = loaded.size_bytes
-    else:
-        available = node.report.available_index.get(request.model)
-        size = max(0, available.size_bytes) if available is not None else 0
+    size = model_size(node, request.model)
     ahead = 0
     for load in node.load.values():
         ahead += load.in_flight + load.pending

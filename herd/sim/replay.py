@@ -34,7 +34,7 @@ from herd.router.affinity import AffinityTable
 from herd.router.history import LatencyHistory
 from herd.router.queues import QueueBook
 from herd.router.registry import NodeRegistry
-from herd.scoring import RouteRequest, ScoringSettings, score
+from herd.scoring import RouteDecision, RouteRequest, ScoringSettings, score
 from herd.scoring.baselines import RoundRobin, least_connections, uniform
 from herd.sim.server import SimConfig
 from herd.sim.virtual import VirtualNode, percentile
@@ -213,9 +213,8 @@ def picker(policy: str, history: LatencyHistory, settings: ScoringSettings, seed
     raise ValueError(f"unknown policy {policy!r}; choose from {POLICIES}")
 
 
-def _winner(decision: object) -> str | None:
-    winner = getattr(decision, "winner", None)
-    return winner.node_id if winner is not None else None
+def _winner(decision: RouteDecision) -> str | None:
+    return decision.winner.node_id if decision.winner is not None else None
 
 
 async def replay(
