@@ -918,3 +918,29 @@ def test_lan_proxy_auto_rule() -> None:
     assert auto("http://127.0.0.1:11434", "http://studio.lan:11435") is True
     assert auto("http://localhost:11434", "http://127.0.0.1:11435") is False  # same machine
     assert auto("http://10.0.0.7:11434", "http://10.0.0.5:11435") is False  # reachable as is
+
+
+async def test_the_fleet_leaves_the_global_random_alone(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """Hypothesis (and any program that embeds herd) owns the global ``random``: a test that
+    draws data while a router runs beside it fails if the router draws from it too. Pings are
+    where a WebSocket library reaches for it; herd pings with its own payloads."""
+    from tests.conftest import running_fleet, two_node_specs
+
+    random.seed(1234)
+    before = random.getstate()
+    async with running_fleet(tmp_path, two_node_specs()) as fleet:
+        await trio.sleep(60)  # virtual: twelve heartbeat intervals
+        assert all(agent.pings_sent >= 10 for agent in fleet.agents.values())
+        async with httpx.AsyncClient(base_url=fleet.url, trust_env=False) as client:
+            reply = await client.post(
+                "/api/chat",
+                json={
+                    "model": "llama3.2:3b",
+                    "messages": [{"role": "user", "content": "hi"}],
+                    "stream": False,
+                },
+            )
+            assert reply.status_code == 200
+    assert random.getstate() == before

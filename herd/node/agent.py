@@ -222,7 +222,9 @@ class NodeAgent:
     config: AgentConfig
     backend: Probe | None = None  # default: Ollama at config.ollama_url, own client
     system: SystemReader = read_system
-    rng: random.Random = attrs.field(factory=random.Random)  # backoff jitter
+    # Backoff jitter and ping payloads. Never the global ``random``: that belongs to whoever
+    # embeds us.
+    rng: random.Random = attrs.field(factory=random.Random)
     # How to find the router again after losing it (mDNS), when it wasn't given by URL.
     locate: Callable[[], Awaitable[str | None]] | None = None
     # Adaptive capacity (--learn-capacity): what the fleet may use of this machine now.
@@ -234,6 +236,7 @@ class NodeAgent:
     connected: bool = attrs.field(default=False, init=False)
     heartbeats_sent: int = attrs.field(default=0, init=False)
     reconnects: int = attrs.field(default=0, init=False)
+    pings_sent: int = attrs.field(default=0, init=False)
     last_error: str | None = attrs.field(default=None, init=False)
     # Set when the router says this draining node has no requests left in flight.
     drained: trio.Event = attrs.field(factory=trio.Event, init=False)
@@ -427,7 +430,11 @@ class NodeAgent:
         while True:
             try:
                 with trio.fail_after(self.config.ping_timeout):
-                    await ws.ping()
+                    # Our own payload: trio-websocket's default draws from the global
+                    # ``random``, which the program embedding us (or a test runner such as
+                    # Hypothesis) may own.
+                    await ws.ping(self.rng.getrandbits(32).to_bytes(4, "big"))
+                self.pings_sent += 1
             except trio.TooSlowError:
                 raise TimeoutError(
                     f"router did not answer a ping within {self.config.ping_timeout:g} s"
