@@ -222,8 +222,8 @@ class NodeAgent:
     config: AgentConfig
     backend: Probe | None = None  # default: Ollama at config.ollama_url, own client
     system: SystemReader = read_system
-    # Backoff jitter and ping payloads. Never the global ``random``: that belongs to whoever
-    # embeds us.
+    # Backoff jitter (seedable). Never the global ``random``: that belongs to whoever embeds
+    # us (and to Hypothesis in tests).
     rng: random.Random = attrs.field(factory=random.Random)
     # How to find the router again after losing it (mDNS), when it wasn't given by URL.
     locate: Callable[[], Awaitable[str | None]] | None = None
@@ -237,6 +237,8 @@ class NodeAgent:
     heartbeats_sent: int = attrs.field(default=0, init=False)
     reconnects: int = attrs.field(default=0, init=False)
     pings_sent: int = attrs.field(default=0, init=False)
+    # Ping payloads: apart from ``rng`` so pings don't move a seeded backoff sequence.
+    _ping_rng: random.Random = attrs.field(factory=random.Random, init=False)
     last_error: str | None = attrs.field(default=None, init=False)
     # Set when the router says this draining node has no requests left in flight.
     drained: trio.Event = attrs.field(factory=trio.Event, init=False)
@@ -433,7 +435,7 @@ class NodeAgent:
                     # Our own payload: trio-websocket's default draws from the global
                     # ``random``, which the program embedding us (or a test runner such as
                     # Hypothesis) may own.
-                    await ws.ping(self.rng.getrandbits(32).to_bytes(4, "big"))
+                    await ws.ping(self._ping_rng.getrandbits(32).to_bytes(4, "big"))
                 self.pings_sent += 1
             except trio.TooSlowError:
                 raise TimeoutError(
