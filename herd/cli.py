@@ -15,6 +15,7 @@ import os
 import signal
 import sys
 from collections.abc import Awaitable, Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -52,6 +53,8 @@ def add_options(parser: argparse.ArgumentParser, roles: Sequence[str]) -> None:
         if not set(option.roles) & set(roles):
             continue
         default = option.default if option.default not in (None, ()) else "none"
+        if option.shown_default is not None:
+            default = option.shown_default
         if option.name == "port":
             default = f"{DEFAULT_PORT} router / {DEFAULT_NODE_PORT} node"
         help_text = f"{option.help} [env {option.env}; default {default}]"
@@ -62,7 +65,7 @@ def add_options(parser: argparse.ArgumentParser, roles: Sequence[str]) -> None:
         }
         if option.repeatable:
             kwargs["action"] = "append"
-        elif option.parse is bool or option.default is False:
+        elif option.parse is bool or option.default is False or option.switch:
             kwargs["action"] = "store_const"
             kwargs["const"] = True
         else:
@@ -172,9 +175,12 @@ def run_serve(argv: Sequence[str], prog: str, role: str | None) -> int:
     role = role or args.role
     flags = flags_of(args)
     raise_open_file_limit()
+    from herd.store.db import StorageError, check_data_dir
+
     try:
         if role == "router":
             config = router_config(flags, os.environ)
+            check_data_dir(config.data_path)
             local = None
             if args.local_node:
                 local = node_config(
@@ -186,6 +192,7 @@ def run_serve(argv: Sequence[str], prog: str, role: str | None) -> int:
             trio.run(until_signalled, Router(config, local).run)
         else:
             nconfig = node_config(flags, os.environ)
+            check_data_dir(Path(os.path.expanduser(nconfig.data_dir)), database=False)
             setup_logging(nconfig.log_level, nconfig.data_dir, "node")
             from herd.node.service import Node, NodeConfigError, agent_config
 
@@ -201,7 +208,7 @@ def run_serve(argv: Sequence[str], prog: str, role: str | None) -> int:
                 await until_signalled(node.run, before_stop=node.drain)
 
             trio.run(serve_node)
-    except ConfigError as exc:
+    except (ConfigError, StorageError) as exc:
         print(f"{prog}: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -68,6 +68,10 @@ class Option:
     category: str = "server"
     secret: bool = False
     repeatable: bool = False  # flag may be given several times (values are collected)
+    # A flag that takes no value and turns the option on (the env var takes true/false).
+    switch: bool = False
+    # What --help and the docs call the default when ``default`` is None ("not set").
+    shown_default: str | None = None
 
 
 OPTIONS: tuple[Option, ...] = (
@@ -146,6 +150,56 @@ OPTIONS: tuple[Option, ...] = (
         "seconds to wait for a node's first byte (covers cold loads)",
         roles=("router",),
         category="routing",
+    ),
+    Option(
+        "vram_fallback",
+        "--vram-fallback",
+        "FLEET_VRAM_FALLBACK",
+        None,
+        _bool,
+        "opt in to substitution: when no model the request named is loaded, serve an "
+        "already-loaded model of the same category instead of cold-loading (flagged in "
+        "X-Herd-Fallback and the trace; a request can refuse it). Also a dashboard setting",
+        roles=("router",),
+        category="routing",
+        switch=True,
+        shown_default="off",
+    ),
+    Option(
+        "auto_pull",
+        "--auto-pull",
+        "FLEET_AUTO_PULL",
+        None,
+        _bool,
+        "pull a model no node has onto the best node when a request asks for it, instead of "
+        "answering 404. Also a dashboard setting",
+        roles=("router",),
+        category="routing",
+        switch=True,
+        shown_default="off",
+    ),
+    Option(
+        "pull_hosts",
+        "--pull-host",
+        "FLEET_PULL_HOSTS",
+        (),
+        _str_list,
+        "registry host a pull may name besides Ollama's own (e.g. hf.co); repeatable, env: "
+        "comma list. Other hosts in a model name are refused",
+        roles=("router",),
+        category="routing",
+        repeatable=True,
+    ),
+    Option(
+        "forget_after",
+        "--forget-after",
+        "FLEET_FORGET_AFTER",
+        86400.0,
+        _positive_float,
+        "seconds a node may stay offline before the router forgets it (its queues, history "
+        "and metrics go too)",
+        roles=("router",),
+        category="heartbeat",
     ),
     Option(
         "max_body_bytes",
@@ -417,6 +471,12 @@ class RouterConfig:
     log_level: str = "INFO"
     # Embedded routers don't advertise themselves unless asked; the `herd` command does.
     mdns: bool = False
+    # Start values of the runtime settings of the same names; None = not set here (the
+    # settings file, else RuntimeSettings' default, applies). Set, they beat the file.
+    vram_fallback: bool | None = None
+    auto_pull: bool | None = None
+    pull_hosts: tuple[str, ...] = ()
+    forget_after: float = 86400.0
 
     @property
     def data_path(self) -> Path:

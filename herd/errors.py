@@ -5,8 +5,10 @@ caller's API expects.
     ├── ClientError                the request is wrong (4xx); never retried
     │   ├── BadRequest             400  malformed JSON, missing or wrong-typed field
     │   ├── Unauthorized           401  missing or bad API key / fleet token
+    │   ├── Forbidden              403  allowed for nobody here (a cross-site write, a
+    │   │                               registry host the operator has not allowed)
     │   ├── NotFound               404  unknown path
-    │   ├── ModelNotFound          404  no node has the model
+    │   ├── ModelNotFound          404  no node has the model (naming the closest ones)
     │   ├── RequestTimeout         408  the body did not arrive in time (a slow client)
     │   ├── PayloadTooLarge        413  body over the limit
     │   └── TooManyRequests        429  one client has too many requests in progress
@@ -76,6 +78,12 @@ class Unauthorized(ClientError):
     code = "invalid_api_key"
 
 
+class Forbidden(ClientError):
+    status = 403
+    openai_type = "permission_error"
+    code = "forbidden"
+
+
 class NotFound(ClientError):
     status = 404
     code = "not_found"
@@ -85,10 +93,17 @@ class ModelNotFound(ClientError):
     status = 404
     code = "model_not_found"
 
-    def __init__(self, model: str, *, detail: str | None = None) -> None:
+    def __init__(
+        self, model: str, *, detail: str | None = None, suggestions: tuple[str, ...] = ()
+    ) -> None:
         message = f"model '{model}' not found on any node"
-        super().__init__(f"{message} ({detail})" if detail else message, param="model")
+        if detail:
+            message += f" ({detail})"
+        if suggestions:
+            message += "; did you mean " + " or ".join(suggestions) + "?"
+        super().__init__(message, param="model")
         self.model = model
+        self.suggestions = suggestions
 
 
 class RequestTimeout(ClientError):

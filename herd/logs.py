@@ -11,6 +11,8 @@ import datetime as dt
 import json
 import logging
 import logging.handlers
+import sys
+import time
 from pathlib import Path
 
 KEEP_DAYS = 30
@@ -30,10 +32,30 @@ class JsonLines(logging.Formatter):
         return json.dumps(entry, ensure_ascii=False)
 
 
+class LogFile(logging.handlers.TimedRotatingFileHandler):
+    """The JSONL file. When it can't be written (disk full, read-only), say so on stderr once
+    per :data:`REPORT_EVERY` seconds instead of a traceback per record ("Logging error")."""
+
+    REPORT_EVERY = 60.0
+    _reported_at = -1e18
+    _failures = 0
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        self._failures += 1
+        now = time.monotonic()
+        if now - self._reported_at < self.REPORT_EVERY:
+            return
+        error = sys.exc_info()[1]
+        print(
+            f"herd: cannot write the log file {self.baseFilename} ({error}); "
+            f"{self._failures} records lost so far. The console log goes on.",
+            file=sys.stderr,
+        )
+        self._reported_at = now
+
+
 def _file_handler(path: Path) -> logging.Handler:
-    handler = logging.handlers.TimedRotatingFileHandler(
-        path, when="midnight", backupCount=KEEP_DAYS, encoding="utf-8", utc=True
-    )
+    handler = LogFile(path, when="midnight", backupCount=KEEP_DAYS, encoding="utf-8", utc=True)
     handler.setLevel(logging.DEBUG)
     handler.setFormatter(JsonLines())
     return handler

@@ -1,11 +1,27 @@
-"""Client API keys (``--api-key`` / ``FLEET_API_KEYS``): one ASGI gate in front of the router.
+"""The router's front door: request-head limits, what may open a WebSocket, client API keys, and
+who may change operator state. Two ASGI layers in front of everything else.
 
-With keys configured, every HTTP endpoint needs one — ``Authorization: Bearer <key>`` (what the
-OpenAI SDK sends as its ``api_key``), ``X-Api-Key: <key>``, or, for the dashboard's event stream
-which browsers can't give headers, ``?key=<key>`` — except ``GET /`` (liveness), the dashboard's
-page and static assets (they hold no data; the page asks for the key), and the nodes' socket
-``/fleet/ws`` (which has the fleet token instead). A missing or wrong key is a 401 in the
-caller's API shape. Keys are compared in constant time and never logged.
+:class:`FrontGuard` (outermost):
+- **Head limits.** A request's headers may total at most :data:`MAX_HEADER_BYTES` (16 KiB)
+  and number at most :data:`MAX_HEADERS`; beyond either, 431. (hypercorn bounds a head that
+  arrives in pieces; this bounds one that arrives in a single read too.)
+- **WebSockets** are for the nodes' socket ``/fleet/ws`` only: a handshake to any other path
+  is refused (403) before it reaches the app.
+- **Operator writes** (``POST``/``DELETE`` under ``/dashboard/api/``: settings, pulls,
+  deletes, benchmarks) must be JSON (``Content-Type: application/json``, else 415) and must
+  not come from another site (an ``Origin`` that isn't this router's own, or
+  ``Sec-Fetch-Site: cross-site``, is 403). A web page elsewhere can't submit a form to the
+  router, and CORS never opens these paths.
+
+:class:`ApiKeyGate`: with keys configured (``--api-key`` / ``FLEET_API_KEYS``), every HTTP
+endpoint needs one — ``Authorization: Bearer <key>`` (what the OpenAI SDK sends as its
+``api_key``) or ``X-Api-Key: <key>`` — except ``GET /`` (liveness), the dashboard's page and
+static assets (they hold no data; the page asks for the key), and the nodes' socket
+``/fleet/ws`` (which has the fleet token instead). The dashboard's event stream
+(``/dashboard/events``) may also carry it as ``?key=<key>``, because a browser's EventSource
+can't send headers; no other path reads a key from the URL (URLs end up in logs and
+histories). A missing or wrong key is a 401 in the caller's API shape. Keys are compared in
+constant time and never logged.
 """
 
 from __future__ import annotations
@@ -15,7 +31,7 @@ import urllib.parse
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
-from herd.errors import Unauthorized
+from herd.errors import Forbidden, HerdError, Unauthorized
 from herd.proxy.shaping import flavor_for_path
 
 Scope = MutableMapping[str, Any]
@@ -24,6 +40,18 @@ Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 
 PUBLIC_PATHS = frozenset({"/", "/dashboard", "/dashboard/", "/fleet/ws"})
 PUBLIC_PREFIXES = ("/dashboard/static/",)
+KEY_IN_QUERY_PATHS = frozenset({"/dashboard/events"})
+WEBSOCKET_PATHS = frozenset({"/fleet/ws"})
+OPERATOR_PREFIX = "/dashboard/api/"
+MAX_HEADER_BYTES = 16 * 1024
+MAX_HEADERS = 100
+
+
+def header_value(scope: Scope, name: bytes) -> str | None:
+    for key, value in scope.get("headers", []):
+        if key == name:
+            return str(value.decode("latin-1"))
+    return None
 
 
 def presented_key(scope: Scope) -> str | None:
@@ -34,9 +62,11 @@ def presented_key(scope: Scope) -> str | None:
                 return text[7:].strip()
         elif name == b"x-api-key":
             return str(value.decode("latin-1")).strip()
-    query = urllib.parse.parse_qs(scope.get("query_string", b"").decode("latin-1"))
-    keys = query.get("key")
-    return str(keys[0]) if keys else None
+    if scope.get("path") in KEY_IN_QUERY_PATHS:
+        query = urllib.parse.parse_qs(scope.get("query_string", b"").decode("latin-1"))
+        keys = query.get("key")
+        return str(keys[0]) if keys else None
+    return None
 
 
 def key_ok(keys: tuple[str, ...], presented: str | None) -> bool:
@@ -49,6 +79,88 @@ def key_ok(keys: tuple[str, ...], presented: str | None) -> bool:
 
 def is_public(path: str) -> bool:
     return path in PUBLIC_PATHS or path.startswith(PUBLIC_PREFIXES)
+
+
+def same_origin(scope: Scope) -> bool:
+    """Is the request's ``Origin`` (if any) this router itself, and not declared cross-site?"""
+    if (header_value(scope, b"sec-fetch-site") or "").lower() == "cross-site":
+        return False
+    origin = header_value(scope, b"origin")
+    if origin is None:
+        return True  # not a browser's cross-origin request (curl, the SDKs, same-origin GET)
+    host = header_value(scope, b"host") or ""
+    parts = urllib.parse.urlsplit(origin)
+    return bool(parts.netloc) and parts.netloc.lower() == host.lower()
+
+
+async def send_error(send: Send, error: HerdError, path: str, close: bool = False) -> None:
+    headers = [(b"content-type", b"application/json")]
+    headers += [(k.lower().encode(), v.encode()) for k, v in error.headers().items()]
+    if close:
+        headers.append((b"connection", b"close"))
+    await send({"type": "http.response.start", "status": error.status, "headers": headers})
+    await send({"type": "http.response.body", "body": error.render(flavor_for_path(path))})
+
+
+class HeadersTooLarge(HerdError):
+    status = 431
+    openai_type = "invalid_request_error"
+    code = "request_header_fields_too_large"
+
+
+class UnsupportedMediaType(HerdError):
+    status = 415
+    openai_type = "invalid_request_error"
+    code = "unsupported_media_type"
+
+
+def head_error(scope: Scope) -> HerdError | None:
+    headers = scope.get("headers", [])
+    if len(headers) > MAX_HEADERS:
+        return HeadersTooLarge(f"{len(headers)} request headers; the limit is {MAX_HEADERS}")
+    size = sum(len(name) + len(value) + 4 for name, value in headers)
+    if size > MAX_HEADER_BYTES:
+        return HeadersTooLarge(
+            f"request headers total {size} bytes; the limit is {MAX_HEADER_BYTES}"
+        )
+    return None
+
+
+def operator_write_error(scope: Scope) -> HerdError | None:
+    """Refuse a write to operator state that isn't JSON, or that comes from another site."""
+    if scope["method"] not in ("POST", "PUT", "PATCH", "DELETE"):
+        return None
+    if not scope["path"].startswith(OPERATOR_PREFIX):
+        return None
+    if not same_origin(scope):
+        return Forbidden(
+            "operator endpoints don't take requests from other sites (Origin or "
+            "Sec-Fetch-Site says cross-site)"
+        )
+    content_type = (header_value(scope, b"content-type") or "").split(";")[0].strip().lower()
+    if content_type != "application/json":
+        return UnsupportedMediaType(
+            f"operator endpoints take Content-Type: application/json, got {content_type or 'none'}"
+        )
+    return None
+
+
+class FrontGuard:
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        kind = scope["type"]
+        if kind == "websocket":
+            if scope["path"] not in WEBSOCKET_PATHS or head_error(scope) is not None:
+                await send({"type": "websocket.close", "code": 1008})  # hypercorn: 403
+                return
+        elif kind == "http":
+            error = head_error(scope) or operator_write_error(scope)
+            if error is not None:
+                await send_error(send, error, scope["path"], close=True)
+                return
+        await self.app(scope, receive, send)
 
 
 class ApiKeyGate:

@@ -34,13 +34,23 @@ def run(
     unloads: dict[tuple[str, str], int] | None = None,
     host: str = "127.0.0.1",
     token: bool = False,
+    storage_error: str | None = None,
+    traces_lost: int = 0,
 ) -> dict[str, str]:
     checks = evaluate(
         HealthInput(
-            FleetSnapshot(nodes), figures or {}, events or {}, unloads or {}, host, token, 24
+            FleetSnapshot(nodes),
+            figures or {},
+            events or {},
+            unloads or {},
+            host,
+            token,
+            24,
+            storage_error=storage_error,
+            traces_lost=traces_lost,
         )
     )
-    assert len(checks) == 17 and sum(summary(checks).values()) == 17
+    assert len(checks) == 18 and sum(summary(checks).values()) == 18
     return {c.id: c.severity for c in checks}
 
 
@@ -78,7 +88,7 @@ def test_every_check_fires() -> None:
         "degraded_nodes": WARNING,
         "memory_pressure": CRITICAL,
         "underutilized_nodes": INFO,
-        "vram_fallbacks": WARNING,
+        "vram_fallbacks": CRITICAL,  # 30% of requests got a model they did not name
         "kv_cache_bloat": WARNING,
         "version_mismatch": WARNING,
         "context_protection": WARNING,
@@ -91,6 +101,7 @@ def test_every_check_fires() -> None:
         "incomplete_streams": WARNING,
         "backend_unreachable": CRITICAL,
         "unauthenticated_router": WARNING,
+        "storage": OK,
     }
 
 
@@ -103,3 +114,11 @@ def test_every_node_offline_is_critical_and_a_token_quiets_exposure() -> None:
 def test_rates_need_enough_traffic() -> None:
     severity = run((node("a"),), {"requests": 3, "failed": 3})
     assert severity["error_rate"] == OK
+
+
+def test_substitution_share_and_storage() -> None:
+    few = run((node("a"),), {"requests": 100}, {"vram_fallbacks": 5})
+    assert few["vram_fallbacks"] == INFO  # opted in, and rare
+    full = run((node("a"),), storage_error="could not write 3 traces: database or disk is full")
+    assert full["storage"] == CRITICAL
+    assert run((node("a"),), traces_lost=7)["storage"] == WARNING

@@ -176,7 +176,7 @@ async def test_health_checks(seeded: Any) -> None:
     _fleet, client, _ = seeded
     report = await get(client, "/dashboard/api/health")
     checks = {c["id"]: c for c in report["checks"]}
-    assert len(checks) == 17
+    assert len(checks) == 18
     for check in checks.values():
         assert check["severity"] in {"ok", "info", "warning", "critical"}
         assert check["evidence"] and check["fix"]
@@ -184,7 +184,7 @@ async def test_health_checks(seeded: Any) -> None:
     assert checks["client_disconnects"]["severity"] in {"info", "warning"}
     assert "1 clients" in checks["client_disconnects"]["evidence"]
     assert checks["unauthenticated_router"]["severity"] == "ok"  # loopback
-    assert sum(report["summary"].values()) == 17
+    assert sum(report["summary"].values()) == 18
 
 
 async def test_recommendations_fit_each_node(seeded: Any) -> None:
@@ -207,13 +207,14 @@ async def test_settings_round_trip_and_persist(tmp_path: Path) -> None:
         httpx.AsyncClient(base_url=fleet.url, trust_env=False) as client,
     ):
         view = await get(client, "/dashboard/api/settings")
-        assert view["settings"]["vram_fallback"] is True
+        assert view["settings"]["vram_fallback"] is False  # substitution is opt-in
+        assert view["settings"]["auto_pull"] is False  # an unknown model is a 404
         assert view["config"]["security"]["auth_token"] == "unset"
         assert {n["node_id"] for n in view["nodes"]} == {"alpha", "beta"}
         changed = await client.post(
-            "/dashboard/api/settings", json={"vram_fallback": False, "stale_timeout": 900}
+            "/dashboard/api/settings", json={"vram_fallback": True, "stale_timeout": 900}
         )
-        assert changed.json()["settings"]["vram_fallback"] is False
+        assert changed.json()["settings"]["vram_fallback"] is True
         assert fleet.router.state.settings.stale_timeout == 900.0
         bad = await client.post("/dashboard/api/settings", json={"warp_speed": True})
         assert bad.status_code == 400 and "warp_speed" in bad.json()["error"]
@@ -222,6 +223,10 @@ async def test_settings_round_trip_and_persist(tmp_path: Path) -> None:
     # A new router on the same data dir starts with the saved settings.
     config = RouterConfig(host="127.0.0.1", port=0, data_dir=str(tmp_path))
     async with Router(config) as again:
+        assert again.state.settings.vram_fallback is True
+    # A flag for the same setting beats the file.
+    flagged = attrs.evolve(config, vram_fallback=False)
+    async with Router(flagged) as again:
         assert again.state.settings.vram_fallback is False
 
 

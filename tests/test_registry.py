@@ -16,9 +16,25 @@ def test_online_degraded_offline_and_back() -> None:
     assert [c.new for c in registry.tick(115.0)] == [NodeStatus.DEGRADED]
     assert registry.next_deadline() == 130.0
     assert [c.new for c in registry.tick(130.0)] == [NodeStatus.OFFLINE]
-    assert registry.next_deadline() is None
+    assert registry.next_deadline() == 100.0 + registry.forget_after  # when it is forgotten
     changes = registry.apply_report(NodeReport(node_id="a"), now=131.0, session=session)
     assert [(c.old, c.new) for c in changes] == [(NodeStatus.OFFLINE, NodeStatus.ONLINE)]
+
+
+def test_a_node_offline_past_forget_after_is_forgotten() -> None:
+    registry = NodeRegistry(heartbeat_timeout=15, heartbeat_offline=30, forget_after=3600)
+    registry.apply_report(NodeReport(node_id="gone"), now=0.0, session=object())
+    registry.apply_report(NodeReport(node_id="stays"), now=0.0, session=object())
+    registry.tick(30.0)
+    registry.apply_report(NodeReport(node_id="stays"), now=3000.0, session=object())
+    registry.tick(3599.0)
+    assert registry.forget(3599.9) == []
+    assert registry.next_deadline() == 3600.0
+    assert registry.forget(3600.0) == ["gone"]
+    assert [r.report.node_id for r in registry.records()] == ["stays"]
+    # A forgotten node that comes back is simply new.
+    changes = registry.apply_report(NodeReport(node_id="gone"), now=4000.0, session=object())
+    assert [(c.old, c.new) for c in changes] == [(None, NodeStatus.ONLINE)]
 
 
 def test_socket_close_is_offline_but_an_old_session_closing_is_not() -> None:

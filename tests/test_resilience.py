@@ -49,7 +49,12 @@ async def test_context_protection(tmp_path: Path) -> None:
         # the only llama is alpha's, loaded with a 4096-token window.
         SimConfig(name="beta", models=(QWEN_LONG,), loaded=("qwen2.5:7b",)),
     ]
-    async with running_fleet(tmp_path, specs) as fleet, client_for(fleet.url) as client:
+    # Moving to another model (qwen for llama) is a substitution: opted in here.
+    settings = RuntimeSettings(vram_fallback=True)
+    async with (
+        running_fleet(tmp_path, specs, settings) as fleet,
+        client_for(fleet.url) as client,
+    ):
         with trio.fail_after(20):
             # The loaded 4096-token window holds a 2048 request: num_ctx is stripped.
             fits = await client.post(
@@ -96,7 +101,11 @@ async def test_vram_fallback_same_category_only(tmp_path: Path) -> None:
         SimConfig(name="alpha", models=(LLAMA_3B, EMBED), loaded=("llama3.2:3b",)),
         SimConfig(name="beta", models=(MISTRAL,), loaded=()),
     ]
-    async with running_fleet(tmp_path, specs) as fleet, client_for(fleet.url) as client:
+    settings = RuntimeSettings(vram_fallback=True)  # opt-in
+    async with (
+        running_fleet(tmp_path, specs, settings) as fleet,
+        client_for(fleet.url) as client,
+    ):
         with trio.fail_after(20):
             # mistral is cold everywhere; llama (chat) is hot: served instead, flagged.
             response = await client.post("/api/chat", json=chat("mistral:7b"))
@@ -123,8 +132,8 @@ async def test_auto_pull_once_for_concurrent_requests(tmp_path: Path) -> None:
         SimConfig(name="alpha", models=(LLAMA_3B,), registry=registry),
         SimConfig(name="beta", models=(LLAMA_3B,), registry=registry),
     ]
-    async with running_fleet(tmp_path, specs, heartbeat_interval=30.0) as fleet:
-        fleet.router.state.settings.vram_fallback = False
+    settings = RuntimeSettings(auto_pull=True)  # opt-in
+    async with running_fleet(tmp_path, specs, settings, heartbeat_interval=30.0) as fleet:
         codes: list[int] = []
         async with client_for(fleet.url) as client:
 

@@ -76,7 +76,11 @@ async def test_api_keys_guard_every_endpoint_but_liveness_and_the_page(
             assert ok.status_code == 200
         assert (await client.get("/")).status_code == 200
         assert (await client.get("/dashboard")).status_code == 200
-        assert (await client.get(f"/dashboard/api/overview?key={KEY}")).status_code == 200
+        # A key in the URL is taken only by the event stream (browsers' EventSource can't send
+        # headers); anywhere else it would end up in logs and histories.
+        assert (await client.get(f"/dashboard/api/overview?key={KEY}")).status_code == 401
+        async with client.stream("GET", f"/dashboard/events?key={KEY}") as events:
+            assert events.status_code == 200
         # The OpenAI SDK's api_key is exactly what the router wants.
         with openai.OpenAI(base_url=fleet.url + "/v1", api_key=KEY, max_retries=0) as sdk:
             reply = await in_thread(
@@ -96,12 +100,15 @@ async def test_api_keys_guard_every_endpoint_but_liveness_and_the_page(
 
 
 def test_key_extraction_and_comparison() -> None:
-    def scope(headers: list[tuple[bytes, bytes]], query: bytes = b"") -> dict[str, object]:
-        return {"headers": headers, "query_string": query}
+    def scope(
+        headers: list[tuple[bytes, bytes]], query: bytes = b"", path: str = "/api/tags"
+    ) -> dict[str, object]:
+        return {"headers": headers, "query_string": query, "path": path}
 
     assert presented_key(scope([(b"authorization", b"Bearer abc")])) == "abc"
     assert presented_key(scope([(b"x-api-key", b" abc ")])) == "abc"
-    assert presented_key(scope([], b"key=abc&hours=24")) == "abc"
+    assert presented_key(scope([], b"key=abc&hours=24", "/dashboard/events")) == "abc"
+    assert presented_key(scope([], b"key=abc&hours=24", "/dashboard/api/traces")) is None
     assert presented_key(scope([(b"authorization", b"Basic abc")])) is None
     assert key_ok(("a", "b"), "b") and not key_ok(("a",), None) and not key_ok(("a",), "ab")
 

@@ -161,6 +161,8 @@ def create_blueprint(state: RouterState) -> Blueprint:
         now = trio.current_time()
         if now - health_cache.at > HEALTH_CACHE_SECONDS:
             hours = 24
+            assert state.store is not None
+            storage = state.store.statistics()
             figures = await query(queries.health_figures, since(hours))
             result = health.evaluate(
                 health.HealthInput(
@@ -171,6 +173,9 @@ def create_blueprint(state: RouterState) -> Blueprint:
                     listen_host=state.config.host,
                     fleet_token_set=bool(state.config.auth_token),
                     window_hours=hours,
+                    storage_error=storage.last_error,
+                    traces_lost=storage.dropped + storage.failed,
+                    data_dir=str(state.config.data_path),
                 )
             )
             health_cache.value = {
@@ -224,7 +229,7 @@ def create_blueprint(state: RouterState) -> Blueprint:
 
     @bp.post("/dashboard/api/settings")
     async def post_settings() -> Response:
-        state.settings = updated(state.settings, await body_json())
+        state.change_settings(updated(state.settings, await body_json()))
         await trio.to_thread.run_sync(save_settings, state.config.data_path, state.settings)
         health_cache.at = -1e18
         return _json(settings_view())
@@ -268,9 +273,9 @@ def create_blueprint(state: RouterState) -> Blueprint:
         body = await body_json()
         model = model_admin.requested_model(body)
         node_id = model_admin.requested_node(body)
-        node = model_admin.pull_target(state.snapshot(), node_id)
+        node = model_admin.pull_checked(state, model, node_id)
         if body.get("stream") is False:
-            await model_admin.pull(state, node, model)
+            await model_admin.pull_and_wait(state, node, model, "dashboard")
             return _json({"status": "success", "model": model, "node": node.node_id})
         return Response(
             model_admin.pull_progress(state, node, model), content_type="application/x-ndjson"

@@ -48,6 +48,10 @@ class HealthInput:
     listen_host: str
     fleet_token_set: bool
     window_hours: int
+    # The trace store: the last write failure while writes keep failing, and traces lost.
+    storage_error: str | None = None
+    traces_lost: int = 0
+    data_dir: str = ""
 
 
 def _n(figures: Mapping[str, object], key: str) -> int:
@@ -127,12 +131,16 @@ def evaluate(data: HealthInput, t: Thresholds | None = None) -> list[HealthCheck
     add(
         "vram_fallbacks",
         "VRAM fallbacks",
-        WARNING if share >= t.vram_fallback_share_warning else INFO if vram else OK,
-        f"{vram} requests were served by a loaded stand-in model"
+        # Substitution is opt-in, but a high share means clients mostly don't get the model
+        # they name: that is an error, not a curiosity.
+        CRITICAL if share >= t.vram_fallback_share_warning else INFO if vram else OK,
+        f"{vram} of {requests} requests ({share:.0%}) were served by a loaded stand-in model, "
+        "not the model they asked for"
         if vram
-        else "every request got the model it asked for",
-        "If the exact model matters, turn vram_fallback off or keep that model loaded "
-        "(more memory, or OLLAMA_MAX_LOADED_MODELS).",
+        else "every request got the model it asked for (or one it named as a fallback)",
+        "If the exact model matters, turn vram_fallback off (it is off by default), keep that "
+        "model loaded (more memory, or OLLAMA_MAX_LOADED_MODELS), or have clients send "
+        "allow_substitution: false.",
     )
 
     bloated = [
@@ -272,6 +280,24 @@ def evaluate(data: HealthInput, t: Thresholds | None = None) -> list[HealthCheck
         )
         or "every node reaches its backend",
         "Start Ollama on those machines (`ollama serve`) or fix --ollama-url.",
+    )
+
+    add(
+        "storage",
+        "Trace storage",
+        CRITICAL if data.storage_error else WARNING if data.traces_lost else OK,
+        data.storage_error
+        or (
+            f"{data.traces_lost} traces were lost (queue full or failed writes)"
+            if data.traces_lost
+            else f"traces are written to {data.data_dir or 'the data directory'}"
+        ),
+        "Free space on the disk of the data directory (or make it writable); routing goes on "
+        "meanwhile, but the dashboard's history has a gap."
+        if data.storage_error
+        else "Nothing to do."
+        if not data.traces_lost
+        else "Check the disk and the router's log.",
     )
 
     exposed = data.listen_host not in ("127.0.0.1", "localhost", "::1")

@@ -1,25 +1,41 @@
 """Choosing a node and opening the upstream stream: scoring, attempts, retries, fallbacks.
 
-Theory of operation. A request tries its models in order (the primary, then each
-``fallback_models`` entry). For a model, the scorer ranks the fleet; the winner gets an *attempt*:
-take a slot on that node (a :class:`~herd.router.queues.Lease`, waiting in the node's queue if it
-is full), send the request, and wait for the first byte under a cancel scope
-(``first_byte_timeout``). An attempt that fails before its first byte (connect error, timeout,
-5xx, broken connection, the node saying it lacks the model) releases its lease at once, adds
-its node to the request's exclusions, and the request is re-scored, up to ``max_retries``
-retries. The attempt that produces a first byte is *opened*: its lease and its upstream response
-move into the request's exit stack, owned by the request's nursery until the last byte or the
-client's departure. When no node is eligible for any model yet some node has one of them, the
-request waits for the fleet to change (a heartbeat, a node joining, a slot freeing), up to
-``queue_timeout``, then fails with 503.
+Theory of operation. A request names its models in order (the primary, then each
+``fallback_models`` entry). :func:`next_choice` picks the next attempt: the first named model the
+scorer finds a node for (a hot node if any; else a cold load), with context protection applied.
+Substitution (another model than the ones named) is opt-in: only when the operator turned on
+``vram_fallback`` and the request did not refuse it (``allow_substitution``), and only when no
+named model is loaded anywhere it could run, does a loaded model of the primary's category take
+the request instead of a cold load. Every substitution is flagged (``X-Herd-Fallback``, the
+response's ``model`` field, the trace).
+
+The chosen attempt takes a slot on that node (a :class:`~herd.router.queues.Lease`, waiting in
+the node's queue if it is full), sends the request, and waits for the first byte under a cancel
+scope (``first_byte_timeout``). Text is always streamed from the backend, so the first byte is
+the first token, not the whole answer. An attempt that fails before its first byte (connect
+error, timeout, 5xx, broken connection, the node saying it lacks the model) closes its upstream
+request (the backend stops working on it), releases its lease, adds its node to the request's
+exclusions, and the request is re-scored, up to ``max_retries`` retries. The attempt that
+produces a first byte is *opened*: its lease and its upstream response move into the request's
+exit stack, owned by the request's nursery until the last byte or the client's departure. When
+no node is eligible for any model yet some node has one of them (perhaps its backend is down,
+its last model lists kept), the request waits for the fleet to change (a heartbeat, a node
+joining, a slot freeing), up to ``queue_timeout``, then fails with 503.
+
+A model no node has is a 404 at once, naming the closest names the fleet has, unless the
+operator turned on ``auto_pull``: then the router's pull service (:mod:`herd.router.pulls`)
+pulls it and the request waits for the pull within its ``queue_timeout`` (503 with
+``Retry-After`` while the pull goes on).
 
 Errors raised: :class:`ModelNotFound` (no node has any of the models), :class:`NoEligibleNode`
-(nothing could take it in time), the last :class:`NodeError` when retries are exhausted.
+(nothing could take it in time), :class:`Forbidden` (an auto-pull from a registry host the
+operator has not allowed), the last :class:`NodeError` when retries are exhausted.
 """
 
 from __future__ import annotations
 
 import contextlib
+import difflib
 import json
 import logging
 from collections.abc import AsyncGenerator
@@ -42,14 +58,19 @@ from herd.models import FleetSnapshot
 from herd.policy import context
 from herd.policy.substitutes import loaded_alternatives
 from herd.proxy.shaping import InferenceRequest
-from herd.router import model_admin
+from herd.router.model_admin import pull_target
+from herd.router.pulls import DONE, check_pull_name
 from herd.router.queues import Lease
 from herd.router.state import RouterState
 from herd.scoring import RouteDecision, RouteRequest, score
+from herd.transport.bodies import check_encoding, error_detail
+from herd.transport.client import backend_headers
+from herd.transport.errors import map_node_errors
 
 log = logging.getLogger("herd.proxy")
 
 CLOSE_TIMEOUT = 0.1  # seconds allowed to close an upstream connection after cancellation
+SUGGESTIONS = 3  # closest model names named in a 404
 
 
 @attrs.define(eq=False)
@@ -97,15 +118,31 @@ async def aclose_shielded(resource: Closable) -> None:
 
 
 def models_known(state: RouterState, models: tuple[str, ...]) -> bool:
-    """Does any node (in any state) have one of ``models``? Reads the registry directly."""
+    """Does any node (in any state) have one of ``models``? Reads the registry directly. A node
+    whose backend can't be read now still counts, by its last known lists."""
     wanted = set(models)
     for record in state.registry.records():
         report = record.report
-        if any(m.name in wanted for m in report.loaded_models) or any(
-            m.name in wanted for m in report.available_models
+        if not wanted.isdisjoint(report.loaded_index) or not wanted.isdisjoint(
+            report.available_index
         ):
             return True
     return False
+
+
+def closest_models(state: RouterState, model: str) -> tuple[str, ...]:
+    """The fleet's model names closest to ``model`` (for "did you mean ...?")."""
+    names: set[str] = set()
+    for record in state.registry.records():
+        names.update(record.report.loaded_index)
+        names.update(record.report.available_index)
+    bare = {name.removesuffix(":latest"): name for name in names}
+    found = difflib.get_close_matches(model.removesuffix(":latest"), bare, SUGGESTIONS, 0.6)
+    return tuple(bare[name] for name in found)
+
+
+def not_found(state: RouterState, request: InferenceRequest) -> ModelNotFound:
+    return ModelNotFound(request.model, suggestions=closest_models(state, request.model))
 
 
 @attrs.frozen
@@ -116,8 +153,14 @@ class Choice:
     model: str
     body: dict[str, Any]
     decision: RouteDecision
-    substitution: str | None  # None, "vram" or "context": a model other than the one asked
+    substitution: str | None  # None, "vram" or "context": a model other than the ones named
     context_action: str | None  # None, "stripped", "upgraded" or "passthrough"
+    hot: bool  # the model is loaded on that node
+
+
+def substitution_allowed(state: RouterState, request: InferenceRequest) -> bool:
+    """Opt-in twice over: the operator's setting, and the request not refusing it."""
+    return state.settings.vram_fallback and request.allow_substitution
 
 
 def _route_request(
@@ -156,11 +199,15 @@ def _best_loaded(
     *,
     min_context: int,
     include_self: bool,
+    others: bool,
 ) -> tuple[str, str, RouteDecision] | None:
-    """The best (node, model) where a stand-in for ``model`` is already loaded."""
+    """The best (node, model) where a stand-in for ``model`` is already loaded: ``model``
+    itself elsewhere (``include_self``) and, with ``others``, other models of its category."""
     for name in loaded_alternatives(
         fleet, model, min_context=min_context, include_self=include_self
     ):
+        if name != model and not others:
+            continue
         decision = _score(state, fleet, _route_request(state, request, name, attempts))
         for candidate in decision.ranked:
             node = fleet.node(candidate.node_id)
@@ -171,20 +218,24 @@ def _best_loaded(
 
 
 def choose(
-    state: RouterState, request: InferenceRequest, model: str, attempts: Attempts
+    state: RouterState,
+    request: InferenceRequest,
+    model: str,
+    attempts: Attempts,
+    *,
+    substitute: bool = False,
 ) -> Choice | None:
-    """Score the fleet for ``model`` and apply context protection and VRAM-aware fallback.
-    Synchronous: decides only; the attempt does the I/O."""
+    """Score the fleet for ``model`` and apply context protection (moving to another model
+    only when ``substitute``). Synchronous: decides only; the attempt does the I/O."""
     fleet = state.snapshot()
     decision = _score(state, fleet, _route_request(state, request, model, attempts))
     attempts.last_decision = decision
     winner = decision.winner
     if winner is None:
         return None
-    settings = state.settings
-    choice = Choice(winner.node_id, model, request.upstream_body, decision, None, None)
+    choice = Choice(winner.node_id, model, request.upstream_body, decision, None, None, winner.hot)
     wanted = request.requested_context
-    if settings.context_protection and wanted:
+    if state.settings.context_protection and wanted:
         node = fleet.node(winner.node_id)
         assert node is not None
         verdict = context.verdict(wanted, node, model)
@@ -195,7 +246,14 @@ def choose(
             )
         if verdict == "too_small":
             found = _best_loaded(
-                state, fleet, request, model, attempts, min_context=wanted, include_self=True
+                state,
+                fleet,
+                request,
+                model,
+                attempts,
+                min_context=wanted,
+                include_self=True,
+                others=substitute,
             )
             if found is None:
                 state.events["context_passthrough"] += 1
@@ -215,19 +273,51 @@ def choose(
                 better,
                 None if served == model else "context",
                 "upgraded",
+                True,
             )
-    if settings.vram_fallback and not winner.hot:
-        found = _best_loaded(
-            state, fleet, request, model, attempts, min_context=0, include_self=False
-        )
-        if found is not None:
-            node_id, served, better = found
-            state.events["vram_fallbacks"] += 1
-            log.info(
-                "vram fallback: %s is loaded on %s; not cold-loading %s", served, node_id, model
-            )
-            return Choice(node_id, served, choice.body, better, "vram", None)
     return choice
+
+
+def stand_in(state: RouterState, request: InferenceRequest, attempts: Attempts) -> Choice | None:
+    """VRAM-aware substitution: the best node where a model of the primary's category is
+    loaded (never one the request named: those were not loaded anywhere they could run)."""
+    fleet = state.snapshot()
+    found = _best_loaded(
+        state,
+        fleet,
+        request,
+        request.model,
+        attempts,
+        min_context=request.requested_context or 0,
+        include_self=False,
+        others=True,
+    )
+    if found is None or found[1] in request.models:
+        return None
+    node_id, served, decision = found
+    log.info(
+        "substitution: %s is loaded on %s; not cold-loading %s", served, node_id, request.model
+    )
+    body = request.upstream_body
+    if request.requested_context:
+        body = context.without_num_ctx(body)  # the stand-in's loaded window holds it
+    return Choice(node_id, served, body, decision, "vram", None, True)
+
+
+def next_choice(state: RouterState, request: InferenceRequest, attempts: Attempts) -> Choice | None:
+    """The next attempt's target; see the module docstring. None: nothing is eligible now."""
+    substitute = substitution_allowed(state, request)
+    cold: Choice | None = None
+    for model in request.models:
+        choice = choose(state, request, model, attempts, substitute=substitute)
+        if choice is None:
+            continue
+        if not substitute or choice.hot:
+            return choice
+        cold = cold or choice  # a cold load of a named model: the last resort
+    if cold is None:
+        return None
+    return stand_in(state, request, attempts) or cold
 
 
 def maybe_prewarm(state: RouterState, choice: Choice) -> None:
@@ -256,35 +346,36 @@ async def open_upstream(
     config = state.config
     deadline = trio.current_time() + config.queue_timeout
     if not models_known(state, request.models):
-        await auto_pull(state, request.model)
+        await auto_pull(state, request, deadline)
     while True:
-        for model in request.models:
-            while attempts.tries <= config.max_retries:
-                choice = choose(state, request, model, attempts)
-                if choice is None:
-                    break  # next model
-                if attempts.tries:
-                    attempts.retries += 1
-                    state.retries_total += 1
-                    log.info(
-                        "retrying %s on %s after: %s",
-                        model,
-                        choice.node_id,
-                        attempts.last_error.message if attempts.last_error else "",
-                    )
-                attempts.tries += 1
-                attempts.last_node = choice.node_id
-                try:
-                    opened = await _attempt(state, request, choice, attempts, stack)
-                except NodeError as exc:
-                    attempts.last_error = exc
-                    attempts.excluded.append(choice.node_id)
-                    continue
-                if opened.fallback:
-                    state.fallbacks_total += 1
-                remember_conversation(state, request, opened)
-                maybe_prewarm(state, choice)
-                return opened
+        while attempts.tries <= config.max_retries:
+            choice = next_choice(state, request, attempts)
+            if choice is None:
+                break
+            if attempts.tries:
+                attempts.retries += 1
+                state.retries_total += 1
+                log.info(
+                    "retrying %s on %s after: %s",
+                    choice.model,
+                    choice.node_id,
+                    attempts.last_error.message if attempts.last_error else "",
+                )
+            attempts.tries += 1
+            attempts.last_node = choice.node_id
+            try:
+                opened = await _attempt(state, request, choice, attempts, stack)
+            except NodeError as exc:
+                attempts.last_error = exc
+                attempts.excluded.append(choice.node_id)
+                continue
+            if opened.fallback:
+                state.fallbacks_total += 1
+            if opened.substitution == "vram":
+                state.events["vram_fallbacks"] += 1
+            remember_conversation(state, request, opened)
+            maybe_prewarm(state, choice)
+            return opened
         if attempts.last_error is not None:
             # Every node that could serve has failed this request: say why, don't wait.
             raise attempts.last_error
@@ -295,18 +386,34 @@ async def open_upstream(
         with trio.move_on_after(remaining):
             await state.wait_fleet_changed()
         if not models_known(state, request.models):
-            raise ModelNotFound(request.model)
+            raise not_found(state, request)
 
 
-async def auto_pull(state: RouterState, model: str) -> None:
-    """Pull ``model`` (on no node yet) to the best node, once for all concurrent requests.
-    Raises :class:`ModelNotFound` when auto-pull is off or the pull fails."""
-    if not state.settings.auto_pull:
-        raise ModelNotFound(model)
-    try:
-        await model_admin.pull_once(state, model)
-    except HerdError as exc:
-        raise ModelNotFound(model, detail=f"auto-pull failed: {exc.message}") from exc
+async def auto_pull(state: RouterState, request: InferenceRequest, deadline: float) -> None:
+    """No node has any of the request's models: 404 at once, or (auto-pull on) have the
+    router's pull service pull the primary and wait for it until ``deadline``.
+
+    Raises :class:`ModelNotFound` (off, or the pull failed), :class:`NoEligibleNode` with
+    ``Retry-After`` (the pull is still going at the deadline), :class:`Forbidden` (a registry
+    host the operator has not allowed)."""
+    model = request.model
+    if not state.settings.auto_pull or state.pulls is None:
+        raise not_found(state, request)
+    check_pull_name(model, state.config.pull_hosts)
+    failed = state.pulls.recent_failure(model, trio.current_time())
+    if failed is not None:
+        raise ModelNotFound(model, detail=f"auto-pull failed: {failed.error}")
+    job = state.pulls.start(model, pull_target(state.snapshot()), "auto-pull")
+    with trio.move_on_at(deadline):
+        await job.done.wait()
+    if not job.done.is_set():
+        shown = f", {job.view()['percent']}% done" if job.total else ""
+        raise NoEligibleNode(
+            f"{model} is being pulled onto {job.node_id}{shown}; try again shortly",
+            retry_after=10,
+        )
+    if job.status != DONE:
+        raise ModelNotFound(model, detail=f"auto-pull failed: {job.error}")
     state.events["auto_pulls"] += 1
 
 
@@ -331,24 +438,28 @@ async def _attempt(
         raise NodeUnreachable(f"node {node_id} left before the request was sent", node_id=node_id)
     url = node.report.backend.url.rstrip("/") + request.route.upstream_path
     body = json.dumps({"model": model, **choice.body}).encode()
+    headers = {"content-type": "application/json"}
+    headers.update(backend_headers(node.report, state.config.auth_token))
     async with contextlib.AsyncExitStack() as attempt_stack:
         lease = await attempt_stack.enter_async_context(
             state.queues.lease(node_id, model, request.route.kind)
         )
         try:
-            with trio.fail_after(state.config.first_byte_timeout):
-                upstream = state.client.build_request(
-                    "POST", url, content=body, headers={"content-type": "application/json"}
-                )
+            with (
+                trio.fail_after(state.config.first_byte_timeout),
+                map_node_errors(node_id, "before the first byte"),
+            ):
+                upstream = state.client.build_request("POST", url, content=body, headers=headers)
                 response = await state.client.send(upstream, stream=True)
                 attempt_stack.push_async_callback(aclose_shielded, response)
                 if response.status_code >= 500 or response.status_code == 404:
-                    detail = (await response.aread())[:300].decode("utf-8", "replace")
+                    detail = await error_detail(response, node_id)
                     raise NodeBadStatus(
                         f"node {node_id} answered {response.status_code}: {detail}",
                         node_id=node_id,
                         upstream_status=response.status_code,
                     )
+                check_encoding(response, node_id)
                 # aiter_raw is an async generator (typed as an iterator): close it explicitly.
                 chunks = cast(AsyncGenerator[bytes, None], response.aiter_raw())
                 attempt_stack.push_async_callback(aclose_shielded, chunks)
@@ -360,19 +471,16 @@ async def _attempt(
                 f"node {node_id} sent no first byte within {state.config.first_byte_timeout:g} s",
                 node_id=node_id,
             ) from exc
-        except httpx.TransportError as exc:
-            raise NodeUnreachable(
-                f"node {node_id} failed before the first byte: {type(exc).__name__}: {exc}",
-                node_id=node_id,
-            ) from exc
         # Success: the request's stack now owns the lease and the response.
         stack.push_async_exit(attempt_stack.pop_all())
+    named = model in request.models
     return Opened(
         node_id=node_id,
         model=model,
         retries=attempts.retries,
         fallback=model != request.model,
-        substitution=choice.substitution or ("fallback_models" if model != request.model else None),
+        substitution=choice.substitution
+        or ("fallback_models" if named and model != request.model else None),
         context_action=choice.context_action,
         decision=choice.decision,
         excluded=tuple(attempts.excluded),

@@ -22,6 +22,7 @@ from typing import Any
 import attrs
 import trio
 
+from herd.cancellation import is_cancellation
 from herd.errors import (
     HerdError,
     PayloadTooLarge,
@@ -181,7 +182,12 @@ class ProxyASGI:
         status = traces.FAILED
         error: str | None = None
         try:
-            request = shape(route, parse_json_body(raw), header(scope, b"x-herd-tags"))
+            request = shape(
+                route,
+                parse_json_body(raw),
+                header(scope, b"x-herd-tags"),
+                header(scope, b"x-herd-allow-substitution"),
+            )
             state.requests_total += 1
             async with contextlib.AsyncExitStack() as stack:
                 opened = await open_upstream(state, request, stack, attempts)
@@ -202,9 +208,11 @@ class ProxyASGI:
         except HerdError as exc:
             error = exc.message
             if not ctx.headers_sent:
-                await relays.send_error(send, exc, route.flavor, ctx.request_id)
-        except trio.Cancelled:
-            if ctx.disconnected:
+                await relays.send_error(send, exc, route.flavor, ctx.request_id, attempts)
+        except BaseException as exc:
+            # Cancellation may arrive inside an exception group (httpcore connects through a
+            # nursery): a client that left during connect is a disconnect, not a node failure.
+            if ctx.disconnected and is_cancellation(exc):
                 status = traces.CLIENT_DISCONNECTED
                 error = "client disconnected"
             raise

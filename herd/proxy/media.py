@@ -16,9 +16,10 @@ import base64
 import json
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Any
 
+import attrs
 import httpx
 import trio
 from quart import Blueprint, Response, request
@@ -31,27 +32,77 @@ from herd.errors import (
     NodeBadStatus,
     NodeError,
     NodeTimeout,
-    NodeUnreachable,
     NoEligibleNode,
     parse_json_body,
 )
-from herd.models import KIND_IMAGE, KIND_STT, NodeSnapshot
+from herd.models import KIND_IMAGE, KIND_STT, NodeSnapshot, NodeStatus
 from herd.node.media import ImageRequest
 from herd.proxy.shaping import parse_tags
 from herd.router import traces
 from herd.router.state import RouterState
 from herd.router.traces import TraceRecord
 from herd.scoring import Candidate, RouteDecision, RouteRequest, score
+from herd.transport.bodies import ANSWER_LIMIT, ERROR_BODY_LIMIT, error_text, read_limited
+from herd.transport.client import agent_headers
+from herd.transport.errors import map_node_errors
 
 MEDIA_TIMEOUT = 900.0  # seconds for one job on a node, generous: images can be slow
 DEFAULT_STT_MODEL = "whisper"
 
-NodeCall = Callable[[NodeSnapshot, dict[str, str]], Awaitable[httpx.Response]]
+# Builds the request to one node (the dispatcher sends it, reads the answer with a limit).
+NodeCall = Callable[[NodeSnapshot, dict[str, str]], httpx.Request]
 
 
-def _node_headers(state: RouterState) -> dict[str, str]:
-    token = state.config.auth_token
-    return {"Authorization": f"Bearer {token}"} if token else {}
+@attrs.frozen
+class MediaAnswer:
+    """A node's answer to a media job, read whole (within :data:`ANSWER_LIMIT`)."""
+
+    status_code: int
+    content: bytes
+    content_type: str
+
+    def json(self) -> Any:
+        return json.loads(self.content)
+
+    @property
+    def text(self) -> str:
+        return self.content.decode("utf-8", "replace")
+
+
+def capable(node: NodeSnapshot, kind: str, model: str) -> bool:
+    """Could ``node`` run this job at all (busy or not)?"""
+    capabilities = node.report.capabilities
+    if kind == KIND_IMAGE:
+        return model in capabilities.image_models
+    return bool(capabilities.stt_backends)
+
+
+def missing_capability(state: RouterState, kind: str, model: str) -> NoEligibleNode | None:
+    """The error to answer at once when no node that is not offline has the capability (no
+    point waiting for a busy node to free up: there is none)."""
+    nodes = [n for n in state.snapshot().nodes if n.status is not NodeStatus.OFFLINE]
+    if any(capable(n, kind, model) for n in nodes):
+        return None
+    if kind == KIND_IMAGE:
+        what = f"generates images with {model}"
+        fix = "run herd-node where mflux, DiffusionKit or an Ollama image model is installed"
+    else:
+        what = "transcribes speech"
+        fix = "start a node with --whisper-model (faster-whisper) or --asr-url"
+    return NoEligibleNode(f"no node in the fleet {what}: {fix}", retry_after=30)
+
+
+async def _send(state: RouterState, request: httpx.Request, node_id: str) -> MediaAnswer:
+    with map_node_errors(node_id, "on a media job"):
+        response = await state.client.send(request, stream=True)
+        try:
+            limit = ERROR_BODY_LIMIT if response.status_code >= 400 else ANSWER_LIMIT
+            content = await read_limited(response, limit, node_id, "an answer")
+        finally:
+            await response.aclose()
+    return MediaAnswer(
+        response.status_code, content, response.headers.get("content-type", "application/json")
+    )
 
 
 async def dispatch_media(
@@ -61,7 +112,7 @@ async def dispatch_media(
     call: NodeCall,
     flavor: ApiFlavor,
     tags: tuple[str, ...],
-) -> tuple[httpx.Response, str]:
+) -> tuple[MediaAnswer, str]:
     """Run one image/STT job on the best node, retrying elsewhere on node failures. Returns
     the node's response (2xx or a 4xx to pass on) and the node id. Raises HerdError."""
     setting = "image_generation" if kind == KIND_IMAGE else "transcription"
@@ -77,11 +128,14 @@ async def dispatch_media(
     retries = 0
     node_id: str | None = None
     status, error = traces.FAILED, None
-    response: httpx.Response | None = None
+    response: MediaAnswer | None = None
     winner: Candidate | None = None
     decision: RouteDecision | None = None
     deadline = started + state.config.queue_timeout
     try:
+        missing = missing_capability(state, kind, model)
+        if missing is not None:
+            raise missing
         while True:
             decision = score(
                 RouteRequest(model=model, kind=kind, excluded_nodes=frozenset(excluded)),
@@ -109,19 +163,17 @@ async def dispatch_media(
                 async with state.queues.lease(node_id, model, kind) as lease:
                     try:
                         with trio.fail_after(MEDIA_TIMEOUT):
-                            response = await call(node, _node_headers(state))
+                            response = await _send(
+                                state, call(node, agent_headers(state.config.auth_token)), node_id
+                            )
                     except trio.TooSlowError as exc:
                         raise NodeTimeout(
                             f"node {node_id} took over {MEDIA_TIMEOUT:g} s", node_id=node_id
                         ) from exc
-                    except httpx.TransportError as exc:
-                        raise NodeUnreachable(
-                            f"node {node_id}: {type(exc).__name__}: {exc}", node_id=node_id
-                        ) from exc
                     if response.status_code >= 500:
                         raise NodeBadStatus(
                             f"node {node_id} answered {response.status_code}: "
-                            f"{response.text[:200]}",
+                            f"{error_text(response.content)}",
                             node_id=node_id,
                         )
                     if response.status_code < 400:
@@ -136,7 +188,7 @@ async def dispatch_media(
                 continue
             status = traces.COMPLETED if response.status_code < 400 else traces.FAILED
             if status == traces.FAILED:
-                error = response.text[:300]
+                error = error_text(response.content)
             return response, node_id
     except HerdError as exc:
         error = exc.message
@@ -204,9 +256,9 @@ def create_media_blueprint(state: RouterState) -> Blueprint:
             raise ModelNotFound(job.model)
         payload = {k: v for k, v in body.items() if k not in ("metadata", "fallback_models")}
 
-        async def call(node: NodeSnapshot, headers: dict[str, str]) -> httpx.Response:
-            return await state.client.post(
-                node.report.agent_url + "/node/image", json=payload, headers=headers, timeout=None
+        def call(node: NodeSnapshot, headers: dict[str, str]) -> httpx.Request:
+            return state.client.build_request(
+                "POST", node.report.agent_url + "/node/image", json=payload, headers=headers
             )
 
         tags = parse_tags(body, request.headers.get("X-Herd-Tags"))
@@ -279,13 +331,13 @@ def create_media_blueprint(state: RouterState) -> Blueprint:
         fields = {"model": model} | ({"language": language} if language else {})
         filename = upload.filename or "audio"
 
-        async def call(node: NodeSnapshot, headers: dict[str, str]) -> httpx.Response:
-            return await state.client.post(
+        def call(node: NodeSnapshot, headers: dict[str, str]) -> httpx.Request:
+            return state.client.build_request(
+                "POST",
                 node.report.agent_url + "/node/transcribe",
                 data=fields,
                 files={"file": (filename, audio, upload.mimetype or "application/octet-stream")},
                 headers=headers,
-                timeout=None,
             )
 
         tags = parse_tags({}, request.headers.get("X-Herd-Tags"))
@@ -328,11 +380,7 @@ def create_media_blueprint(state: RouterState) -> Blueprint:
     return bp
 
 
-def _as_error(response: httpx.Response) -> HerdError:
-    try:
-        message = str(response.json().get("error", response.text))
-    except ValueError:
-        message = response.text[:300]
-    error = BadRequest(message)
+def _as_error(response: MediaAnswer) -> HerdError:
+    error = BadRequest(error_text(response.content))
     error.status = response.status_code  # type: ignore[misc]
     return error

@@ -11,7 +11,9 @@ Raises :class:`herd.errors.BadRequest` naming the field for anything a client go
 
 from __future__ import annotations
 
+import base64
 import json
+import struct
 from collections.abc import Mapping
 from typing import Any
 
@@ -234,6 +236,7 @@ def embeddings_request_to_ollama(body: Mapping[str, Any]) -> dict[str, Any]:
             "field 'input' must be a string or a non-empty list of strings", param="input"
         )
     upstream: dict[str, Any] = {"model": require_str(body, "model"), "input": inputs}
+    embedding_format(body)  # refused here, before routing, if it is not one we can give
     dimensions = body.get("dimensions")
     if dimensions is not None:
         if isinstance(dimensions, bool) or not isinstance(dimensions, int) or dimensions <= 0:
@@ -327,13 +330,57 @@ def completion_response_to_openai(
     }
 
 
-def embed_response_to_openai(resp: Mapping[str, Any], *, model: str) -> dict[str, Any]:
+EMBEDDING_FORMATS = ("float", "base64")
+
+
+def embedding_format(body: Mapping[str, Any]) -> str:
+    """``encoding_format`` of a ``/v1/embeddings`` body: ``float`` (the default) or ``base64``
+    (the vector's little-endian float32 bytes, what the Node.js SDK asks for by default).
+    Raises BadRequest for anything else."""
+    value = body.get("encoding_format")
+    if value is None:
+        return "float"
+    if value not in EMBEDDING_FORMATS:
+        raise BadRequest(
+            f"field 'encoding_format' must be 'float' or 'base64', got {json.dumps(value)[:40]}",
+            param="encoding_format",
+        )
+    return str(value)
+
+
+def _base64_vector(vector: list[float]) -> str:
+    return base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode("ascii")
+
+
+def embed_response_to_openai(
+    resp: Mapping[str, Any],
+    *,
+    model: str,
+    encoding_format: str = "float",
+    dimensions: int | None = None,
+) -> dict[str, Any]:
+    """``/api/embed`` answer → ``/v1/embeddings`` answer. Raises BadRequest when the model
+    answered with another number of ``dimensions`` than asked (it can't shorten its vectors)."""
     vectors = resp.get("embeddings") or []
+    if not isinstance(vectors, list) or not all(
+        isinstance(v, list) and all(isinstance(x, int | float) for x in v) for v in vectors
+    ):
+        raise ValueError("the backend's embeddings are not lists of numbers")
+    if dimensions is not None:
+        for vector in vectors:
+            if len(vector) != dimensions:
+                raise BadRequest(
+                    f"model {model} answered with {len(vector)} dimensions, not the "
+                    f"{dimensions} asked for: it (or its backend) can't shorten its vectors",
+                    param="dimensions",
+                )
     prompt = int(resp.get("prompt_eval_count") or 0)
+    encode = _base64_vector if encoding_format == "base64" else None
     return {
         "object": "list",
         "data": [
-            {"object": "embedding", "index": i, "embedding": v} for i, v in enumerate(vectors)
+            {"object": "embedding", "index": i, "embedding": encode(v) if encode else v}
+            for i, v in enumerate(vectors)
         ],
         "model": model,
         "usage": {"prompt_tokens": prompt, "total_tokens": prompt},

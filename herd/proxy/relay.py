@@ -1,10 +1,19 @@
 """Relays: copy an opened upstream response to the client in the client's API format.
 
-- Ollama clients get the backend's bytes as they arrive, unparsed. Only the stream's last line is
-  parsed, once, for token counts; a stream that breaks or ends without its ``done`` line gets a
-  final ``{"error": ...}`` line so the client never waits on a dead stream.
+- Ollama clients that stream get the backend's bytes as they arrive, unparsed. Only the stream's
+  last line is parsed, once, for token counts (lines are counted as they pass, so a stream cut
+  short still reports the tokens that reached the client); a stream that breaks or ends without
+  its ``done`` line gets a final ``{"error": ...}`` line so the client never waits on a dead
+  stream.
+- Ollama clients that don't stream get the one object Ollama would have sent: the router
+  streams from the backend anyway (see :mod:`herd.proxy.shaping`) and folds the stream with
+  :class:`~herd.proxy.assemble.StreamAssembler`.
 - OpenAI clients get the backend's NDJSON translated chunk by chunk into SSE (or one JSON object
   when not streaming); a broken stream ends with an SSE error event and ``data: [DONE]``.
+
+Everything read from a node is bounded: one NDJSON line by :data:`LINE_LIMIT`, an assembled
+answer by :data:`ANSWER_LIMIT`, embeddings by :data:`EMBED_LIMIT`, an error body by
+:data:`ERROR_BODY_LIMIT` (limits in :mod:`herd.transport.bodies`).
 
 Every relay returns a :class:`RelayResult` for the trace; none of them raises on a backend
 failure after the first byte (that is an *incomplete* stream, reported in-band).
@@ -12,19 +21,23 @@ failure after the first byte (that is an *incomplete* stream, reported in-band).
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections import deque
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import AsyncGenerator, Awaitable, Callable, MutableMapping
 from typing import Any
 
 import attrs
 import httpx
 
-from herd.errors import ApiFlavor, HerdError
+from herd.errors import ApiFlavor, BadRequest, HerdError, NodeBadStatus
 from herd.models import KIND_EMBED
 from herd.proxy import openai_compat
-from herd.proxy.dispatch import Opened
+from herd.proxy.assemble import StreamAssembler
+from herd.proxy.dispatch import Attempts, Opened
 from herd.proxy.shaping import InferenceRequest
+from herd.transport.bodies import ANSWER_LIMIT, EMBED_LIMIT, LINE_LIMIT, error_text
+from herd.transport.errors import describe
 
 Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 
@@ -82,6 +95,16 @@ def herd_headers(opened: Opened, request_id: str) -> list[tuple[bytes, bytes]]:
     ]
 
 
+def attempt_headers(attempts: Attempts | None) -> list[tuple[bytes, bytes]]:
+    """What an error response can say of the attempts made before it."""
+    if attempts is None:
+        return [(b"x-herd-retries", b"0")]
+    headers = [(b"x-herd-retries", str(attempts.retries).encode())]
+    if attempts.last_node is not None:
+        headers.append((b"x-herd-node", attempts.last_node.encode()))
+    return headers
+
+
 async def send_json(
     send: Send,
     status: int,
@@ -93,8 +116,14 @@ async def send_json(
     await send({"type": "http.response.body", "body": payload, "more_body": False})
 
 
-async def send_error(send: Send, error: HerdError, flavor: ApiFlavor, request_id: str) -> None:
-    extra = [(b"x-herd-request-id", request_id.encode())]
+async def send_error(
+    send: Send,
+    error: HerdError,
+    flavor: ApiFlavor,
+    request_id: str,
+    attempts: Attempts | None = None,
+) -> None:
+    extra = [(b"x-herd-request-id", request_id.encode()), *attempt_headers(attempts)]
     extra += [(k.lower().encode(), v.encode()) for k, v in error.headers().items()]
     await send_json(send, error.status, error.render(flavor), extra)
 
@@ -122,27 +151,85 @@ def _parse_line(line: bytes) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
+class StreamBroken(Exception):
+    """The backend's stream can't be read on (malformed, oversized, or the connection broke).
+    Only raised and caught inside this module."""
+
+
+@attrs.define
+class LineReader:
+    """The backend's NDJSON lines, parsed, each at most :data:`LINE_LIMIT` bytes; an
+    ``{"error": ...}`` line is yielded like any other. :meth:`lines` raises
+    :class:`StreamBroken`; use it under ``contextlib.aclosing``. ``size`` is the bytes read."""
+
+    opened: Opened
+    size: int = 0
+
+    def _split(self, buffer: bytes, data: bytes) -> tuple[list[bytes], bytes]:
+        self.size += len(data)
+        buffer += data
+        if b"\n" not in data:
+            if len(buffer) > LINE_LIMIT:
+                raise StreamBroken(
+                    f"node {self.opened.node_id} sent a line over {LINE_LIMIT} bytes"
+                )
+            return [], buffer
+        *lines, rest = buffer.split(b"\n")
+        return lines, rest
+
+    def _parse(self, lines: list[bytes]) -> list[dict[str, Any]]:
+        parsed = []
+        for line in lines:
+            if line.strip():
+                chunk = _parse_line(line)
+                if chunk is None:
+                    raise StreamBroken(f"node {self.opened.node_id} sent a malformed stream line")
+                parsed.append(chunk)
+        return parsed
+
+    async def lines(self) -> AsyncGenerator[dict[str, Any], None]:
+        opened = self.opened
+        lines, buffer = self._split(b"", opened.first_chunk)
+        for chunk in self._parse(lines):
+            yield chunk
+        try:
+            async for data in opened.chunks:
+                opened.lease.chunks += 1
+                lines, buffer = self._split(buffer, data)
+                for chunk in self._parse(lines):
+                    yield chunk
+        except httpx.TransportError as exc:
+            raise StreamBroken(f"node {opened.node_id} broke the stream: {describe(exc)}") from exc
+        for chunk in self._parse([buffer]):
+            yield chunk
+
+
 async def relay_ollama(
     send: Send, opened: Opened, request: InferenceRequest, request_id: str
 ) -> RelayResult:
     """Pass the backend's bytes through; check only the last line."""
+    if request.route.kind != KIND_EMBED and not request.stream:
+        return await relay_ollama_whole(send, opened, request, request_id)
     response = opened.response
     content_type = response.headers.get("content-type", "application/json").encode()
     headers = [(b"content-type", content_type), *herd_headers(opened, request_id)]
     await send({"type": "http.response.start", "status": 200, "headers": headers})
     lease = opened.lease
     tail = Tail()
+    lines = 0
     if opened.first_chunk:
         tail.add(opened.first_chunk)
+        lines += opened.first_chunk.count(b"\n")
         await send({"type": "http.response.body", "body": opened.first_chunk, "more_body": True})
     error: str | None = None
     try:
         async for chunk in opened.chunks:
             lease.chunks += 1
             tail.add(chunk)
+            lines += chunk.count(b"\n")
             await send({"type": "http.response.body", "body": chunk, "more_body": True})
     except httpx.TransportError as exc:
-        error = f"node {opened.node_id} broke the stream: {type(exc).__name__}"
+        error = f"node {opened.node_id} broke the stream: {describe(exc)}"
     result = RelayResult(complete=False)
     if request.route.kind == KIND_EMBED:
         result.complete = error is None and tail.size > 0
@@ -159,11 +246,55 @@ async def relay_ollama(
             error = str(final["error"])
     if not result.complete:
         result.error = error or f"node {opened.node_id} ended the stream before it was done"
-        if request.stream:
+        if request.route.kind != KIND_EMBED:
+            result.completion_tokens = result.completion_tokens or lines  # tokens relayed
             line = json.dumps({"error": result.error}).encode() + b"\n"
             await send({"type": "http.response.body", "body": line, "more_body": False})
             return result
     await send({"type": "http.response.body", "body": b"", "more_body": False})
+    return result
+
+
+async def assemble(opened: Opened, chat: bool) -> tuple[dict[str, Any] | None, str | None, int]:
+    """Read the backend's stream to its end and fold it. Returns (the object, None, chunks)
+    or (None, the error, chunks that carried tokens)."""
+    assembler = StreamAssembler(chat=chat)
+    reader = LineReader(opened)
+    try:
+        async with contextlib.aclosing(reader.lines()) as lines:
+            async for chunk in lines:
+                if "error" in chunk:
+                    return None, str(chunk["error"]), assembler.chunks
+                assembler.feed(chunk)
+                if reader.size > ANSWER_LIMIT:
+                    return None, f"node {opened.node_id} sent an answer over the limit", 0
+    except StreamBroken as exc:
+        return None, str(exc), assembler.chunks
+    if not assembler.done:
+        return None, f"node {opened.node_id} ended the stream before it was done", assembler.chunks
+    return assembler.result(), None, assembler.chunks
+
+
+def _broken_answer(result: RelayResult, message: str, flavor: ApiFlavor) -> bytes:
+    result.error = message
+    result.status_code = 502
+    return NodeBadStatus(message).render(flavor)
+
+
+async def relay_ollama_whole(
+    send: Send, opened: Opened, request: InferenceRequest, request_id: str
+) -> RelayResult:
+    """A non-streaming Ollama client: fold the backend's stream into one object."""
+    result = RelayResult(complete=False)
+    data, error, chunks = await assemble(opened, chat=request.route.name == "ollama.chat")
+    headers = herd_headers(opened, request_id)
+    if data is None:
+        result.completion_tokens = chunks or None
+        await send_json(send, 502, _broken_answer(result, error or "", "ollama"), headers)
+        return result
+    _final_stats(result, data)
+    result.complete = True
+    await send_json(send, 200, json.dumps(data).encode(), headers)
     return result
 
 
@@ -193,53 +324,46 @@ async def relay_openai_stream(
     ]
     await send({"type": "http.response.start", "status": 200, "headers": headers})
     result = RelayResult(complete=False)
-    buffer = b""
     error: str | None = None
-
-    async def feed(data: bytes) -> None:
-        nonlocal buffer, error
-        buffer += data
-        if b"\n" not in buffer:
-            return
-        *lines, buffer = buffer.split(b"\n")
-        for line in lines:
-            if not line.strip() or error is not None:
-                continue
-            chunk = _parse_line(line)
-            if chunk is None:
-                error = f"node {opened.node_id} sent a malformed stream line"
-            elif "error" in chunk:
-                error = str(chunk["error"])
-            else:
+    tokens = 0
+    try:
+        async with contextlib.aclosing(LineReader(opened).lines()) as lines:
+            async for chunk in lines:
+                if "error" in chunk:
+                    error = str(chunk["error"])
+                    break
                 out = translator.feed(chunk)
                 if out:
+                    tokens += 1
                     await send({"type": "http.response.body", "body": out, "more_body": True})
                 if chunk.get("done") is True:
                     _final_stats(result, chunk)
-
-    try:
-        await feed(opened.first_chunk)
-        async for data in opened.chunks:
-            opened.lease.chunks += 1
-            await feed(data)
-        await feed(b"\n")
-    except httpx.TransportError as exc:
-        error = f"node {opened.node_id} broke the stream: {type(exc).__name__}"
+    except StreamBroken as exc:
+        error = str(exc)
     if error is None and translator.finished:
         result.complete = True
         tail = translator.done()
     else:
         result.error = error or f"node {opened.node_id} ended the stream before it was done"
+        result.completion_tokens = result.completion_tokens or max(0, tokens - 1) or None
         tail = translator.error(result.error)
     await send({"type": "http.response.body", "body": tail, "more_body": False})
     return result
 
 
-async def read_rest(opened: Opened) -> bytes:
+async def read_rest(opened: Opened, limit: int) -> bytes:
+    """The rest of a (non-streamed) answer, at most ``limit`` bytes. Raises StreamBroken."""
     parts = [opened.first_chunk]
-    async for chunk in opened.chunks:
-        opened.lease.chunks += 1
-        parts.append(chunk)
+    size = len(opened.first_chunk)
+    try:
+        async for chunk in opened.chunks:
+            opened.lease.chunks += 1
+            size += len(chunk)
+            if size > limit:
+                raise StreamBroken(f"node {opened.node_id} sent an answer over {limit} bytes")
+            parts.append(chunk)
+    except httpx.TransportError as exc:
+        raise StreamBroken(f"node {opened.node_id} broke the response: {describe(exc)}") from exc
     return b"".join(parts)
 
 
@@ -248,29 +372,25 @@ async def relay_openai_whole(
 ) -> RelayResult:
     """Read the backend's whole answer, translate it, send one JSON object."""
     result = RelayResult(complete=False)
-    try:
-        raw = await read_rest(opened)
-    except httpx.TransportError as exc:
-        raw = b""
-        result.error = f"node {opened.node_id} broke the response: {type(exc).__name__}"
-    data = _parse_line(raw) if raw else None
-    if data is None or "error" in data:
-        message = result.error or (
-            str(data["error"]) if data else f"node {opened.node_id} sent an unreadable answer"
-        )
-        result.error = message
-        body = {
-            "error": {
-                "message": message,
-                "type": "server_error",
-                "param": None,
-                "code": "node_error",
-            }
-        }
-        await send_json(send, 502, json.dumps(body).encode(), herd_headers(opened, request_id))
-        result.status_code = 502
-        return result
+    headers = herd_headers(opened, request_id)
     name = request.route.name
+    data: dict[str, Any] | None
+    error: str | None
+    if name == "openai.embeddings":
+        try:
+            data = _parse_line(await read_rest(opened, EMBED_LIMIT))
+            error = None if data is not None else f"node {opened.node_id} sent an unreadable answer"
+        except StreamBroken as exc:
+            data, error = None, str(exc)
+        if data is not None and "error" in data:
+            error = str(data["error"])
+            data = None
+    else:
+        data, error, chunks = await assemble(opened, chat=name == "openai.chat")
+        result.completion_tokens = chunks or None
+    if data is None:
+        await send_json(send, 502, _broken_answer(result, error or "", "openai"), headers)
+        return result
     if name == "openai.chat":
         payload = openai_compat.chat_response_to_openai(
             data, request_id=request_id, created=created, model=opened.model
@@ -280,10 +400,23 @@ async def relay_openai_whole(
             data, request_id=request_id, created=created, model=opened.model
         )
     else:
-        payload = openai_compat.embed_response_to_openai(data, model=opened.model)
+        try:
+            payload = openai_compat.embed_response_to_openai(
+                data,
+                model=opened.model,
+                encoding_format=request.embedding_format,
+                dimensions=request.dimensions,
+            )
+        except BadRequest as exc:
+            result.error, result.status_code = exc.message, exc.status
+            await send_json(send, exc.status, exc.render("openai"), headers)
+            return result
+        except ValueError as exc:
+            await send_json(send, 502, _broken_answer(result, str(exc), "openai"), headers)
+            return result
     _final_stats(result, data)
     result.complete = True
-    await send_json(send, 200, json.dumps(payload).encode(), herd_headers(opened, request_id))
+    await send_json(send, 200, json.dumps(payload).encode(), headers)
     return result
 
 
@@ -299,13 +432,14 @@ async def end_interrupted(send: Send, request: InferenceRequest, message: str) -
 async def relay_client_error(
     send: Send, opened: Opened, request: InferenceRequest, request_id: str
 ) -> RelayResult:
-    """The backend refused the request itself (4xx): pass it on in the caller's shape."""
+    """The backend refused the request itself (4xx): pass it on in the caller's shape. Only
+    the error's message is read (a bounded prefix of the body)."""
     status = opened.response.status_code
-    raw = await read_rest(opened)
-    data = _parse_line(raw)
-    message = (
-        str(data.get("error")) if data and "error" in data else raw[:300].decode("utf-8", "replace")
-    )
+    try:
+        raw = await read_rest(opened, 64 * 1024)
+    except StreamBroken:
+        raw = opened.first_chunk[: 64 * 1024]
+    message = error_text(raw) or f"HTTP {status}"
     if request.route.flavor == "openai":
         body = json.dumps(
             {

@@ -3,8 +3,15 @@
 Pure: no I/O, no clock. One :class:`Route` per inference endpoint says which API family the
 client speaks, the request kind (its queue class), and the Ollama-native path the backend is
 called on. :func:`shape` validates the body, strips herd's own extensions (``fallback_models``,
-``metadata``), collects tags, sets ``keep_alive: -1`` unless the client chose one, and for the
-OpenAI family translates the body to Ollama's native API.
+``metadata``, ``allow_substitution``), collects tags, sets ``keep_alive: -1`` unless the client
+chose one, and for the OpenAI family translates the body to Ollama's native API.
+
+Text is always streamed from the backend (``stream: true`` upstream), whatever the client asked:
+the router judges a node by its first byte, and a non-streamed answer's first byte would come
+only at its end. The relay assembles the one object a non-streaming client expects.
+
+A request may refuse substitution (another model than the ones it named) with
+``"allow_substitution": false`` in the body or ``X-Herd-Allow-Substitution: false``.
 """
 
 from __future__ import annotations
@@ -19,7 +26,7 @@ from herd.models import KIND_EMBED, KIND_TEXT, normalize_model_name
 from herd.policy.conversation import continuation_keys, prefix_keys
 from herd.proxy import openai_compat
 
-HERD_EXTENSIONS = ("fallback_models", "metadata")
+HERD_EXTENSIONS = ("fallback_models", "metadata", "allow_substitution")
 MAX_MESSAGES = 10_000  # messages in one chat request; far beyond any context window
 MAX_TAGS = 16
 MAX_TAG_LENGTH = 64
@@ -61,6 +68,12 @@ class InferenceRequest:
     upstream_body: dict[str, Any]
     estimated_prompt_tokens: int
     requested_context: int | None
+    # False when the client refused substitution (body field or header).
+    allow_substitution: bool = True
+    # /v1/embeddings: how vectors go back ("float" or "base64") and how many dimensions the
+    # client asked for (checked against the answer).
+    embedding_format: str = "float"
+    dimensions: int | None = None
     # Conversation affinity (chat only): this prompt's key, and the keys an earlier turn of the
     # same conversation may be remembered under, longest first. See herd.policy.conversation.
     prompt_key: str | None = None
@@ -109,6 +122,25 @@ def _fallbacks(body: Mapping[str, Any]) -> tuple[str, ...]:
     return tuple(normalize_model_name(m) for m in raw)
 
 
+def _allow_substitution(body: Mapping[str, Any], header: str | None) -> bool:
+    value = body.get("allow_substitution", True)
+    if not isinstance(value, bool):
+        raise BadRequest(
+            f"field 'allow_substitution' must be true or false, got {value!r}",
+            param="allow_substitution",
+        )
+    if header is not None:
+        lowered = header.strip().lower()
+        if lowered in ("false", "0", "no", "off"):
+            return False
+        if lowered not in ("true", "1", "yes", "on"):
+            raise BadRequest(
+                f"header X-Herd-Allow-Substitution must be true or false, got {header!r}",
+                param="allow_substitution",
+            )
+    return value
+
+
 def _stream_flag(body: Mapping[str, Any], default: bool) -> bool:
     value = body.get("stream", default)
     if value is None:
@@ -128,7 +160,12 @@ def _requested_context(upstream: Mapping[str, Any]) -> int | None:
     return int(num_ctx) if num_ctx > 0 else None
 
 
-def shape(route: Route, body: dict[str, Any], tags_header: str | None = None) -> InferenceRequest:
+def shape(
+    route: Route,
+    body: dict[str, Any],
+    tags_header: str | None = None,
+    substitution_header: str | None = None,
+) -> InferenceRequest:
     """Validate and shape one inference request. Raises :class:`BadRequest` naming the field."""
     messages = body.get("messages")
     if isinstance(messages, list) and len(messages) > MAX_MESSAGES:
@@ -139,6 +176,7 @@ def shape(route: Route, body: dict[str, Any], tags_header: str | None = None) ->
     fallbacks = _fallbacks(body)
     tags = parse_tags(body, tags_header)
     stream = _stream_flag(body, route.default_stream)
+    allow_substitution = _allow_substitution(body, substitution_header)
     include_usage = False
     if route.flavor == "openai":
         options = body.get("stream_options")
@@ -150,13 +188,16 @@ def shape(route: Route, body: dict[str, Any], tags_header: str | None = None) ->
             upstream = openai_compat.completion_request_to_ollama(body)
         else:
             upstream = openai_compat.embeddings_request_to_ollama(body)
-        upstream["stream"] = stream if route.kind == KIND_TEXT else False
     else:
         _validate_ollama(route, body)
         upstream = {k: v for k, v in body.items() if k not in HERD_EXTENSIONS}
     upstream.pop("model", None)
     for extension in HERD_EXTENSIONS:
         upstream.pop(extension, None)
+    if route.kind == KIND_TEXT:
+        upstream["stream"] = True  # see the module docstring
+    else:
+        upstream.pop("stream", None)
     if route.kind == KIND_TEXT or route.name == "ollama.embed" or route.name == "openai.embeddings":
         upstream.setdefault("keep_alive", -1)
     messages = upstream.get("messages") if route.kind == KIND_TEXT else None
@@ -172,6 +213,11 @@ def shape(route: Route, body: dict[str, Any], tags_header: str | None = None) ->
         upstream_body=upstream,
         estimated_prompt_tokens=openai_compat.estimate_prompt_tokens(body),
         requested_context=_requested_context(upstream),
+        allow_substitution=allow_substitution,
+        embedding_format=(
+            openai_compat.embedding_format(body) if route.name == "openai.embeddings" else "float"
+        ),
+        dimensions=upstream.get("dimensions") if route.name == "openai.embeddings" else None,
         prompt_key=keys[-1] if keys else None,
         earlier_keys=tuple(continuation_keys(messages, keys)) if keys else (),
     )

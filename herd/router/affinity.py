@@ -42,5 +42,10 @@ class AffinityTable:
                 return served
         return None
 
+    def forget(self, node_id: str) -> None:
+        """Drop every prompt a forgotten node took."""
+        for key in [k for k, served in self._entries.items() if served.node_id == node_id]:
+            del self._entries[key]
+
     def __len__(self) -> int:
         return len(self._entries)

@@ -26,8 +26,13 @@ from herd.proxy.shaping import flavor_for_path
 from herd.router import model_admin, views
 from herd.router.fleet_socket import serve_fleet_socket
 from herd.router.state import RouterState
+from herd.transport.bodies import SHOW_LIMIT, error_detail, read_limited
+from herd.transport.client import backend_headers
+from herd.transport.errors import map_node_errors
 
 log = logging.getLogger("herd.router")
+
+SHOW_TIMEOUT = 30.0  # seconds for a node to describe a model
 
 
 def json_response(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
@@ -112,16 +117,25 @@ def create_app(state: RouterState) -> QuartTrio:
             raise ModelNotFound(model)
         nodes.sort(key=lambda n: (n.status is not NodeStatus.ONLINE, n.loaded(model) is None))
         node = nodes[0]
-        upstream = await state.client.post(
-            node.report.backend.url.rstrip("/") + "/api/show",
-            json={**body, "model": model},
-            timeout=30,
-        )
+        node_id = node.node_id
+        with trio.fail_after(SHOW_TIMEOUT), map_node_errors(node_id, "answering /api/show"):
+            async with state.client.stream(
+                "POST",
+                node.report.backend.url.rstrip("/") + "/api/show",
+                json={**body, "model": model},
+                headers=backend_headers(node.report, state.config.auth_token),
+            ) as upstream:
+                if upstream.status_code >= 400:
+                    error = await error_detail(upstream, node_id)
+                    return json_response(
+                        {"error": error}, upstream.status_code, {"X-Herd-Node": node_id}
+                    )
+                content = await read_limited(upstream, SHOW_LIMIT, node_id, "a model description")
         return Response(
-            upstream.content,
+            content,
             status=upstream.status_code,
             content_type="application/json",
-            headers={"X-Herd-Node": node.node_id},
+            headers={"X-Herd-Node": node_id},
         )
 
     @app.post("/api/pull")
@@ -129,9 +143,9 @@ def create_app(state: RouterState) -> QuartTrio:
         body = parse_json_body(await request_bytes())
         model = model_admin.requested_model(body)
         node_id = model_admin.requested_node(body)
-        node = model_admin.pull_target(state.snapshot(), node_id)
+        node = model_admin.pull_checked(state, model, node_id)
         if body.get("stream") is False:
-            await model_admin.pull(state, node, model)
+            await model_admin.pull_and_wait(state, node, model, "api")
             return json_response({"status": "success", "node": node.node_id})
         return Response(
             model_admin.pull_progress(state, node, model),
@@ -168,7 +182,15 @@ def create_app(state: RouterState) -> QuartTrio:
 
     @app.get("/metrics")
     async def metrics() -> Response:
-        text = state.metrics.render(state.snapshot(), state.queues.statistics(), state.all_events())
+        store = state.store.statistics() if state.store is not None else None
+        traces = (
+            {"written": store.written, "dropped": store.dropped, "failed": store.failed}
+            if store is not None
+            else None
+        )
+        text = state.metrics.render(
+            state.snapshot(), state.queues.statistics(), state.all_events(), traces
+        )
         return Response(text, content_type="text/plain; version=0.0.4; charset=utf-8")
 
     @app.get("/fleet/queue")

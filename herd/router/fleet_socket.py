@@ -26,6 +26,7 @@ from typing import Any
 import trio
 from quart import Response, websocket
 
+from herd.router.registry import MAX_NODES
 from herd.router.state import RouterState
 from herd.wire import WireError, report_from_data
 
@@ -91,6 +92,9 @@ class FleetSession:
                 self.reply({"type": "error", "message": str(exc)[:500]})
                 continue
             if self.node_id is None:
+                if state.registry.full(report.node_id):
+                    log.warning("refused node %s: the fleet is at its node limit", report.node_id)
+                    return f"the router knows {MAX_NODES} nodes already (its limit)"
                 admission = state.registry.admit(report.node_id, self)
                 if not admission.allowed:
                     log.warning(

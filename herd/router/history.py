@@ -85,6 +85,29 @@ class LatencyHistory:
         ]
         self.model_p75_ms[model] = statistics.median(normalized)
 
+    def forget(self, node_id: str) -> None:
+        """Drop everything learned of ``node_id`` and recompute what depended on it (the
+        fleet's medians, the other nodes' speeds, each model's typical time)."""
+        for key in [k for k in self._latency if k[0] == node_id]:
+            del self._latency[key]
+            self.latency_p75_ms.pop(key, None)
+        for key in [k for k in self._rates if k[0] == node_id]:
+            del self._rates[key]
+        for nodes in self._served.values():
+            nodes.discard(node_id)
+        self._model_rates.clear()
+        self._fleet_log.clear()
+        self._speed_sums.clear()
+        self.node_speed.clear()
+        for node, model in self._rates:
+            self._recompute_speed(node, model)
+        for model, nodes in list(self._served.items()):
+            if nodes:
+                self._recompute_typical(model)
+            else:
+                del self._served[model]
+                self.model_p75_ms.pop(model, None)
+
     def view(self) -> History:
         return History(
             latency_p75_ms=self.latency_p75_ms,

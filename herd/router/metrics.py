@@ -2,12 +2,14 @@
 
 Counters and histograms are updated once per finished request (in ``RouterState.record_trace``),
 never per chunk; gauges (queues, node states) are read from the live objects at scrape time.
+Every label value comes from the fleet (node ids, the models nodes have), never from what a
+client typed, and a forgotten node's series go with it: the number of series stays bounded.
 """
 
 from __future__ import annotations
 
 import collections
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 import attrs
 
@@ -16,6 +18,7 @@ from herd.router.queues import QueueStatistics
 from herd.router.traces import TraceRecord
 
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+OTHER_MODEL = "(other)"  # the label of models no node has
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 120.0)
 
 
@@ -65,12 +68,18 @@ class Metrics:
     latency: dict[str, Histogram] = attrs.field(factory=dict)  # by kind
     ttft: dict[str, Histogram] = attrs.field(factory=dict)
 
-    def observe(self, trace: TraceRecord) -> None:
-        self.requests[(trace.model, trace.node_id or "", trace.status, trace.kind)] += 1
+    def observe(self, trace: TraceRecord, model_known: Callable[[str], bool]) -> None:
+        """Count a finished request. Its model labels the series only if it is a model the
+        fleet has (a request that reached a node, or ``model_known``): names clients invent
+        count as :data:`OTHER_MODEL`, so a stream of 404s can't grow the series."""
+        model = trace.model
+        if trace.node_id is None and not model_known(model):
+            model = OTHER_MODEL
+        self.requests[(model, trace.node_id or "", trace.status, trace.kind)] += 1
         if trace.prompt_tokens:
-            self.tokens[(trace.model, "prompt")] += trace.prompt_tokens
+            self.tokens[(model, "prompt")] += trace.prompt_tokens
         if trace.completion_tokens:
-            self.tokens[(trace.model, "completion")] += trace.completion_tokens
+            self.tokens[(model, "completion")] += trace.completion_tokens
         if trace.status == "completed":
             self.latency.setdefault(trace.kind, Histogram(LATENCY_BUCKETS)).observe(
                 trace.latency_ms / 1000
@@ -80,9 +89,19 @@ class Metrics:
                     trace.time_to_first_token_ms / 1000
                 )
 
+    def forget(self, node_id: str) -> None:
+        """Drop a forgotten node's series."""
+        for key in [k for k in self.requests if k[1] == node_id]:
+            del self.requests[key]
+
     def render(
-        self, fleet: FleetSnapshot, queues: QueueStatistics, events: Mapping[str, int]
+        self,
+        fleet: FleetSnapshot,
+        queues: QueueStatistics,
+        events: Mapping[str, int],
+        traces: Mapping[str, int] | None = None,
     ) -> str:
+        """``traces``: the trace store's counters (``dropped``, ``failed``, ``written``)."""
         out: list[str] = []
 
         def family(name: str, kind: str, text: str) -> None:
@@ -117,6 +136,14 @@ class Metrics:
         )
         for event, n in sorted(events.items()):
             out.append(f"herd_events_total{_labels({'event': event})} {n}")
+        family(
+            "herd_traces_total",
+            "counter",
+            "Request traces by what became of them: written to the store, dropped (queue "
+            "full), failed (the write failed: disk full, read-only).",
+        )
+        for outcome, n in sorted((traces or {}).items()):
+            out.append(f"herd_traces_total{_labels({'outcome': outcome})} {n}")
         family("herd_queue_pending", "gauge", "Requests waiting for a slot, per node:model.")
         family_in_flight: list[str] = []
         for key, counters in sorted(queues.queues.items()):

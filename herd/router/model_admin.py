@@ -1,37 +1,37 @@
 """Model management across the fleet: pull and delete.
 
 Pulls and deletes go straight from the router to the node's backend (the address inference
-uses), not as commands over the node's WebSocket: progress streams back on the same HTTP
-response to the client, and node agents need no model-management code. After a change the router
-asks the node, over its socket, for an immediate heartbeat, so the fleet view catches up at once
-instead of at the next beat.
+uses), not as commands over the node's WebSocket, and node agents need no model-management
+code. A streamed ``/api/pull`` belongs to its client, as in Ollama: progress streams back on the
+same response and a client that leaves ends the pull. A pull that must outlive its caller
+(auto-pull, ``stream: false``) runs in the router's pull service (:mod:`herd.router.pulls`).
+After a change the router asks the node, over its socket, for an immediate heartbeat, so the
+fleet view catches up at once instead of at the next beat.
+
+Every pull is checked against the registry hosts the operator allows
+(:func:`herd.router.pulls.check_pull_name`) before anything is sent.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
-import trio
 
-from herd.errors import (
-    BadRequest,
-    HerdError,
-    NodeBadStatus,
-    NodeUnreachable,
-    NoEligibleNode,
-    NotFound,
-)
+from herd.errors import BadRequest, HerdError, NodeBadStatus, NoEligibleNode, NotFound
 from herd.models import FleetSnapshot, NodeSnapshot, NodeStatus, normalize_model_name
-from herd.router.state import PendingPull, RouterState
+from herd.router.pulls import DONE, HEARTBEAT_NOW, check_pull_name, wait_for_model
+from herd.router.state import RouterState
+from herd.transport.bodies import LINE_LIMIT, check_encoding, error_detail
+from herd.transport.client import backend_headers
+from herd.transport.errors import describe
 
 log = logging.getLogger("herd.router")
 
-HEARTBEAT_NOW: dict[str, object] = {"type": "command", "command": "heartbeat"}
+DELETE_TIMEOUT = 30.0
 
 
 def usable(node: NodeSnapshot) -> bool:
@@ -52,7 +52,8 @@ def pull_target(fleet: FleetSnapshot, node_id: str | None = None) -> NodeSnapsho
         if not usable(node):
             raise NoEligibleNode(
                 f"node '{node_id}' can't take a pull now ({node.status.value}"
-                f"{', draining' if node.report.draining else ''})"
+                f"{', draining' if node.report.draining else ''}"
+                f"{', backend down' if not node.report.backend.healthy else ''})"
             )
         return node
     nodes = [n for n in fleet.nodes if usable(n)]
@@ -76,100 +77,68 @@ def requested_model(body: dict[str, Any]) -> str:
     return normalize_model_name(name)
 
 
-async def _backend_error(response: httpx.Response, node_id: str) -> NodeBadStatus:
-    text = (await response.aread())[:300].decode("utf-8", "replace")
-    with contextlib.suppress(ValueError, AttributeError):
-        text = str(json.loads(text).get("error", text))
-    return NodeBadStatus(
-        f"node {node_id}: {text}", node_id=node_id, upstream_status=response.status_code
-    )
+def pull_checked(state: RouterState, model: str, node_id: str | None) -> NodeSnapshot:
+    """Check the name against the allowed registries and choose the target node."""
+    check_pull_name(model, state.config.pull_hosts)
+    return pull_target(state.snapshot(), node_id)
 
 
-async def wait_for_model(state: RouterState, node_id: str, model: str, present: bool) -> None:
-    """Ask the node for a heartbeat now and wait (two heartbeat intervals at most) until it
-    reports ``model`` present (or gone)."""
-    state.command(node_id, HEARTBEAT_NOW)
-    with trio.move_on_after(2 * state.config.heartbeat_interval + 1):
-        while True:
-            node = state.snapshot().node(node_id)
-            if node is not None and node.has_model(model) == present:
-                return
-            await state.wait_fleet_changed()
+async def pull_and_wait(state: RouterState, node: NodeSnapshot, model: str, origin: str) -> None:
+    """Pull ``model`` onto ``node`` through the router's pull service and wait for it (a
+    running pull of the same model is joined). Raises :class:`HerdError`."""
+    assert state.pulls is not None
+    job = state.pulls.start(model, node, origin)
+    await job.done.wait()
+    if job.status != DONE:
+        raise NodeBadStatus(job.error or "the pull failed", node_id=job.node_id)
 
 
-async def pull(state: RouterState, node: NodeSnapshot, model: str) -> None:
-    """Pull ``model`` onto ``node`` and wait until its heartbeat shows it. Raises NodeError."""
-    url = node.report.backend.url.rstrip("/") + "/api/pull"
-    try:
-        response = await state.client.post(
-            url, json={"model": model, "stream": False}, timeout=httpx.Timeout(10.0, read=None)
-        )
-    except httpx.TransportError as exc:
-        raise NodeUnreachable(
-            f"node {node.node_id}: {type(exc).__name__}: {exc}", node_id=node.node_id
-        ) from exc
-    if response.status_code >= 400:
-        raise await _backend_error(response, node.node_id)
-    log.info("pulled %s onto %s", model, node.node_id)
-    await wait_for_model(state, node.node_id, model, present=True)
-
-
-async def pull_once(state: RouterState, model: str) -> str:
-    """Pull ``model`` to the best node, sharing one pull among concurrent callers. Returns the
-    node id. Raises :class:`HerdError` (the same one for every caller) when it fails."""
-    pending = state.pulls.get(model)
-    if pending is not None:
-        await pending.done.wait()
-    else:
-        pending = state.pulls[model] = PendingPull()
-        try:
-            node = pull_target(state.snapshot())
-            pending.node_id = node.node_id
-            await pull(state, node, model)
-        except HerdError as exc:
-            pending.error = exc.message
-        finally:
-            if pending.error is None and pending.node_id is None:
-                pending.error = "the pull was cancelled"
-            del state.pulls[model]
-            pending.done.set()
-    if pending.error is not None:
-        raise NodeBadStatus(pending.error, node_id=pending.node_id or "")
-    assert pending.node_id is not None
-    return pending.node_id
+def _line(data: dict[str, Any]) -> bytes:
+    return json.dumps(data).encode() + b"\n"
 
 
 async def pull_progress(state: RouterState, node: NodeSnapshot, model: str) -> AsyncIterator[bytes]:
-    """Stream the backend's pull progress (NDJSON lines) through, each tagged with the node."""
+    """Stream the backend's pull progress (NDJSON lines) through, each tagged with the node.
+    Lines are read one at a time with :data:`LINE_LIMIT`; errors end the stream in-band."""
     url = node.report.backend.url.rstrip("/") + "/api/pull"
+    node_id = node.node_id
     ok = False
     try:
         async with state.client.stream(
             "POST",
             url,
             json={"model": model, "stream": True},
-            timeout=httpx.Timeout(10.0, read=None),
+            headers=backend_headers(node.report, state.config.auth_token),
         ) as response:
             if response.status_code >= 400:
-                error = await _backend_error(response, node.node_id)
-                yield json.dumps({"error": error.message, "node": node.node_id}).encode() + b"\n"
+                detail = await error_detail(response, node_id)
+                yield _line({"error": f"node {node_id}: {detail}", "node": node_id})
                 return
-            async for line in response.aiter_lines():
-                if not line.strip():
-                    continue
-                try:
-                    data = json.loads(line)
-                except ValueError:
-                    continue
-                if isinstance(data, dict):
-                    data["node"] = node.node_id
-                    ok = ok or data.get("status") == "success"
-                    yield json.dumps(data).encode() + b"\n"
+            check_encoding(response, node_id)
+            buffer = b""
+            async for chunk in response.aiter_raw():
+                buffer += chunk
+                if len(buffer) > LINE_LIMIT:
+                    yield _line(
+                        {"error": f"node {node_id} sent an oversized line", "node": node_id}
+                    )
+                    return
+                *lines, buffer = buffer.split(b"\n")
+                for raw in lines:
+                    try:
+                        data = json.loads(raw) if raw.strip() else None
+                    except ValueError:
+                        continue
+                    if isinstance(data, dict):
+                        data["node"] = node_id
+                        ok = ok or data.get("status") == "success"
+                        yield _line(data)
     except httpx.TransportError as exc:
-        message = f"node {node.node_id}: {type(exc).__name__}: {exc}"
-        yield json.dumps({"error": message, "node": node.node_id}).encode() + b"\n"
+        yield _line({"error": f"node {node_id}: {describe(exc)}", "node": node_id})
+    except HerdError as exc:
+        yield _line({"error": exc.message, "node": node_id})
     if ok:
-        state.command(node.node_id, HEARTBEAT_NOW)
+        state.command(node_id, HEARTBEAT_NOW)
 
 
 async def delete(state: RouterState, model: str, node_id: str | None = None) -> dict[str, Any]:
@@ -189,15 +158,19 @@ async def delete(state: RouterState, model: str, node_id: str | None = None) -> 
     failed: dict[str, str] = {}
     for node in targets:
         url = node.report.backend.url.rstrip("/") + "/api/delete"
+        headers = backend_headers(node.report, state.config.auth_token)
         try:
-            response = await state.client.request("DELETE", url, json={"model": model}, timeout=30)
+            async with state.client.stream(
+                "DELETE", url, json={"model": model}, headers=headers, timeout=DELETE_TIMEOUT
+            ) as response:
+                if response.status_code >= 400:
+                    failed[node.node_id] = (
+                        f"node {node.node_id}: {await error_detail(response, node.node_id)}"
+                    )
+                else:
+                    deleted.append(node.node_id)
         except httpx.TransportError as exc:
-            failed[node.node_id] = f"{type(exc).__name__}: {exc}"
-            continue
-        if response.status_code >= 400:
-            failed[node.node_id] = (await _backend_error(response, node.node_id)).message
-        else:
-            deleted.append(node.node_id)
+            failed[node.node_id] = describe(exc)
     for done in deleted:
         await wait_for_model(state, done, model, present=False)
     return {"model": model, "deleted": deleted, "failed": failed}

@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterator
 import attrs
 import trio
 
+from herd.cancellation import is_cancellation
 from herd.models import KIND_IMAGE, KIND_STT, KIND_TEXT, ModelLoad
 
 # Per-node limits of the queue classes that don't share the LLM's parallel slots: one image at
@@ -112,7 +113,7 @@ class Lease:
         exc: BaseException | None,
         tb: types.TracebackType | None,
     ) -> None:
-        if isinstance(exc, trio.Cancelled) and self._outcome != "done":
+        if is_cancellation(exc) and self._outcome != "done":
             self._outcome = None  # cancelled (client gone, router stopping): not a node failure
         self.release()
 
@@ -189,6 +190,16 @@ class QueueBook:
             for (node, model), c in self._queues.items()
             if node == node_id
         }
+
+    def forget(self, node_id: str) -> None:
+        """Drop an idle node's queues and limiters (the registry forgot it)."""
+        for key in [k for k in self._queues if k[0] == node_id]:
+            counters = self._queues[key]
+            if not counters.pending and not counters.in_flight:
+                del self._queues[key]
+        if not self.busy(node_id):
+            for key in [k for k in self._limiters if k[0] == node_id]:
+                del self._limiters[key]
 
     def busy(self, node_id: str) -> bool:
         """Does any request wait for or hold a slot on ``node_id``?"""

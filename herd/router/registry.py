@@ -7,7 +7,9 @@ States:
     online    a heartbeat arrived within ``heartbeat_timeout``
     degraded  none for ``heartbeat_timeout`` (still routable, scored down)
     offline   none for ``heartbeat_offline``, or its WebSocket closed (not routable)
-A heartbeat brings a node back online at once.
+A heartbeat brings a node back online at once. A node offline for ``forget_after`` is
+forgotten (:meth:`NodeRegistry.forget`): containers that come back under new host names don't
+pile up. At most :data:`MAX_NODES` nodes are known at once.
 """
 
 from __future__ import annotations
@@ -60,12 +62,14 @@ class RegistryStatistics:
 
 
 UNLOAD_MEMORY = 2000
+MAX_NODES = 1000
 
 
 @attrs.define(eq=False)
 class NodeRegistry:
     heartbeat_timeout: float = 15.0
     heartbeat_offline: float = 30.0
+    forget_after: float = 86400.0
     _nodes: dict[str, NodeRecord] = attrs.field(factory=dict)
     _heartbeats: int = 0
     # (router time, node, model) of each model seen leaving a node's memory, bounded.
@@ -99,6 +103,27 @@ class NodeRegistry:
         old = record.status
         record.status = NodeStatus.ONLINE
         return [] if old is NodeStatus.ONLINE else [StateChange(report.node_id, old, record.status)]
+
+    def full(self, node_id: str) -> bool:
+        """Would a heartbeat from ``node_id`` exceed :data:`MAX_NODES`?"""
+        return node_id not in self._nodes and len(self._nodes) >= MAX_NODES
+
+    def forget(self, now: float) -> list[str]:
+        """Drop nodes offline for ``forget_after`` or longer. Returns their ids (the caller
+        drops what else it keeps of them)."""
+        gone = [
+            node_id
+            for node_id, record in self._nodes.items()
+            if record.status is NodeStatus.OFFLINE and now - record.last_seen >= self.forget_after
+        ]
+        for node_id in gone:
+            del self._nodes[node_id]
+        if gone:
+            kept = set(self._nodes)
+            self.unloads = deque(
+                (entry for entry in self.unloads if entry[1] in kept), maxlen=UNLOAD_MEMORY
+            )
+        return gone
 
     def admit(self, node_id: str, session: object) -> Admission:
         """May ``session`` register as ``node_id``?
@@ -162,6 +187,8 @@ class NodeRegistry:
                 deadlines.append(record.last_seen + self.heartbeat_timeout)
             elif record.status is NodeStatus.DEGRADED:
                 deadlines.append(record.last_seen + self.heartbeat_offline)
+            else:
+                deadlines.append(record.last_seen + self.forget_after)
         return min(deadlines) if deadlines else None
 
     def get(self, node_id: str) -> NodeRecord | None:

@@ -25,29 +25,20 @@ from herd.discovery import advertise
 from herd.models import FleetSnapshot, NodeStatus
 from herd.proxy.handler import ProxyASGI
 from herd.router.app import create_app
-from herd.router.settings import RuntimeSettings, load_settings
+from herd.router.pulls import PullService
+from herd.router.settings import RuntimeSettings, load_settings, updated
 from herd.router.state import RouterState
-from herd.security import ApiKeyGate
+from herd.security import ApiKeyGate, FrontGuard
 from herd.server import serve_app
 from herd.store.db import DB_NAME, recent_latencies
 from herd.store.writer import TraceWriter
+from herd.transport.bodies import error_detail
+from herd.transport.client import backend_headers, upstream_client
+from herd.transport.errors import describe
 
 log = logging.getLogger("herd.router")
 
 PREWARM_BUFFER = 64
-
-
-def upstream_client(fleet_token: str | None = None) -> httpx.AsyncClient:
-    """The one HTTP client for calls to backends and nodes. Timeouts to the first byte are
-    cancel scopes at the policy site (dispatch); the transport only bounds connecting. With a
-    fleet token, every call presents it (a node's LAN proxy and media endpoints require it;
-    Ollama ignores it)."""
-    return httpx.AsyncClient(
-        headers={"Authorization": f"Bearer {fleet_token}"} if fleet_token else None,
-        timeout=httpx.Timeout(connect=5.0, read=None, write=30.0, pool=None),
-        limits=httpx.Limits(max_connections=None, max_keepalive_connections=256),
-        trust_env=False,
-    )
 
 
 @attrs.define(eq=False)
@@ -115,21 +106,29 @@ class Router:
         self, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED
     ) -> None:
         async with self._open_state() as state, trio.open_nursery() as nursery:
-            state.settings = load_settings(self.config.data_path, self.settings)
+            state.settings = self._start_settings()
+            state.pulls = PullService(state)
+            await nursery.start(state.pulls.run)
             state.store = TraceWriter(self.config.data_path / DB_NAME)
             await nursery.start(state.store.run)
             for node_id, model, latency, rate in await trio.to_thread.run_sync(
                 recent_latencies, state.store.path
             ):
                 state.history.record(node_id, model, latency, rate)
-            app = ApiKeyGate(self.config.api_keys, ProxyASGI(state, create_app(state)))
-            if (
-                self.config.host not in ("127.0.0.1", "localhost", "::1")
-                and not self.config.auth_token
-            ):
+            app = FrontGuard(ApiKeyGate(self.config.api_keys, ProxyASGI(state, create_app(state))))
+            exposed = self.config.host not in ("127.0.0.1", "localhost", "::1")
+            if exposed and not self.config.auth_token:
                 log.warning(
                     "the router listens on %s with no fleet token: any machine that can reach "
-                    "it can join as a node. Set FLEET_AUTH_TOKEN on the router and the nodes.",
+                    "it can join as a node and receive prompts. Set FLEET_AUTH_TOKEN on the "
+                    "router and the nodes.",
+                    self.config.host,
+                )
+            if exposed and not self.config.api_keys:
+                log.warning(
+                    "the router listens on %s with no API key: anyone who can reach it can "
+                    "use it and change its settings (the dashboard's Settings, pulls, "
+                    "deletes). Set FLEET_API_KEYS to require a key.",
                     self.config.host,
                 )
             self._url = await nursery.start(serve_app, app, self.config.host, self.config.port)
@@ -146,9 +145,24 @@ class Router:
             log.info("router listening on %s", self._url)
             task_status.started(self._url)
 
+    def _start_settings(self) -> RuntimeSettings:
+        """The embedding program's settings, then the settings file, then the flags that set
+        a runtime setting (they beat the file: an operator who starts with ``--auto-pull``
+        means it)."""
+        settings = load_settings(self.config.data_path, self.settings)
+        flags = {
+            name: getattr(self.config, name)
+            for name in ("auto_pull", "vram_fallback")
+            if getattr(self.config, name) is not None
+        }
+        for name, value in flags.items():
+            if getattr(settings, name) != value:
+                log.info("%s is %s (from the command line or environment)", name, value)
+        return updated(settings, flags)
+
     @contextlib.asynccontextmanager
     async def _open_state(self) -> AsyncIterator[RouterState]:
-        async with upstream_client(self.config.auth_token) as client:
+        async with upstream_client() as client:
             self._state = RouterState.create(self.config, client)
             yield self._state
 
@@ -158,7 +172,10 @@ class Router:
             deadline = state.registry.next_deadline()
             with trio.move_on_at(deadline if deadline is not None else math.inf):
                 await state.wait_fleet_changed()
-            changes = state.registry.tick(trio.current_time())
+            now = trio.current_time()
+            changes = state.registry.tick(now)
+            for node_id in state.forget_nodes(now):
+                log.info("forgot node %s (offline for %.0f s)", node_id, self.config.forget_after)
             for change in changes:
                 log.info(
                     "node %s is %s (was %s)",
@@ -173,7 +190,10 @@ class Router:
         """Reap in-flight requests whose stream stopped moving for ``stale_timeout``."""
         while True:
             timeout = state.settings.stale_timeout
-            await trio.sleep(timeout / 4)
+            # Sample every quarter timeout; a settings change takes effect at once.
+            with trio.move_on_after(timeout / 4):
+                await state.wait_settings_changed()
+                continue
             for lease in state.queues.stale(trio.current_time(), timeout):
                 log.warning(
                     "reaping a request on %s:%s: no progress for %.0f s",
@@ -200,13 +220,16 @@ class Router:
             state.events["prewarms"] += 1
             log.info("pre-warming %s on %s (deep queue elsewhere)", model, node_id)
             url = record.report.backend.url.rstrip("/") + "/api/generate"
+            headers = backend_headers(record.report, state.config.auth_token)
             try:
                 with trio.move_on_after(state.config.first_byte_timeout):
-                    await state.client.post(
-                        url, json={"model": model, "keep_alive": -1}, timeout=None
-                    )
+                    # An empty prompt loads the model and answers one short object.
+                    async with state.client.stream(
+                        "POST", url, json={"model": model, "keep_alive": -1}, headers=headers
+                    ) as response:
+                        await error_detail(response, node_id)  # bounded; the answer is small
             except httpx.HTTPError as exc:
-                log.warning("pre-warm of %s on %s failed: %s", model, node_id, exc)
+                log.warning("pre-warm of %s on %s failed: %s", model, node_id, describe(exc))
             state.command(node_id, {"type": "command", "command": "heartbeat"})
 
     async def _run_local_node(

@@ -10,6 +10,7 @@ from __future__ import annotations
 import collections
 import random
 from collections import deque
+from typing import TYPE_CHECKING
 
 import attrs
 import httpx
@@ -27,6 +28,9 @@ from herd.router.traces import TraceRecord
 from herd.scoring import ScoringSettings
 from herd.store.writer import TraceWriter
 
+if TYPE_CHECKING:
+    from herd.router.pulls import PullService
+
 TRACE_MEMORY = 1000
 
 
@@ -39,15 +43,6 @@ class RequestStatistics:
     incomplete: int
     failed: int
     events: dict[str, int]
-
-
-@attrs.define(eq=False)
-class PendingPull:
-    """One pull in progress, shared by every request that needs the same model."""
-
-    done: trio.Event = attrs.field(factory=trio.Event)
-    node_id: str | None = None
-    error: str | None = None
 
 
 @attrs.define(eq=False)
@@ -70,7 +65,8 @@ class RouterState:
     events: collections.Counter[str] = attrs.field(factory=collections.Counter)
     # Command channels to connected nodes (their WebSocket sessions), bounded.
     node_commands: dict[str, trio.MemorySendChannel[dict[str, object]]] = attrs.field(factory=dict)
-    pulls: dict[str, PendingPull] = attrs.field(factory=dict)
+    # The router's own pulls (auto-pull); set while the router runs.
+    pulls: PullService | None = None
     # Pre-warm jobs (node_id, model) for the pre-warm service; full means drop.
     prewarm_send: trio.MemorySendChannel[tuple[str, str]] | None = None
     store: TraceWriter | None = None
@@ -78,6 +74,7 @@ class RouterState:
     # Inference requests in progress per client address (the per-client cap), only non-zero.
     in_progress_by_client: dict[str, int] = attrs.field(factory=dict)
     _fleet_changed: trio.Event = attrs.field(factory=trio.Event)
+    _settings_changed: trio.Event = attrs.field(factory=trio.Event)
 
     @classmethod
     def create(cls, config: RouterConfig, client: httpx.AsyncClient) -> RouterState:
@@ -87,6 +84,7 @@ class RouterState:
             registry=NodeRegistry(
                 heartbeat_timeout=config.heartbeat_timeout,
                 heartbeat_offline=config.heartbeat_offline,
+                forget_after=config.forget_after,
             ),
         )
         # A freed slot is a fleet change: requests waiting for capacity re-score.
@@ -104,6 +102,17 @@ class RouterState:
     async def wait_fleet_changed(self) -> None:
         await self._fleet_changed.wait()
 
+    def change_settings(self, settings: RuntimeSettings) -> None:
+        """Apply new runtime settings (already checked) and wake whoever depends on them (the
+        reaper's sampling interval, waiting requests)."""
+        self.settings = settings
+        self._settings_changed.set()
+        self._settings_changed = trio.Event()
+        self.fleet_changed()
+
+    async def wait_settings_changed(self) -> None:
+        await self._settings_changed.wait()
+
     def command(self, node_id: str, message: dict[str, object]) -> bool:
         """Queue a command for a node's socket; False if it isn't connected or is backed up."""
         channel = self.node_commands.get(node_id)
@@ -117,9 +126,26 @@ class RouterState:
 
     def record_trace(self, trace: TraceRecord) -> None:
         self.traces.append(trace)
-        self.metrics.observe(trace)
+        self.metrics.observe(trace, self.model_known)
         if self.store is not None:
             self.store.submit(trace)
+
+    def model_known(self, model: str) -> bool:
+        """Does any node (in any state) list ``model``?"""
+        return any(
+            model in r.report.loaded_index or model in r.report.available_index
+            for r in self.registry.records()
+        )
+
+    def forget_nodes(self, now: float) -> list[str]:
+        """Forget nodes offline past ``forget_after``, everywhere the router keeps them."""
+        gone = self.registry.forget(now)
+        for node_id in gone:
+            self.queues.forget(node_id)
+            self.history.forget(node_id)
+            self.affinity.forget(node_id)
+            self.metrics.forget(node_id)
+        return gone
 
     def all_events(self) -> dict[str, int]:
         events = dict(self.events)

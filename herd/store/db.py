@@ -80,6 +80,38 @@ INSERT = (
 )
 
 
+class StorageError(Exception):
+    """The data directory can't be used; the message says what and where."""
+
+
+def check_data_dir(data_dir: Path, database: bool = True) -> None:
+    """Check that ``data_dir`` can be created and written (and, with ``database``, that the
+    trace database opens and takes a write). Raises :class:`StorageError` naming the path and
+    the reason."""
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        probe = data_dir / ".herd-write-check"
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        raise StorageError(f"cannot write to the data directory {data_dir}: {reason}") from exc
+    if not database:
+        return
+    path = data_dir / DB_NAME
+    try:
+        initialise(path)
+        connection = connect(path)
+        try:
+            with connection:
+                connection.execute("CREATE TABLE IF NOT EXISTS herd_write_check (x)")
+                connection.execute("DROP TABLE herd_write_check")
+        finally:
+            connection.close()
+    except (sqlite3.Error, OSError) as exc:
+        raise StorageError(f"cannot use the trace database {path}: {exc}") from exc
+
+
 def connect(path: Path) -> sqlite3.Connection:
     connection = sqlite3.connect(path, timeout=10, check_same_thread=False)
     connection.row_factory = sqlite3.Row

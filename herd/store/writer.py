@@ -6,6 +6,12 @@ takes whatever has queued up — one trace when traffic is light, a batch when i
 it in a worker thread. Readers call :meth:`flush` first, so an endpoint read right after a
 request sees it. When the router stops, what is queued is written before the writer exits.
 Retention: traces older than ``retention_days`` are pruned once an hour.
+
+A write that fails (disk full, database read-only) loses that batch, counted as ``failed``,
+and routing goes on: requests never wait on the store. The failure is logged once per
+:data:`LOG_EVERY` seconds, not per batch, and kept in :meth:`statistics` (``last_error``) for
+the health check and ``/metrics``. :meth:`flush` counts failed traces as settled, and never
+waits longer than :data:`FLUSH_TIMEOUT`: a broken store can't wedge the dashboard.
 """
 
 from __future__ import annotations
@@ -27,28 +33,40 @@ QUEUE_SIZE = 10_000
 BATCH_MAX = 500
 PRUNE_EVERY = 3600.0
 SHUTDOWN_FLUSH_TIMEOUT = 5.0
+FLUSH_TIMEOUT = 2.0
+LOG_EVERY = 60.0
 
 
 @attrs.frozen
 class WriterStatistics:
     submitted: int
     written: int
-    dropped: int
+    dropped: int  # the queue was full
+    failed: int  # the write failed (disk full, read-only, ...)
     pruned: int
+    last_error: str | None  # the last write failure, while writes keep failing
+    last_error_at: float | None  # wall clock
 
 
 @attrs.define(eq=False)
 class TraceWriter:
     path: Path
     retention_days: float = 30.0
+    # Largest database the writer may grow (SQLite's max_page_count); None = the disk's room.
+    max_bytes: int | None = None
     submitted: int = 0
     written: int = 0
     dropped: int = 0
+    failed: int = 0
     pruned: int = 0
+    last_error: str | None = None
+    last_error_at: float | None = None
     _send: trio.MemorySendChannel[TraceRecord] | None = None
     _progress: trio.Event = attrs.field(factory=trio.Event)
     # One connection, two users (writes, pruning), one at a time.
     _lock: trio.Lock = attrs.field(factory=trio.Lock)
+    _logged_at: float = -1e18  # router clock of the last failure logged
+    _unlogged: int = 0  # failures since then
 
     def submit(self, trace: TraceRecord) -> None:
         if self._send is None:
@@ -63,17 +81,34 @@ class TraceWriter:
         self.submitted += 1
 
     async def flush(self) -> None:
-        """Wait until every trace submitted so far is written (or dropped)."""
+        """Wait until every trace submitted so far is written or has failed, for at most
+        :data:`FLUSH_TIMEOUT` seconds."""
         target = self.submitted
-        while self.written < target and self._send is not None:
-            await self._progress.wait()
+        with trio.move_on_after(FLUSH_TIMEOUT):
+            while self.written + self.failed < target and self._send is not None:
+                await self._progress.wait()
 
     def statistics(self) -> WriterStatistics:
-        return WriterStatistics(self.submitted, self.written, self.dropped, self.pruned)
+        return WriterStatistics(
+            self.submitted,
+            self.written,
+            self.dropped,
+            self.failed,
+            self.pruned,
+            self.last_error,
+            self.last_error_at,
+        )
+
+    def _connect(self) -> sqlite3.Connection:
+        connection = db.connect(self.path)
+        if self.max_bytes is not None:
+            page = connection.execute("PRAGMA page_size").fetchone()[0]
+            connection.execute(f"PRAGMA max_page_count = {max(1, self.max_bytes // page)}")
+        return connection
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         await trio.to_thread.run_sync(db.initialise, self.path)
-        connection = await trio.to_thread.run_sync(db.connect, self.path)
+        connection = await trio.to_thread.run_sync(self._connect)
         send, receive = trio.open_memory_channel[TraceRecord](QUEUE_SIZE)
         self._send = send
         try:
@@ -90,9 +125,7 @@ class TraceWriter:
                     except (trio.WouldBlock, trio.EndOfChannel):
                         break
                 if rest:
-                    async with self._lock:
-                        await trio.to_thread.run_sync(db.write_traces, connection, rest)
-                    self.written += len(rest)
+                    await self._write(connection, rest)
             self._send = None
             connection.close()
             self._wake()
@@ -100,6 +133,32 @@ class TraceWriter:
     def _wake(self) -> None:
         self._progress.set()
         self._progress = trio.Event()
+
+    async def _write(self, connection: sqlite3.Connection, batch: list[TraceRecord]) -> None:
+        try:
+            async with self._lock:
+                await trio.to_thread.run_sync(db.write_traces, connection, batch)
+        except sqlite3.Error as exc:
+            self.failed += len(batch)
+            self._failure(f"could not write {len(batch)} traces to {self.path}: {exc}")
+        else:
+            self.written += len(batch)
+            if self.last_error is not None:
+                log.info("writing traces to %s again", self.path)
+                self.last_error = self.last_error_at = None
+        self._wake()
+
+    def _failure(self, message: str) -> None:
+        self.last_error, self.last_error_at = message, time.time()
+        now = trio.current_time()
+        if now - self._logged_at >= LOG_EVERY:
+            more = (
+                f" ({self._unlogged} more failures since the last report)" if self._unlogged else ""
+            )
+            log.error("%s%s; routing goes on, traces are lost until it is fixed", message, more)
+            self._logged_at, self._unlogged = now, 0
+        else:
+            self._unlogged += 1
 
     async def _write_loop(
         self, connection: sqlite3.Connection, receive: trio.MemoryReceiveChannel[TraceRecord]
@@ -111,16 +170,7 @@ class TraceWriter:
                     batch.append(receive.receive_nowait())
                 except trio.WouldBlock:
                     break
-            try:
-                async with self._lock:
-                    await trio.to_thread.run_sync(db.write_traces, connection, batch)
-            except sqlite3.Error as exc:
-                log.error("could not write %d traces: %s", len(batch), exc)
-                self.dropped += len(batch)
-                self.submitted -= len(batch)
-            else:
-                self.written += len(batch)
-            self._wake()
+            await self._write(connection, batch)
 
     async def _prune_loop(self, connection: sqlite3.Connection) -> None:
         while True:
@@ -129,5 +179,5 @@ class TraceWriter:
                 async with self._lock:
                     self.pruned += await trio.to_thread.run_sync(db.prune, connection, before)
             except sqlite3.Error as exc:
-                log.error("could not prune old traces: %s", exc)
+                self._failure(f"could not prune old traces in {self.path}: {exc}")
             await trio.sleep(PRUNE_EVERY)
