@@ -9,7 +9,7 @@ from pathlib import Path
 
 import trio
 
-from tests.conftest import Fleet
+from tests.conftest import Fleet, wait_until
 
 EXAMPLES = Path(__file__).parent.parent / "examples"
 
@@ -30,19 +30,22 @@ async def run(argv: list[str], fleet: Fleet | None) -> str:
 async def test_openai_example(fleet: Fleet) -> None:
     output = await run([sys.executable, str(EXAMPLES / "openai_chat.py")], fleet)
     assert "tokens:" in output
+    # The router finishes its books just after the client has read the last byte.
+    await wait_until(lambda: len(fleet.router.state.traces) == 1)
     assert fleet.router.state.traces[0].tags == ("examples", "openai")
 
 
 async def test_ollama_example(fleet: Fleet) -> None:
     output = await run([sys.executable, str(EXAMPLES / "ollama_chat.py")], fleet)
     assert "available: llama3.2:3b" in output
-    assert len(fleet.router.state.traces) == 2
+    await wait_until(lambda: len(fleet.router.state.traces) == 2)
 
 
 async def test_curl_example(fleet: Fleet) -> None:
     output = await run(["bash", str(EXAMPLES / "curl.sh")], fleet)
     assert "x-herd-node: alpha" in output.lower()
     assert "data: [DONE]" in output
+    await wait_until(lambda: len(fleet.router.state.traces) == 2)
     assert fleet.router.state.traces[-1].tags == ("examples", "curl")
 
 
