@@ -73,7 +73,7 @@ async def test_ollama_shapes() -> None:
                     json={
                         "model": "small",
                         "stream": False,
-                        "messages": [],
+                        "messages": [{"role": "user", "content": "call f"}],
                         "tools": [{"type": "function", "function": {"name": "f"}}],
                     },
                 )

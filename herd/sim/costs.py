@@ -12,6 +12,8 @@ The model, kept deliberately simple:
 - Decoding runs at ``tokens_per_second x speed`` for one stream; ``k`` streams at once share the
   machine, each getting ``1 / (1 + CONTENTION x (k - 1))`` of it (batching gains some
   throughput, never all of it).
+- A pull downloads the model's bytes at the node's ``pull_bytes_per_second`` (its link to the
+  registry), from where an interrupted pull stopped.
 """
 
 from __future__ import annotations
@@ -42,6 +44,13 @@ def decode_seconds(tokens: int, tokens_per_second: float, speed: float, active: 
     if tokens <= 0 or tokens_per_second <= 0:
         return 0.0
     return tokens / (tokens_per_second * max(speed, 1e-6) * concurrency_share(active))
+
+
+def pull_seconds(remaining_bytes: int, bytes_per_second: float) -> float:
+    """Time to download ``remaining_bytes``; 0 when the rate is unset (0)."""
+    if remaining_bytes <= 0 or bytes_per_second <= 0:
+        return 0.0
+    return remaining_bytes / bytes_per_second
 
 
 @attrs.define(eq=False)

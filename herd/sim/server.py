@@ -1,19 +1,75 @@
-"""A simulated Ollama server: Ollama's HTTP API on loopback, with models that load, generate at a
-set token rate, use memory, and fail in the ways real nodes fail.
+"""A simulated Ollama server: Ollama's HTTP API on loopback, with models that load, expire,
+generate at a set token rate, use memory, and fail in the ways real nodes fail.
 
 Used as the fake node in tests, by ``herd demo`` and by the benchmarks. It is a raw ASGI app on
 hypercorn's Trio worker, so its own cost stays small next to the router it is measured against.
-Time goes through ``trio.sleep``, so tests on a virtual clock see exact load times.
+Time goes through ``trio.sleep`` and ``trio.current_time``, so tests on a virtual clock see
+exact load, prefill, decode, pull and keep-alive times.
+
+What it does the way Ollama does it:
+
+- **Loads and keep-alive.** A request loads its model (the model's ``load_seconds``; least
+  recently used models that don't fit beside it are evicted) and keeps it resident for the
+  request's ``keep_alive`` after the last request on it ends: a number of seconds, a Go duration
+  string (``"30s"``, ``"5m"``, ``"1h30m"``), negative for ever, 0 to unload it as soon as the
+  request ends. A malformed value is a 400 worded as Go words it (so the *string* ``"-1"`` is
+  refused, as Ollama refuses it). Without one, ``SimConfig.keep_alive`` applies (5 minutes,
+  Ollama's default). Models in ``SimConfig.loaded`` start resident for
+  ``SimConfig.loaded_keep_alive`` (for ever unless set). Expired models leave memory lazily, at
+  the next request or reading, so ``/api/ps`` is right whenever it is asked; its ``expires_at``
+  is an RFC 3339 wall-clock time, ``time.time()`` plus the virtual time left ("for ever" is now
+  plus Go's longest duration, about 292 years, as Ollama prints it).
+- **Load and unload requests.** ``/api/generate`` without a ``prompt`` and ``/api/chat`` without
+  ``messages`` load the model and answer one object with ``"done_reason": "load"``; with
+  ``keep_alive: 0`` they unload it instead (``"unload"``; nothing is loaded if it wasn't).
+- **Time to the first byte.** A request waits for a slot (``SimConfig.parallel``), the cold load,
+  then prefill (the prompt tokens the prompt cache doesn't hold, at ``prefill_tokens_per_second
+  x speed``), then decodes at ``tokens_per_second x speed``. A streamed answer sends its headers
+  with its first chunk, as Ollama does; ``stream: false`` sends nothing until all is decoded.
+- **Thinking** (``SimModel.thinking``): unless the request says ``think: false``, the answer
+  starts with ``thinking_tokens`` tokens of ``message.thinking`` (chat) or ``thinking``
+  (generate) before the content.
+- **Tool calls** (``SimModel.tools``): a chat request with ``tools`` answers a call to the first
+  tool, its arguments made up from the tool's JSON schema (every property, typed, enums
+  respected), the same for the same prompt; streamed, the call comes in a chunk of its own before
+  the final one. Once the last message is a tool result, the answer is text.
+- **Embeddings** honour ``dimensions`` (truncated, then L2-normalised again) and ``truncate``
+  (default on: inputs longer than the context are cut; off: a 400).
+- **Capability errors**, worded as Ollama words them: ``think`` on a model without thinking,
+  ``tools`` on one without tools, images on one without ``vision``, chat on an embedding model.
+- **Pulls** fetch only models in ``SimConfig.registry`` (or already present; names with a host
+  part are looked up like any other, without a network). With ``pull_bytes_per_second`` set, a
+  pull takes time: progress lines arrive over virtual time and the model is listed in
+  ``/api/tags`` once it is done. Concurrent pulls of one model share its download, which stops
+  when its last client disconnects and resumes from there on the next pull.
+
+Failures on demand, each for ``times`` requests or until cleared:
+
+- :meth:`SimOllama.fail`: inference requests answer 500 (``http500``), never answer (``hang``),
+  drop the connection (``die_mid_stream``) or go silent for good (``stall``) or for ``seconds``
+  (``pause``) after ``after_chunks`` chunks; or the server stops listening (``refuse``).
+- :meth:`SimOllama.fail_probes`: the read endpoints (``/api/version``, ``/api/ps``,
+  ``/api/tags``, ``/api/show``) answer 500 (``http500``), never (``hang``) or after ``seconds``
+  (``slow``).
+- :meth:`SimOllama.fail_pulls`: pulls never progress (``hang``) or answer 500 (``http500``).
+
+Counters (plain attributes) tell a test what happened: ``cold_loads``, ``load_requests``,
+``unload_requests``, ``expirations``, ``evictions``, ``probes``, ``pulls``, ``pulls_cancelled``,
+``open_streams``, ``disconnects``, ``prompt_cache_hits`` and the last ``requests``.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import datetime as dt
 import hashlib
 import itertools
 import json
 import math
+import random
+import re
+import time
 from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from typing import Any
@@ -24,7 +80,7 @@ import trio
 from herd.models import CpuInfo, DiskInfo, MemoryInfo
 from herd.policy.conversation import continuation_keys, prefix_keys
 from herd.server import serve_app
-from herd.sim.costs import PromptCache, prefill_seconds
+from herd.sim.costs import PromptCache, prefill_seconds, pull_seconds
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -50,8 +106,35 @@ WORDS = (
     "is",
     "lost",
 )
-FAILURE_MODES = ("refuse", "http500", "hang", "die_mid_stream", "stall")
+THINKING_WORDS = ("hmm", "let", "me", "weigh", "which", "path", "the", "herd", "takes", "first")
+FAILURE_MODES = ("refuse", "http500", "hang", "die_mid_stream", "stall", "pause")
+PROBE_FAILURE_MODES = ("http500", "hang", "slow")
+PULL_FAILURE_MODES = ("hang", "http500")
 INFERENCE_PATHS = ("/api/chat", "/api/generate", "/api/embed", "/api/embeddings")
+PROBE_ROUTES = frozenset(
+    {("GET", "/api/version"), ("GET", "/api/ps"), ("GET", "/api/tags"), ("POST", "/api/show")}
+)
+DEFAULT_REGISTRY = "registry.ollama.ai"
+FOREVER = math.inf
+# Go's longest time.Duration (2**63 - 1 ns, about 292 years): what Ollama adds to "now" for a
+# model kept for ever, so its /api/ps shows a date some 292 years ahead.
+GO_MAX_DURATION_SECONDS = (2**63 - 1) / 1e9
+PULL_TICK = 1.0  # seconds of virtual time between a pull's progress lines
+NO_VISION = "this model is missing data required for image input"
+THINK_LEVELS = ("high", "medium", "low")
+_GO_UNITS = {
+    "ns": 1e-9,
+    "us": 1e-6,
+    "µs": 1e-6,  # U+00B5 MICRO SIGN
+    "μs": 1e-6,  # U+03BC GREEK SMALL LETTER MU
+    "ms": 1e-3,
+    "s": 1.0,
+    "m": 60.0,
+    "h": 3600.0,
+}
+_GO_NUMBER = re.compile(r"([0-9]*)(\.[0-9]*)?")
+_GO_UNIT = re.compile(r"[^0-9.]*")
+MAX_SCHEMA_DEPTH = 8
 
 
 @attrs.frozen
@@ -68,6 +151,9 @@ class SimModel:
     tokens_per_second: float = 0.0  # decoding, one stream, at speed 1.0; 0 = instant
     prefill_tokens_per_second: float = 0.0  # prompt processing at speed 1.0; 0 = instant
     tools: bool = True
+    thinking: bool = False  # answers start with thinking (unless the request says think: false)
+    thinking_tokens: int = 8  # how many
+    vision: bool = False  # takes images
 
     @property
     def digest(self) -> str:
@@ -86,6 +172,11 @@ class SimConfig:
     speed: float = 1.0  # compute speed relative to a typical node: scales prefill and decoding
     # Models a pull can fetch ("the registry"); pulling anything else fails as Ollama does.
     registry: tuple[SimModel, ...] = ()
+    # keep_alive for requests that give none: seconds or a Go duration; negative = for ever.
+    keep_alive: float | str = "5m"
+    # How long the models in ``loaded`` stay resident from the start, unless used: for ever.
+    loaded_keep_alive: float | str = -1
+    pull_bytes_per_second: float = 0.0  # the link to the registry; 0 = pulls are instant
 
 
 class _Abort(Exception):
@@ -96,8 +187,173 @@ def _now_iso() -> str:
     return dt.datetime.now(dt.UTC).isoformat().replace("+00:00", "Z")
 
 
+def _rfc3339(epoch: float) -> str:
+    moment = dt.datetime.fromtimestamp(epoch, dt.UTC)
+    return moment.isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
 def _dump(data: Any) -> bytes:
     return json.dumps(data, separators=(",", ":")).encode()
+
+
+def go_duration(text: str) -> float:
+    """Go's ``time.ParseDuration``, in seconds. Raises ValueError worded as Go's error."""
+    quoted = json.dumps(text, ensure_ascii=False)
+    rest = text
+    sign = 1.0
+    if rest[:1] in ("-", "+"):
+        sign = -1.0 if rest[0] == "-" else 1.0
+        rest = rest[1:]
+    if rest == "0":
+        return 0.0
+    if not rest:
+        raise ValueError(f"time: invalid duration {quoted}")
+    total = 0.0
+    while rest:
+        number = _GO_NUMBER.match(rest)
+        assert number is not None  # the pattern matches the empty string
+        whole, fraction = number.group(1), number.group(2) or ""
+        if not whole and len(fraction) <= 1:
+            raise ValueError(f"time: invalid duration {quoted}")
+        value = float((whole or "0") + (fraction if len(fraction) > 1 else ""))
+        rest = rest[number.end() :]
+        unit_match = _GO_UNIT.match(rest)
+        unit = unit_match.group(0) if unit_match else ""
+        if not unit:
+            raise ValueError(f"time: missing unit in duration {quoted}")
+        if unit not in _GO_UNITS:
+            raise ValueError(
+                f"time: unknown unit {json.dumps(unit, ensure_ascii=False)} in duration {quoted}"
+            )
+        total += value * _GO_UNITS[unit]
+        rest = rest[len(unit) :]
+    return sign * total
+
+
+def keep_alive_seconds(value: object) -> float:
+    """Ollama's ``keep_alive`` in seconds: a number of seconds or a Go duration string;
+    negative means for ever (:data:`FOREVER`). Raises ValueError with Ollama's 400 wording."""
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        go_type = (
+            "map[string]interface {}"
+            if isinstance(value, dict)
+            else "[]interface {}"
+            if isinstance(value, list)
+            else type(value).__name__
+        )
+        raise ValueError(f"Unsupported type: '{go_type}'")
+    seconds = go_duration(value) if isinstance(value, str) else float(value)
+    return FOREVER if seconds < 0 else seconds
+
+
+def canonical_name(name: str) -> str:
+    """A model name as Ollama shows it: ``:latest`` added, the default registry host and the
+    ``library`` namespace dropped (``registry.ollama.ai/library/x`` is ``x:latest``)."""
+    parts = name.split("/")
+    if ":" not in parts[-1]:
+        parts[-1] += ":latest"
+    if len(parts) == 3 and parts[0] == DEFAULT_REGISTRY:
+        parts = parts[1:]
+    if len(parts) == 2 and parts[0] == "library":
+        parts = parts[1:]
+    return "/".join(parts)
+
+
+def full_name(name: str) -> str:
+    """A canonical name with its host and namespace, as Ollama names a model in its errors."""
+    parts = name.split("/")
+    if len(parts) == 1:
+        return f"{DEFAULT_REGISTRY}/library/{name}"
+    if len(parts) == 2:
+        return f"{DEFAULT_REGISTRY}/{name}"
+    return name
+
+
+def _number(value: Any, default: float) -> float:
+    ok = isinstance(value, int | float) and not isinstance(value, bool)
+    return float(value) if ok else default
+
+
+def schema_value(schema: Any, rng: random.Random, depth: int = 0) -> Any:
+    """A value that fits the JSON schema ``schema``, drawn from ``rng``."""
+    if not isinstance(schema, dict):
+        return rng.choice(WORDS)
+    enum = schema.get("enum")
+    if isinstance(enum, list) and enum:
+        return enum[rng.randrange(len(enum))]
+    if "const" in schema:
+        return schema["const"]
+    for key in ("anyOf", "oneOf", "allOf"):
+        options = schema.get(key)
+        if isinstance(options, list) and options:
+            return schema_value(options[0], rng, depth + 1)
+    kind = schema.get("type")
+    if isinstance(kind, list):
+        kind = next((k for k in kind if k != "null"), "null")
+    if not isinstance(kind, str):
+        kind = "object" if "properties" in schema else "array" if "items" in schema else "string"
+    if kind == "object":
+        return schema_object(schema, rng, depth) if depth < MAX_SCHEMA_DEPTH else {}
+    if kind == "array":
+        if depth >= MAX_SCHEMA_DEPTH:
+            return []
+        fewest = max(0, int(_number(schema.get("minItems"), 1)))
+        most = max(fewest, int(_number(schema.get("maxItems"), fewest + 1)))
+        count = rng.randint(fewest, min(most, fewest + 2))
+        return [schema_value(schema.get("items"), rng, depth + 1) for _ in range(count)]
+    if kind in ("integer", "number"):
+        low = _number(schema.get("minimum"), 0.0)
+        high = max(low, _number(schema.get("maximum"), low + 100.0))
+        if kind == "integer":
+            return rng.randint(math.ceil(low), max(math.ceil(low), math.floor(high)))
+        return round(rng.uniform(low, high), 2)
+    if kind == "boolean":
+        return rng.random() < 0.5
+    if kind == "null":
+        return None
+    formats = {
+        "date": "2026-01-01",
+        "date-time": "2026-01-01T00:00:00Z",
+        "email": "herd@example.com",
+    }
+    fixed = formats.get(str(schema.get("format")))
+    return fixed if fixed is not None else rng.choice(WORDS)
+
+
+def schema_object(schema: dict[str, Any], rng: random.Random, depth: int = 0) -> dict[str, Any]:
+    """An object for an object schema: its required properties, then the optional ones."""
+    raw_properties = schema.get("properties")
+    properties: dict[str, Any] = raw_properties if isinstance(raw_properties, dict) else {}
+    raw_required = schema.get("required")
+    required = (
+        [r for r in raw_required if isinstance(r, str)] if isinstance(raw_required, list) else []
+    )
+    out: dict[str, Any] = {}
+    for name in [*required, *properties]:
+        if name not in out:
+            out[name] = schema_value(properties.get(name), rng, depth + 1)
+    return out
+
+
+@attrs.define(eq=False)
+class _Download:
+    """One model's download, shared by the pulls waiting for it."""
+
+    model: SimModel
+    start_bytes: int
+    started: float  # virtual time
+    rate: float  # bytes per second; 0 = instant
+    waiters: int = 0
+
+    @property
+    def finishes(self) -> float:
+        return self.started + pull_seconds(self.model.size_bytes - self.start_bytes, self.rate)
+
+    def completed(self, now: float) -> int:
+        total = self.model.size_bytes
+        if self.rate <= 0 or now >= self.finishes:
+            return total
+        return min(total, self.start_bytes + int((now - self.started) * self.rate))
 
 
 @attrs.define(eq=False)
@@ -109,6 +365,12 @@ class SimOllama:
     cold_loads: int = 0
     pulls: int = 0
     prompt_cache_hits: int = 0
+    load_requests: int = 0  # answered with done_reason "load"
+    unload_requests: int = 0  # answered with done_reason "unload"
+    expirations: int = 0  # models that left memory because their keep_alive ran out
+    evictions: int = 0  # models unloaded to make room for another
+    probes: int = 0  # requests to /api/version, /api/ps, /api/tags and /api/show
+    pulls_cancelled: int = 0  # pulls whose client went away before the end
     prompts: PromptCache = attrs.field(factory=PromptCache)
     requests: deque[tuple[str, dict[str, Any]]] = attrs.field(factory=lambda: deque(maxlen=1000))
     _models: dict[str, SimModel] = attrs.field(factory=dict)
@@ -116,28 +378,53 @@ class SimOllama:
     _failure: str | None = None
     _failures_left: int | None = None
     _after_chunks: int = 2
+    _pause_seconds: float = 0.0
+    _probe_failure: str | None = None
+    _probe_failures_left: int | None = None
+    _probe_seconds: float = 0.0
+    _pull_failure: str | None = None
+    _pull_failures_left: int | None = None
     _slots: trio.Semaphore | None = None
     _loading: dict[str, trio.Event] = attrs.field(factory=dict)
     _listener: trio.CancelScope | None = None
     _reopen: trio.Event = attrs.field(factory=trio.Event)
     # Set while the server accepts connections; replaced by a fresh event when it stops.
     listening: trio.Event = attrs.field(factory=trio.Event)
+    # Per resident model: when it leaves memory (virtual time; FOREVER), the keep-alive its
+    # latest request asked for, and how many requests are using it (it never expires in use).
+    _expires: dict[str, float] = attrs.field(factory=dict)
+    _session: dict[str, float] = attrs.field(factory=dict)
+    _busy: collections.Counter[str] = attrs.field(factory=collections.Counter)
+    _default_keep: float = attrs.field(init=False, default=300.0)
+    _loaded_keep: float = attrs.field(init=False, default=FOREVER)
+    _downloads: dict[str, _Download] = attrs.field(factory=dict)
+    _partial: dict[str, int] = attrs.field(factory=dict)  # bytes kept from interrupted pulls
 
     def __attrs_post_init__(self) -> None:
+        self._default_keep = keep_alive_seconds(self.config.keep_alive)
+        self._loaded_keep = keep_alive_seconds(self.config.loaded_keep_alive)
         for model in self.config.models:
             self._models[model.name] = model
         for name in self.config.loaded:
             self._resident[name] = None
+            self._expires[name] = FOREVER  # counted from the start by serve()
 
     # --- control ----------------------------------------------------------------------
-    def fail(self, mode: str, times: int | None = None, after_chunks: int = 2) -> None:
-        """Make inference requests fail: ``http500``, ``hang`` (no headers, ever) or
-        ``die_mid_stream`` / ``stall`` (after ``after_chunks`` chunks, drop the connection / go
-        silent with it open), ``times`` times or until cleared;
-        or ``refuse``: stop listening, so connections are refused, until cleared (then await
-        ``listening.wait()``)."""
+    def fail(
+        self, mode: str, times: int | None = None, after_chunks: int = 2, seconds: float = 0.0
+    ) -> None:
+        """Make inference requests fail: ``http500``, ``hang`` (no headers, ever) or, after
+        ``after_chunks`` chunks, ``die_mid_stream`` (drop the connection), ``stall`` (go silent
+        with it open, for good) or ``pause`` (go silent for ``seconds``, then go on), ``times``
+        times or until cleared; or ``refuse``: stop listening, so connections are refused, until
+        cleared (then await ``listening.wait()``). Streamed headers go out with the first
+        chunk, as Ollama sends them, so ``stall`` or ``pause`` with ``after_chunks=0`` holds the
+        headers back too (``die_mid_stream`` sends them, then drops). With ``stream: false``
+        there are no chunks: ``stall`` never answers and ``pause`` answers ``seconds`` late."""
         if mode not in FAILURE_MODES:
             raise ValueError(f"unknown failure mode {mode!r}; choose from {FAILURE_MODES}")
+        if mode == "pause" and seconds <= 0:
+            raise ValueError("'pause' needs seconds > 0")
         if mode == "refuse":
             if times is not None:
                 raise ValueError("'refuse' lasts until clear_failure(); times does not apply")
@@ -145,6 +432,7 @@ class SimOllama:
                 self._listener.cancel()
                 self.listening = trio.Event()  # now, so a waiter can't see the old one
         self._failure, self._failures_left, self._after_chunks = mode, times, after_chunks
+        self._pause_seconds = seconds
 
     def clear_failure(self) -> None:
         if self._failure == "refuse":
@@ -162,11 +450,55 @@ class SimOllama:
                 self.clear_failure()
         return mode
 
+    def fail_probes(self, mode: str, times: int | None = None, seconds: float = 0.0) -> None:
+        """Make the read endpoints (``/api/version``, ``/api/ps``, ``/api/tags``, ``/api/show``)
+        answer 500 (``http500``), never (``hang``) or ``seconds`` late (``slow``), ``times``
+        times or until :meth:`clear_probe_failure`. Inference is not affected."""
+        if mode not in PROBE_FAILURE_MODES:
+            raise ValueError(f"unknown probe failure {mode!r}; choose from {PROBE_FAILURE_MODES}")
+        if mode == "slow" and seconds <= 0:
+            raise ValueError("'slow' needs seconds > 0")
+        self._probe_failure, self._probe_failures_left = mode, times
+        self._probe_seconds = seconds
+
+    def clear_probe_failure(self) -> None:
+        self._probe_failure = None
+        self._probe_failures_left = None
+
+    def _take_probe_failure(self) -> str | None:
+        mode = self._probe_failure
+        if mode is not None and self._probe_failures_left is not None:
+            self._probe_failures_left -= 1
+            if self._probe_failures_left <= 0:
+                self.clear_probe_failure()
+        return mode
+
+    def fail_pulls(self, mode: str, times: int | None = None) -> None:
+        """Make pulls never progress past their first line (``hang``: a node whose registry
+        link is gone) or answer 500 (``http500``), ``times`` times or until cleared."""
+        if mode not in PULL_FAILURE_MODES:
+            raise ValueError(f"unknown pull failure {mode!r}; choose from {PULL_FAILURE_MODES}")
+        self._pull_failure, self._pull_failures_left = mode, times
+
+    def clear_pull_failure(self) -> None:
+        self._pull_failure = None
+        self._pull_failures_left = None
+
+    def _take_pull_failure(self) -> str | None:
+        mode = self._pull_failure
+        if mode is not None and self._pull_failures_left is not None:
+            self._pull_failures_left -= 1
+            if self._pull_failures_left <= 0:
+                self.clear_pull_failure()
+        return mode
+
     @property
     def loaded_models(self) -> list[str]:
+        self._expire()
         return list(self._resident)
 
     def used_bytes(self) -> int:
+        self._expire()
         return sum(self._models[n].size_bytes for n in self._resident if n in self._models)
 
     def system_reading(self) -> tuple[CpuInfo, MemoryInfo, DiskInfo]:
@@ -181,6 +513,55 @@ class SimOllama:
             DiskInfo(total_bytes=1024 * GiB, free_bytes=512 * GiB),
         )
 
+    # --- residency ----------------------------------------------------------------------
+    def _expire(self) -> None:
+        """Unload the models whose keep-alive ran out (lazily: before every answer)."""
+        if not self._expires:
+            return
+        try:
+            now = trio.current_time()
+        except RuntimeError:  # outside trio.run: no clock to read
+            return
+        for name, at in list(self._expires.items()):
+            if at <= now and not self._busy[name]:
+                self._unload(name)
+                self.expirations += 1
+
+    def _unload(self, name: str) -> None:
+        self._resident.pop(name, None)
+        self._expires.pop(name, None)
+        self._session.pop(name, None)
+        self.prompts.drop(name)
+
+    def _acquire(self, name: str, keep: float) -> None:
+        """A request starts using resident ``name``; its keep-alive becomes the model's."""
+        self._busy[name] += 1
+        self._session[name] = keep
+
+    def _release(self, name: str) -> None:
+        """A request on ``name`` ended: the last one out starts the keep-alive timer."""
+        self._busy[name] -= 1
+        if self._busy[name] > 0:
+            return
+        del self._busy[name]
+        if name not in self._resident:
+            return
+        keep = self._session.get(name, self._default_keep)
+        if keep <= 0:
+            self._unload(name)
+            self.expirations += 1
+        else:
+            self._expires[name] = trio.current_time() + keep
+
+    def _expires_at(self, name: str, now: float, wall: float) -> str:
+        """When ``name`` leaves memory, as /api/ps says it: an RFC 3339 wall-clock time."""
+        if self._busy[name]:
+            at = now + self._session.get(name, self._default_keep)
+        else:
+            at = self._expires.get(name, FOREVER)
+        left = GO_MAX_DURATION_SECONDS if at == FOREVER else at - now
+        return _rfc3339(wall + min(left, GO_MAX_DURATION_SECONDS))
+
     # --- serving ------------------------------------------------------------------------
     async def serve(
         self,
@@ -190,6 +571,10 @@ class SimOllama:
         task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         self._slots = trio.Semaphore(max(1, self.config.parallel))
+        now = trio.current_time()
+        for name in self.config.loaded:
+            if self._expires.get(name) == FOREVER and not self._busy[name]:
+                self._expires[name] = now + self._loaded_keep
         started = False
         while True:
             with trio.CancelScope() as self._listener:
@@ -224,8 +609,12 @@ class SimOllama:
                 return
             body += message.get("body", b"")
             more = message.get("more_body", False)
+        self._expire()
         if method == "POST" and path in INFERENCE_PATHS:
             await self._inference(path, body, receive, send)
+            return
+        if (method, path) == ("POST", "/api/pull"):
+            await self._pull(body, receive, send)
             return
         handler = {
             ("GET", "/"): self._root,
@@ -234,13 +623,63 @@ class SimOllama:
             ("GET", "/api/ps"): self._ps,
             ("GET", "/api/version"): self._version,
             ("POST", "/api/show"): self._show,
-            ("POST", "/api/pull"): self._pull,
             ("DELETE", "/api/delete"): self._delete,
         }.get((method, path))
         if handler is None:
             await self._json(send, 404, {"error": f"404 page not found: {path}"})
             return
+        if (method, path) in PROBE_ROUTES:
+            self.probes += 1
+            failure = self._take_probe_failure()
+            if failure == "http500":
+                await self._json(send, 500, {"error": "simulated internal error"})
+                return
+            if failure is not None:
+                await self._watched(receive, send, self._late(failure, handler, body))
+                return
         await handler(body, send)
+
+    def _late(
+        self, failure: str, handler: Callable[[bytes, Send], Awaitable[None]], body: bytes
+    ) -> Callable[[Send], Awaitable[None]]:
+        """A probe answered late (``slow``) or never (``hang``)."""
+        seconds = self._probe_seconds if failure == "slow" else math.inf
+
+        async def late(send: Send) -> None:
+            await trio.sleep(seconds)
+            self._expire()  # what it says is true when it says it
+            await handler(body, send)
+
+        return late
+
+    async def _watched(
+        self, receive: Receive, send: Send, work: Callable[[Send], Awaitable[None]]
+    ) -> bool:
+        """Run ``work`` (answering through the ``send`` it is given), cancelled if the client
+        disconnects before the last byte. Returns True when it did."""
+        gone = finished = False
+        async with trio.open_nursery() as nursery:
+
+            async def watch() -> None:
+                nonlocal gone
+                while (await receive())["type"] != "http.disconnect":
+                    pass
+                if not finished:  # after the last byte a disconnect is the normal end
+                    gone = True
+                    nursery.cancel_scope.cancel()
+
+            async def send_marking_end(message: Message) -> None:
+                nonlocal finished
+                if message["type"] == "http.response.body" and not message.get("more_body"):
+                    finished = True
+                await send(message)
+
+            nursery.start_soon(watch)
+            try:
+                await work(send_marking_end)
+            finally:
+                nursery.cancel_scope.cancel()
+        return gone
 
     async def _json(
         self, send: Send, status: int, data: Any, content_type: bytes = b"application/json"
@@ -253,6 +692,18 @@ class SimOllama:
             }
         )
         await send({"type": "http.response.body", "body": _dump(data)})
+
+    async def _ndjson_start(self, send: Send) -> None:
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [(b"content-type", b"application/x-ndjson")],
+            }
+        )
+
+    async def _line(self, send: Send, data: Any) -> None:
+        await send({"type": "http.response.body", "body": _dump(data) + b"\n", "more_body": True})
 
     def _parse(self, body: bytes) -> dict[str, Any] | str:
         try:
@@ -299,6 +750,7 @@ class SimOllama:
         await self._json(send, 200, {"models": models})
 
     async def _ps(self, body: bytes, send: Send) -> None:
+        now, wall = trio.current_time(), time.time()
         models = []
         for name in self._resident:
             m = self._models[name]
@@ -309,7 +761,7 @@ class SimOllama:
                     "size": m.size_bytes,
                     "digest": m.digest,
                     "details": self._details(m),
-                    "expires_at": "2318-01-01T00:00:00Z",
+                    "expires_at": self._expires_at(name, now, wall),
                     "size_vram": m.size_bytes,
                     "context_length": m.context_length,
                 }
@@ -323,9 +775,7 @@ class SimOllama:
         name = data.get("model") or data.get("name")
         if not isinstance(name, str) or not name:
             return 400, "model is required"
-        if ":" not in name.rsplit("/", 1)[-1]:
-            name += ":latest"
-        model = self._models.get(name)
+        model = self._models.get(canonical_name(name))
         if model is None:
             return 404, f'model "{name}" not found, try pulling it first'
         return model
@@ -347,8 +797,12 @@ class SimOllama:
         if model is None:
             return
         capabilities = ["embedding"] if model.embedding else ["completion"]
+        if model.vision:
+            capabilities.append("vision")
         if model.tools and not model.embedding:
             capabilities.append("tools")
+        if model.thinking and not model.embedding:
+            capabilities.append("thinking")
         await self._json(
             send,
             200,
@@ -366,7 +820,8 @@ class SimOllama:
             },
         )
 
-    async def _pull(self, body: bytes, send: Send) -> None:
+    # --- pulls and deletes --------------------------------------------------------------
+    async def _pull(self, body: bytes, receive: Receive, send: Send) -> None:
         data = self._parse(body)
         if isinstance(data, str):
             await self._json(send, 400, {"error": data})
@@ -375,21 +830,30 @@ class SimOllama:
         if not isinstance(name, str) or not name:
             await self._json(send, 400, {"error": "model is required"})
             return
-        if ":" not in name.rsplit("/", 1)[-1]:
-            name += ":latest"
+        name = canonical_name(name)
+        stream = data.get("stream") is not False
+        failure = self._take_pull_failure()
+        if failure == "http500":
+            await self._json(send, 500, {"error": "simulated internal error"})
+            return
         known = {m.name: m for m in self.config.registry} | self._models
+        if failure == "hang":
+
+            async def stuck(out: Send) -> None:
+                if stream:
+                    await self._ndjson_start(out)
+                    await self._line(out, {"status": "pulling manifest"})
+                await trio.sleep_forever()
+
+            if await self._watched(receive, send, stuck):
+                self.pulls_cancelled += 1
+            return
         if name not in known:
             error = {"error": "pull model manifest: file does not exist"}
-            if data.get("stream") is False:
+            if not stream:
                 await self._json(send, 500, error)
                 return
-            await send(
-                {
-                    "type": "http.response.start",
-                    "status": 200,
-                    "headers": [(b"content-type", b"application/x-ndjson")],
-                }
-            )
+            await self._ndjson_start(send)
             await send(
                 {
                     "type": "http.response.body",
@@ -398,45 +862,69 @@ class SimOllama:
                 }
             )
             return
-        model = self._models.setdefault(name, known[name])
+        model = known[name]
         self.pulls += 1
-        if data.get("stream") is False:
+
+        async def pull(out: Send) -> None:
+            await self._pull_model(model, stream, out)
+
+        if await self._watched(receive, send, pull):
+            self.pulls_cancelled += 1
+
+    async def _pull_model(self, model: SimModel, stream: bool, send: Send) -> None:
+        """Download ``model`` (sharing a download under way), then list it."""
+        if stream:
+            await self._ndjson_start(send)
+            await self._line(send, {"status": "pulling manifest"})
+        download = self._downloads.get(model.name)
+        if download is None:
+            have = model.size_bytes if model.name in self._models else 0
+            download = self._downloads[model.name] = _Download(
+                model,
+                max(have, self._partial.pop(model.name, 0)),
+                trio.current_time(),
+                self.config.pull_bytes_per_second,
+            )
+        download.waiters += 1
+        try:
+            while True:
+                now = trio.current_time()
+                completed = download.completed(now)
+                if stream:
+                    await self._line(
+                        send,
+                        {
+                            "status": f"pulling {model.digest[:12]}",
+                            "digest": f"sha256:{model.digest}",
+                            "total": model.size_bytes,
+                            "completed": completed,
+                        },
+                    )
+                if completed >= model.size_bytes:
+                    break
+                await trio.sleep(min(PULL_TICK, download.finishes - now))
+        finally:
+            download.waiters -= 1
+            if download.waiters == 0 and self._downloads.get(model.name) is download:
+                # The last client is gone (or done): the download stops, its bytes stay.
+                del self._downloads[model.name]
+                completed = download.completed(trio.current_time())
+                if completed < model.size_bytes:
+                    self._partial[model.name] = completed
+        self._models.setdefault(model.name, model)  # the manifest is written: it is listed
+        if not stream:
             await self._json(send, 200, {"status": "success"})
             return
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 200,
-                "headers": [(b"content-type", b"application/x-ndjson")],
-            }
-        )
-        lines: list[dict[str, Any]] = [{"status": "pulling manifest"}]
-        for done in (0, model.size_bytes // 2, model.size_bytes):
-            lines.append(
-                {
-                    "status": f"pulling {model.digest[:12]}",
-                    "digest": model.digest,
-                    "total": model.size_bytes,
-                    "completed": done,
-                }
-            )
-        lines += [
-            {"status": "verifying sha256 digest"},
-            {"status": "writing manifest"},
-            {"status": "success"},
-        ]
-        for line in lines:
-            await send(
-                {"type": "http.response.body", "body": _dump(line) + b"\n", "more_body": True}
-            )
-        await send({"type": "http.response.body", "body": b""})
+        for status in ("verifying sha256 digest", "writing manifest"):
+            await self._line(send, {"status": status})
+        await send({"type": "http.response.body", "body": _dump({"status": "success"}) + b"\n"})
 
     async def _delete(self, body: bytes, send: Send) -> None:
         model = await self._requested_model(body, send)
         if model is None:
             return
         del self._models[model.name]
-        self._resident.pop(model.name, None)
+        self._unload(model.name)
         await send({"type": "http.response.start", "status": 200, "headers": []})
         await send({"type": "http.response.body", "body": b""})
 
@@ -451,60 +939,77 @@ class SimOllama:
         if failure == "http500":
             await self._json(send, 500, {"error": "simulated internal error"})
             return
+        try:  # fields Ollama refuses while reading the request
+            raw_keep = data.get("keep_alive")
+            keep = self._default_keep if raw_keep is None else keep_alive_seconds(raw_keep)
+            think = _think(data.get("think"))
+        except ValueError as exc:
+            await self._json(send, 400, {"error": str(exc)})
+            return
         model = self._model_or_error(data)
         if isinstance(model, tuple):
             await self._json(send, model[0], {"error": model[1]})
             return
-        embed_path = path in ("/api/embed", "/api/embeddings")
-        if embed_path != model.embedding:
-            verb = "embeddings" if embed_path else "generate"
-            await self._json(send, 400, {"error": f'"{model.name}" does not support {verb}'})
-            return
-        gone = finished = False
-        async with trio.open_nursery() as nursery:
+        if path in ("/api/embed", "/api/embeddings"):
+            if not model.embedding:
+                unsupported = f'"{model.name}" does not support embeddings'
+                await self._json(send, 400, {"error": unsupported})
+                return
+        else:
+            if _is_load_request(path, data) and keep == 0:
+                await self._unload_request(path, data, model, send)
+                return
+            error = _capability_error(path, data, model, think)
+            if error is not None:
+                await self._json(send, 400, {"error": error})
+                return
 
-            async def watch() -> None:
-                nonlocal gone
-                while (await receive())["type"] != "http.disconnect":
-                    pass
-                if not finished:  # after the last byte a disconnect is the normal end
-                    gone = True
-                    nursery.cancel_scope.cancel()
+        async def respond(out: Send) -> None:
+            await self._respond(path, data, model, keep, think, failure, out)
 
-            async def send_marking_end(message: Message) -> None:
-                nonlocal finished
-                if message["type"] == "http.response.body" and not message.get("more_body"):
-                    finished = True
-                await send(message)
+        self.open_streams += 1
+        try:
+            gone = await self._watched(receive, send, respond)
+        finally:
+            self.open_streams -= 1
+        if gone:
+            self.disconnects += 1
 
-            nursery.start_soon(watch)
-            self.open_streams += 1
-            try:
-                await self._respond(path, data, model, failure, send_marking_end)
-            finally:
-                self.open_streams -= 1
-                if gone:
-                    self.disconnects += 1
-                nursery.cancel_scope.cancel()
+    async def _unload_request(
+        self, path: str, data: dict[str, Any], model: SimModel, send: Send
+    ) -> None:
+        self.unload_requests += 1
+        if model.name in self._resident:
+            if self._busy[model.name]:
+                self._session[model.name] = 0.0  # it goes when its last request ends
+            else:
+                self._unload(model.name)
+        await self._json(send, 200, _load_answer(path, data, "unload"))
 
     async def _ensure_loaded(self, model: SimModel) -> float:
-        """Make ``model`` resident (evicting least recently used ones). Returns load seconds."""
+        """Make ``model`` resident (evicting least recently used ones). Returns the seconds
+        this request waited for a load."""
         if model.name in self._resident:
             self._resident.move_to_end(model.name)
             return 0.0
-        pending = self._loading.get(model.name)
-        if pending is not None:
-            await pending.wait()
-            return model.load_seconds
+        start = trio.current_time()
+        while (pending := self._loading.get(model.name)) is not None:
+            await pending.wait()  # another request is loading it
+            if model.name in self._resident:
+                self._resident.move_to_end(model.name)
+                return trio.current_time() - start
+        # (nobody else is loading it, or that load was cancelled: load it here)
         done = self._loading[model.name] = trio.Event()
         try:
             await trio.sleep(model.load_seconds)
             while (
                 self._resident and self.used_bytes() + model.size_bytes > self.config.memory_bytes
             ):
-                evicted, _ = self._resident.popitem(last=False)
-                self.prompts.drop(evicted)
+                evicted = next(iter(self._resident))
+                self._unload(evicted)
+                self.evictions += 1
             self._resident[model.name] = None
+            self._expires[model.name] = FOREVER  # until its request ends (see _release)
             self.cold_loads += 1
         finally:
             del self._loading[model.name]
@@ -512,26 +1017,52 @@ class SimOllama:
         return model.load_seconds
 
     async def _respond(
-        self, path: str, data: dict[str, Any], model: SimModel, failure: str | None, send: Send
+        self,
+        path: str,
+        data: dict[str, Any],
+        model: SimModel,
+        keep: float,
+        think: bool | str | None,
+        failure: str | None,
+        send: Send,
     ) -> None:
         assert self._slots is not None
         if failure == "hang":
             await trio.sleep_forever()
+        if path in ("/api/chat", "/api/generate") and _is_load_request(path, data):
+            await self._ensure_loaded(model)  # a load takes no parallel slot
+            self._acquire(model.name, keep)
+            self._release(model.name)
+            self.load_requests += 1
+            await self._json(send, 200, _load_answer(path, data, "load"))
+            return
         async with self._slots:
             load = await self._ensure_loaded(model)
-            if path == "/api/embed":
-                await self._embed(data, model, load, send)
-            elif path == "/api/embeddings":
-                prompt = str(data.get("prompt", ""))
-                await self._json(send, 200, {"embedding": self._vector(prompt, model)})
-            else:
-                await self._generate(path, data, model, load, failure, send)
+            self._acquire(model.name, keep)
+            try:
+                if path == "/api/embed":
+                    await self._embed(data, model, load, send)
+                elif path == "/api/embeddings":
+                    prompt = str(data.get("prompt", ""))
+                    vector = _rounded(self._vector(prompt, model))
+                    await self._json(send, 200, {"embedding": vector})
+                elif _has_images(path, data) and not model.vision:
+                    await self._json(send, 400, {"error": NO_VISION})
+                else:
+                    thinks = model.thinking if think is None else bool(think)
+                    await self._generate(path, data, model, load, thinks, failure, send)
+            finally:
+                self._release(model.name)
 
     def _vector(self, text: str, model: SimModel) -> list[float]:
+        """A unit vector for ``text``, the same every time."""
         digest = hashlib.sha256(f"{model.name}\0{text}".encode()).digest()
-        raw = [(digest[i % len(digest)] - 127.5) / 127.5 for i in range(model.embedding_dim)]
-        norm = math.sqrt(sum(v * v for v in raw)) or 1.0
-        return [round(v / norm, 6) for v in raw]
+        size = len(digest)
+        blocks = [digest]
+        for block in range(1, -(-model.embedding_dim // size)):
+            blocks.append(hashlib.sha256(digest + block.to_bytes(4, "big")).digest())
+        raw = [(blocks[i // size][i % size] - 127.5) / 127.5 for i in range(model.embedding_dim)]
+        return _normalised(raw)
 
     async def _embed(self, data: dict[str, Any], model: SimModel, load: float, send: Send) -> None:
         value = data.get("input")
@@ -539,15 +1070,37 @@ class SimOllama:
         if not isinstance(inputs, list) or not all(isinstance(v, str) for v in inputs):
             await self._json(send, 400, {"error": "input must be a string or list of strings"})
             return
+        options = data.get("options") if isinstance(data.get("options"), dict) else {}
+        assert isinstance(options, dict)
+        num_ctx = options.get("num_ctx")
+        context = model.context_length
+        if isinstance(num_ctx, int) and not isinstance(num_ctx, bool) and num_ctx > 0:
+            context = min(context, num_ctx)
+        dimensions = data.get("dimensions")
+        vectors = []
+        tokens = 0
+        for text in inputs:
+            words = text.split()
+            if len(words) > context:
+                if data.get("truncate") is False:
+                    error = "input exceeds maximum context length"
+                    await self._json(send, 400, {"error": error})
+                    return
+                text = " ".join(words[:context])
+            tokens += max(1, min(len(words), context))
+            vector = self._vector(text, model)
+            if isinstance(dimensions, int) and 0 < dimensions < len(vector):
+                vector = _normalised(vector[:dimensions])
+            vectors.append(_rounded(vector))
         await self._json(
             send,
             200,
             {
                 "model": model.name,
-                "embeddings": [self._vector(text, model) for text in inputs],
+                "embeddings": vectors,
                 "total_duration": int(load * 1e9) + 1_000_000,
                 "load_duration": int(load * 1e9),
-                "prompt_eval_count": sum(max(1, len(t.split())) for t in inputs),
+                "prompt_eval_count": tokens,
             },
         )
 
@@ -585,6 +1138,7 @@ class SimOllama:
         data: dict[str, Any],
         model: SimModel,
         load: float,
+        thinks: bool,
         failure: str | None,
         send: Send,
     ) -> None:
@@ -592,52 +1146,71 @@ class SimOllama:
         options = data.get("options") if isinstance(data.get("options"), dict) else {}
         assert isinstance(options, dict)
         limit = options.get("num_predict")
-        count = limit if isinstance(limit, int) and limit >= 0 else self.config.default_tokens
+        limited = isinstance(limit, int) and not isinstance(limit, bool) and limit >= 0
+        count = limit if isinstance(limit, int) and limited else self.config.default_tokens
         count = min(count, model.context_length)  # as a real server: bounded by the context
-        if chat and data.get("tools") and model.tools:
+        thinking_count = max(0, model.thinking_tokens) if thinks else 0
+        if limited:
+            thinking_count = min(thinking_count, count)
+        thinking = [
+            w + " " for w in itertools.islice(itertools.cycle(THINKING_WORDS), thinking_count)
+        ]
+        messages = data.get("messages") if chat else None
+        messages = messages if isinstance(messages, list) else []
+        tool_calls: list[dict[str, Any]] = []
+        if chat and data.get("tools") and model.tools and not _after_tool_result(messages):
+            tool_calls = [_tool_call(data["tools"], messages)]
             tokens: list[str] = []
-            tool_calls = [
-                {"function": {"name": data["tools"][0]["function"]["name"], "arguments": {}}}
-            ]
         elif data.get("format"):
             tokens = ['{"answer": ', '"herd"}']
-            tool_calls = []
         else:
             tokens = [w + " " for w in itertools.islice(itertools.cycle(WORDS), count)]
-            tool_calls = []
-        done_reason = "length" if isinstance(limit, int) and limit == len(tokens) else "stop"
+        if limited:
+            tokens = tokens[: max(0, count - thinking_count)]
+        # A call's arguments cost tokens to generate too (about four characters each).
+        call_tokens = sum(max(1, len(_dump(c["function"]["arguments"])) // 4) for c in tool_calls)
+        produced = thinking_count + len(tokens)
+        done_reason = "length" if limited and limit == produced and not tool_calls else "stop"
         stream = data.get("stream", True) is not False
         created = _now_iso()
         prompt_tokens = self._prompt_tokens(data)
         rate = model.tokens_per_second * self.config.speed
         delay = 1.0 / rate if rate > 0 else 0.0
+        eval_count = produced + call_tokens
         prefill = await self._prefill(data, model, prompt_tokens)
 
         def piece(
-            text: str, done: bool, calls: list[dict[str, Any]] | None = None
+            text: str,
+            done: bool,
+            calls: list[dict[str, Any]] | None = None,
+            thought: str = "",
         ) -> dict[str, Any]:
             out: dict[str, Any] = {"model": model.name, "created_at": created}
             if chat:
                 message: dict[str, Any] = {"role": "assistant", "content": text}
+                if thought:
+                    message["thinking"] = thought
                 if calls:
                     message["tool_calls"] = calls
                 out["message"] = message
             else:
                 out["response"] = text
+                if thought:
+                    out["thinking"] = thought
             out["done"] = done
             return out
 
-        def final(text: str, calls: list[dict[str, Any]] | None) -> dict[str, Any]:
-            out = piece(text, True, calls)
-            eval_ns = int(len(tokens) * delay * 1e9) or len(tokens) * 1000
+        def final(text: str, calls: list[dict[str, Any]] | None, thought: str) -> dict[str, Any]:
+            out = piece(text, True, calls, thought)
+            eval_ns = int(eval_count * delay * 1e9) or eval_count * 1000
             out.update(
                 {
                     "done_reason": done_reason,
-                    "total_duration": int(load * 1e9) + eval_ns + 1_000_000,
+                    "total_duration": int((load + prefill) * 1e9) + eval_ns + 1_000_000,
                     "load_duration": int(load * 1e9),
                     "prompt_eval_count": prompt_tokens,
                     "prompt_eval_duration": int(prefill * 1e9) or 1_000_000,
-                    "eval_count": max(len(tokens), len(tool_calls)),
+                    "eval_count": eval_count,
                     "eval_duration": eval_ns,
                 }
             )
@@ -645,7 +1218,11 @@ class SimOllama:
 
         if not stream:
             if delay:
-                await trio.sleep(delay * len(tokens))
+                await trio.sleep(delay * eval_count)
+            if failure == "stall":
+                await trio.sleep_forever()
+            if failure == "pause":
+                await trio.sleep(self._pause_seconds)
             if failure == "die_mid_stream":
                 await send(
                     {
@@ -656,34 +1233,116 @@ class SimOllama:
                 )
                 await send({"type": "http.response.body", "body": b'{"model":', "more_body": True})
                 raise _Abort("died")
-            await self._json(send, 200, final("".join(tokens), tool_calls or None))
+            answer = final("".join(tokens), tool_calls or None, "".join(thinking))
+            await self._json(send, 200, answer)
             return
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 200,
-                "headers": [(b"content-type", b"application/x-ndjson")],
-            }
-        )
-        for sent, token in enumerate(tokens):
-            if failure == "die_mid_stream" and sent >= self._after_chunks:
+        # (tokens to decode first, chunk): thinking, then content, then the tool call.
+        steps = [(1, piece("", False, thought=t)) for t in thinking]
+        steps += [(1, piece(t, False)) for t in tokens]
+        if tool_calls:
+            steps.append((call_tokens, piece("", False, tool_calls)))
+        steps.append((0, final("", None, "")))
+        for sent, (cost, chunk) in enumerate(steps):
+            last = sent == len(steps) - 1
+            if failure == "die_mid_stream" and (sent >= self._after_chunks or last):
+                if sent == 0:  # (headers first: hypercorn would answer 500 to an early raise)
+                    await self._ndjson_start(send)
                 raise _Abort("died mid-stream")
             if failure == "stall" and sent >= self._after_chunks:
                 await trio.sleep_forever()
-            if delay:
-                await trio.sleep(delay)
-            await send(
-                {
-                    "type": "http.response.body",
-                    "body": _dump(piece(token, False)) + b"\n",
-                    "more_body": True,
-                }
-            )
-        if failure == "die_mid_stream":
-            raise _Abort("died mid-stream")
-        await send(
-            {"type": "http.response.body", "body": _dump(final("", tool_calls or None)) + b"\n"}
-        )
+            if failure == "pause" and sent == self._after_chunks:
+                await trio.sleep(self._pause_seconds)
+            if delay and cost:
+                await trio.sleep(delay * cost)
+            if sent == 0:  # Ollama's headers go out with its first chunk
+                await self._ndjson_start(send)
+            if last:
+                await send({"type": "http.response.body", "body": _dump(chunk) + b"\n"})
+            else:
+                await self._line(send, chunk)
+
+
+def _normalised(vector: list[float]) -> list[float]:
+    norm = math.sqrt(sum(v * v for v in vector)) or 1.0
+    return [v / norm for v in vector]
+
+
+def _rounded(vector: list[float]) -> list[float]:
+    return [round(v, 6) for v in vector]
+
+
+def _think(value: Any) -> bool | str | None:
+    """The request's ``think``: unset, a boolean or a level. Raises ValueError as Ollama."""
+    if value is None or isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value in THINK_LEVELS:
+        return value
+    raise ValueError('think must be a boolean or string ("high", "medium", "low", true, or false)')
+
+
+def _is_load_request(path: str, data: dict[str, Any]) -> bool:
+    """No prompt (generate) or no messages (chat): Ollama only loads (or unloads) the model."""
+    if path == "/api/chat":
+        return not data.get("messages")
+    return not data.get("prompt")
+
+
+def _has_images(path: str, data: dict[str, Any]) -> bool:
+    if path == "/api/generate":
+        return bool(data.get("images"))
+    messages = data.get("messages")
+    return isinstance(messages, list) and any(
+        isinstance(m, dict) and bool(m.get("images")) for m in messages
+    )
+
+
+def _capability_error(
+    path: str, data: dict[str, Any], model: SimModel, think: bool | str | None
+) -> str | None:
+    """What Ollama answers (400) before loading for a request ``model`` can't serve."""
+    requested = data.get("model") or data.get("name")
+    if isinstance(think, str):  # levels are for gpt-oss alone
+        return f'think value "{think}" is not supported for this model'
+    if think and not model.thinking:
+        return f'"{requested}" does not support thinking'
+    if model.embedding:
+        return f'"{requested}" does not support {"chat" if path == "/api/chat" else "generate"}'
+    if path == "/api/chat" and data.get("tools") and not model.tools:
+        return f"{full_name(model.name)} does not support tools"
+    return None
+
+
+def _load_answer(path: str, data: dict[str, Any], reason: str) -> dict[str, Any]:
+    out: dict[str, Any] = {"model": data.get("model") or data.get("name"), "created_at": _now_iso()}
+    if path == "/api/chat":
+        out["message"] = {"role": "assistant", "content": ""}
+    else:
+        out["response"] = ""
+    out["done"] = True
+    out["done_reason"] = reason
+    return out
+
+
+def _after_tool_result(messages: list[Any]) -> bool:
+    return bool(messages) and isinstance(messages[-1], dict) and messages[-1].get("role") == "tool"
+
+
+def _tool_call(tools: Any, messages: list[Any]) -> dict[str, Any]:
+    """A call to the first tool, its arguments made up from its schema, the same for the same
+    conversation."""
+    first = tools[0] if isinstance(tools, list) and tools else {}
+    raw_function = first.get("function") if isinstance(first, dict) else None
+    function: dict[str, Any] = raw_function if isinstance(raw_function, dict) else {}
+    name = str(function.get("name", ""))
+    prompt = "\n".join(str(m.get("content", "")) for m in messages if isinstance(m, dict))
+    digest = hashlib.sha256(f"{name}\0{prompt}".encode()).digest()
+    rng = random.Random(int.from_bytes(digest[:8], "big"))
+    parameters = function.get("parameters")
+    arguments = schema_object(parameters, rng) if isinstance(parameters, dict) else {}
+    return {
+        "id": f"call_{digest[8:12].hex()}",
+        "function": {"index": 0, "name": name, "arguments": arguments},
+    }
 
 
 @contextlib.asynccontextmanager
