@@ -41,6 +41,7 @@ before answering the handshake leaves ``wrap_client_stream`` waiting forever.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import logging
 import random
@@ -48,7 +49,7 @@ import socket
 import ssl
 import time
 import urllib.parse
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from importlib import metadata
 from typing import Any, Protocol
 
@@ -222,8 +223,7 @@ class NodeAgent:
     config: AgentConfig
     backend: Probe | None = None  # default: Ollama at config.ollama_url, own client
     system: SystemReader = read_system
-    # Backoff jitter and ping payloads. Never the global ``random``: that belongs to whoever
-    # embeds us.
+    # Backoff jitter. Never the global ``random``: that belongs to whoever embeds us.
     rng: random.Random = attrs.field(factory=random.Random)
     # How to find the router again after losing it (mDNS), when it wasn't given by URL.
     locate: Callable[[], Awaitable[str | None]] | None = None
@@ -237,6 +237,9 @@ class NodeAgent:
     heartbeats_sent: int = attrs.field(default=0, init=False)
     reconnects: int = attrs.field(default=0, init=False)
     pings_sent: int = attrs.field(default=0, init=False)
+    # Ping payloads: a count, unique per socket, that draws from no random generator (not
+    # ``rng``, whose draws a seeded caller expects to be its jitter alone).
+    _ping_ids: Iterator[int] = attrs.field(factory=itertools.count, init=False)
     last_error: str | None = attrs.field(default=None, init=False)
     # Set when the router says this draining node has no requests left in flight.
     drained: trio.Event = attrs.field(factory=trio.Event, init=False)
@@ -433,7 +436,7 @@ class NodeAgent:
                     # Our own payload: trio-websocket's default draws from the global
                     # ``random``, which the program embedding us (or a test runner such as
                     # Hypothesis) may own.
-                    await ws.ping(self.rng.getrandbits(32).to_bytes(4, "big"))
+                    await ws.ping(next(self._ping_ids).to_bytes(8, "big"))
                 self.pings_sent += 1
             except trio.TooSlowError:
                 raise TimeoutError(
