@@ -8,7 +8,9 @@ the connection's nursery run three loops,
 
 - heartbeats: probe the backend, build a :class:`NodeReport`, send it, then wait
   ``heartbeat_interval`` — or less, when :meth:`NodeAgent.drain` or the router's ``heartbeat``
-  command sets the wake-up event;
+  command sets the wake-up event. A failed probe is reported ``healthy=False`` with the last
+  good probe's model lists, marked ``models_stale`` (none if the backend never answered); the
+  backend going down and coming back are logged once each;
 - pings: ``fail_after(ping_timeout): await ws.ping()`` then sleep ``heartbeat_interval``, so a
   router that stopped answering tears the session down instead of leaving the node talking to
   nobody;
@@ -73,7 +75,7 @@ from herd.models import (
     MemoryInfo,
     NodeReport,
 )
-from herd.node.backend import BackendState, OllamaBackend
+from herd.node.backend import BackendState, OllamaBackend, carry_over
 from herd.node.media import MediaCapabilities, whisper_model_path
 from herd.node.media import detect as media_capabilities
 from herd.node.metrics import read_system
@@ -248,6 +250,10 @@ class NodeAgent:
     _acked: bool = attrs.field(default=False, init=False)
     # What this machine can do beyond text, as of the last heartbeat.
     media: MediaCapabilities = attrs.field(factory=MediaCapabilities, init=False)
+    # The last good probe: its lists stand in, stale, while the backend doesn't answer.
+    _known: BackendState | None = attrs.field(default=None, init=False)
+    # Did the last probe succeed? None before the first.
+    _backend_up: bool | None = attrs.field(default=None, init=False)
 
     def statistics(self) -> AgentStatistics:
         return AgentStatistics(
@@ -306,6 +312,25 @@ class NodeAgent:
             draining=self.draining,
             sent_at=now_wall,
         )
+
+    def backend_state(self, probed: BackendState) -> BackendState:
+        """What to report of one probe: a failed one with the last known lists, marked stale
+        (:func:`~herd.node.backend.carry_over`). Logs the backend going down and coming back,
+        once each, not once per heartbeat."""
+        info = probed.info
+        if info.healthy:
+            if self._backend_up is False:
+                log.info("backend %s is back", info.url)
+            self._known = probed
+        elif self._backend_up is not False:
+            known = (
+                "reporting its last known models as stale"
+                if self._known is not None
+                else "no models known yet"
+            )
+            log.warning("backend down: %s; %s", info.error, known)
+        self._backend_up = info.healthy
+        return carry_over(probed, self._known)
 
     async def drain(self) -> None:
         """Announce draining: at once if connected (the heartbeat loop wakes up), and in
@@ -418,7 +443,7 @@ class NodeAgent:
         while True:
             # A wake-up asked for before this point is answered by the report we now build.
             self._wake = trio.Event()
-            state = await backend.probe()
+            state = self.backend_state(await backend.probe())
             report = self.build_report(state, time.time())
             self.last_report = report
             await ws.send_message(report_to_json(report))
