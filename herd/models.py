@@ -63,6 +63,16 @@ class AvailableModel:
 
 @attrs.frozen
 class BackendInfo:
+    """The node's inference backend as its last probe saw it.
+
+    ``healthy`` is False when that probe failed, with the reason in ``error``. The report's
+    model lists (``loaded_models``, ``available_models``) and ``parallel_slots`` then still
+    carry what the last good probe read, and ``models_stale`` is True: the models are most
+    likely still there (a probe can fail while the backend is busy or restarting), so the node
+    should not be treated as lacking them. A node whose backend has never answered reports
+    empty lists, not stale ones.
+    """
+
     kind: str = "ollama"  # "ollama" | "openai"
     url: str = ""  # URL the router uses to reach the backend
     version: str = ""
@@ -70,6 +80,8 @@ class BackendInfo:
     error: str = ""
     # True when ``url`` is the node agent's LAN proxy in front of a loopback-only backend.
     proxied: bool = False
+    # True when the report's model lists come from an earlier probe (this one failed).
+    models_stale: bool = False
 
 
 @attrs.frozen

@@ -56,7 +56,14 @@ from herd.models import (
     NodeStatus,
 )
 from herd.node.agent import AgentConfig, NodeAgent, RouterEndpoint
-from herd.node.backend import BackendState, OllamaBackend, parse_ps, parse_tags, parse_time
+from herd.node.backend import (
+    BackendState,
+    OllamaBackend,
+    carry_over,
+    parse_ps,
+    parse_tags,
+    parse_time,
+)
 from herd.node.metrics import pressure_for, read_system
 from herd.router.service import Router
 from herd.sim import SimConfig, SimModel, run_sim
@@ -370,7 +377,10 @@ async def test_advertise_url_replaces_the_backend_url() -> None:
     assert router.heartbeats[0].backend.url == "http://10.0.0.7:11434"
 
 
-async def test_backend_down_is_reported_unhealthy_with_the_url() -> None:
+async def test_backend_down_is_reported_unhealthy_with_the_url(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="herd.node")
     down = closed_port_url()
     with trio.fail_after(10):
         async with fake_router() as router:
@@ -381,8 +391,80 @@ async def test_backend_down_is_reported_unhealthy_with_the_url() -> None:
     assert not report.backend.healthy
     assert report.backend.error.startswith(down + "/api/")
     assert "ConnectError" in report.backend.error
+    # Never answered: nothing known to carry over, so no lists, and they are not "stale".
     assert report.loaded_models == () and report.available_models == ()
+    assert not report.backend.models_stale
     assert report.capabilities.embed_models == ()
+    assert f"backend down: {report.backend.error}; no models known yet" in caplog.messages
+
+
+async def test_a_failed_probe_keeps_the_last_lists_marked_stale(
+    io_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """One failed probe is not a missing model: the heartbeat keeps the last good probe's
+    lists, marked stale, until a good probe brings fresh ones. Down and back are logged once
+    each, not once per heartbeat."""
+    caplog.set_level(logging.INFO, logger="herd.node")
+    with trio.fail_after(60):
+        async with fake_router() as router, fake_ollama() as ollama:
+            agent = NodeAgent(config(router, ollama, heartbeat_interval=60.0, parallel_slots=3))
+            async with running(agent):
+                await router.until(lambda: len(router.heartbeats) == 1)
+                ollama.mode = "http500"
+                await router.send({"type": "command", "command": "heartbeat"})
+                await router.until(lambda: len(router.heartbeats) == 2)
+                await router.send({"type": "command", "command": "heartbeat"})
+                await router.until(lambda: len(router.heartbeats) == 3)
+                ollama.mode = "ok"
+                await router.send({"type": "command", "command": "heartbeat"})
+                await router.until(lambda: len(router.heartbeats) == 4)
+    fresh, down, still_down, back = router.heartbeats
+    assert fresh.backend.healthy and not fresh.backend.models_stale
+    assert fresh.loaded_models and fresh.available_models
+    for stale in (down, still_down):
+        assert not stale.backend.healthy and stale.backend.models_stale
+        assert stale.backend.error.startswith(ollama.url + "/api/")
+        assert ": HTTP 500" in stale.backend.error
+        assert stale.loaded_models == fresh.loaded_models
+        assert stale.available_models == fresh.available_models
+        assert stale.capabilities.embed_models == fresh.capabilities.embed_models
+        assert stale.parallel_slots == fresh.parallel_slots == 3
+        # The router reads it through the same converter (FakeRouter parsed these with it).
+        assert report_from_data(json.loads(report_to_json(stale))["node"]) == stale
+    assert back.backend == fresh.backend  # healthy, not stale, no error
+    assert back.loaded_models == fresh.loaded_models
+    assert back.available_models == fresh.available_models
+    downs = [r for r in caplog.records if r.getMessage().startswith("backend down: ")]
+    assert [r.getMessage() for r in downs] == [
+        f"backend down: {down.backend.error}; reporting its last known models as stale"
+    ]
+    assert downs[0].levelno == logging.WARNING
+    assert caplog.messages.count(f"backend {ollama.url} is back") == 1
+
+
+def test_carry_over_takes_the_lists_and_slots_of_the_last_good_probe() -> None:
+    known = BackendState(
+        info=BackendInfo(
+            kind="openai", url="http://127.0.0.1:8080", version="openai", healthy=True
+        ),
+        loaded=(LoadedModel("smollm2:latest", context_length=1024),),
+        available=(AvailableModel("smollm2:latest"),),
+        slots=2,
+    )
+    failed = BackendState(
+        info=BackendInfo(kind="openai", url="http://127.0.0.1:8080", error="x: ReadTimeout")
+    )
+    assert carry_over(failed, known) == BackendState(
+        info=BackendInfo(
+            kind="openai", url="http://127.0.0.1:8080", error="x: ReadTimeout", models_stale=True
+        ),
+        loaded=known.loaded,
+        available=known.available,
+        slots=2,
+    )
+    assert carry_over(failed, None) == failed  # never answered: nothing to carry
+    fresh = BackendState(info=known.info, slots=1)
+    assert carry_over(fresh, known) == fresh  # a good probe is reported as it is
 
 
 # ---------------------------------------------------------------------------------------------

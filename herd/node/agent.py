@@ -8,7 +8,9 @@ the connection's nursery run three loops,
 
 - heartbeats: probe the backend, build a :class:`NodeReport`, send it, then wait
   ``heartbeat_interval`` — or less, when :meth:`NodeAgent.drain` or the router's ``heartbeat``
-  command sets the wake-up event;
+  command sets the wake-up event. A failed probe is reported ``healthy=False`` with the last
+  good probe's model lists, marked ``models_stale`` (none if the backend never answered); the
+  backend going down and coming back are logged once each;
 - pings: ``fail_after(ping_timeout): await ws.ping()`` then sleep ``heartbeat_interval``, so a
   router that stopped answering tears the session down instead of leaving the node talking to
   nobody;
@@ -41,6 +43,7 @@ before answering the handshake leaves ``wrap_client_stream`` waiting forever.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import logging
 import random
@@ -48,7 +51,7 @@ import socket
 import ssl
 import time
 import urllib.parse
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from importlib import metadata
 from typing import Any, Protocol
 
@@ -72,7 +75,7 @@ from herd.models import (
     MemoryInfo,
     NodeReport,
 )
-from herd.node.backend import BackendState, OllamaBackend
+from herd.node.backend import BackendState, OllamaBackend, carry_over
 from herd.node.media import MediaCapabilities, whisper_model_path
 from herd.node.media import detect as media_capabilities
 from herd.node.metrics import read_system
@@ -222,8 +225,7 @@ class NodeAgent:
     config: AgentConfig
     backend: Probe | None = None  # default: Ollama at config.ollama_url, own client
     system: SystemReader = read_system
-    # Backoff jitter (seedable). Never the global ``random``: that belongs to whoever embeds
-    # us (and to Hypothesis in tests).
+    # Backoff jitter. Never the global ``random``: that belongs to whoever embeds us.
     rng: random.Random = attrs.field(factory=random.Random)
     # How to find the router again after losing it (mDNS), when it wasn't given by URL.
     locate: Callable[[], Awaitable[str | None]] | None = None
@@ -237,8 +239,9 @@ class NodeAgent:
     heartbeats_sent: int = attrs.field(default=0, init=False)
     reconnects: int = attrs.field(default=0, init=False)
     pings_sent: int = attrs.field(default=0, init=False)
-    # Ping payloads: apart from ``rng`` so pings don't move a seeded backoff sequence.
-    _ping_rng: random.Random = attrs.field(factory=random.Random, init=False)
+    # Ping payloads: a count, unique per socket, that draws from no random generator (not
+    # ``rng``, whose draws a seeded caller expects to be its jitter alone).
+    _ping_ids: Iterator[int] = attrs.field(factory=itertools.count, init=False)
     last_error: str | None = attrs.field(default=None, init=False)
     # Set when the router says this draining node has no requests left in flight.
     drained: trio.Event = attrs.field(factory=trio.Event, init=False)
@@ -247,6 +250,10 @@ class NodeAgent:
     _acked: bool = attrs.field(default=False, init=False)
     # What this machine can do beyond text, as of the last heartbeat.
     media: MediaCapabilities = attrs.field(factory=MediaCapabilities, init=False)
+    # The last good probe: its lists stand in, stale, while the backend doesn't answer.
+    _known: BackendState | None = attrs.field(default=None, init=False)
+    # Did the last probe succeed? None before the first.
+    _backend_up: bool | None = attrs.field(default=None, init=False)
 
     def statistics(self) -> AgentStatistics:
         return AgentStatistics(
@@ -305,6 +312,25 @@ class NodeAgent:
             draining=self.draining,
             sent_at=now_wall,
         )
+
+    def backend_state(self, probed: BackendState) -> BackendState:
+        """What to report of one probe: a failed one with the last known lists, marked stale
+        (:func:`~herd.node.backend.carry_over`). Logs the backend going down and coming back,
+        once each, not once per heartbeat."""
+        info = probed.info
+        if info.healthy:
+            if self._backend_up is False:
+                log.info("backend %s is back", info.url)
+            self._known = probed
+        elif self._backend_up is not False:
+            known = (
+                "reporting its last known models as stale"
+                if self._known is not None
+                else "no models known yet"
+            )
+            log.warning("backend down: %s; %s", info.error, known)
+        self._backend_up = info.healthy
+        return carry_over(probed, self._known)
 
     async def drain(self) -> None:
         """Announce draining: at once if connected (the heartbeat loop wakes up), and in
@@ -417,7 +443,7 @@ class NodeAgent:
         while True:
             # A wake-up asked for before this point is answered by the report we now build.
             self._wake = trio.Event()
-            state = await backend.probe()
+            state = self.backend_state(await backend.probe())
             report = self.build_report(state, time.time())
             self.last_report = report
             await ws.send_message(report_to_json(report))
@@ -435,7 +461,7 @@ class NodeAgent:
                     # Our own payload: trio-websocket's default draws from the global
                     # ``random``, which the program embedding us (or a test runner such as
                     # Hypothesis) may own.
-                    await ws.ping(self._ping_rng.getrandbits(32).to_bytes(4, "big"))
+                    await ws.ping(next(self._ping_ids).to_bytes(8, "big"))
                 self.pings_sent += 1
             except trio.TooSlowError:
                 raise TimeoutError(

@@ -3,8 +3,9 @@
 :meth:`OllamaBackend.probe` asks Ollama three questions at once (``/api/version``, ``/api/ps``,
 ``/api/tags``) under one deadline and turns the answers into our value types. It never raises
 (but for cancellation): a backend that is down, slow, or talks nonsense is reported as
-``healthy=False`` with a one-line reason naming the URL, and no models — the router then sends
-it nothing, which is exactly right for a node whose backend we can't read.
+``healthy=False`` with a one-line reason naming the URL, and no models. The router sends an
+unhealthy backend nothing; but one failed probe doesn't mean the models are gone, so the agent
+reports the last good probe's lists in their place, marked stale (:func:`carry_over`).
 
 The parsers are pure and lenient: Ollama adds fields between versions, so unknown keys are
 ignored and missing ones take their defaults; an entry without a name is skipped.
@@ -31,7 +32,8 @@ PATHS = ("/api/version", "/api/ps", "/api/tags")
 
 @attrs.frozen
 class BackendState:
-    """What one probe learned: health and version, and the models (empty when unhealthy)."""
+    """What one probe learned: health and version, and the models (empty when unhealthy,
+    until :func:`carry_over` fills in the last known ones)."""
 
     info: BackendInfo
     loaded: tuple[LoadedModel, ...] = ()
@@ -189,3 +191,18 @@ class OllamaBackend:
             loaded=parse_ps(results["/api/ps"]),
             available=parse_tags(results["/api/tags"]),
         )
+
+
+def carry_over(state: BackendState, known: BackendState | None) -> BackendState:
+    """``state`` as the heartbeat should report it. A failed probe (``healthy=False``) keeps
+    its health and error but takes the lists and slots of ``known``, the last good probe's
+    state, with ``models_stale=True``. A good probe, or a failed one with nothing known (the
+    backend never answered), is reported as it is."""
+    if state.info.healthy or known is None:
+        return state
+    return BackendState(
+        info=attrs.evolve(state.info, models_stale=True),
+        loaded=known.loaded,
+        available=known.available,
+        slots=known.slots,
+    )

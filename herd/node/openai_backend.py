@@ -7,13 +7,16 @@ puts an Ollama face on it, served on the node's own port under ``/backend`` (alw
 ``/api/embed`` and ``/api/embeddings`` → ``/v1/embeddings``, and ``/api/tags``, ``/api/ps``,
 ``/api/show``, ``/api/version`` answered from what the server reports (``/v1/models``; and
 ``/props`` where it exists, as on llama-server, for the context size and parallel slots).
-Streams are translated chunk by chunk (SSE in, NDJSON out) with real token counts.
+Streams are translated chunk by chunk (SSE in, NDJSON out) with real token counts. A backend
+that fails before answering is answered with herd's JSON errors (:mod:`herd.node.upstream`);
+a stream it breaks ends with an Ollama error line.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import json
+import logging
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -22,11 +25,14 @@ import attrs
 import httpx
 import trio
 
-from herd.errors import BadRequest
+from herd.errors import BadRequest, NodeBadStatus
 from herd.models import AvailableModel, BackendInfo, LoadedModel, normalize_model_name
+from herd.node.backend import BackendState
+from herd.node.upstream import backend_error, close_shielded, close_when_done
 
 __all__ = ["OpenAIBackend", "normalize_model_name"]
-from herd.node.backend import BackendState
+
+log = logging.getLogger("herd.node")
 
 PROBE_TIMEOUT = 3.0
 OPTION_MAP = {
@@ -61,8 +67,23 @@ class OpenAIBackend:
                 models = await self.client.get(self.url + "/v1/models", timeout=PROBE_TIMEOUT)
                 models.raise_for_status()
                 data = models.json().get("data", [])
+                ids = {normalize_model_name(m["id"]): m["id"] for m in data if "id" in m}
                 props = await self.client.get(self.url + "/props", timeout=PROBE_TIMEOUT)
-        except (httpx.HTTPError, ValueError, AttributeError, trio.TooSlowError) as exc:
+                with_props = props.json() if props.status_code == 200 else None
+                if with_props is not None:
+                    settings = with_props.get("default_generation_settings", {})
+                    context = int(settings.get("n_ctx") or with_props.get("n_ctx") or 0)
+                    slots = int(with_props.get("total_slots") or 0)
+        except (
+            httpx.HTTPError,
+            ValueError,
+            AttributeError,
+            TypeError,
+            KeyError,
+            trio.TooSlowError,
+        ) as exc:
+            # Answers of the wrong shape included: a probe that raises would end the
+            # heartbeat loop.
             state = BackendState(
                 info=BackendInfo(
                     kind="openai",
@@ -73,12 +94,9 @@ class OpenAIBackend:
             )
             self.last = state
             return state
-        if props.status_code == 200:
-            with_props = props.json()
-            settings = with_props.get("default_generation_settings", {})
-            self.context_length = int(settings.get("n_ctx") or with_props.get("n_ctx") or 0)
-            self.slots = int(with_props.get("total_slots") or 0)
-        self.ids = {normalize_model_name(m["id"]): m["id"] for m in data if "id" in m}
+        if with_props is not None:
+            self.context_length, self.slots = context, slots
+        self.ids = ids
         available = tuple(AvailableModel(name=name) for name in self.ids)
         # An OpenAI-compatible server keeps what it serves loaded.
         loaded = tuple(
@@ -188,7 +206,12 @@ async def chat_or_generate(
     backend: OpenAIBackend, body: dict[str, Any], chat: bool
 ) -> tuple[int, str, AsyncIterator[bytes]]:
     """Serve an Ollama /api/chat or /api/generate request. Returns (status, content type,
-    body chunks)."""
+    body chunks).
+
+    No deadline of our own: the router judges the first byte and leaves by closing the
+    connection, which cancels this and closes the backend request. Raises a
+    :class:`~herd.errors.NodeError` when the backend fails before the answer starts; a stream
+    it breaks later ends with an Ollama error line."""
     model = body.get("model")
     if not isinstance(model, str):
         raise BadRequest("missing required field 'model'", param="model")
@@ -210,32 +233,27 @@ async def chat_or_generate(
         request["stream_options"] = {"include_usage": True}
     started = time.monotonic()
     upstream = backend.client.build_request("POST", backend.url + path, json=request)
-    response = await backend.client.send(upstream, stream=True)
-    if response.status_code >= 400:
-        text = (await response.aread()).decode("utf-8", "replace")[:300]
-        await response.aclose()
-        return (
-            response.status_code,
-            "application/json",
-            _one(_line({"error": f"backend answered {response.status_code}: {text}"})),
-        )
-
-    async def whole() -> AsyncIterator[bytes]:
+    try:
+        response = await backend.client.send(upstream, stream=True)
+    except httpx.HTTPError as exc:
+        raise backend_error(exc) from exc
+    close_when_done(response)
+    if response.status_code >= 400 or not stream:
+        # Read it all here, so that a failure still has its own status.
         try:
-            data = json.loads(await response.aread())
+            raw = await response.aread()
+        except httpx.HTTPError as exc:
+            raise backend_error(exc) from exc
         finally:
-            await response.aclose()
-        choice = (data.get("choices") or [{}])[0]
-        final = _final(model, choice.get("finish_reason"), data.get("usage") or {}, started, chat)
-        if chat:
-            message = choice.get("message") or {}
-            final["message"] = {"role": "assistant", "content": message.get("content") or ""}
-            calls = _tool_calls(message.get("tool_calls"))
-            if calls:
-                final["message"]["tool_calls"] = calls
-        else:
-            final["response"] = choice.get("text", "")
-        yield _line(final)
+            await close_shielded(response)
+        if response.status_code >= 400:
+            text = raw.decode("utf-8", "replace")[:300]
+            return (
+                response.status_code,
+                "application/json",
+                _one(_line({"error": f"backend answered {response.status_code}: {text}"})),
+            )
+        return 200, "application/json", _one(_whole(raw, model, started, chat))
 
     async def streamed() -> AsyncIterator[bytes]:
         reason: str | None = None
@@ -276,8 +294,13 @@ async def chat_or_generate(
                                 "done": False,
                             }
                         )
+        except httpx.HTTPError as exc:
+            error = backend_error(exc, mid_stream=True)
+            log.warning("%s: %s", response.request.url, error.message)
+            yield error.render("ollama") + b"\n"
+            return
         finally:
-            await response.aclose()
+            await close_shielded(response)
         final = _final(model, reason, usage, started, chat)
         if calls:
             final["message"]["tool_calls"] = [
@@ -286,11 +309,28 @@ async def chat_or_generate(
             ]
         yield _line(final)
 
-    return (
-        200,
-        "application/x-ndjson" if stream else "application/json",
-        streamed() if stream else whole(),
-    )
+    return 200, "application/x-ndjson", streamed()
+
+
+def _whole(raw: bytes, model: str, started: float, chat: bool) -> bytes:
+    """A whole (not streamed) OpenAI answer as Ollama's one JSON object."""
+    try:
+        data = json.loads(raw)
+    except ValueError as exc:
+        raise NodeBadStatus(f"backend answer is not JSON: {raw[:200]!r}") from exc
+    if not isinstance(data, dict):
+        raise NodeBadStatus(f"backend answer is not a JSON object: {raw[:200]!r}")
+    choice = (data.get("choices") or [{}])[0]
+    final = _final(model, choice.get("finish_reason"), data.get("usage") or {}, started, chat)
+    if chat:
+        message = choice.get("message") or {}
+        final["message"] = {"role": "assistant", "content": message.get("content") or ""}
+        calls = _tool_calls(message.get("tool_calls"))
+        if calls:
+            final["message"]["tool_calls"] = calls
+    else:
+        final["response"] = choice.get("text", "")
+    return _line(final)
 
 
 def _tool_calls(calls: Any) -> list[dict[str, Any]]:
@@ -326,12 +366,24 @@ async def embed(backend: OpenAIBackend, body: dict[str, Any], legacy: bool) -> d
     if not isinstance(model, str):
         raise BadRequest("missing required field 'model'", param="model")
     inputs = body.get("prompt") if legacy else body.get("input")
-    response = await backend.client.post(
-        backend.url + "/v1/embeddings", json={"model": backend.upstream_id(model), "input": inputs}
-    )
+    try:
+        response = await backend.client.post(
+            backend.url + "/v1/embeddings",
+            json={"model": backend.upstream_id(model), "input": inputs},
+        )
+    except httpx.HTTPError as exc:
+        raise backend_error(exc) from exc
+    if response.status_code >= 500:
+        raise NodeBadStatus(
+            f"backend answered {response.status_code}: {response.text[:200]}",
+            upstream_status=response.status_code,
+        )
     if response.status_code >= 400:
         raise BadRequest(f"backend answered {response.status_code}: {response.text[:200]}")
-    data = response.json()
+    try:
+        data = response.json()
+    except ValueError as exc:
+        raise NodeBadStatus(f"backend answer is not JSON: {response.text[:200]!r}") from exc
     vectors = [
         item["embedding"] for item in sorted(data.get("data", []), key=lambda d: d.get("index", 0))
     ]

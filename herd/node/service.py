@@ -1,8 +1,16 @@
 """The node as a service: the heartbeat agent plus the node's own small HTTP app.
 
-The app serves what the router asks of the node itself (not of its Ollama): its status, image
-generation and speech-to-text. Its address is advertised in every heartbeat (``agent_url``);
-when a fleet token is set, these endpoints require it.
+The app serves what the router asks of the node itself: its status, image generation and
+speech-to-text, and (under ``/backend``) the LAN proxy to a loopback-only Ollama or the Ollama
+face of an OpenAI-compatible server. Its address is advertised in every heartbeat
+(``agent_url``); when a fleet token is set, these endpoints require it.
+
+The node puts no deadline of its own on an answer from its backend (see
+:mod:`herd.node.upstream`): the router judges time and gives up by closing the connection, which
+cancels the node's handler and closes its backend request. Every error the app answers is JSON
+in Ollama's shape (``{"error": "..."}``) with the status of herd's error tree, whatever raised
+it: a :class:`~herd.errors.HerdError`, an httpx failure talking to the backend, a Werkzeug HTTP
+error (unknown path, wrong method, body too large) or a bug.
 
 Embeddable like the router::
 
@@ -29,24 +37,43 @@ import attrs
 import httpx
 import psutil
 import trio
+from hypercorn.typing import ASGIReceiveCallable, ASGISendCallable, Scope
 from quart import Response, request
 from quart_trio import QuartTrio
+from werkzeug.exceptions import HTTPException
 
 from herd.config import NodeConfig
 from herd.discovery import SERVICE_TYPE, discover
-from herd.errors import BadRequest, HerdError, NodeError, Unauthorized, parse_json_body
+from herd.errors import (
+    BadRequest,
+    HerdError,
+    NotFound,
+    PayloadTooLarge,
+    RequestTimeout,
+    Unauthorized,
+    parse_json_body,
+)
 from herd.models import Capacity, CpuInfo, MemoryInfo
 from herd.node import openai_backend as oa
 from herd.node.agent import AgentConfig, NodeAgent
 from herd.node.capacity import CapacityLearner, in_meeting
 from herd.node.media import ImageRequest, Transcriber, generate_image, whisper_model_path
 from herd.node.openai_backend import OpenAIBackend
+from herd.node.upstream import (
+    backend_client,
+    backend_error,
+    close_shielded,
+    close_when_done,
+    closing_backend_responses,
+    describe,
+)
 from herd.server import serve_app
 from herd.wire import unstructure
 
 log = logging.getLogger("herd.node")
 
 PROXY_PREFIX = "/backend"
+NDJSON = "application/x-ndjson"
 DISCOVERY_TIMEOUT = 5.0
 HOP_HEADERS = frozenset(
     {
@@ -145,16 +172,65 @@ def advertised_url(bound: str, config: NodeConfig) -> str:
     return f"http://{host}:{port}"
 
 
+def error_response(error: HerdError, headers: dict[str, str] | None = None) -> Response:
+    return Response(
+        error.render("ollama"),
+        status=error.status,
+        headers={**error.headers(), **(headers or {})},
+        content_type="application/json",
+    )
+
+
+def http_error(error: HTTPException) -> HerdError:
+    """A Werkzeug HTTP error (raised by Quart itself) as a :class:`HerdError`, same status."""
+    where = f"{request.method} {request.path}"
+    if error.code == 404:
+        return NotFound(f"no such endpoint: {where}")
+    if error.code == 413:
+        return PayloadTooLarge(f"request body too large: {where}")
+    if error.code == 408:
+        return RequestTimeout(f"the request body did not arrive in time: {where}")
+    herd_error = HerdError(f"{error.name}: {where}")
+    herd_error.status = error.code or 500  # type: ignore[misc]
+    return herd_error
+
+
+class NodeApp(QuartTrio):
+    """The node's app: each request closes the backend responses it opened when it ends
+    (:func:`~herd.node.upstream.closing_backend_responses`)."""
+
+    async def asgi_app(
+        self, scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable
+    ) -> None:
+        async with closing_backend_responses():
+            await super().asgi_app(scope, receive, send)
+
+
 def create_node_app(node: Node, client: httpx.AsyncClient) -> QuartTrio:
-    app = QuartTrio("herd-node")
+    app = NodeApp("herd-node")
     config = node.config
     app.config["MAX_CONTENT_LENGTH"] = 64 * 2**20
+    # Quart's default cuts every response at 60 s; a long generation streams for longer.
+    app.config["RESPONSE_TIMEOUT"] = None
 
     @app.errorhandler(HerdError)
     async def on_error(error: HerdError) -> Response:
-        return Response(
-            error.render("ollama"), status=error.status, content_type="application/json"
-        )
+        return error_response(error)
+
+    @app.errorhandler(httpx.HTTPError)
+    async def on_backend_error(error: httpx.HTTPError) -> Response:
+        return error_response(backend_error(error))
+
+    @app.errorhandler(HTTPException)
+    async def on_http_error(error: HTTPException) -> Response:
+        # Werkzeug's own headers but its HTML content type (e.g. Allow, for a 405).
+        kept = {k: v for k, v in error.get_headers() if k.lower() != "content-type"}
+        return error_response(http_error(error), kept)
+
+    @app.errorhandler(Exception)
+    async def on_bug(error: Exception) -> Response:
+        log.error("%s %s failed", request.method, request.path, exc_info=error)
+        return error_response(HerdError(f"internal error in herd-node: {describe(error)}"))
 
     def check_token() -> None:
         if not config.auth_token:
@@ -208,23 +284,12 @@ def create_node_app(node: Node, client: httpx.AsyncClient) -> QuartTrio:
         )
         try:
             response = await client.send(upstream, stream=True)
-        except httpx.TransportError as exc:
-            return Response(
-                json.dumps({"error": f"backend unreachable: {exc}"}),
-                status=502,
-                content_type="application/json",
-            )
-
-        async def relay() -> AsyncIterator[bytes]:
-            try:
-                async for chunk in response.aiter_raw():
-                    yield chunk
-            finally:
-                with trio.CancelScope(shield=True), trio.move_on_after(1):
-                    await response.aclose()
-
+        except httpx.HTTPError as exc:
+            raise backend_error(exc) from exc
+        close_when_done(response)
         kept = {k: v for k, v in response.headers.items() if k.lower() not in HOP_HEADERS}
-        return Response(relay(), status=response.status_code, headers=kept)
+        ndjson = response.headers.get("content-type", "").startswith(NDJSON)
+        return Response(relay(response, ndjson), status=response.status_code, headers=kept)
 
     @app.post("/node/pause")
     @app.post("/node/resume")
@@ -248,14 +313,9 @@ def create_node_app(node: Node, client: httpx.AsyncClient) -> QuartTrio:
             parse_json_body(data if isinstance(data, bytes) else data.encode())
         )
         assert node.agent is not None
-        try:
-            png = await generate_image(
-                job, node.agent.media, config.ollama_url.rstrip("/"), client, config.image_timeout
-            )
-        except NodeError as exc:
-            return Response(
-                json.dumps({"error": exc.message}), status=502, content_type="application/json"
-            )
+        png = await generate_image(
+            job, node.agent.media, config.ollama_url.rstrip("/"), client, config.image_timeout
+        )
         return Response(png, content_type="image/png")
 
     @app.post("/node/transcribe")
@@ -280,6 +340,26 @@ def create_node_app(node: Node, client: httpx.AsyncClient) -> QuartTrio:
     return app
 
 
+async def relay(response: httpx.Response, ndjson: bool) -> AsyncIterator[bytes]:
+    """The backend's bytes as they come. Cancelled (the client left), it closes the backend
+    response, so the backend stops too. If the backend breaks the stream, an NDJSON stream
+    ends with an Ollama error line; anything else is cut off (the error propagates), so the
+    client sees a broken answer rather than a short one."""
+    at_line_end = True
+    try:
+        async for chunk in response.aiter_raw():
+            at_line_end = chunk.endswith(b"\n")
+            yield chunk
+    except httpx.HTTPError as exc:
+        error = backend_error(exc, mid_stream=True)
+        log.warning("%s: %s", response.request.url, error.message)
+        if not ndjson:
+            raise error from exc
+        yield (b"" if at_line_end else b"\n") + error.render("ollama") + b"\n"
+    finally:
+        await close_shielded(response)
+
+
 async def openai_facade(backend: OpenAIBackend, method: str, path: str, raw: bytes) -> Response:
     """Ollama's native API, answered by an OpenAI-compatible server."""
     route = (method, "/" + path)
@@ -297,11 +377,7 @@ async def openai_facade(backend: OpenAIBackend, method: str, path: str, raw: byt
     if route == ("POST", "/api/show"):
         name = body.get("model") or body.get("name") or ""
         if oa.normalize_model_name(str(name)) not in backend.ids:
-            return Response(
-                json.dumps({"error": f"model '{name}' not found"}),
-                status=404,
-                content_type="application/json",
-            )
+            raise NotFound(f"model '{name}' not found")
         return Response(
             json.dumps(
                 {"details": {"format": "gguf"}, "model_info": {}, "capabilities": ["completion"]}
@@ -316,11 +392,7 @@ async def openai_facade(backend: OpenAIBackend, method: str, path: str, raw: byt
     if route in (("POST", "/api/embed"), ("POST", "/api/embeddings")):
         result = await oa.embed(backend, body, legacy=path == "api/embeddings")
         return Response(json.dumps(result), content_type="application/json")
-    return Response(
-        json.dumps({"error": f"{method} /{path} is not available on an OpenAI-compatible backend"}),
-        status=404,
-        content_type="application/json",
-    )
+    raise NotFound(f"{method} /{path} is not available on an OpenAI-compatible backend")
 
 
 async def forward_asr(
@@ -334,7 +406,6 @@ async def forward_asr(
         url.rstrip("/") + "/v1/audio/transcriptions",
         data=data,
         files={"file": (filename or "audio", audio)},
-        timeout=None,
     )
     if response.status_code >= 400:
         raise BadRequest(f"ASR server answered {response.status_code}: {response.text[:200]}")
@@ -416,7 +487,7 @@ class Node:
             log.info("found the router at %s", url)
             self.config = attrs.evolve(self.config, router_url=url)
         agent_config(self.config)  # fail early, naming the problem
-        async with httpx.AsyncClient(trust_env=False) as client, trio.open_nursery() as nursery:
+        async with backend_client() as client, trio.open_nursery() as nursery:
             agent_url = ""
             if self.serve_http:
                 self.url = await nursery.start(
