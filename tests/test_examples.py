@@ -31,7 +31,7 @@ async def test_openai_example(fleet: Fleet) -> None:
     output = await run([sys.executable, str(EXAMPLES / "openai_chat.py")], fleet)
     assert "tokens:" in output
     # The router finishes its books just after the client has read the last byte.
-    await wait_until(lambda: len(fleet.router.state.traces) == 1)
+    await wait_until(lambda: len(fleet.router.state.traces) == 2)
     assert fleet.router.state.traces[0].tags == ("examples", "openai")
 
 

@@ -67,7 +67,11 @@ async def seed(fleet: Fleet, client: httpx.AsyncClient) -> dict[str, Any]:
     async with client.stream(
         "POST",
         "/api/chat",
-        json={"model": "llama3.2:3b", "messages": [], "options": {"num_predict": 500}},
+        json={
+            "model": "llama3.2:3b",
+            "messages": [{"role": "user", "content": "a long story"}],
+            "options": {"num_predict": 500},
+        },
     ) as r:
         async with contextlib.aclosing(r.aiter_raw()) as chunks:
             async for _ in chunks:
