@@ -86,6 +86,7 @@ async def running_fleet(
                     node_id=spec.name,
                     heartbeat_interval=config.heartbeat_interval,
                     parallel_slots=spec.parallel,
+                    auth_token=config.auth_token,
                 ),
                 system=sims[spec.name].system_reading,  # the simulated machine's memory
             )

@@ -22,7 +22,7 @@ from herd.config import OPTIONS_BY_NAME, redacted
 from herd.errors import BadRequest, NoEligibleNode, parse_json_body
 from herd.health import checks as health
 from herd.recommend import recommend
-from herd.router import model_admin, views
+from herd.router import model_admin
 from herd.router.settings import save_settings, updated
 from herd.router.state import RouterState
 from herd.store import queries
@@ -97,11 +97,15 @@ def create_blueprint(state: RouterState) -> Blueprint:
     async def overview() -> Response:
         hours = hours_arg()
         figures = await query(queries.overview, since(hours))
-        status = views.fleet_status(
-            state.snapshot(), state.queues.statistics(), trio.current_time()
-        )
+        status = state.status_view()
         return _json(
-            {"hours": hours, **figures, "fleet": status["fleet"], "events": state.all_events()}
+            {
+                "hours": hours,
+                **figures,
+                "fleet": status["fleet"],
+                "events": status["events"],
+                "pulls": status["pulls"],
+            }
         )
 
     @bp.get("/dashboard/api/trends")
@@ -299,12 +303,7 @@ def create_blueprint(state: RouterState) -> Blueprint:
             subscribers += 1
             try:
                 while True:
-                    status = views.fleet_status(
-                        state.snapshot(),
-                        state.queues.statistics(),
-                        trio.current_time(),
-                        state.all_events(),
-                    )
+                    status = state.status_view()
                     yield b"event: fleet\ndata: " + json.dumps(status).encode() + b"\n\n"
                     await trio.sleep(EVENTS_MIN_GAP)  # throttle: at most 4 a second
                     with trio.move_on_after(EVENTS_INTERVAL - EVENTS_MIN_GAP):

@@ -174,11 +174,7 @@ def create_app(state: RouterState) -> QuartTrio:
 
     @app.get("/fleet/status")
     async def fleet_status() -> Response:
-        return json_response(
-            views.fleet_status(
-                state.snapshot(), state.queues.statistics(), trio.current_time(), state.all_events()
-            )
-        )
+        return json_response(state.status_view())
 
     @app.get("/metrics")
     async def metrics() -> Response:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import collections
 import random
 from collections import deque
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import attrs
 import httpx
@@ -18,6 +18,7 @@ import trio
 
 from herd.config import RouterConfig
 from herd.models import FleetSnapshot
+from herd.router import views
 from herd.router.affinity import AffinityTable
 from herd.router.history import LatencyHistory
 from herd.router.metrics import Metrics
@@ -129,6 +130,16 @@ class RouterState:
         self.metrics.observe(trace, self.model_known)
         if self.store is not None:
             self.store.submit(trace)
+
+    def status_view(self) -> dict[str, Any]:
+        """``/fleet/status``: the fleet, its queues, the event counters and the pulls."""
+        return views.fleet_status(
+            self.snapshot(),
+            self.queues.statistics(),
+            trio.current_time(),
+            self.all_events(),
+            self.pulls.views() if self.pulls is not None else [],
+        )
 
     def model_known(self, model: str) -> bool:
         """Does any node (in any state) list ``model``?"""

@@ -59,6 +59,7 @@ def fleet_status(
     queues: QueueStatistics,
     now: float,
     events: dict[str, int] | None = None,
+    pulls: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     online = [n for n in snapshot.nodes if n.status is not NodeStatus.OFFLINE]
     return {
@@ -76,6 +77,8 @@ def fleet_status(
         # What resilience has done since the router started (retries, fallbacks, context
         # protection, auto-pulls, reaped requests, pre-warms, ...).
         "events": dict(sorted((events or {}).items())),
+        # The router's own pulls (auto-pull), running then recently finished, with progress.
+        "pulls": pulls or [],
     }
 
 

@@ -373,6 +373,8 @@ class SimOllama:
     pulls_cancelled: int = 0  # pulls whose client went away before the end
     prompts: PromptCache = attrs.field(factory=PromptCache)
     requests: deque[tuple[str, dict[str, Any]]] = attrs.field(factory=lambda: deque(maxlen=1000))
+    # Every request's (method, path, headers), as a real server would log them.
+    seen: deque[tuple[str, str, dict[str, str]]] = attrs.field(factory=lambda: deque(maxlen=1000))
     _models: dict[str, SimModel] = attrs.field(factory=dict)
     _resident: OrderedDict[str, None] = attrs.field(factory=OrderedDict)
     _failure: str | None = None
@@ -601,6 +603,9 @@ class SimOllama:
         if scope["type"] != "http":
             return
         path, method = scope["path"], scope["method"]
+        self.seen.append(
+            (method, path, {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]})
+        )
         body = b""
         more = True
         while more:
