@@ -94,7 +94,7 @@ async def test_a_typo_is_a_404_at_once_naming_the_closest_models(
         # The OpenAI SDK raises its NotFoundError.
         with (
             openai.OpenAI(base_url=fleet.url + "/v1", api_key="x", max_retries=0) as sdk,
-            pytest.raises(openai.NotFoundError, match="did you mean llama3.2:3b"),
+            pytest.raises(openai.NotFoundError, match=r"did you mean llama3\.2:3b"),
         ):
             await in_thread(
                 lambda: sdk.chat.completions.create(
