@@ -398,8 +398,10 @@ def read_env_file(path: Path) -> dict[str, str]:
     values: dict[str, str] = {}
     try:
         text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        return values
+    except (FileNotFoundError, NotADirectoryError):
+        return values  # (a data dir that isn't a directory is reported where it is used)
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read {path}: {exc}") from exc
     for raw in text.splitlines():
         line = raw.strip()
         if not line or line.startswith("#") or "=" not in line:

@@ -334,10 +334,11 @@ async def relay_openai_stream(
                     break
                 out = translator.feed(chunk)
                 if out:
-                    tokens += 1
                     await send({"type": "http.response.body", "body": out, "more_body": True})
                 if chunk.get("done") is True:
                     _final_stats(result, chunk)
+                else:
+                    tokens += 1  # one token per line of Ollama's stream
     except StreamBroken as exc:
         error = str(exc)
     if error is None and translator.finished:
@@ -345,7 +346,7 @@ async def relay_openai_stream(
         tail = translator.done()
     else:
         result.error = error or f"node {opened.node_id} ended the stream before it was done"
-        result.completion_tokens = result.completion_tokens or max(0, tokens - 1) or None
+        result.completion_tokens = result.completion_tokens or tokens or None
         tail = translator.error(result.error)
     await send({"type": "http.response.body", "body": tail, "more_body": False})
     return result

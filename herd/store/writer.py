@@ -67,6 +67,7 @@ class TraceWriter:
     _lock: trio.Lock = attrs.field(factory=trio.Lock)
     _logged_at: float = -1e18  # router clock of the last failure logged
     _unlogged: int = 0  # failures since then
+    _applied_max: int | None = None
 
     def submit(self, trace: TraceRecord) -> None:
         if self._send is None:
@@ -99,16 +100,20 @@ class TraceWriter:
             self.last_error_at,
         )
 
-    def _connect(self) -> sqlite3.Connection:
-        connection = db.connect(self.path)
-        if self.max_bytes is not None:
+    def _limit(self, connection: sqlite3.Connection) -> None:
+        """Apply ``max_bytes`` (it may change while the writer runs). In a worker thread."""
+        if self.max_bytes is not None and self.max_bytes != self._applied_max:
             page = connection.execute("PRAGMA page_size").fetchone()[0]
             connection.execute(f"PRAGMA max_page_count = {max(1, self.max_bytes // page)}")
-        return connection
+            self._applied_max = self.max_bytes
+
+    def _write_batch(self, connection: sqlite3.Connection, batch: list[TraceRecord]) -> None:
+        self._limit(connection)
+        db.write_traces(connection, batch)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         await trio.to_thread.run_sync(db.initialise, self.path)
-        connection = await trio.to_thread.run_sync(self._connect)
+        connection = await trio.to_thread.run_sync(db.connect, self.path)
         send, receive = trio.open_memory_channel[TraceRecord](QUEUE_SIZE)
         self._send = send
         try:
@@ -137,7 +142,7 @@ class TraceWriter:
     async def _write(self, connection: sqlite3.Connection, batch: list[TraceRecord]) -> None:
         try:
             async with self._lock:
-                await trio.to_thread.run_sync(db.write_traces, connection, batch)
+                await trio.to_thread.run_sync(self._write_batch, connection, batch)
         except sqlite3.Error as exc:
             self.failed += len(batch)
             self._failure(f"could not write {len(batch)} traces to {self.path}: {exc}")
