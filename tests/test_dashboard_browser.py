@@ -159,7 +159,7 @@ async def test_every_tab_renders_with_real_data(tmp_path: Path, browser: str) ->
             expect(page.locator("#bench-table")).to_contain_text("nightly")
             shot(page, "benchmarks")
             page.click('a[data-tab="health"]')
-            expect(page.locator(".check")).to_have_count(17)
+            expect(page.locator(".check")).to_have_count(18)
             expect(page.locator('.check[data-check="offline_nodes"]')).to_contain_text("connected")
             shot(page, "health")
             page.click('a[data-tab="recommendations"]')
@@ -176,7 +176,7 @@ async def test_every_tab_renders_with_real_data(tmp_path: Path, browser: str) ->
             browser,
             fleet.url + "/dashboard#health",
             lambda page: (
-                expect(page.locator(".check")).to_have_count(17),
+                expect(page.locator(".check")).to_have_count(18),
                 shot(page, "health-dark"),
             ),
             dark=True,
@@ -227,14 +227,14 @@ async def test_settings_toggle_round_trips(tmp_path: Path, browser: str) -> None
 
         def toggle(page: Page) -> None:
             switch = page.locator('input[data-setting="vram_fallback"]')
-            expect(switch).to_be_checked()
+            expect(switch).not_to_be_checked()  # substitution is opt-in
             page.locator(".toggle", has_text="VRAM-aware fallback").locator(".switch span").click()
-            expect(switch).not_to_be_checked()
+            expect(switch).to_be_checked()
             page.reload()
-            expect(page.locator('input[data-setting="vram_fallback"]')).not_to_be_checked()
+            expect(page.locator('input[data-setting="vram_fallback"]')).to_be_checked()
 
         await in_browser(browser, fleet.url + "/dashboard#settings", toggle)
-        assert fleet.router.state.settings.vram_fallback is False
+        assert fleet.router.state.settings.vram_fallback is True
         assert (tmp_path / "settings.json").exists()
 
 
@@ -262,5 +262,33 @@ async def test_empty_fleet_says_how_to_start(tmp_path: Path, browser: str) -> No
         def look(page: Page) -> None:
             expect(page.locator("#node-cards .empty")).to_contain_text("herd-node --router-url")
             expect(page.locator("#queues .empty")).to_contain_text("/v1")
+
+        await in_browser(browser, fleet.url + "/dashboard", look)
+
+
+async def test_a_router_pull_shows_with_its_progress(tmp_path: Path, browser: str) -> None:
+    from herd.router.settings import RuntimeSettings
+
+    gemma = SimModel("gemma3:1b", size_bytes=GiB)
+    slow = [
+        SimConfig(
+            name="alpha",
+            models=(LLAMA_3B,),
+            registry=(gemma,),
+            pull_bytes_per_second=GiB / 3600,  # an hour: still running while we look
+        )
+    ]
+    settings = RuntimeSettings(auto_pull=True)
+    async with running_fleet(tmp_path, slow, settings, queue_timeout=1.0) as fleet:
+        async with httpx.AsyncClient(base_url=fleet.url, trust_env=False) as client:
+            waited = await client.post("/api/generate", json={"model": "gemma3:1b", "prompt": "x"})
+            assert waited.status_code == 503 and "being pulled" in waited.json()["error"]
+
+        def look(page: Page) -> None:
+            pulls = page.locator("#pulls")
+            expect(pulls).to_contain_text("gemma3:1b")
+            expect(pulls).to_contain_text("pulling")
+            expect(pulls).to_contain_text("auto-pull")
+            expect(pulls.locator(".meter")).to_have_count(1)
 
         await in_browser(browser, fleet.url + "/dashboard", look)

@@ -110,6 +110,16 @@ function renderFleet(status) {
         `<div class="models">${chips || '<span class="hint">no models</span>'}</div></div>`;
     }).join("");
   }
+  const pulls = status.pulls || [];
+  $("#pulls").innerHTML = pulls.length ? "<h2>Pulls</h2>" + table([
+    { title: "model", get: r => r.model },
+    { title: "node", get: r => r.node },
+    { title: "by", get: r => r.origin },
+    { title: "status", html: r => `<span class="badge ${r.status === "failed" ? "sev-critical" : r.status === "done" ? "sev-ok" : "sev-info"}">${esc(r.status)}</span>` },
+    { title: "progress", html: r => r.total_bytes
+      ? meter("", r.completed_bytes, r.total_bytes, `${gib(r.completed_bytes)} / ${gib(r.total_bytes)} GiB`)
+      : esc(r.error || "") },
+  ], pulls) : "";
   const queues = Object.entries(status.queues);
   $("#queues").innerHTML = queues.length ? table([
     { title: "class", html: r => `<span class="kind">[${esc(String(r[1].kind).toUpperCase())}]</span>` },
@@ -296,8 +306,8 @@ loaders.recommendations = async () => {
 
 // ---------------------------------------------------------------- settings
 const TOGGLES = {
-  auto_pull: "Auto-pull missing models",
-  vram_fallback: "VRAM-aware fallback",
+  auto_pull: "Auto-pull missing models (off: an unknown model is a 404)",
+  vram_fallback: "VRAM-aware fallback: substitute a loaded model (opt-in)",
   context_protection: "Context protection",
   image_generation: "Image generation routing",
   transcription: "Speech-to-text routing",
