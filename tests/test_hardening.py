@@ -388,3 +388,21 @@ def test_a_data_directory_that_cannot_be_used_is_one_line_and_exit_2(tmp_path: P
     )
     assert result.returncode == 2
     assert "cannot use the trace database" in result.stderr and "Traceback" not in result.stderr
+
+
+async def test_a_long_pause_mid_stream_is_not_cut(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    spec = SimConfig(name="solo", models=(SLOW,), loaded=("slow:latest",))
+    async with running_fleet(tmp_path, [spec]) as fleet, client_for(fleet.url) as client:
+        fleet.sims["solo"].fail("pause", times=1, after_chunks=3, seconds=45)
+        start = trio.current_time()
+        for path in ("/api/generate", "/v1/completions"):
+            reply = await client.post(
+                path, json={"model": "slow", "prompt": "x", "stream": path == "/api/generate"}
+            )
+            assert reply.status_code == 200
+            assert "error" not in reply.text
+        assert trio.current_time() - start >= 45
+        await wait_until(lambda: len(fleet.router.state.traces) == 2)
+        assert [t.status for t in fleet.router.state.traces] == [traces.COMPLETED] * 2
