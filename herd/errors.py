@@ -19,7 +19,9 @@ caller's API expects.
     └── RouterError                the router can't serve now
         └── NoEligibleNode         503 with Retry-After: nothing can take the request
 
-API shapes: Ollama ``{"error": "..."}``; OpenAI ``{"error": {"message", "type", "param", "code"}}``.
+API shapes: Ollama ``{"error": "..."}``; OpenAI ``{"error": {"message", "type", "param", "code"}}``;
+Anthropic ``{"type": "error", "error": {"type", "message"}}`` with Anthropic's status codes (its
+documented set: a 503 is its 529 ``overloaded_error``, other 5xx its 500 ``api_error``).
 Lower-level exceptions (httpx, JSON) are mapped to these in one place each, with ``raise X from``.
 """
 
@@ -30,7 +32,19 @@ import math
 from collections.abc import Mapping
 from typing import Any, ClassVar, Literal
 
-ApiFlavor = Literal["ollama", "openai"]
+ApiFlavor = Literal["ollama", "openai", "anthropic"]
+
+# Anthropic's error types by HTTP status (https://docs.anthropic.com: "Errors").
+ANTHROPIC_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    500: "api_error",
+    529: "overloaded_error",
+}
 
 
 class HerdError(Exception):
@@ -46,7 +60,18 @@ class HerdError(Exception):
     def headers(self) -> dict[str, str]:
         return {}
 
+    def status_for(self, flavor: ApiFlavor) -> int:
+        """The HTTP status in ``flavor``'s terms (Anthropic's set is smaller)."""
+        if flavor != "anthropic" or self.status in ANTHROPIC_TYPES:
+            return self.status
+        if self.status == 503:
+            return 529
+        return 500 if self.status >= 500 else 400
+
     def body(self, flavor: ApiFlavor) -> dict[str, Any]:
+        if flavor == "anthropic":
+            kind = ANTHROPIC_TYPES[self.status_for(flavor)]
+            return {"type": "error", "error": {"type": kind, "message": self.message}}
         if flavor == "openai":
             return {
                 "error": {

@@ -98,8 +98,11 @@ async def send_error(send: Send, error: HerdError, path: str, close: bool = Fals
     headers += [(k.lower().encode(), v.encode()) for k, v in error.headers().items()]
     if close:
         headers.append((b"connection", b"close"))
-    await send({"type": "http.response.start", "status": error.status, "headers": headers})
-    await send({"type": "http.response.body", "body": error.render(flavor_for_path(path))})
+    flavor = flavor_for_path(path)
+    await send(
+        {"type": "http.response.start", "status": error.status_for(flavor), "headers": headers}
+    )
+    await send({"type": "http.response.body", "body": error.render(flavor)})
 
 
 class HeadersTooLarge(HerdError):

@@ -82,7 +82,8 @@ def test_chat_request_fields() -> None:
             "n": 1,
         }
     )
-    assert body["model"] == "m" and body["stream"] is True
+    # The model is set per attempt, and text is always streamed upstream (see shaping).
+    assert "model" not in body and "stream" not in body
     assert body["messages"][0] == {"role": "system", "content": "be brief"}
     assert body["messages"][1] == {"role": "user", "content": "what is\nthis?", "images": ["QUJD"]}
     assert body["messages"][2]["tool_calls"] == [
@@ -176,10 +177,9 @@ def test_completion_and_embedding_requests() -> None:
     body = oc.completion_request_to_ollama(
         {"model": "m", "prompt": ["once"], "suffix": "end", "max_tokens": 3}
     )
-    assert body == {
+    assert body == {  # stream: set by shaping (always true upstream for text)
         "model": "m",
         "prompt": "once",
-        "stream": False,
         "suffix": "end",
         "options": {"num_predict": 3},
     }

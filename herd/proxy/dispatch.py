@@ -57,6 +57,7 @@ from herd.errors import (
 from herd.models import FleetSnapshot
 from herd.policy import context
 from herd.policy.substitutes import loaded_alternatives
+from herd.proxy import chat
 from herd.proxy.shaping import InferenceRequest
 from herd.router.model_admin import pull_target
 from herd.router.pulls import DONE, check_pull_name
@@ -437,7 +438,10 @@ async def _attempt(
     if node is None:
         raise NodeUnreachable(f"node {node_id} left before the request was sent", node_id=node_id)
     url = node.report.backend.url.rstrip("/") + request.route.upstream_path
-    body = json.dumps({"model": model, **choice.body}).encode()
+    payload = {"model": model, **choice.body}
+    if isinstance(payload.get("think"), str):
+        payload["think"] = chat.think_for_model(payload["think"], model)
+    body = json.dumps(payload).encode()
     headers = {"content-type": "application/json"}
     headers.update(backend_headers(node.report, state.config.auth_token))
     async with contextlib.AsyncExitStack() as attempt_stack:

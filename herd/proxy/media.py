@@ -237,7 +237,7 @@ def image_models(state: RouterState) -> dict[str, list[str]]:
 def _error_response(error: HerdError, flavor: ApiFlavor) -> Response:
     return Response(
         error.render(flavor),
-        status=error.status,
+        status=error.status_for(flavor),
         headers=error.headers(),
         content_type="application/json",
     )

@@ -18,6 +18,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from herd.errors import BadRequest, require_str
+from herd.proxy import chat
 
 _DUMP = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
 
@@ -61,47 +62,52 @@ def _options(body: Mapping[str, Any]) -> dict[str, Any]:
     return options
 
 
+def _format(body: Mapping[str, Any]) -> str | dict[str, Any] | None:
+    fmt = body.get("response_format")
+    if fmt is None:
+        return None
+    if not isinstance(fmt, dict):
+        raise BadRequest("field 'response_format' must be an object", param="response_format")
+    kind = fmt.get("type")
+    if kind == "json_object":
+        return "json"
+    if kind == "json_schema":
+        schema = fmt.get("json_schema", {})
+        if not isinstance(schema, dict) or not isinstance(schema.get("schema"), dict):
+            raise BadRequest(
+                "response_format.json_schema.schema must be an object", param="response_format"
+            )
+        return dict(schema["schema"])
+    if kind not in (None, "text"):
+        raise BadRequest(f"unsupported response_format type {kind!r}", param="response_format")
+    return None
+
+
+def _think(body: Mapping[str, Any]) -> bool | str | None:
+    """``think`` (Ollama's own field, passed as is) or ``reasoning_effort`` (OpenAI's)."""
+    if "think" in body:
+        think = body["think"]
+        if think is None or isinstance(think, bool) or think in chat.THINK_LEVELS:
+            return think  # type: ignore[no-any-return]
+        raise BadRequest(
+            f"field 'think' must be true, false, low, medium or high, got {think!r}", param="think"
+        )
+    return chat.effort_to_think(body.get("reasoning_effort"), "reasoning_effort")
+
+
 def _common(body: Mapping[str, Any], upstream: dict[str, Any]) -> dict[str, Any]:
     options = _options(body)
     if options:
         upstream["options"] = options
-    for passthrough in ("keep_alive", "think"):
-        if passthrough in body:
-            upstream[passthrough] = body[passthrough]
-    fmt = body.get("response_format")
+    if "keep_alive" in body:
+        upstream["keep_alive"] = body["keep_alive"]
+    think = _think(body)
+    if think is not None:
+        upstream["think"] = think
+    fmt = _format(body)
     if fmt is not None:
-        if not isinstance(fmt, dict):
-            raise BadRequest("field 'response_format' must be an object", param="response_format")
-        kind = fmt.get("type")
-        if kind == "json_object":
-            upstream["format"] = "json"
-        elif kind == "json_schema":
-            schema = fmt.get("json_schema", {})
-            if not isinstance(schema, dict) or not isinstance(schema.get("schema"), dict):
-                raise BadRequest(
-                    "response_format.json_schema.schema must be an object", param="response_format"
-                )
-            upstream["format"] = schema["schema"]
-        elif kind not in (None, "text"):
-            raise BadRequest(f"unsupported response_format type {kind!r}", param="response_format")
+        upstream["format"] = fmt
     return upstream
-
-
-def _image(part: Mapping[str, Any], index: int) -> str:
-    image = part.get("image_url")
-    url = image.get("url") if isinstance(image, dict) else image
-    if not isinstance(url, str):
-        raise BadRequest(f"messages[{index}]: image_url must have a url", param="messages")
-    if not url.startswith("data:"):
-        raise BadRequest(
-            f"messages[{index}]: only data: URLs are accepted for images (got {url[:40]!r}); "
-            "the router does not fetch URLs",
-            param="messages",
-        )
-    header, _, data = url.partition(",")
-    if ";base64" not in header or not data:
-        raise BadRequest(f"messages[{index}]: image data URL must be base64", param="messages")
-    return data
 
 
 def _content(content: Any, index: int) -> tuple[str, list[str]]:
@@ -123,7 +129,12 @@ def _content(content: Any, index: int) -> tuple[str, list[str]]:
         if kind == "text":
             texts.append(str(part.get("text", "")))
         elif kind == "image_url":
-            images.append(_image(part, index))
+            image = part.get("image_url")
+            url = image.get("url") if isinstance(image, dict) else image
+            try:
+                images.append(chat.data_url_image(url, f"messages[{index}]"))
+            except BadRequest as exc:
+                raise BadRequest(exc.message, param="messages") from exc
         else:
             raise BadRequest(
                 f"messages[{index}]: unsupported content part type {kind!r}", param="messages"
@@ -131,36 +142,40 @@ def _content(content: Any, index: int) -> tuple[str, list[str]]:
     return "\n".join(texts), images
 
 
-def _tool_calls_to_ollama(calls: Any, index: int) -> list[dict[str, Any]]:
+def _tool_calls(calls: Any, index: int) -> tuple[chat.ToolCall, ...]:
     if not isinstance(calls, list):
         raise BadRequest(f"messages[{index}].tool_calls must be a list", param="messages")
     out = []
-    for call in calls:
+    for position, call in enumerate(calls):
         function = call.get("function") if isinstance(call, dict) else None
         if not isinstance(function, dict) or not isinstance(function.get("name"), str):
             raise BadRequest(
                 f"messages[{index}].tool_calls entries need function.name", param="messages"
             )
-        arguments = function.get("arguments", "{}")
-        if isinstance(arguments, str):
-            try:
-                arguments = json.loads(arguments) if arguments.strip() else {}
-            except ValueError as exc:
-                raise BadRequest(
-                    f"messages[{index}].tool_calls: arguments of {function['name']!r} "
-                    f"are not valid JSON: {exc}",
-                    param="messages",
-                ) from exc
-        out.append({"function": {"name": function["name"], "arguments": arguments}})
-    return out
+        name = function["name"]
+        try:
+            arguments = chat.parse_arguments(
+                function.get("arguments", "{}"), f"messages[{index}].tool_calls: {name!r}"
+            )
+        except BadRequest as exc:
+            raise BadRequest(exc.message, param="messages") from exc
+        call_id = call.get("id")
+        out.append(
+            chat.ToolCall(
+                call_id if isinstance(call_id, str) else f"call_{index}_{position}",
+                name,
+                arguments,
+            )
+        )
+    return tuple(out)
 
 
-def _messages(body: Mapping[str, Any]) -> list[dict[str, Any]]:
+def _messages(body: Mapping[str, Any]) -> tuple[chat.Message, ...]:
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise BadRequest("field 'messages' must be a non-empty list", param="messages")
     call_names: dict[str, str] = {}
-    out: list[dict[str, Any]] = []
+    out: list[chat.Message] = []
     for index, message in enumerate(messages):
         if not isinstance(message, dict) or not isinstance(message.get("role"), str):
             raise BadRequest(f"messages[{index}] must be an object with a 'role'", param="messages")
@@ -168,36 +183,55 @@ def _messages(body: Mapping[str, Any]) -> list[dict[str, Any]]:
         if role == "developer":
             role = "system"
         text, images = _content(message.get("content"), index)
-        converted: dict[str, Any] = {"role": role, "content": text}
-        if images:
-            converted["images"] = images
-        if message.get("tool_calls"):
-            converted["tool_calls"] = _tool_calls_to_ollama(message["tool_calls"], index)
-            for call in message["tool_calls"]:
-                if isinstance(call, dict) and isinstance(call.get("id"), str):
-                    call_names[call["id"]] = call["function"]["name"]
-        if role == "tool":
-            name = call_names.get(str(message.get("tool_call_id")))
-            if name:
-                converted["tool_name"] = name
-        out.append(converted)
-    return out
+        calls = _tool_calls(message["tool_calls"], index) if message.get("tool_calls") else ()
+        for call in calls:
+            call_names[call.id] = call.name
+        reasoning = message.get("reasoning")
+        out.append(
+            chat.Message(
+                role=role,
+                content=text,
+                images=tuple(images),
+                thinking=reasoning if isinstance(reasoning, str) else "",
+                tool_calls=calls,
+                tool_name=call_names.get(str(message.get("tool_call_id")), "")
+                if role == "tool"
+                else "",
+            )
+        )
+    return tuple(out)
+
+
+def _tools(body: Mapping[str, Any]) -> tuple[chat.Tool, ...]:
+    tools = body.get("tools")
+    if tools is None or body.get("tool_choice") == "none":
+        return ()
+    if not isinstance(tools, list):
+        raise BadRequest("field 'tools' must be a list", param="tools")
+    out = []
+    for index, tool in enumerate(tools):
+        function = tool.get("function") if isinstance(tool, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+            raise BadRequest(f"tools[{index}] needs function.name", param="tools")
+        parameters = function.get("parameters") or {}
+        if not isinstance(parameters, dict):
+            raise BadRequest(f"tools[{index}].function.parameters must be an object", param="tools")
+        out.append(chat.Tool(function["name"], str(function.get("description") or ""), parameters))
+    return tuple(out)
 
 
 def chat_request_to_ollama(body: Mapping[str, Any]) -> dict[str, Any]:
-    """``/v1/chat/completions`` body → ``/api/chat`` body."""
-    upstream: dict[str, Any] = {
-        "model": require_str(body, "model"),
-        "messages": _messages(body),
-        "stream": bool(body.get("stream", False)),
-    }
-    tools = body.get("tools")
-    if tools is not None:
-        if not isinstance(tools, list):
-            raise BadRequest("field 'tools' must be a list", param="tools")
-        if body.get("tool_choice") != "none" and tools:
-            upstream["tools"] = tools
-    return _common(body, upstream)
+    """``/v1/chat/completions`` body → ``/api/chat`` body, through :class:`chat.ChatTurn`."""
+    require_str(body, "model")
+    turn = chat.ChatTurn(
+        messages=_messages(body),
+        tools=_tools(body),
+        options=_options(body),
+        think=_think(body),
+        format=_format(body),
+        extra={"keep_alive": body["keep_alive"]} if "keep_alive" in body else {},
+    )
+    return turn.to_ollama()
 
 
 def completion_request_to_ollama(body: Mapping[str, Any]) -> dict[str, Any]:
@@ -209,11 +243,7 @@ def completion_request_to_ollama(body: Mapping[str, Any]) -> dict[str, Any]:
         raise BadRequest(
             "field 'prompt' must be a string (or a list of one string)", param="prompt"
         )
-    upstream: dict[str, Any] = {
-        "model": require_str(body, "model"),
-        "prompt": prompt,
-        "stream": bool(body.get("stream", False)),
-    }
+    upstream: dict[str, Any] = {"model": require_str(body, "model"), "prompt": prompt}
     suffix = body.get("suffix")
     if isinstance(suffix, str):
         upstream["suffix"] = suffix
@@ -256,27 +286,19 @@ def _finish_reason(resp: Mapping[str, Any], tool_calls: bool) -> str:
     return "length" if resp.get("done_reason") == "length" else "stop"
 
 
-def _tool_calls_to_openai(calls: Any, request_id: str, offset: int = 0) -> list[dict[str, Any]]:
-    out = []
-    for index, call in enumerate(calls if isinstance(calls, list) else []):
-        function = call.get("function", {}) if isinstance(call, dict) else {}
-        arguments = function.get("arguments", {})
-        out.append(
-            {
-                "id": f"call_{request_id[:12]}_{offset + index}",
-                "type": "function",
-                "function": {
-                    "name": function.get("name", ""),
-                    "arguments": arguments if isinstance(arguments, str) else _DUMP(arguments),
-                },
-            }
-        )
-    return out
+def _openai_call(call: chat.ToolCall) -> dict[str, Any]:
+    arguments = call.arguments.get("_raw") if set(call.arguments) == {"_raw"} else None
+    return {
+        "id": call.id,
+        "type": "function",
+        "function": {
+            "name": call.name,
+            "arguments": arguments if isinstance(arguments, str) else _DUMP(dict(call.arguments)),
+        },
+    }
 
 
-def _usage(resp: Mapping[str, Any]) -> dict[str, int]:
-    prompt = int(resp.get("prompt_eval_count") or 0)
-    completion = int(resp.get("eval_count") or 0)
+def _usage_of(prompt: int, completion: int) -> dict[str, int]:
     return {
         "prompt_tokens": prompt,
         "completion_tokens": completion,
@@ -284,15 +306,26 @@ def _usage(resp: Mapping[str, Any]) -> dict[str, int]:
     }
 
 
+def _usage(resp: Mapping[str, Any]) -> dict[str, int]:
+    return _usage_of(int(resp.get("prompt_eval_count") or 0), int(resp.get("eval_count") or 0))
+
+
+def _finish(reason: str) -> str:
+    if reason == "tool_calls":
+        return "tool_calls"
+    return "length" if reason == "length" else "stop"
+
+
 def chat_response_to_openai(
     resp: Mapping[str, Any], *, request_id: str, created: int, model: str
 ) -> dict[str, Any]:
-    message = resp.get("message") or {}
-    calls = _tool_calls_to_openai(message.get("tool_calls"), request_id)
-    out_message: dict[str, Any] = {"role": "assistant", "content": message.get("content", "")}
-    if calls:
-        out_message["tool_calls"] = calls
-        out_message["content"] = message.get("content") or None
+    result = chat.ChatResult.from_ollama(resp, request_id)
+    out_message: dict[str, Any] = {"role": "assistant", "content": result.text}
+    if result.thinking:
+        out_message["reasoning"] = result.thinking  # as Ollama's own /v1 names it
+    if result.tool_calls:
+        out_message["tool_calls"] = [_openai_call(c) for c in result.tool_calls]
+        out_message["content"] = result.text or None
     return {
         "id": f"chatcmpl-{request_id}",
         "object": "chat.completion",
@@ -302,11 +335,11 @@ def chat_response_to_openai(
             {
                 "index": 0,
                 "message": out_message,
-                "finish_reason": _finish_reason(resp, bool(calls)),
+                "finish_reason": _finish(result.reason),
                 "logprobs": None,
             }
         ],
-        "usage": _usage(resp),
+        "usage": _usage_of(result.prompt_tokens, result.completion_tokens),
     }
 
 
@@ -322,7 +355,7 @@ def completion_response_to_openai(
             {
                 "index": 0,
                 "text": resp.get("response", ""),
-                "finish_reason": _finish_reason(resp, False),
+                "finish_reason": _finish(str(resp.get("done_reason") or "stop")),
                 "logprobs": None,
             }
         ],
@@ -418,6 +451,8 @@ class _StreamTranslator:
         self.model = model
         self.include_usage = include_usage
         self.finished = False
+        self.stopped = False  # OpenAI streams end only with the backend's
+        self.outcome: Any = None
         self.prompt_tokens = 0
         self.completion_tokens = 0
         self._started = False
@@ -456,7 +491,8 @@ class _StreamTranslator:
 
 
 class ChatStreamTranslator(_StreamTranslator):
-    """Ollama ``/api/chat`` NDJSON chunks → OpenAI ``chat.completion.chunk`` SSE events."""
+    """Ollama ``/api/chat`` NDJSON chunks → OpenAI ``chat.completion.chunk`` SSE events, through
+    :class:`chat.ChatReader`. Thinking goes out as ``delta.reasoning``, as Ollama's /v1 does."""
 
     object_name = "chat.completion.chunk"
     id_prefix = "chatcmpl-"
@@ -465,7 +501,7 @@ class ChatStreamTranslator(_StreamTranslator):
         super().__init__(
             request_id=request_id, created=created, model=model, include_usage=include_usage
         )
-        self._tool_calls = 0
+        self._reader = chat.ChatReader(request_id)
 
     def _delta(self, delta: dict[str, Any], finish: str | None = None) -> bytes:
         return _event(
@@ -477,24 +513,22 @@ class ChatStreamTranslator(_StreamTranslator):
         if not self._started:
             self._started = True
             out += self._delta({"role": "assistant", "content": ""})
-        message = chunk.get("message") or {}
-        content = message.get("content")
-        if content:
-            out += self._delta({"content": content})
-        calls = message.get("tool_calls")
-        if calls:
-            converted = _tool_calls_to_openai(calls, self.request_id, self._tool_calls)
-            deltas = []
-            for call in converted:
-                deltas.append({"index": self._tool_calls, **call})
-                self._tool_calls += 1
-            out += self._delta({"tool_calls": deltas})
-        if chunk.get("done") is True:
-            self._final(chunk)
-            finish = _finish_reason(chunk, self._tool_calls > 0)
-            out += self._delta({}, finish)
-            if self.include_usage:
-                out += self._usage_event()
+        for event in self._reader.feed(chunk):
+            if isinstance(event, chat.TextDelta):
+                out += self._delta({"content": event.text})
+            elif isinstance(event, chat.ThinkingDelta):
+                out += self._delta({"reasoning": event.text})
+            elif isinstance(event, chat.ToolCallDelta):
+                out += self._delta(
+                    {"tool_calls": [{"index": event.index, **_openai_call(event.call)}]}
+                )
+            else:
+                self.finished = True
+                self.prompt_tokens = event.prompt_tokens
+                self.completion_tokens = event.completion_tokens
+                out += self._delta({}, _finish(event.reason))
+                if self.include_usage:
+                    out += self._usage_event()
         return out
 
 
@@ -517,7 +551,7 @@ class CompletionStreamTranslator(_StreamTranslator):
             out += self._text(text)
         if chunk.get("done") is True:
             self._final(chunk)
-            out += self._text("", _finish_reason(chunk, False))
+            out += self._text("", _finish(str(chunk.get("done_reason") or "stop")))
             if self.include_usage:
                 out += self._usage_event()
         return out

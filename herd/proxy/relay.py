@@ -30,9 +30,9 @@ from typing import Any
 import attrs
 import httpx
 
-from herd.errors import ApiFlavor, BadRequest, HerdError, NodeBadStatus
+from herd.errors import ApiFlavor, BadRequest, ClientError, HerdError, NodeBadStatus
 from herd.models import KIND_EMBED
-from herd.proxy import openai_compat
+from herd.proxy import anthropic, chat, openai_compat, responses
 from herd.proxy.assemble import StreamAssembler
 from herd.proxy.dispatch import Attempts, Opened
 from herd.proxy.shaping import InferenceRequest
@@ -54,6 +54,7 @@ class RelayResult:
     total_seconds: float | None = None  # the backend's total_duration (load included)
     load_seconds: float | None = None
     error: str | None = None
+    outcome: Any = None  # what the API module keeps of a complete answer (chat.StreamTranslator)
 
     @property
     def tokens_per_second(self) -> float | None:
@@ -125,7 +126,7 @@ async def send_error(
 ) -> None:
     extra = [(b"x-herd-request-id", request_id.encode()), *attempt_headers(attempts)]
     extra += [(k.lower().encode(), v.encode()) for k, v in error.headers().items()]
-    await send_json(send, error.status, error.render(flavor), extra)
+    await send_json(send, error.status_for(flavor), error.render(flavor), extra)
 
 
 def _final_stats(result: RelayResult, final: dict[str, Any]) -> None:
@@ -149,6 +150,16 @@ def _parse_line(line: bytes) -> dict[str, Any] | None:
     except (ValueError, UnicodeDecodeError):
         return None
     return data if isinstance(data, dict) else None
+
+
+class BackendRefused(ClientError):
+    """A backend's own 4xx, passed on in the caller's shape with its status."""
+
+    code = None
+
+    def __init__(self, message: str, status: int) -> None:
+        super().__init__(message)
+        self.status = status  # type: ignore[misc]
 
 
 class StreamBroken(Exception):
@@ -298,25 +309,50 @@ async def relay_ollama_whole(
     return result
 
 
+def stream_translator(
+    request: InferenceRequest, request_id: str, created: int, model: str
+) -> chat.StreamTranslator:
+    name = request.route.name
+    if name == "anthropic.messages":
+        return anthropic.stream_translator(request, request_id, created, model)
+    if name == "openai.responses":
+        return responses.stream_translator(request, request_id, created, model)
+    kind = (
+        openai_compat.ChatStreamTranslator
+        if name == "openai.chat"
+        else openai_compat.CompletionStreamTranslator
+    )
+    return kind(
+        request_id=request_id, created=created, model=model, include_usage=request.include_usage
+    )
+
+
+def whole_answer(
+    request: InferenceRequest, data: dict[str, Any], request_id: str, created: int, model: str
+) -> tuple[dict[str, Any], Any]:
+    """The client's one object for a folded answer (text routes), and what the API module
+    keeps of it (see :attr:`chat.StreamTranslator.outcome`)."""
+    name = request.route.name
+    if name == "anthropic.messages":
+        return anthropic.whole_answer(request, data, request_id, created, model)
+    if name == "openai.responses":
+        return responses.whole_answer(request, data, request_id, created, model)
+    if name == "openai.chat":
+        answer = openai_compat.chat_response_to_openai(
+            data, request_id=request_id, created=created, model=model
+        )
+    else:
+        answer = openai_compat.completion_response_to_openai(
+            data, request_id=request_id, created=created, model=model
+        )
+    return answer, None
+
+
 async def relay_openai_stream(
     send: Send, opened: Opened, request: InferenceRequest, request_id: str, created: int
 ) -> RelayResult:
-    """Translate the backend's NDJSON into OpenAI SSE chunks as they arrive."""
-    translator: openai_compat.ChatStreamTranslator | openai_compat.CompletionStreamTranslator
-    if request.route.name == "openai.chat":
-        translator = openai_compat.ChatStreamTranslator(
-            request_id=request_id,
-            created=created,
-            model=opened.model,
-            include_usage=request.include_usage,
-        )
-    else:
-        translator = openai_compat.CompletionStreamTranslator(
-            request_id=request_id,
-            created=created,
-            model=opened.model,
-            include_usage=request.include_usage,
-        )
+    """Translate the backend's NDJSON into the client's SSE events as they arrive."""
+    translator = stream_translator(request, request_id, created, opened.model)
     headers = [
         (b"content-type", b"text/event-stream; charset=utf-8"),
         (b"cache-control", b"no-cache"),
@@ -339,10 +375,14 @@ async def relay_openai_stream(
                     _final_stats(result, chunk)
                 else:
                     tokens += 1  # one token per line of Ollama's stream
+                if translator.stopped:
+                    result.completion_tokens = tokens
+                    break
     except StreamBroken as exc:
         error = str(exc)
-    if error is None and translator.finished:
+    if error is None and (translator.finished or translator.stopped):
         result.complete = True
+        result.outcome = translator.outcome
         tail = translator.done()
     else:
         result.error = error or f"node {opened.node_id} ended the stream before it was done"
@@ -392,14 +432,8 @@ async def relay_openai_whole(
     if data is None:
         await send_json(send, 502, _broken_answer(result, error or "", "openai"), headers)
         return result
-    if name == "openai.chat":
-        payload = openai_compat.chat_response_to_openai(
-            data, request_id=request_id, created=created, model=opened.model
-        )
-    elif name == "openai.completions":
-        payload = openai_compat.completion_response_to_openai(
-            data, request_id=request_id, created=created, model=opened.model
-        )
+    if name != "openai.embeddings":
+        payload, result.outcome = whole_answer(request, data, request_id, created, opened.model)
     else:
         try:
             payload = openai_compat.embed_response_to_openai(
@@ -423,7 +457,12 @@ async def relay_openai_whole(
 
 async def end_interrupted(send: Send, request: InferenceRequest, message: str) -> None:
     """Finish a response cut short by the router itself, in the caller's format."""
-    if request.route.flavor == "openai" and request.stream:
+    name = request.route.name
+    if request.stream and name == "anthropic.messages":
+        body = anthropic.stream_error(message)
+    elif request.stream and name == "openai.responses":
+        body = responses.stream_error(message)
+    elif request.route.flavor == "openai" and request.stream:
         body = openai_compat.stream_error(message)
     else:
         body = json.dumps({"error": message}).encode() + b"\n"
@@ -441,18 +480,9 @@ async def relay_client_error(
     except StreamBroken:
         raw = opened.first_chunk[: 64 * 1024]
     message = error_text(raw) or f"HTTP {status}"
-    if request.route.flavor == "openai":
-        body = json.dumps(
-            {
-                "error": {
-                    "message": message,
-                    "type": "invalid_request_error",
-                    "param": None,
-                    "code": None,
-                }
-            }
-        ).encode()
-    else:
-        body = json.dumps({"error": message}).encode()
-    await send_json(send, status, body, herd_headers(opened, request_id))
+    error = BackendRefused(message, status)
+    flavor = request.route.flavor
+    await send_json(
+        send, error.status_for(flavor), error.render(flavor), herd_headers(opened, request_id)
+    )
     return RelayResult(complete=False, status_code=status, error=message)

@@ -24,7 +24,7 @@ import attrs
 from herd.errors import ApiFlavor, BadRequest, require_str
 from herd.models import KIND_EMBED, KIND_TEXT, normalize_model_name
 from herd.policy.conversation import continuation_keys, prefix_keys
-from herd.proxy import openai_compat
+from herd.proxy import anthropic, openai_compat, responses
 
 HERD_EXTENSIONS = ("fallback_models", "metadata", "allow_substitution")
 MAX_MESSAGES = 10_000  # messages in one chat request; far beyond any context window
@@ -49,10 +49,14 @@ ROUTES: Mapping[str, Route] = {
     "/v1/chat/completions": Route("openai.chat", "openai", KIND_TEXT, "/api/chat", False),
     "/v1/completions": Route("openai.completions", "openai", KIND_TEXT, "/api/generate", False),
     "/v1/embeddings": Route("openai.embeddings", "openai", KIND_EMBED, "/api/embed", False),
+    "/v1/messages": Route("anthropic.messages", "anthropic", KIND_TEXT, "/api/chat", False),
+    "/v1/responses": Route("openai.responses", "openai", KIND_TEXT, "/api/chat", False),
 }
 
 
 def flavor_for_path(path: str) -> ApiFlavor:
+    if path.startswith("/v1/messages"):
+        return "anthropic"
     return "openai" if path.startswith("/v1/") else "ollama"
 
 
@@ -74,6 +78,9 @@ class InferenceRequest:
     # client asked for (checked against the answer).
     embedding_format: str = "float"
     dimensions: int | None = None
+    # The API module's own view of the request (Anthropic Messages, OpenAI Responses), for its
+    # translators: what the Ollama body can't say (stop sequences to watch, items to echo).
+    native: Any = None
     # Conversation affinity (chat only): this prompt's key, and the keys an earlier turn of the
     # same conversation may be remembered under, longest first. See herd.policy.conversation.
     prompt_key: str | None = None
@@ -165,6 +172,7 @@ def shape(
     body: dict[str, Any],
     tags_header: str | None = None,
     substitution_header: str | None = None,
+    previous: Any = None,
 ) -> InferenceRequest:
     """Validate and shape one inference request. Raises :class:`BadRequest` naming the field."""
     messages = body.get("messages")
@@ -182,13 +190,19 @@ def shape(
         options = body.get("stream_options")
         if isinstance(options, dict):
             include_usage = bool(options.get("include_usage"))
+        native: Any = None
         if route.name == "openai.chat":
             upstream = openai_compat.chat_request_to_ollama(body)
+        elif route.name == "openai.responses":
+            upstream, native = responses.shape(body, previous)
         elif route.name == "openai.completions":
             upstream = openai_compat.completion_request_to_ollama(body)
         else:
             upstream = openai_compat.embeddings_request_to_ollama(body)
+    elif route.flavor == "anthropic":
+        upstream, native = anthropic.shape(body)
     else:
+        native = None
         _validate_ollama(route, body)
         upstream = {k: v for k, v in body.items() if k not in HERD_EXTENSIONS}
     upstream.pop("model", None)
@@ -211,13 +225,16 @@ def shape(
         stream=stream if route.kind == KIND_TEXT else False,
         include_usage=include_usage,
         upstream_body=upstream,
-        estimated_prompt_tokens=openai_compat.estimate_prompt_tokens(body),
+        estimated_prompt_tokens=openai_compat.estimate_prompt_tokens(
+            upstream if native is not None else body
+        ),
         requested_context=_requested_context(upstream),
         allow_substitution=allow_substitution,
         embedding_format=(
             openai_compat.embedding_format(body) if route.name == "openai.embeddings" else "float"
         ),
         dimensions=upstream.get("dimensions") if route.name == "openai.embeddings" else None,
+        native=native,
         prompt_key=keys[-1] if keys else None,
         earlier_keys=tuple(continuation_keys(messages, keys)) if keys else (),
     )

@@ -21,6 +21,7 @@ from herd.dashboard.api import create_blueprint
 from herd.dashboard.pages import create_pages
 from herd.errors import BadRequest, HerdError, ModelNotFound, NotFound, parse_json_body
 from herd.models import NodeStatus, normalize_model_name
+from herd.proxy import anthropic
 from herd.proxy.media import create_media_blueprint
 from herd.proxy.shaping import flavor_for_path
 from herd.router import model_admin, views
@@ -42,9 +43,10 @@ def json_response(data: Any, status: int = 200, headers: dict[str, str] | None =
 
 
 def error_response(error: HerdError, path: str) -> Response:
+    flavor = flavor_for_path(path)
     return Response(
-        error.render(flavor_for_path(path)),
-        status=error.status,
+        error.render(flavor),
+        status=error.status_for(flavor),
         headers=error.headers(),
         content_type="application/json",
     )
@@ -159,6 +161,10 @@ def create_app(state: RouterState) -> QuartTrio:
         node_id = model_admin.requested_node(body)
         result = await model_admin.delete(state, model_admin.requested_model(body), node_id)
         return json_response(result, status=200 if result["deleted"] else 502)
+
+    @app.post("/v1/messages/count_tokens")
+    async def count_tokens() -> Response:
+        return json_response(anthropic.count_tokens(parse_json_body(await request_bytes())))
 
     @app.get("/v1/models")
     async def openai_models() -> Response:
