@@ -42,6 +42,16 @@ def _positive_float(value: str) -> float:
     return number
 
 
+def _alias_list(value: str) -> tuple[str, ...]:
+    """``PATTERN=MODEL[,MODEL];PATTERN=...`` (the env form of --model-alias), each checked."""
+    from herd.policy.virtual import parse_alias
+
+    entries = tuple(part.strip() for part in value.split(";") if part.strip())
+    for entry in entries:
+        parse_alias(entry)
+    return entries
+
+
 def _port(value: str) -> int:
     number = int(value)
     if not 0 <= number <= 65535:
@@ -177,6 +187,31 @@ OPTIONS: tuple[Option, ...] = (
         category="routing",
         switch=True,
         shown_default="off",
+    ),
+    Option(
+        "model_aliases",
+        "--model-alias",
+        "FLEET_MODEL_ALIASES",
+        (),
+        _alias_list,
+        "a virtual model name: PATTERN=MODEL[,MODEL...] (an exact name or a glob such as "
+        "claude-*haiku*; the best loaded candidate serves). Repeatable; env: ';'-separated. "
+        "Also a dashboard setting",
+        roles=("router",),
+        category="routing",
+        repeatable=True,
+    ),
+    Option(
+        "agent_defaults",
+        "--agent-defaults",
+        "FLEET_AGENT_DEFAULTS",
+        None,
+        _bool,
+        "map coding agents' model ids (claude-*, gpt-*, o*) onto the fleet's chat models by "
+        "size (haiku/mini small, opus/codex large, the rest mid); false turns them off",
+        roles=("router",),
+        category="routing",
+        shown_default="on",
     ),
     Option(
         "pull_hosts",
@@ -477,6 +512,9 @@ class RouterConfig:
     # settings file, else RuntimeSettings' default, applies). Set, they beat the file.
     vram_fallback: bool | None = None
     auto_pull: bool | None = None
+    agent_defaults: bool | None = None
+    # Aliases given as flags (PATTERN=MODEL[,MODEL]); they replace the file's at start.
+    model_aliases: tuple[str, ...] = ()
     pull_hosts: tuple[str, ...] = ()
     forget_after: float = 86400.0
 

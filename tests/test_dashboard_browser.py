@@ -292,3 +292,38 @@ async def test_a_router_pull_shows_with_its_progress(tmp_path: Path, browser: st
             expect(pulls.locator(".meter")).to_have_count(1)
 
         await in_browser(browser, fleet.url + "/dashboard", look)
+
+
+async def test_model_aliases_are_edited_in_settings(tmp_path: Path, browser: str) -> None:
+    async with running_fleet(tmp_path, specs()) as fleet:
+
+        def edit(page: Page) -> None:
+            box = page.locator("#aliases")
+            expect(box).to_have_value("")
+            box.fill("claude-* = qwen2.5:7b, llama3.2:3b\nteam = llama3.2:3b")
+            page.locator("#save-aliases").click()
+            expect(page.locator("#aliases-status")).to_have_text("saved")
+            page.reload()
+            expect(page.locator("#aliases")).to_have_value(
+                "claude-* = qwen2.5:7b, llama3.2:3b\nteam = llama3.2:3b"
+            )
+            # A bad line is refused with the rule, and nothing is saved.
+            page.locator("#aliases").fill("broken =")
+            page.locator("#save-aliases").click()
+            expect(page.locator("#aliases-status")).to_contain_text("non-empty list")
+
+        await in_browser(browser, fleet.url + "/dashboard#settings", edit)
+        assert fleet.router.state.settings.model_aliases == {
+            "claude-*": ["qwen2.5:7b", "llama3.2:3b"],
+            "team": ["llama3.2:3b"],
+        }
+        async with httpx.AsyncClient(base_url=fleet.url, trust_env=False) as client:
+            reply = await client.post(
+                "/api/chat",
+                json={
+                    "model": "team",
+                    "messages": [{"role": "user", "content": "hi"}],
+                    "stream": False,
+                },
+            )
+            assert reply.json()["model"] == "llama3.2:3b"

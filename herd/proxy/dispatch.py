@@ -55,7 +55,7 @@ from herd.errors import (
     NoEligibleNode,
 )
 from herd.models import FleetSnapshot
-from herd.policy import context
+from herd.policy import context, virtual
 from herd.policy.substitutes import loaded_alternatives
 from herd.proxy import chat
 from herd.proxy.shaping import InferenceRequest
@@ -307,6 +307,17 @@ def stand_in(state: RouterState, request: InferenceRequest, attempts: Attempts) 
 
 def next_choice(state: RouterState, request: InferenceRequest, attempts: Attempts) -> Choice | None:
     """The next attempt's target; see the module docstring. None: nothing is eligible now."""
+    if request.groups:  # a virtual name: the first group with a hot candidate, else cold
+        for group in request.groups:
+            cold_candidate: Choice | None = None
+            for model in group:
+                choice = choose(state, request, model, attempts)
+                if choice is not None and choice.hot:
+                    return choice
+                cold_candidate = cold_candidate or choice
+            if cold_candidate is not None:
+                return cold_candidate
+        return None
     substitute = substitution_allowed(state, request)
     cold: Choice | None = None
     for model in request.models:
@@ -347,7 +358,11 @@ async def open_upstream(
     config = state.config
     deadline = trio.current_time() + config.queue_timeout
     if not models_known(state, request.models):
-        await auto_pull(state, request, deadline)
+        resolution = resolve_virtual(state, request)
+        if resolution is None:
+            await auto_pull(state, request, deadline)
+        else:
+            request = attrs.evolve(request, groups=resolution.groups)
     while True:
         while attempts.tries <= config.max_retries:
             choice = next_choice(state, request, attempts)
@@ -388,6 +403,20 @@ async def open_upstream(
             await state.wait_fleet_changed()
         if not models_known(state, request.models):
             raise not_found(state, request)
+
+
+def resolve_virtual(state: RouterState, request: InferenceRequest) -> virtual.Resolution | None:
+    """The candidates of a virtual model name (an operator alias or an agent default)."""
+    settings = state.settings
+    resolution = virtual.resolve(
+        request.model,
+        state.snapshot(),
+        virtual.aliases_from(settings.model_aliases),
+        settings.agent_defaults,
+    )
+    if resolution is not None and not models_known(state, resolution.candidates):
+        return None  # an alias to models no node has: as unknown as the name itself
+    return resolution
 
 
 async def auto_pull(state: RouterState, request: InferenceRequest, deadline: float) -> None:
@@ -477,14 +506,18 @@ async def _attempt(
             ) from exc
         # Success: the request's stack now owns the lease and the response.
         stack.push_async_exit(attempt_stack.pop_all())
-    named = model in request.models
+    substitution: str | None
+    if request.groups:  # a virtual name: every model is "another"; a fallback past group 1
+        fallback, substitution = model not in request.groups[0], choice.substitution or "alias"
+    else:
+        fallback = model != request.model
+        substitution = choice.substitution or ("fallback_models" if fallback else None)
     return Opened(
         node_id=node_id,
         model=model,
         retries=attempts.retries,
-        fallback=model != request.model,
-        substitution=choice.substitution
-        or ("fallback_models" if named and model != request.model else None),
+        fallback=fallback,
+        substitution=substitution,
         context_action=choice.context_action,
         decision=choice.decision,
         excluded=tuple(attempts.excluded),

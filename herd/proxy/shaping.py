@@ -86,11 +86,24 @@ class InferenceRequest:
     prompt_key: str | None = None
     earlier_keys: tuple[str, ...] = ()
 
+    # A virtual name's candidates (herd.policy.virtual), set by the dispatcher; empty for a
+    # real model name.
+    groups: tuple[tuple[str, ...], ...] = ()
+
     @property
     def models(self) -> tuple[str, ...]:
-        """The primary model then the fallbacks, in order, without repeats."""
-        seen: dict[str, None] = {self.model: None}
-        for name in self.fallback_models:
+        """The models this request may be served by, in order, without repeats: a virtual
+        name's candidates, or the primary model then the fallbacks."""
+        seen: dict[str, None] = {}
+        names = (
+            (n for g in self.groups for n in g)
+            if self.groups
+            else (
+                self.model,
+                *self.fallback_models,
+            )
+        )
+        for name in names:
             seen.setdefault(name, None)
         return tuple(seen)
 

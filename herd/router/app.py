@@ -21,6 +21,7 @@ from herd.dashboard.api import create_blueprint
 from herd.dashboard.pages import create_pages
 from herd.errors import BadRequest, HerdError, ModelNotFound, NotFound, parse_json_body
 from herd.models import NodeStatus, normalize_model_name
+from herd.policy import virtual
 from herd.proxy import anthropic
 from herd.proxy.media import create_media_blueprint
 from herd.proxy.shaping import flavor_for_path
@@ -78,6 +79,10 @@ def create_app(state: RouterState) -> QuartTrio:
     app.register_blueprint(create_pages())
     app.register_blueprint(create_media_blueprint(state))
 
+    def virtual_names() -> views.Virtual:
+        settings = state.settings
+        return virtual.listed(virtual.aliases_from(settings.model_aliases), settings.agent_defaults)
+
     @app.get("/")
     async def root() -> Response:
         return Response("herd is running", content_type="text/plain")
@@ -97,7 +102,7 @@ def create_app(state: RouterState) -> QuartTrio:
 
     @app.get("/api/tags")
     async def tags() -> Response:
-        return json_response(views.tags(state.snapshot()))
+        return json_response(views.tags(state.snapshot(), virtual_names()))
 
     @app.get("/api/ps")
     async def ps() -> Response:
@@ -168,7 +173,9 @@ def create_app(state: RouterState) -> QuartTrio:
 
     @app.get("/v1/models")
     async def openai_models() -> Response:
-        return json_response(views.openai_models(state.snapshot(), int(time.time())))
+        return json_response(
+            views.openai_models(state.snapshot(), int(time.time()), virtual_names())
+        )
 
     @app.get("/v1/models/<path:model_id>")
     async def openai_model(model_id: str) -> Response:
@@ -176,6 +183,16 @@ def create_app(state: RouterState) -> QuartTrio:
         for candidate in (model_id, normalize_model_name(model_id)):
             if candidate in names:
                 return json_response(views.openai_model(candidate, int(time.time())))
+        settings = state.settings
+        resolution = virtual.resolve(
+            model_id,
+            state.snapshot(),
+            virtual.aliases_from(settings.model_aliases),
+            settings.agent_defaults,
+        )
+        if resolution is not None:
+            body = views.openai_model(model_id, int(time.time()))
+            return json_response({**body, "virtual": True, "candidates": resolution.candidates})
         raise ModelNotFound(model_id)
 
     @app.get("/fleet/status")

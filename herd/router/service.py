@@ -15,6 +15,7 @@ import logging
 import math
 from collections.abc import AsyncIterator
 from types import TracebackType
+from typing import Any
 
 import attrs
 import httpx
@@ -23,6 +24,7 @@ import trio
 from herd.config import NodeConfig, RouterConfig
 from herd.discovery import advertise
 from herd.models import FleetSnapshot, NodeStatus
+from herd.policy import virtual
 from herd.proxy.handler import ProxyASGI
 from herd.router.app import create_app
 from herd.router.pulls import PullService
@@ -150,11 +152,14 @@ class Router:
         a runtime setting (they beat the file: an operator who starts with ``--auto-pull``
         means it)."""
         settings = load_settings(self.config.data_path, self.settings)
-        flags = {
+        flags: dict[str, Any] = {
             name: getattr(self.config, name)
-            for name in ("auto_pull", "vram_fallback")
+            for name in ("auto_pull", "vram_fallback", "agent_defaults")
             if getattr(self.config, name) is not None
         }
+        if self.config.model_aliases:
+            parsed = [virtual.parse_alias(text) for text in self.config.model_aliases]
+            flags["model_aliases"] = {a.pattern: list(a.candidates) for a in parsed}
         for name, value in flags.items():
             if getattr(settings, name) != value:
                 log.info("%s is %s (from the command line or environment)", name, value)

@@ -25,6 +25,7 @@ from typing import Any
 import attrs
 
 from herd.errors import BadRequest
+from herd.policy import virtual
 
 log = logging.getLogger("herd.router")
 
@@ -50,6 +51,10 @@ class RuntimeSettings:
     prewarm_queue_depth: int = 4
     # How long one node's pre-warm of one model is remembered (no repeat inside it), seconds.
     prewarm_cooldown: float = 120.0
+    # Virtual model names (herd.policy.virtual): operator aliases, pattern -> candidates, and
+    # the zero-configuration tiers for coding agents' model ids (claude-*, gpt-*).
+    model_aliases: dict[str, list[str]] = attrs.field(factory=dict)
+    agent_defaults: bool = True
 
 
 # (minimum, maximum) of each number; the reaper samples every stale_timeout/4, so a tiny one
@@ -66,6 +71,11 @@ def _check(name: str, value: Any) -> Any:
     if field is None:
         known = ", ".join(attrs.fields_dict(RuntimeSettings))
         raise BadRequest(f"unknown setting '{name}'; settings are: {known}", param=name)
+    if name == "model_aliases":
+        try:
+            return virtual.check_aliases(value)
+        except ValueError as exc:
+            raise BadRequest(f"setting 'model_aliases': {exc}", param=name) from exc
     if field.type in (bool, "bool"):
         if not isinstance(value, bool):
             raise BadRequest(f"setting '{name}' must be true or false, got {value!r}", param=name)

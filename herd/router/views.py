@@ -96,8 +96,12 @@ def routable(snapshot: FleetSnapshot) -> list[NodeSnapshot]:
     return [n for n in snapshot.nodes if n.status is not NodeStatus.OFFLINE]
 
 
-def tags(snapshot: FleetSnapshot) -> dict[str, Any]:
-    """Union of every routable node's models; each entry lists the nodes that have it."""
+Virtual = list[tuple[str, tuple[str, ...]]]  # (name or pattern, candidates), policy.virtual
+
+
+def tags(snapshot: FleetSnapshot, virtual: Virtual | None = None) -> dict[str, Any]:
+    """Union of every routable node's models; each entry lists the nodes that have it. Then
+    the virtual names (``virtual: true``, ``candidates``), after the real ones."""
     entries: dict[str, dict[str, Any]] = {}
     for node in routable(snapshot):
         for model in node.report.available_models:
@@ -113,7 +117,23 @@ def tags(snapshot: FleetSnapshot) -> dict[str, Any]:
                     "nodes": [],
                 }
             entry["nodes"].append(node.node_id)
-    return {"models": sorted(entries.values(), key=lambda e: str(e["name"]))}
+    models = sorted(entries.values(), key=lambda e: str(e["name"]))
+    for name, candidates in virtual or []:
+        if name not in entries:
+            models.append(
+                {
+                    "name": name,
+                    "model": name,
+                    "modified_at": None,
+                    "size": 0,
+                    "digest": "",
+                    "details": _details("virtual", "", ""),
+                    "nodes": [],
+                    "virtual": True,
+                    "candidates": list(candidates),
+                }
+            )
+    return {"models": models}
 
 
 def ps(snapshot: FleetSnapshot) -> dict[str, Any]:
@@ -152,5 +172,14 @@ def openai_model(name: str, created: int) -> dict[str, Any]:
     return {"id": name, "object": "model", "created": created, "owned_by": "herd"}
 
 
-def openai_models(snapshot: FleetSnapshot, created: int) -> dict[str, Any]:
-    return {"object": "list", "data": [openai_model(n, created) for n in model_names(snapshot)]}
+def openai_models(
+    snapshot: FleetSnapshot, created: int, virtual: Virtual | None = None
+) -> dict[str, Any]:
+    names = model_names(snapshot)
+    data = [openai_model(n, created) for n in names]
+    data += [
+        {**openai_model(name, created), "virtual": True, "candidates": list(candidates)}
+        for name, candidates in virtual or []
+        if name not in names
+    ]
+    return {"object": "list", "data": data}

@@ -309,6 +309,7 @@ const TOGGLES = {
   auto_pull: "Auto-pull missing models (off: an unknown model is a 404)",
   vram_fallback: "VRAM-aware fallback: substitute a loaded model (opt-in)",
   context_protection: "Context protection",
+  agent_defaults: "Coding agents' model ids (claude-*, gpt-*) by size",
   image_generation: "Image generation routing",
   transcription: "Speech-to-text routing",
 };
@@ -329,6 +330,26 @@ loaders.settings = async () => {
       alert(err.message);
     }
   }));
+  const aliases = $("#aliases");
+  aliases.value = Object.entries(data.settings.model_aliases || {})
+    .map(([pattern, models]) => `${pattern} = ${models.join(", ")}`).join("\n");
+  $("#save-aliases").onclick = async () => {
+    const parsed = {};
+    for (const line of aliases.value.split("\n")) {
+      if (!line.trim()) continue;
+      const [pattern, models] = line.split("=");
+      parsed[(pattern || "").trim()] = (models || "").split(",").map(m => m.trim()).filter(Boolean);
+    }
+    try {
+      await api("/dashboard/api/settings", {
+        method: "POST", headers: { "Content-Type": "application/json" },
+        body: JSON.stringify({ model_aliases: parsed }),
+      });
+      $("#aliases-status").textContent = "saved";
+    } catch (err) {
+      $("#aliases-status").textContent = err.message;
+    }
+  };
   $("#settings-nodes").innerHTML = data.nodes.length ? table([
     { title: "node", html: r => `${esc(r.node_id)}${r.router ? ' <span class="badge sev-info">router</span>' : ""}` },
     { title: "status", html: r => `<span class="badge s-${esc(r.status)}">${esc(r.status)}</span>` },
