@@ -1306,7 +1306,7 @@ def _capability_error(
 ) -> str | None:
     """What Ollama answers (400) before loading for a request ``model`` can't serve."""
     requested = data.get("model") or data.get("name")
-    if isinstance(think, str):  # levels are for gpt-oss alone
+    if isinstance(think, str) and not model.name.startswith("gpt-oss"):  # levels: gpt-oss only
         return f'think value "{think}" is not supported for this model'
     if think and not model.thinking:
         return f'"{requested}" does not support thinking'
