@@ -102,6 +102,10 @@ def flags_of(namespace: argparse.Namespace) -> dict[str, Any]:
 
 def router_config(flags: Mapping[str, Any], environ: Mapping[str, str]) -> RouterConfig:
     values = resolve("router", flags, environ)
+    # Ollama's own variable works here too: herd answers browsers as Ollama would.
+    ollama_origins = environ.get("OLLAMA_ORIGINS", "")
+    extra = tuple(o.strip() for o in ollama_origins.split(",") if o.strip())
+    values["origins"] = tuple(values.get("origins") or ()) + extra
     if values.get("port") is None:
         values["port"] = DEFAULT_PORT
     return RouterConfig.from_options(values)

@@ -289,6 +289,18 @@ OPTIONS: tuple[Option, ...] = (
         repeatable=True,
     ),
     Option(
+        "origins",
+        "--origins",
+        "FLEET_ORIGINS",
+        (),
+        _str_list,
+        "browser origins allowed to call the API besides localhost, 127.0.0.1, 0.0.0.0 and "
+        "app/extension schemes (comma list, * wildcards, e.g. https://chat.example.com); "
+        "OLLAMA_ORIGINS is read too",
+        roles=("router",),
+        category="security",
+    ),
+    Option(
         "log_level",
         "--log-level",
         "FLEET_LOG_LEVEL",
@@ -517,6 +529,8 @@ class RouterConfig:
     model_aliases: tuple[str, ...] = ()
     pull_hosts: tuple[str, ...] = ()
     forget_after: float = 86400.0
+    # Extra browser origins (CORS) beyond the defaults, see herd.security.
+    origins: tuple[str, ...] = ()
 
     @property
     def data_path(self) -> Path:

@@ -12,6 +12,17 @@ who may change operator state. Two ASGI layers in front of everything else.
   not come from another site (an ``Origin`` that isn't this router's own, or
   ``Sec-Fetch-Site: cross-site``, is 403). A web page elsewhere can't submit a form to the
   router, and CORS never opens these paths.
+- **CORS**, as Ollama does it: browser apps on allowed origins may call the API from another
+  origin. Allowed by default: ``localhost``, ``127.0.0.1`` and ``0.0.0.0`` on any port (http
+  and https), the app schemes ``app://``, ``file://``, ``tauri://``, ``vscode-webview://``,
+  and browser extensions (``chrome-extension://``, ``moz-extension://``,
+  ``safari-web-extension://``); ``--origins`` / ``FLEET_ORIGINS`` and Ollama's own
+  ``OLLAMA_ORIGINS`` add more (comma lists; ``*`` wildcards). A request whose ``Origin`` is
+  neither allowed nor the router's own is refused (403), as Ollama refuses it; a preflight
+  (``OPTIONS`` with ``Access-Control-Request-Method``) on any API path is answered 204 with
+  the allowed method and headers. Answers carry ``Access-Control-Allow-Origin`` (the origin
+  itself) and expose the ``X-Herd-*`` headers. The dashboard's API and the nodes' socket are
+  never opened to other origins.
 
 :class:`ApiKeyGate`: with keys configured (``--api-key`` / ``FLEET_API_KEYS``), every HTTP
 endpoint needs one — ``Authorization: Bearer <key>`` (what the OpenAI SDK sends as its
@@ -26,6 +37,7 @@ constant time and never logged.
 
 from __future__ import annotations
 
+import fnmatch
 import hmac
 import urllib.parse
 from collections.abc import Awaitable, Callable, MutableMapping
@@ -45,6 +57,32 @@ WEBSOCKET_PATHS = frozenset({"/fleet/ws"})
 OPERATOR_PREFIX = "/dashboard/api/"
 MAX_HEADER_BYTES = 16 * 1024
 MAX_HEADERS = 100
+DEFAULT_ORIGINS = (
+    "http://localhost",
+    "https://localhost",
+    "http://localhost:*",
+    "https://localhost:*",
+    "http://127.0.0.1",
+    "https://127.0.0.1",
+    "http://127.0.0.1:*",
+    "https://127.0.0.1:*",
+    "http://0.0.0.0",
+    "https://0.0.0.0",
+    "http://0.0.0.0:*",
+    "https://0.0.0.0:*",
+    "app://*",
+    "file://*",
+    "tauri://*",
+    "vscode-webview://*",
+    "chrome-extension://*",
+    "moz-extension://*",
+    "safari-web-extension://*",
+)
+CORS_METHODS = b"GET, POST, PUT, PATCH, DELETE, HEAD, OPTIONS"
+CORS_EXPOSED = (
+    b"X-Herd-Node, X-Herd-Model, X-Herd-Retries, X-Herd-Fallback, X-Herd-Request-Id, Retry-After"
+)
+CORS_MAX_AGE = b"600"
 
 
 def header_value(scope: Scope, name: bytes) -> str | None:
@@ -148,9 +186,29 @@ def operator_write_error(scope: Scope) -> HerdError | None:
     return None
 
 
+class Origins:
+    """Which browser origins may call the API (patterns with ``*``, matched whole)."""
+
+    def __init__(self, extra: tuple[str, ...] = ()) -> None:
+        self.patterns = tuple(p.strip().lower() for p in (*DEFAULT_ORIGINS, *extra) if p.strip())
+
+    def allowed(self, origin: str) -> bool:
+        origin = origin.lower()
+        return any(fnmatch.fnmatchcase(origin, pattern) for pattern in self.patterns)
+
+
+def cors_headers(origin: str) -> list[tuple[bytes, bytes]]:
+    return [
+        (b"access-control-allow-origin", origin.encode("latin-1")),
+        (b"access-control-expose-headers", CORS_EXPOSED),
+        (b"vary", b"Origin"),
+    ]
+
+
 class FrontGuard:
-    def __init__(self, app: Any) -> None:
+    def __init__(self, app: Any, origins: Origins | None = None) -> None:
         self.app = app
+        self.origins = origins or Origins()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
@@ -163,7 +221,41 @@ class FrontGuard:
             if error is not None:
                 await send_error(send, error, scope["path"], close=True)
                 return
+            origin = header_value(scope, b"origin")
+            if origin is not None and not same_origin(scope):
+                await self.cross_origin(origin, scope, receive, send)
+                return
         await self.app(scope, receive, send)
+
+    async def cross_origin(self, origin: str, scope: Scope, receive: Receive, send: Send) -> None:
+        """A browser on another origin: refused unless allowed (as Ollama does); a preflight
+        answered here; otherwise the app's answer with CORS headers added."""
+        path = scope["path"]
+        if path.startswith(("/dashboard", "/fleet/")) or not self.origins.allowed(origin):
+            await send_error(send, Forbidden(f"origin {origin!r} is not allowed"), path)
+            return
+        if scope["method"] == "OPTIONS" and header_value(scope, b"access-control-request-method"):
+            requested = header_value(scope, b"access-control-request-headers") or ""
+            headers = [
+                *cors_headers(origin),
+                (b"access-control-allow-methods", CORS_METHODS),
+                (b"access-control-allow-headers", requested.encode("latin-1")),
+                (b"access-control-max-age", CORS_MAX_AGE),
+                (b"content-length", b"0"),
+            ]
+            await send({"type": "http.response.start", "status": 204, "headers": headers})
+            await send({"type": "http.response.body", "body": b""})
+            return
+
+        async def send_with_cors(message: MutableMapping[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                message = {
+                    **message,
+                    "headers": [*message.get("headers", []), *cors_headers(origin)],
+                }
+            await send(message)
+
+        await self.app(scope, receive, send_with_cors)
 
 
 class ApiKeyGate:

@@ -55,7 +55,11 @@ def browser() -> str:
 
 
 async def in_browser(
-    browser: str, url: str, steps: Callable[[Page], Any], dark: bool = False
+    browser: str,
+    url: str,
+    steps: Callable[[Page], Any],
+    dark: bool = False,
+    flags: tuple[str, ...] = (),
 ) -> Any:
     """Run blocking Playwright steps in a worker thread while the router serves. Playwright's
     sync objects belong to the thread that made them, so the browser starts there too."""
@@ -63,7 +67,7 @@ async def in_browser(
     def run() -> Any:
         errors: list[str] = []
         with sync_playwright() as playwright:
-            chromium = playwright.chromium.launch(executable_path=browser, args=FLAGS)
+            chromium = playwright.chromium.launch(executable_path=browser, args=[*FLAGS, *flags])
             context = chromium.new_context(
                 viewport={"width": 1360, "height": 900}, color_scheme="dark" if dark else "light"
             )

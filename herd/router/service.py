@@ -30,7 +30,7 @@ from herd.router.app import create_app
 from herd.router.pulls import PullService
 from herd.router.settings import RuntimeSettings, load_settings, updated
 from herd.router.state import RouterState
-from herd.security import ApiKeyGate, FrontGuard
+from herd.security import ApiKeyGate, FrontGuard, Origins
 from herd.server import serve_app
 from herd.store.db import DB_NAME, recent_latencies
 from herd.store.writer import TraceWriter
@@ -117,7 +117,10 @@ class Router:
                 recent_latencies, state.store.path
             ):
                 state.history.record(node_id, model, latency, rate)
-            app = FrontGuard(ApiKeyGate(self.config.api_keys, ProxyASGI(state, create_app(state))))
+            app = FrontGuard(
+                ApiKeyGate(self.config.api_keys, ProxyASGI(state, create_app(state))),
+                Origins(self.config.origins),
+            )
             exposed = self.config.host not in ("127.0.0.1", "localhost", "::1")
             if exposed and not self.config.auth_token:
                 log.warning(
