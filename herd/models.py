@@ -59,6 +59,10 @@ class AvailableModel:
     quantization: str = ""
     modified_at: str = ""
     digest: str = ""
+    parent_model: str = ""
+    # What the backend says the model can do (Ollama /api/show): "completion", "vision",
+    # "embedding", "tools", "thinking", "insert"; empty = not known (yet).
+    capabilities: tuple[str, ...] = ()
 
 
 @attrs.frozen

@@ -74,3 +74,29 @@ def test_fleet_status_counts() -> None:
 def test_openai_models() -> None:
     data = views.openai_models(FLEET, created=1)["data"]
     assert [m["id"] for m in data] == ["a:latest", "b:latest"]
+
+
+def test_ps_lists_a_model_loaded_on_two_nodes_once() -> None:
+    twice = FleetSnapshot(
+        nodes=(
+            node(
+                "n1",
+                available_models=(AvailableModel("a:latest", 10, parent_model="base:7b"),),
+                loaded_models=(LoadedModel("a:latest", 10, 10, 4096, expires_at=100.0),),
+            ),
+            node(
+                "n2",
+                available_models=(AvailableModel("a:latest", 10),),
+                loaded_models=(LoadedModel("a:latest", 12, 6, 8192, expires_at=None),),
+            ),
+        )
+    )
+    (entry,) = views.ps(twice)["models"]
+    assert entry["expires_at"] == views.FOREVER  # the copy that stays longest (n2: forever)
+    assert (entry["node"], entry["context_length"], entry["size_vram"]) == ("n2", 8192, 6)
+    assert [(c["node"], c["expires_at"]) for c in entry["nodes"]] == [
+        ("n1", "1970-01-01T00:01:40Z"),
+        ("n2", views.FOREVER),
+    ]
+    assert entry["details"]["parent_model"] == "base:7b"
+    assert views.tags(twice)["models"][0]["details"]["parent_model"] == "base:7b"

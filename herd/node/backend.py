@@ -13,6 +13,7 @@ ignored and missing ones take their defaults; an entry without a name is skipped
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import itertools
 from typing import Any
@@ -24,6 +25,8 @@ import trio
 from herd.models import AvailableModel, BackendInfo, LoadedModel
 
 PROBE_TIMEOUT = 3.0
+SHOW_TIMEOUT = 5.0  # seconds for the /api/show answers of models not asked about yet
+SHOW_CONCURRENCY = 4
 # Ollama reports "never expires" as a date far in the future; treat those as no expiry.
 FAR_FUTURE = dt.datetime(2200, 1, 1, tzinfo=dt.UTC).timestamp()
 ERROR_MAX_CHARS = 200
@@ -112,6 +115,7 @@ def parse_tags(data: Any) -> tuple[AvailableModel, ...]:
                 quantization=_str(details.get("quantization_level")),
                 modified_at=_str(entry.get("modified_at")),
                 digest=_str(entry.get("digest")),
+                parent_model=_str(details.get("parent_model")),
             )
         )
     return tuple(out)
@@ -146,6 +150,8 @@ class OllamaBackend:
     client: httpx.AsyncClient
     # The whole probe's deadline; also each request's transport timeout.
     timeout: float = PROBE_TIMEOUT
+    # (name, digest) -> capabilities from /api/show, asked once per model version.
+    _capabilities: dict[tuple[str, str], tuple[str, ...]] = attrs.field(factory=dict, init=False)
 
     async def probe(self) -> BackendState:
         """Read version, ps and tags concurrently, within ``timeout`` seconds.
@@ -189,7 +195,43 @@ class OllamaBackend:
                 healthy=True,
             ),
             loaded=parse_ps(results["/api/ps"]),
-            available=parse_tags(results["/api/tags"]),
+            available=await self.with_capabilities(parse_tags(results["/api/tags"])),
+        )
+
+    async def with_capabilities(
+        self, available: tuple[AvailableModel, ...]
+    ) -> tuple[AvailableModel, ...]:
+        """``available`` with each model's capabilities from ``/api/show``, asked once per
+        model version (name and digest) and cached; a model whose answer didn't come (in
+        :data:`SHOW_TIMEOUT`, :data:`SHOW_CONCURRENCY` at a time) is asked again next time."""
+        wanted = [(m.name, m.digest) for m in available]
+        missing = [key for key in wanted if key not in self._capabilities]
+        if missing:
+            limit = trio.Semaphore(SHOW_CONCURRENCY)
+
+            async def show(key: tuple[str, str]) -> None:
+                async with limit:
+                    with contextlib.suppress(httpx.HTTPError, ValueError):
+                        response = await self.client.post(
+                            self.url + "/api/show", json={"model": key[0]}, timeout=SHOW_TIMEOUT
+                        )
+                        data = response.json() if response.status_code == 200 else None
+                        listed = data.get("capabilities") if isinstance(data, dict) else None
+                        if isinstance(listed, list):
+                            self._capabilities[key] = tuple(
+                                str(c) for c in listed if isinstance(c, str)
+                            )
+
+            with trio.move_on_after(SHOW_TIMEOUT):
+                async with trio.open_nursery() as nursery:
+                    for key in missing:
+                        nursery.start_soon(show, key)
+        current = set(wanted)
+        for key in [k for k in self._capabilities if k not in current]:
+            del self._capabilities[key]  # deleted or replaced models
+        return tuple(
+            attrs.evolve(m, capabilities=self._capabilities.get((m.name, m.digest), ()))
+            for m in available
         )
 
 

@@ -97,7 +97,9 @@ class OpenAIBackend:
         if with_props is not None:
             self.context_length, self.slots = context, slots
         self.ids = ids
-        available = tuple(AvailableModel(name=name) for name in self.ids)
+        available = tuple(
+            AvailableModel(name=name, capabilities=("completion",)) for name in self.ids
+        )
         # An OpenAI-compatible server keeps what it serves loaded.
         loaded = tuple(
             LoadedModel(name=name, context_length=self.context_length) for name in self.ids

@@ -9,7 +9,7 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any
 
-from herd.models import FleetSnapshot, NodeSnapshot, NodeStatus
+from herd.models import AvailableModel, FleetSnapshot, NodeSnapshot, NodeStatus
 from herd.router.queues import QueueStatistics
 from herd.wire import unstructure
 
@@ -82,14 +82,27 @@ def fleet_status(
     }
 
 
-def _details(family: str, parameter_size: str, quantization: str) -> dict[str, Any]:
+# What /api/ps says for a model kept loaded for ever (Ollama prints a date ~290 years out).
+FOREVER = "2318-01-01T00:00:00Z"
+
+
+def _details(
+    family: str, parameter_size: str, quantization: str, parent_model: str = ""
+) -> dict[str, Any]:
     return {
+        "parent_model": parent_model,
         "format": "gguf",
         "family": family,
         "families": [family] if family else None,
         "parameter_size": parameter_size,
         "quantization_level": quantization,
     }
+
+
+def _model_details(model: AvailableModel | None) -> dict[str, Any]:
+    if model is None:
+        return _details("", "", "")
+    return _details(model.family, model.parameter_size, model.quantization, model.parent_model)
 
 
 def routable(snapshot: FleetSnapshot) -> list[NodeSnapshot]:
@@ -113,7 +126,8 @@ def tags(snapshot: FleetSnapshot, virtual: Virtual | None = None) -> dict[str, A
                     "modified_at": model.modified_at or None,
                     "size": model.size_bytes,
                     "digest": model.digest,
-                    "details": _details(model.family, model.parameter_size, model.quantization),
+                    "details": _model_details(model),
+                    "capabilities": list(model.capabilities),
                     "nodes": [],
                 }
             entry["nodes"].append(node.node_id)
@@ -137,29 +151,37 @@ def tags(snapshot: FleetSnapshot, virtual: Virtual | None = None) -> dict[str, A
 
 
 def ps(snapshot: FleetSnapshot) -> dict[str, Any]:
-    """Every loaded model on every routable node; each entry names its node."""
-    models = []
+    """Every model loaded on a routable node, one entry per model as Ollama lists it. A model
+    loaded on several nodes is one entry: its fields are those of the copy that stays loaded
+    longest (``node`` names it), and ``nodes`` lists every node's copy with its own size, VRAM,
+    context and expiry. ``expires_at`` is always a time (:data:`FOREVER` for "never")."""
+    entries: dict[str, dict[str, Any]] = {}
     for node in routable(snapshot):
         for loaded in node.report.loaded_models:
             available = node.available(loaded.name)
-            models.append(
-                {
+            expires = _iso(loaded.expires_at) or FOREVER
+            copy = {
+                "node": node.node_id,
+                "size": loaded.size_bytes,
+                "size_vram": loaded.vram_bytes,
+                "context_length": loaded.context_length,
+                "expires_at": expires,
+            }
+            entry = entries.get(loaded.name)
+            if entry is None:
+                entries[loaded.name] = {
                     "name": loaded.name,
                     "model": loaded.name,
-                    "size": loaded.size_bytes,
-                    "size_vram": loaded.vram_bytes,
-                    "context_length": loaded.context_length,
-                    "expires_at": _iso(loaded.expires_at),
+                    **copy,
                     "digest": available.digest if available else "",
-                    "details": _details(
-                        available.family if available else "",
-                        available.parameter_size if available else "",
-                        available.quantization if available else "",
-                    ),
-                    "node": node.node_id,
+                    "details": _model_details(available),
+                    "nodes": [copy],
                 }
-            )
-    return {"models": models}
+                continue
+            entry["nodes"].append(copy)
+            if expires > entry["expires_at"]:  # ISO 8601 in UTC sorts as text
+                entry.update(copy)
+    return {"models": sorted(entries.values(), key=lambda e: str(e["name"]))}
 
 
 def model_names(snapshot: FleetSnapshot) -> list[str]:
