@@ -30,8 +30,9 @@ from herd.errors import (
     TooManyRequests,
     parse_json_body,
 )
+from herd.proxy import fanout
 from herd.proxy import relay as relays
-from herd.proxy.dispatch import Attempts, Opened, open_upstream
+from herd.proxy.dispatch import Attempts, Opened, models_known, open_upstream
 from herd.proxy.shaping import ROUTES, InferenceRequest, Route, shape
 from herd.router import traces
 from herd.router.state import RouterState
@@ -189,6 +190,11 @@ class ProxyASGI:
                 header(scope, b"x-herd-allow-substitution"),
             )
             state.requests_total += 1
+            if request.load_action is not None and await self.load_or_unload(
+                ctx, request, attempts, send
+            ):
+                status = traces.COMPLETED
+                return
             async with contextlib.AsyncExitStack() as stack:
                 opened = await open_upstream(state, request, stack, attempts)
                 ctx.headers_sent = True
@@ -219,6 +225,45 @@ class ProxyASGI:
         finally:
             if request is not None:
                 self.record(ctx, request, opened, attempts, result, status, error)
+
+    async def load_or_unload(
+        self, ctx: RequestContext, request: InferenceRequest, attempts: Attempts, send: Send
+    ) -> bool:
+        """Ollama's load/unload request, to every node holding the model (see
+        :mod:`herd.proxy.fanout`). False: not handled here (a load of a model loaded nowhere
+        is routed like any request; a model no node has gets its 404 there)."""
+        state = self.state
+        if not models_known(state, request.models):
+            return False
+        nodes = fanout.holders(state, request.model)
+        if not nodes and request.load_action == "load":
+            return False
+        headers = [
+            (b"x-herd-model", request.model.encode()),
+            (b"x-herd-retries", b"0"),
+            (b"x-herd-request-id", ctx.request_id.encode()),
+        ]
+        if nodes:
+            result = await fanout.fan_out(state, request, nodes)
+            attempts.last_node = result.reached[0]
+            answer = result.answer
+            headers.append((b"x-herd-node", ",".join(result.reached).encode()))
+            if result.failed:
+                headers.append((b"x-herd-failed", ",".join(result.failed).encode()))
+        else:
+            answer = fanout.unloaded_answer(request)
+        content_type = b"application/x-ndjson" if request.stream else b"application/json"
+        ctx.headers_sent = True
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [(b"content-type", content_type), *headers],
+            }
+        )
+        body = answer.strip() + b"\n" if request.stream else answer
+        await send({"type": "http.response.body", "body": body, "more_body": False})
+        return True
 
     async def relay(
         self, ctx: RequestContext, opened: Opened, request: InferenceRequest, send: Send

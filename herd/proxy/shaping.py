@@ -89,6 +89,9 @@ class InferenceRequest:
     # A virtual name's candidates (herd.policy.virtual), set by the dispatcher; empty for a
     # real model name.
     groups: tuple[tuple[str, ...], ...] = ()
+    # Ollama's load and unload requests (an empty prompt or no messages; unload with
+    # keep_alive 0): they go to every node that holds the model, see herd.proxy.fanout.
+    load_action: str | None = None
 
     @property
     def models(self) -> tuple[str, ...]:
@@ -159,6 +162,35 @@ def _allow_substitution(body: Mapping[str, Any], header: str | None) -> bool:
                 param="allow_substitution",
             )
     return value
+
+
+def keep_alive_zero(value: Any) -> bool:
+    """Is ``keep_alive`` Ollama's "unload now" (0, "0", "0s", "0m", ...)?"""
+    if isinstance(value, bool):
+        return False
+    if isinstance(value, int | float):
+        return value == 0
+    if isinstance(value, str):
+        digits = value.strip().rstrip("smhSMH")
+        try:
+            return float(digits) == 0 if digits else False
+        except ValueError:
+            return False
+    return False
+
+
+def load_action(route: Route, body: Mapping[str, Any]) -> str | None:
+    """``"load"``/``"unload"`` for Ollama's model-management forms of chat and generate: no
+    prompt (or an empty one, no images) / no messages; ``keep_alive: 0`` unloads."""
+    if route.name == "ollama.generate":
+        empty = not body.get("prompt") and not body.get("images")
+    elif route.name == "ollama.chat":
+        empty = not body.get("messages")
+    else:
+        return None
+    if not empty:
+        return None
+    return "unload" if keep_alive_zero(body.get("keep_alive")) else "load"
 
 
 def _stream_flag(body: Mapping[str, Any], default: bool) -> bool:
@@ -243,6 +275,7 @@ def shape(
         ),
         requested_context=_requested_context(upstream),
         allow_substitution=allow_substitution,
+        load_action=load_action(route, body),
         embedding_format=(
             openai_compat.embedding_format(body) if route.name == "openai.embeddings" else "float"
         ),
