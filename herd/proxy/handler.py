@@ -34,6 +34,7 @@ from herd.proxy import relay as relays
 from herd.proxy.dispatch import Attempts, Opened, open_upstream
 from herd.proxy.shaping import ROUTES, InferenceRequest, Route, shape
 from herd.router import traces
+from herd.router.responses_store import StoredResponse
 from herd.router.state import RouterState
 from herd.router.traces import TraceRecord
 
@@ -182,11 +183,16 @@ class ProxyASGI:
         status = traces.FAILED
         error: str | None = None
         try:
+            body = parse_json_body(raw)
             request = shape(
                 route,
-                parse_json_body(raw),
+                body,
                 header(scope, b"x-herd-tags"),
                 header(scope, b"x-herd-allow-substitution"),
+                # The stored response a Responses request continues (None: not stored here).
+                state.responses.get(body.get("previous_response_id"))
+                if route.name == "openai.responses"
+                else None,
             )
             state.requests_total += 1
             async with contextlib.AsyncExitStack() as stack:
@@ -202,6 +208,8 @@ class ProxyASGI:
                 if result.complete:
                     opened.lease.succeeded()
                     status = traces.COMPLETED
+                    if isinstance(result.outcome, StoredResponse):
+                        state.responses.put(result.outcome)  # a Responses answer, store: true
                 else:
                     status = traces.INCOMPLETE if result.status_code < 400 else traces.FAILED
                     error = result.error
