@@ -35,6 +35,7 @@ from herd.proxy import relay as relays
 from herd.proxy.dispatch import Attempts, Opened, models_known, open_upstream
 from herd.proxy.shaping import ROUTES, InferenceRequest, Route, shape
 from herd.router import traces
+from herd.router.responses_store import StoredResponse
 from herd.router.state import RouterState
 from herd.router.traces import TraceRecord
 
@@ -183,11 +184,16 @@ class ProxyASGI:
         status = traces.FAILED
         error: str | None = None
         try:
+            body = parse_json_body(raw)
             request = shape(
                 route,
-                parse_json_body(raw),
+                body,
                 header(scope, b"x-herd-tags"),
                 header(scope, b"x-herd-allow-substitution"),
+                # The stored response a Responses request continues (None: not stored here).
+                state.responses.get(body.get("previous_response_id"))
+                if route.name == "openai.responses"
+                else None,
             )
             state.requests_total += 1
             if request.load_action is not None and await self.load_or_unload(
@@ -208,6 +214,8 @@ class ProxyASGI:
                 if result.complete:
                     opened.lease.succeeded()
                     status = traces.COMPLETED
+                    if isinstance(result.outcome, StoredResponse):
+                        state.responses.put(result.outcome)  # a Responses answer, store: true
                 else:
                     status = traces.INCOMPLETE if result.status_code < 400 else traces.FAILED
                     error = result.error

@@ -427,7 +427,9 @@ async def relay_openai_whole(
             error = str(data["error"])
             data = None
     else:
-        data, error, chunks = await assemble(opened, chat=name == "openai.chat")
+        data, error, chunks = await assemble(
+            opened, chat=request.route.upstream_path == "/api/chat"
+        )
         result.completion_tokens = chunks or None
     if data is None:
         await send_json(send, 502, _broken_answer(result, error or "", "openai"), headers)

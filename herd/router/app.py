@@ -195,6 +195,16 @@ def create_app(state: RouterState) -> QuartTrio:
             return json_response({**body, "virtual": True, "candidates": resolution.candidates})
         raise ModelNotFound(model_id)
 
+    @app.get("/v1/responses/<response_id>")
+    async def stored_response(response_id: str) -> Response:
+        stored = state.responses.get(response_id)
+        if stored is None:
+            raise NotFound(
+                f"response '{response_id}' is not stored on this router (herd keeps the last "
+                "responses made with store: true in memory only)"
+            )
+        return json_response(stored.response)
+
     @app.get("/fleet/status")
     async def fleet_status() -> Response:
         return json_response(state.status_view())

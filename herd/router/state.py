@@ -24,6 +24,7 @@ from herd.router.history import LatencyHistory
 from herd.router.metrics import Metrics
 from herd.router.queues import QueueBook
 from herd.router.registry import NodeRegistry, StateChange
+from herd.router.responses_store import ResponseStore
 from herd.router.settings import RuntimeSettings
 from herd.router.traces import TraceRecord
 from herd.scoring import ScoringSettings
@@ -74,6 +75,8 @@ class RouterState:
     metrics: Metrics = attrs.field(factory=Metrics)
     # Inference requests in progress per client address (the per-client cap), only non-zero.
     in_progress_by_client: dict[str, int] = attrs.field(factory=dict)
+    # Stored OpenAI Responses (previous_response_id, GET /v1/responses/{id}), bounded.
+    responses: ResponseStore = attrs.field(factory=ResponseStore)
     _fleet_changed: trio.Event = attrs.field(factory=trio.Event)
     _settings_changed: trio.Event = attrs.field(factory=trio.Event)
 
