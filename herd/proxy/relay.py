@@ -432,7 +432,9 @@ async def relay_openai_whole(
         )
         result.completion_tokens = chunks or None
     if data is None:
-        await send_json(send, 502, _broken_answer(result, error or "", "openai"), headers)
+        flavor = request.route.flavor
+        status = NodeBadStatus("").status_for(flavor)  # 502, or Anthropic's 500
+        await send_json(send, status, _broken_answer(result, error or "", flavor), headers)
         return result
     if name != "openai.embeddings":
         payload, result.outcome = whole_answer(request, data, request_id, created, opened.model)
