@@ -74,6 +74,8 @@ async def in_browser(
             page = context.new_page()
             page.set_default_timeout(15_000)
             page.on("pageerror", lambda exc: errors.append(str(exc)))
+            # The page alerts on a failed save: record it (and let the page go on).
+            page.on("dialog", lambda dialog: (errors.append(dialog.message), dialog.dismiss()))
             try:
                 page.goto(url)
                 result = steps(page)
@@ -232,7 +234,13 @@ async def test_settings_toggle_round_trips(tmp_path: Path, browser: str) -> None
         def toggle(page: Page) -> None:
             switch = page.locator('input[data-setting="vram_fallback"]')
             expect(switch).not_to_be_checked()  # substitution is opt-in
-            page.locator(".toggle", has_text="VRAM-aware fallback").locator(".switch span").click()
+            # The switch flips at once; the save is a request: wait for its answer before
+            # reloading (a reload in between would abort it).
+            with page.expect_response("**/dashboard/api/settings") as saved:
+                page.locator(".toggle", has_text="VRAM-aware fallback").locator(
+                    ".switch span"
+                ).click()
+            assert saved.value.status == 200, saved.value.text()
             expect(switch).to_be_checked()
             page.reload()
             expect(page.locator('input[data-setting="vram_fallback"]')).to_be_checked()
