@@ -153,6 +153,50 @@ async def test_a_function_call_round_trip(fleet: Fleet, oai: openai.OpenAI) -> N
     assert messages[2] == {"role": "tool", "content": "sunny, 21", "tool_name": "get_weather"}
 
 
+APPLY_PATCH = {
+    "type": "custom",
+    "name": "apply_patch",
+    "description": "Apply a patch to the workspace.",
+    "format": {"type": "grammar", "syntax": "lark", "definition": "start: /.+/"},
+}
+
+
+async def test_a_custom_tool_round_trip_as_codex_sends_it(fleet: Fleet, oai: openai.OpenAI) -> None:
+    first = await in_thread(
+        lambda: oai.responses.create(
+            model="llama3.2:3b",
+            input="Fix the bug.",
+            tools=[APPLY_PATCH],  # type: ignore[list-item]
+            store=False,
+        )
+    )
+    (call,) = [item for item in first.output if item.type == "custom_tool_call"]
+    assert call.name == "apply_patch" and isinstance(call.input, str) and call.input  # type: ignore[union-attr]
+    # The model saw a function with one string parameter, the grammar in its description.
+    offered = sent(fleet)["tools"][0]["function"]
+    assert offered["name"] == "apply_patch" and offered["parameters"]["required"] == ["input"]
+    assert "start: /.+/" in offered["parameters"]["properties"]["input"]["description"]
+    history: list[Any] = [
+        {"role": "user", "content": "Fix the bug."},
+        *[item.model_dump(exclude_none=True) for item in first.output],
+        {"type": "custom_tool_call_output", "call_id": call.call_id, "output": "Done!"},  # type: ignore[union-attr]
+    ]
+    final = await in_thread(
+        lambda: oai.responses.create(
+            model="llama3.2:3b",
+            input=history,
+            tools=[APPLY_PATCH],  # type: ignore[list-item]
+            store=False,
+        )
+    )
+    assert final.output_text
+    messages = sent(fleet)["messages"]
+    assert messages[1]["tool_calls"] == [
+        {"function": {"name": "apply_patch", "arguments": {"input": call.input}}}  # type: ignore[union-attr]
+    ]
+    assert messages[2] == {"role": "tool", "content": "Done!", "tool_name": "apply_patch"}
+
+
 async def test_previous_response_id_continues_the_conversation(
     fleet: Fleet, oai: openai.OpenAI
 ) -> None:

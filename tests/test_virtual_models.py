@@ -133,7 +133,7 @@ async def test_agent_model_ids_are_served_by_fleet_models(tmp_path: Path) -> Non
         assert codex.json()["model"] == "qwen2.5:32b"
         await wait_until(lambda: len(fleet.router.state.traces) == 3)
         first = fleet.router.state.traces[0]
-        assert first.original_model.startswith("claude-3-5-haiku-latest")
+        assert first.original_model == "claude-3-5-haiku-latest"
         assert (first.model, first.substitution) == ("llama3.2:1b", "alias")
         # Listed as virtual entries.
         models = (await client.get("/v1/models")).json()["data"]
@@ -169,3 +169,32 @@ async def test_aliases_from_settings_and_turning_the_defaults_off(tmp_path: Path
         await client.post("/dashboard/api/settings", json={"model_aliases": {"x-*": ["nope:1b"]}})
         gone = await client.post("/v1/chat/completions", json=chat("x-model"))
         assert gone.status_code == 404
+
+
+async def test_claude_code_and_codex_ids_through_their_own_apis(tmp_path: Path) -> None:
+    import anthropic
+    import openai
+
+    from tests.conftest import in_thread
+
+    async with running_fleet(tmp_path, specs()) as fleet:
+        with anthropic.Anthropic(base_url=fleet.url, api_key="x", max_retries=0) as claude:
+            message = await in_thread(
+                lambda: claude.messages.create(
+                    model="claude-sonnet-4-5-20250929",
+                    max_tokens=64,
+                    messages=[{"role": "user", "content": "hi"}],
+                )
+            )
+        assert message.model == "qwen2.5-coder:7b"  # the mid tier, coding model first
+        with openai.OpenAI(base_url=fleet.url + "/v1", api_key="x", max_retries=0) as codex:
+            response = await in_thread(
+                lambda: codex.responses.create(model="gpt-5-codex", input="hi")
+            )
+        assert response.model == "qwen2.5:32b" and response.output_text
+        await wait_until(lambda: len(fleet.router.state.traces) == 2)
+        asked = [(t.original_model, t.model) for t in fleet.router.state.traces]
+        assert asked == [
+            ("claude-sonnet-4-5-20250929", "qwen2.5-coder:7b"),  # exactly as asked
+            ("gpt-5-codex", "qwen2.5:32b"),
+        ]

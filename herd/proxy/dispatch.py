@@ -103,6 +103,7 @@ class Attempts:
     excluded: list[str] = attrs.field(factory=list)
     last_error: HerdError | None = None
     last_decision: RouteDecision | None = None
+    virtual_rule: str | None = None  # the rule a virtual model name resolved by
 
 
 class Closable(Protocol):
@@ -362,6 +363,7 @@ async def open_upstream(
         if resolution is None:
             await auto_pull(state, request, deadline)
         else:
+            attempts.virtual_rule = resolution.rule
             request = attrs.evolve(request, groups=resolution.groups)
     while True:
         while attempts.tries <= config.max_retries:

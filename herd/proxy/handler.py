@@ -312,7 +312,7 @@ class ProxyASGI:
             TraceRecord(
                 request_id=ctx.request_id,
                 model=opened.model if opened is not None else request.model,
-                original_model=request.model,
+                original_model=request.asked if attempts.virtual_rule else request.model,
                 node_id=opened.node_id if opened is not None else attempts.last_node,
                 score=winner.score if winner is not None else None,
                 scores_breakdown=dict(winner.breakdown) if winner is not None else {},

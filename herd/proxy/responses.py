@@ -70,6 +70,8 @@ from herd.router.responses_store import MAX_BYTES, MAX_RESPONSES, StoredResponse
 
 _DUMP = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
 
+CUSTOM_INPUT = "input"  # the one parameter a custom tool's stand-in function takes
+CUSTOM_GRAMMAR_CHARS = 4000  # of a custom tool's grammar, shown to the model
 MAX_INPUT_ITEMS = 10_000  # input items of one request, its previous chain included
 ROLES = ("user", "assistant", "system", "developer")
 REASONING_SUMMARIES = ("auto", "concise", "detailed")
@@ -86,6 +88,8 @@ class ResponsesRequest:
     # The conversation so far as Responses input items: the previous chain's, then this
     # request's own input (normalised); the answer's output items are added when it is stored.
     conversation: tuple[Mapping[str, Any], ...]
+    # Custom (free-form input) tools, by name: a call to one is a custom_tool_call item.
+    custom_tools: frozenset[str] = frozenset()
 
 
 # --- the request --------------------------------------------------------------------------
@@ -199,7 +203,19 @@ def _item(item: Any, where: str) -> dict[str, Any]:
             "name": name,
             "arguments": arguments,
         }
-    if kind == "function_call_output":
+    if kind == "custom_tool_call":
+        name, given = item.get("name"), item.get("input", "")
+        if not isinstance(name, str) or not name or not isinstance(given, str):
+            raise _bad(
+                f"{where}: a custom_tool_call item needs 'name' and 'input' (strings)", "input"
+            )
+        return {
+            "type": "function_call",
+            "call_id": _call_id(item, where),
+            "name": name,
+            "arguments": _DUMP({CUSTOM_INPUT: given}),
+        }
+    if kind in ("function_call_output", "custom_tool_call_output"):
         output = item.get("output")
         return {
             "type": "function_call_output",
@@ -220,7 +236,7 @@ def _item(item: Any, where: str) -> dict[str, Any]:
         )
     raise _bad(
         f"{where}: unsupported input item type {kind!r} (herd takes message, function_call, "
-        "function_call_output and reasoning items)",
+        "function_call_output, custom_tool_call, custom_tool_call_output and reasoning items)",
         "input",
     )
 
@@ -316,10 +332,14 @@ def _tools(body: Mapping[str, Any]) -> tuple[list[dict[str, Any]], tuple[chat.To
     out: list[chat.Tool] = []
     for index, tool in enumerate(tools):
         kind = tool.get("type") if isinstance(tool, dict) else None
+        if isinstance(tool, dict) and kind == "custom":
+            echo.append(dict(tool))
+            out.append(_custom_tool(tool, index))
+            continue
         if not isinstance(tool, dict) or kind != "function":
             raise _bad(
                 f"tools[{index}]: tool type {kind!r} is not supported; herd serves function "
-                "tools only (the router runs no built-in tools such as web_search or "
+                "and custom tools (the router runs no built-in tools such as web_search or "
                 "file_search)",
                 "tools",
             )
@@ -343,6 +363,27 @@ def _tools(body: Mapping[str, Any]) -> tuple[list[dict[str, Any]], tuple[chat.To
         )
         out.append(chat.Tool(name, description or "", parameters or {}))
     return echo, tuple(out)
+
+
+def _custom_tool(tool: Mapping[str, Any], index: int) -> chat.Tool:
+    """A custom tool (free-form text input, e.g. Codex's apply_patch) as a function with one
+    string parameter, :data:`CUSTOM_INPUT`. Its grammar, if any, goes into the description:
+    Ollama can't constrain the text to it."""
+    name = tool.get("name")
+    if not isinstance(name, str) or not name:
+        raise _bad(f"tools[{index}] needs 'name' (a string)", "tools")
+    description = tool.get("description") if isinstance(tool.get("description"), str) else ""
+    fmt = tool.get("format")
+    hint = "free-form text"
+    if isinstance(fmt, dict) and fmt.get("type") == "grammar":
+        definition = str(fmt.get("definition", ""))[:CUSTOM_GRAMMAR_CHARS]
+        hint = f"text in this {fmt.get('syntax', '')} grammar:\n{definition}"
+    parameters = {
+        "type": "object",
+        "properties": {CUSTOM_INPUT: {"type": "string", "description": f"The input: {hint}"}},
+        "required": [CUSTOM_INPUT],
+    }
+    return chat.Tool(name, str(description), parameters)
 
 
 def _chosen_names(choice: Any, tools: tuple[chat.Tool, ...]) -> set[str] | None:
@@ -566,7 +607,14 @@ def shape(body: Mapping[str, Any], previous: Any = None) -> tuple[dict[str, Any]
         format=fmt,
         extra={"keep_alive": body["keep_alive"]} if "keep_alive" in body else {},
     )
-    native = ResponsesRequest(echo=echo, store=store, conversation=tuple(conversation))
+    custom = frozenset(
+        str(t.get("name"))
+        for t in body.get("tools") or ()
+        if isinstance(t, dict) and t.get("type") == "custom"
+    )
+    native = ResponsesRequest(
+        echo=echo, store=store, conversation=tuple(conversation), custom_tools=custom
+    )
     return turn.to_ollama(), native
 
 
@@ -750,7 +798,30 @@ class ResponsesStreamTranslator:
         self._output.append(item)
         return out + self._event("response.output_item.done", output_index=opened.index, item=item)
 
+    def _custom_call(self, call: chat.ToolCall) -> bytes:
+        out = self._close("completed")
+        index = len(self._output)
+        given = call.arguments.get(CUSTOM_INPUT)
+        text = given if isinstance(given, str) else _DUMP(dict(call.arguments))
+        item: dict[str, Any] = {
+            "id": f"ctc_{self.request_id}_{index}",
+            "type": "custom_tool_call",
+            "call_id": call.id,
+            "name": call.name,
+            "input": "",
+            "status": "in_progress",
+        }
+        out += self._event("response.output_item.added", output_index=index, item=item)
+        where = {"item_id": item["id"], "output_index": index}
+        out += self._event("response.custom_tool_call_input.delta", **where, delta=text)
+        out += self._event("response.custom_tool_call_input.done", **where, input=text)
+        item = {**item, "input": text, "status": "completed"}
+        self._output.append(item)
+        return out + self._event("response.output_item.done", output_index=index, item=item)
+
     def _call(self, call: chat.ToolCall) -> bytes:
+        if call.name in self.native.custom_tools:
+            return self._custom_call(call)
         out = self._close("completed")
         index = len(self._output)
         arguments = openai_compat._openai_call(call)["function"]["arguments"]

@@ -92,6 +92,8 @@ class InferenceRequest:
     # Ollama's load and unload requests (an empty prompt or no messages; unload with
     # keep_alive 0): they go to every node that holds the model, see herd.proxy.fanout.
     load_action: str | None = None
+    # The model name exactly as the client sent it (traces of virtual names show it).
+    asked: str = ""
 
     @property
     def models(self) -> tuple[str, ...]:
@@ -276,6 +278,7 @@ def shape(
         requested_context=_requested_context(upstream),
         allow_substitution=allow_substitution,
         load_action=load_action(route, body),
+        asked=str(body.get("model", "")).strip(),
         embedding_format=(
             openai_compat.embedding_format(body) if route.name == "openai.embeddings" else "float"
         ),
