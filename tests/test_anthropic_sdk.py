@@ -462,3 +462,38 @@ async def test_a_node_failing_mid_answer(fleet: Fleet, sdk: anthropic.Anthropic)
     assert broke.value.status_code == 500
     error_body = broke.value.body
     assert error_body["type"] == "error" and error_body["error"]["type"] == "api_error"
+
+
+async def test_an_agent_session_stays_on_the_node_holding_its_prompt(tmp_path: Path) -> None:
+    """Each turn of a Messages conversation (a growing prompt with a stable prefix) goes to
+    the node whose prompt cache holds the earlier turns, though both have the model hot."""
+    from herd.sim import SimConfig
+    from tests.conftest import LLAMA_3B, running_fleet
+
+    specs = [
+        SimConfig(name=name, models=(LLAMA_3B,), loaded=("llama3.2:3b",))
+        for name in ("alpha", "beta")
+    ]
+    async with running_fleet(tmp_path, specs) as fleet:
+        with anthropic.Anthropic(base_url=fleet.url, api_key="x", max_retries=0) as client:
+            messages: list[Any] = [{"role": "user", "content": "Read this file and fix it."}]
+            served: list[str] = []
+            for turn in range(4):
+                sent = list(messages)
+                reply = await in_thread(
+                    lambda sent=sent: client.messages.with_raw_response.create(  # type: ignore[misc]
+                        model="llama3.2:3b",
+                        max_tokens=32,
+                        system="You are a coder.",
+                        messages=sent,
+                    )
+                )
+                served.append(reply.headers["x-herd-node"])
+                message = reply.parse()
+                messages += [
+                    {"role": "assistant", "content": message.content[0].text},  # type: ignore[union-attr]
+                    {"role": "user", "content": f"Now step {turn + 2}."},
+                ]
+        assert len(set(served)) == 1, served
+        holder = fleet.sims[served[0]]
+        assert holder.prompt_cache_hits >= 3
