@@ -52,6 +52,22 @@ def _alias_list(value: str) -> tuple[str, ...]:
     return entries
 
 
+def _model_slots(value: str) -> dict[str, int]:
+    """``MODEL=N,MODEL=N`` (each N >= 1)."""
+    slots: dict[str, int] = {}
+    for part in value.split(","):
+        if not part.strip():
+            continue
+        name, sep, count = part.partition("=")
+        if not sep or not name.strip():
+            raise ValueError(f"expected MODEL=N, got {part.strip()!r}")
+        number = int(count)
+        if number < 1:
+            raise ValueError(f"slots must be >= 1, got {number} for {name.strip()}")
+        slots[name.strip()] = number
+    return slots
+
+
 def _port(value: str) -> int:
     number = int(value)
     if not 0 <= number <= 65535:
@@ -360,6 +376,18 @@ OPTIONS: tuple[Option, ...] = (
         category="node",
     ),
     Option(
+        "model_slots",
+        "--model-slots",
+        "FLEET_NODE_MODEL_SLOTS",
+        None,
+        _model_slots,
+        "per-model concurrency within the node's slots, MODEL=N[,MODEL=N] (the backend runs "
+        "that model N requests at a time; Ollama's embedding models are 1 by default)",
+        roles=("node",),
+        category="node",
+        shown_default="none",
+    ),
+    Option(
         "lan_proxy",
         "--lan-proxy",
         "FLEET_NODE_LAN_PROXY",
@@ -554,6 +582,7 @@ class NodeConfig:
     data_dir: str = "~/.fleet-manager"
     heartbeat_interval: float = 5.0
     parallel_slots: int = 4
+    model_slots: dict[str, int] = attrs.field(factory=dict)
     auth_token: str | None = None
     drain_timeout: float = 60.0
     advertise_host: str | None = None

@@ -154,6 +154,9 @@ class NodeReport:
     in_flight: int = 0
     # Parallel request slots of the backend: the router's per-node concurrency limit.
     parallel_slots: int = 4
+    # Per-model limits within those (``--model-slots``): some models run one request at a
+    # time. Models not named share the node's slots.
+    model_slots: dict[str, int] = attrs.field(factory=dict)
     capabilities: Capabilities = Capabilities()
     capacity: Capacity = Capacity()
     draining: bool = False
@@ -179,6 +182,8 @@ class ModelLoad:
     in_flight: int = 0
     # Router clock of the last time a request for this model took or left a slot here.
     last_used: float | None = None
+    # The model's own concurrency limit on this node; 0 = it shares the node's slots.
+    slots: int = 0
 
 
 @attrs.frozen

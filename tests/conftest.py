@@ -67,6 +67,7 @@ async def running_fleet(
     tmp_path: Path,
     specs: Sequence[SimConfig],
     settings: RuntimeSettings | None = None,
+    agent_options: dict[str, dict[str, Any]] | None = None,
     **router_options: Any,
 ) -> AsyncIterator[Fleet]:
     config = RouterConfig(host="127.0.0.1", port=0, data_dir=str(tmp_path), **router_options)
@@ -87,6 +88,7 @@ async def running_fleet(
                     heartbeat_interval=config.heartbeat_interval,
                     parallel_slots=spec.parallel,
                     auth_token=config.auth_token,
+                    **(agent_options or {}).get(spec.name, {}),
                 ),
                 system=sims[spec.name].system_reading,  # the simulated machine's memory
             )

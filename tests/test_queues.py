@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import trio
 import trio.testing
@@ -65,3 +67,40 @@ async def test_cancel_while_pending_uncounts() -> None:
                 pass  # pragma: no cover - never gets a slot
         assert book.counters("a", "m").pending == 0
     assert book.statistics().in_flight == 0
+
+
+async def test_a_model_with_its_own_limit_runs_that_many_at_once(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    import httpx
+
+    from herd.sim import SimConfig, SimModel
+    from tests.conftest import EMBED, GiB, running_fleet
+
+    slow = SimModel("slow:latest", size_bytes=GiB, tokens_per_second=10.0)
+    spec = SimConfig(name="solo", models=(slow, EMBED), loaded=("slow:latest",), parallel=4)
+    options = {"solo": {"model_slots": {"slow:latest": 1}}}
+    async with (
+        running_fleet(tmp_path, [spec], agent_options=options) as fleet,
+        httpx.AsyncClient(base_url=fleet.url, timeout=None, trust_env=False) as client,
+    ):
+        book = fleet.router.state.queues
+        seen: list[tuple[int, int]] = []
+
+        async def ask() -> None:
+            body = {"model": "slow", "prompt": "x", "stream": False}
+            assert (await client.post("/api/generate", json=body)).status_code == 200
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(3):
+                nursery.start_soon(ask)
+            await trio.sleep(0.5)  # virtual: all three are in by now
+            counters = book.counters("solo", "slow:latest")
+            seen.append((counters.in_flight, counters.pending))
+            # The scorer sees the model's own queue, not the node's spare slots.
+            load = fleet.router.fleet.nodes[0].load["slow:latest"]
+            assert load.slots == 1
+        assert seen == [(1, 2)]  # one at a time though the node has four slots
+        # Ollama runs an embedding-only model one request at a time: so does the book.
+        limits = book.model_limiter("solo", "nomic-embed-text:latest")
+        assert limits is not None and limits.total_tokens == 1

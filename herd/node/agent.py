@@ -160,6 +160,8 @@ class AgentConfig:
     backoff_max: float = 30.0
     backoff_jitter: float = 0.1  # up to this share is added to each delay, so nodes spread out
     parallel_slots: int = 4  # advertised concurrency limit
+    # Per-model limits within it (--model-slots), advertised as they are.
+    model_slots: dict[str, int] = attrs.field(factory=dict)
     auth_token: str | None = None  # sent as "Authorization: Bearer <token>" on the handshake
     agent_version: str = attrs.field(factory=_version)
     # The node's own HTTP app (image generation, speech-to-text), if it serves one; media
@@ -300,6 +302,7 @@ class NodeAgent:
             available_models=state.available,
             in_flight=0,
             parallel_slots=state.slots or self.config.parallel_slots,
+            model_slots=dict(self.config.model_slots),
             capabilities=Capabilities(
                 text=True,
                 embed_models=tuple(m.name for m in state.available if is_embedding_model(m)),

@@ -143,6 +143,7 @@ def agent_config(config: NodeConfig, agent_url: str = "") -> AgentConfig:
             # is whole again within two intervals.
             backoff_max=config.heartbeat_interval,
             parallel_slots=config.parallel_slots or 4,
+            model_slots=dict(config.model_slots),
             auth_token=config.auth_token,
             agent_url=agent_url,
             advertise_url=agent_url + PROXY_PREFIX if agent_url and via_node(config) else None,

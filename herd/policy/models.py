@@ -18,8 +18,20 @@ VISION_FAMILIES = frozenset({"mllama", "llava", "clip", "qwen2vl", "qwen25vl", "
 VISION_NAME_HINTS = ("llava", "vision", "-vl", "moondream", "bakllava", "minicpm-v")
 
 
+def capabilities(node: NodeSnapshot, model: str) -> tuple[str, ...]:
+    """What the backend says ``model`` can do (from ``/api/show``); empty = not known."""
+    available = node.available(model)
+    return available.capabilities if available is not None else ()
+
+
 def category(node: NodeSnapshot, model: str) -> str:
-    """The category of ``model`` as ``node`` knows it."""
+    """The category of ``model`` as ``node`` knows it: from the backend's capabilities when it
+    reports them, else from the model's family and name."""
+    known = capabilities(node, model)
+    if known:
+        if "completion" not in known and "embedding" in known:
+            return EMBEDDING
+        return VISION if "vision" in known else CHAT
     if model in node.report.capabilities.embed_models:
         return EMBEDDING
     available = node.available(model)
@@ -44,3 +56,28 @@ def parameter_billions(node: NodeSnapshot, model: str) -> float:
         pass
     size = available.size_bytes if available is not None else 0
     return size / 0.6e9 if size else 0.0  # about 0.6 GB per billion parameters at Q4
+
+
+def model_limits(node: NodeSnapshot) -> dict[str, int]:
+    """Per-model concurrency limits on ``node``: what its operator set (``--model-slots``),
+    and one at a time for Ollama's embedding-only models, as Ollama's scheduler runs them."""
+    limits: dict[str, int] = {}
+    if node.report.backend.kind == "ollama":
+        for model in node.report.available_models:
+            if category(node, model.name) == EMBEDDING:
+                limits[model.name] = 1
+    for name, slots in node.report.model_slots.items():
+        if slots > 0:
+            limits[name] = slots
+    return limits
+
+
+def can_serve(node: NodeSnapshot, model: str, needs: frozenset[str]) -> bool:
+    """Can ``model`` do what the request needs (``vision``, ...), as far as ``node`` knows?
+    Unknown capabilities count as yes for everything but vision, which the category tells."""
+    if not needs:
+        return True
+    known = capabilities(node, model)
+    if known:
+        return needs <= set(known)
+    return "vision" not in needs or category(node, model) == VISION

@@ -4,20 +4,28 @@ upgrades): same category only, closest in size first."""
 from __future__ import annotations
 
 from herd.models import FleetSnapshot, NodeStatus
-from herd.policy.models import category, parameter_billions
+from herd.policy.models import can_serve, capabilities, category, parameter_billions
 
 
 def loaded_alternatives(
-    fleet: FleetSnapshot, model: str, *, min_context: int = 0, include_self: bool = False
+    fleet: FleetSnapshot,
+    model: str,
+    *,
+    min_context: int = 0,
+    include_self: bool = False,
+    needs: frozenset[str] = frozenset(),
+    prefer_tools: bool = False,
 ) -> list[str]:
-    """Models loaded on some reachable node, of ``model``'s category, with at least
-    ``min_context`` tokens of loaded context; the closest in parameter count first."""
+    """Models loaded on some reachable node, of ``model``'s category, able to do what the
+    request ``needs`` (images need vision), with at least ``min_context`` tokens of loaded
+    context; tool-capable ones first if ``prefer_tools``, then the closest in parameter count
+    first."""
     knower = next((n for n in fleet.nodes if n.has_model(model)), None)
     if knower is None:
         return []
     wanted = category(knower, model)
     size = parameter_billions(knower, model)
-    found: dict[str, float] = {}
+    found: dict[str, tuple[bool, float]] = {}
     for node in fleet.nodes:
         if node.status is NodeStatus.OFFLINE or node.report.draining:
             continue
@@ -26,5 +34,9 @@ def loaded_alternatives(
                 continue
             if loaded.context_length < min_context or category(node, loaded.name) != wanted:
                 continue
-            found.setdefault(loaded.name, abs(parameter_billions(node, loaded.name) - size))
+            if not can_serve(node, loaded.name, needs):
+                continue
+            lacks_tools = prefer_tools and "tools" not in capabilities(node, loaded.name)
+            distance = abs(parameter_billions(node, loaded.name) - size)
+            found.setdefault(loaded.name, (lacks_tools, distance))
     return sorted(found, key=lambda name: (found[name], name))

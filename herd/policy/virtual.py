@@ -8,12 +8,14 @@ Rules
   dashboard) maps an exact name or a glob pattern (``claude-*haiku*``, case-insensitive) to an
   ordered list of candidate models. The first alias whose pattern matches is used.
 - With ``agent_defaults`` on (the default), names coding agents ask for work with zero
-  configuration on any fleet with a chat model, by size tier: ``*haiku*``, ``*mini*``,
-  ``*nano*`` → the small third of the fleet's chat models (smallest first); ``*opus*``,
-  ``*codex*`` → the large third (largest first); every other ``claude-*``, ``gpt-*``,
-  ``o<digit>*`` → the middle (closest to the median first). Coding models (``coder``,
-  ``codestral``, ``devstral`` in the name) go first within a tier. Operator aliases are
-  checked first, so any default can be overridden; ``agent_defaults`` off removes them all.
+  configuration on any fleet with a chat model (vision models included), by size tier:
+  ``*haiku*``, ``*mini*``, ``*nano*`` → the small third of the fleet's chat models (smallest
+  first); ``*opus*``, ``*codex*`` → the large third (largest first); every other
+  ``claude-*``, ``gpt-*``, ``o<digit>*`` → the middle (closest to the median first). Within a
+  tier, tool-capable models go first when the request offers tools, then coding models
+  (``coder``, ``codestral``, ``devstral`` in the name); a request with images takes only
+  vision models. Operator aliases are checked first, so any default can be overridden;
+  ``agent_defaults`` off removes them all.
 - A resolution is a list of *groups* of candidates. The router serves the first group that
   has a candidate loaded somewhere it can run (no cold load while a good candidate is hot),
   else cold-loads the group's first; then the next group. An operator alias is one group; a
@@ -29,7 +31,7 @@ from collections.abc import Iterable, Mapping
 import attrs
 
 from herd.models import FleetSnapshot, NodeStatus
-from herd.policy.models import CHAT, category, parameter_billions
+from herd.policy.models import CHAT, VISION, can_serve, capabilities, category, parameter_billions
 
 SMALL, MID, LARGE = "small", "mid", "large"
 CODER_HINTS = ("coder", "codestral", "devstral", "code")
@@ -106,9 +108,14 @@ def aliases_from(settings: Mapping[str, list[str]]) -> tuple[Alias, ...]:
     return tuple(Alias(pattern, tuple(models)) for pattern, models in settings.items())
 
 
-def fleet_chat_models(fleet: FleetSnapshot) -> dict[str, float]:
-    """Every chat model a reachable node lists, with its size in billions of parameters."""
+def fleet_chat_models(
+    fleet: FleetSnapshot, needs: frozenset[str] = frozenset()
+) -> tuple[dict[str, float], set[str]]:
+    """Every chat model (vision models chat too) a reachable node lists that can do what the
+    request ``needs``, with its size in billions of parameters; and those known to take
+    tools."""
     sizes: dict[str, float] = {}
+    tools: set[str] = set()
     for node in fleet.nodes:
         if node.status is NodeStatus.OFFLINE:
             continue
@@ -116,17 +123,31 @@ def fleet_chat_models(fleet: FleetSnapshot) -> dict[str, float]:
             m.name for m in node.report.available_models
         }
         for name in names:
-            if name not in sizes and category(node, name) == CHAT:
-                sizes[name] = parameter_billions(node, name)
-    return sizes
+            if name in sizes or category(node, name) not in (CHAT, VISION):
+                continue
+            if not can_serve(node, name, needs):
+                continue
+            sizes[name] = parameter_billions(node, name)
+            if "tools" in capabilities(node, name):
+                tools.add(name)
+    return sizes, tools
 
 
-def _coder_first(names: Iterable[str]) -> list[str]:
+def _coder_first(names: Iterable[str], tools: set[str] | None = None) -> list[str]:
+    """Tool-capable models first (when the request offers tools), then coding models."""
     ordered = list(names)
-    return sorted(ordered, key=lambda n: not any(h in n.lower() for h in CODER_HINTS))
+    return sorted(
+        ordered,
+        key=lambda n: (
+            tools is not None and n not in tools,
+            not any(h in n.lower() for h in CODER_HINTS),
+        ),
+    )
 
 
-def tier_groups(tier: str, sizes: Mapping[str, float]) -> tuple[tuple[str, ...], ...]:
+def tier_groups(
+    tier: str, sizes: Mapping[str, float], tools: set[str] | None = None
+) -> tuple[tuple[str, ...], ...]:
     """A tier's band of the fleet's chat models, then the rest (see the module docstring)."""
     if not sizes:
         return ()
@@ -141,7 +162,7 @@ def tier_groups(tier: str, sizes: Mapping[str, float]) -> tuple[tuple[str, ...],
         band = sorted(ascending, key=lambda n: (abs(sizes[n] - median), n))[:third]
         if len(ascending) > 2:  # the middle third keeps clear of both ends
             band = [n for n in band if n not in (ascending[0], ascending[-1])] or band
-    band = _coder_first(band)
+    band = _coder_first(band, tools)
     rest = [n for n in sorted(ascending, key=lambda n: (-sizes[n], n)) if n not in band]
     return (tuple(band), tuple(rest)) if rest else (tuple(band),)
 
@@ -151,9 +172,13 @@ def resolve(
     fleet: FleetSnapshot,
     aliases: tuple[Alias, ...],
     agent_defaults: bool,
+    *,
+    needs: frozenset[str] = frozenset(),
+    prefer_tools: bool = False,
 ) -> Resolution | None:
     """The candidates for ``name`` if it is a virtual name; None if it isn't one (a model some
-    node lists, or a name no rule matches)."""
+    node lists, or a name no rule matches). A tier takes only models that can do what the
+    request ``needs`` (images: vision), tool-capable ones first if ``prefer_tools``."""
     for node in fleet.nodes:
         if node.has_model(name):
             return None
@@ -164,7 +189,8 @@ def resolve(
         bare = name.removesuffix(":latest")
         for pattern, tier in AGENT_DEFAULTS:
             if fnmatch.fnmatchcase(bare.lower(), pattern):
-                groups = tier_groups(tier, fleet_chat_models(fleet))
+                sizes, tools = fleet_chat_models(fleet, needs)
+                groups = tier_groups(tier, sizes, tools if prefer_tools else None)
                 return Resolution(name, pattern, groups) if groups else None
     return None
 

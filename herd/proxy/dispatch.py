@@ -206,7 +206,12 @@ def _best_loaded(
     """The best (node, model) where a stand-in for ``model`` is already loaded: ``model``
     itself elsewhere (``include_self``) and, with ``others``, other models of its category."""
     for name in loaded_alternatives(
-        fleet, model, min_context=min_context, include_self=include_self
+        fleet,
+        model,
+        min_context=min_context,
+        include_self=include_self,
+        needs=request.needs,
+        prefer_tools=request.uses_tools,
     ):
         if name != model and not others:
             continue
@@ -415,6 +420,8 @@ def resolve_virtual(state: RouterState, request: InferenceRequest) -> virtual.Re
         state.snapshot(),
         virtual.aliases_from(settings.model_aliases),
         settings.agent_defaults,
+        needs=request.needs,
+        prefer_tools=request.uses_tools,
     )
     if resolution is not None and not models_known(state, resolution.candidates):
         return None  # an alias to models no node has: as unknown as the name itself

@@ -94,6 +94,10 @@ class InferenceRequest:
     load_action: str | None = None
     # The model name exactly as the client sent it (traces of virtual names show it).
     asked: str = ""
+    # What the model must be able to do ("vision" when the request carries images), and
+    # whether it offers tools (tool-capable models are preferred where there is a choice).
+    needs: frozenset[str] = frozenset()
+    uses_tools: bool = False
 
     @property
     def models(self) -> tuple[str, ...]:
@@ -164,6 +168,15 @@ def _allow_substitution(body: Mapping[str, Any], header: str | None) -> bool:
                 param="allow_substitution",
             )
     return value
+
+
+def _has_images(upstream: Mapping[str, Any]) -> bool:
+    if upstream.get("images"):
+        return True
+    messages = upstream.get("messages")
+    return isinstance(messages, list) and any(
+        isinstance(m, dict) and bool(m.get("images")) for m in messages
+    )
 
 
 def keep_alive_zero(value: Any) -> bool:
@@ -279,6 +292,8 @@ def shape(
         allow_substitution=allow_substitution,
         load_action=load_action(route, body),
         asked=str(body.get("model", "")).strip(),
+        needs=frozenset({"vision"}) if _has_images(upstream) else frozenset(),
+        uses_tools=bool(upstream.get("tools")) if route.kind == KIND_TEXT else False,
         embedding_format=(
             openai_compat.embedding_format(body) if route.name == "openai.embeddings" else "float"
         ),

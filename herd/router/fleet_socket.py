@@ -26,6 +26,8 @@ from typing import Any
 import trio
 from quart import Response, websocket
 
+from herd.models import NodeSnapshot
+from herd.policy.models import model_limits
 from herd.router.registry import MAX_NODES
 from herd.router.state import RouterState
 from herd.wire import WireError, report_from_data
@@ -128,6 +130,10 @@ class FleetSession:
                 continue
             state.registry.apply_report(report, trio.current_time(), self)
             state.queues.set_limit(self.node_id, report.parallel_slots)
+            record = state.registry.get(self.node_id)
+            if record is not None:
+                snapshot = NodeSnapshot(record.report, record.status, record.last_seen)
+                state.queues.set_model_limits(self.node_id, model_limits(snapshot))
             state.fleet_changed()
 
     async def drain_watch(self) -> None:

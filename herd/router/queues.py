@@ -9,12 +9,15 @@ Rules:
 - A node runs at most ``limit`` requests at once (its backend's parallel slots, from the
   heartbeat). Requests beyond it wait in that node's queue, so ``pending`` is real and wait
   estimates built on it are honest. Limits may change while requests wait or run.
+- Some models have a limit of their own within the node's (Ollama runs embedding-only models
+  one request at a time; an operator can set others with ``--model-slots``): such a request
+  takes its model's slot first, then one of the node's, always in that order.
 """
 
 from __future__ import annotations
 
 import types
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 
 import attrs
 import trio
@@ -68,6 +71,7 @@ class Lease:
     _outcome: str | None = "failed"
     _holding: bool = False
     _token: object = attrs.field(factory=object)
+    _own: trio.CapacityLimiter | None = None  # the model's own limiter, if it has one
     # Progress, for the zombie reaper: the relay counts chunks (an int, nothing more, on the
     # hot path); the reaper notes when the count last moved.
     acquired_at: float | None = None  # router clock: when it got its slot
@@ -96,9 +100,19 @@ class Lease:
     async def __aenter__(self) -> Lease:
         counters = self.book.counters(self.node_id, self.model, self.kind)
         limiter = self.book.limiter(self.node_id, self.kind)
+        own = self.book.model_limiter(self.node_id, self.model)
         counters.pending += 1
         try:
-            await limiter.acquire_on_behalf_of(self._token)
+            if own is not None:
+                await own.acquire_on_behalf_of(self._token)
+                self._own = own
+            try:
+                await limiter.acquire_on_behalf_of(self._token)
+            except BaseException:
+                if self._own is not None:
+                    self._own.release_on_behalf_of(self._token)
+                    self._own = None
+                raise
         finally:
             counters.pending -= 1
         counters.in_flight += 1
@@ -131,6 +145,9 @@ class Lease:
         elif self._outcome == "failed":
             counters.failed += 1
         self.book.limiter(self.node_id, self.kind).release_on_behalf_of(self._token)
+        if self._own is not None:
+            self._own.release_on_behalf_of(self._token)
+            self._own = None
         self.book.notify()
 
 
@@ -141,6 +158,8 @@ class QueueBook:
     on_release: Callable[[], None] | None = None
     _queues: dict[tuple[str, str], QueueCounters] = attrs.field(factory=dict)
     _limiters: dict[tuple[str, str], trio.CapacityLimiter] = attrs.field(factory=dict)
+    # (node, model) -> that model's own limiter on that node, where it has a limit.
+    _model_limiters: dict[tuple[str, str], trio.CapacityLimiter] = attrs.field(factory=dict)
     _freed: trio.Event = attrs.field(factory=trio.Event)
     active: set[Lease] = attrs.field(factory=set)
 
@@ -169,6 +188,23 @@ class QueueBook:
         if limiter.total_tokens != slots:
             limiter.total_tokens = slots
 
+    def set_model_limits(self, node_id: str, limits: Mapping[str, int]) -> None:
+        """Apply a node's per-model limits (see the module docstring). A model whose limit
+        is gone keeps its limiter until its requests are done, then shares the node's."""
+        for model, slots in limits.items():
+            key = (node_id, model)
+            limiter = self._model_limiters.get(key)
+            if limiter is None:
+                self._model_limiters[key] = trio.CapacityLimiter(max(1, slots))
+            elif limiter.total_tokens != max(1, slots):
+                limiter.total_tokens = max(1, slots)
+        for key in [k for k in self._model_limiters if k[0] == node_id and k[1] not in limits]:
+            if not self._model_limiters[key].borrowed_tokens:
+                del self._model_limiters[key]
+
+    def model_limiter(self, node_id: str, model: str) -> trio.CapacityLimiter | None:
+        return self._model_limiters.get((node_id, model))
+
     def lease(self, node_id: str, model: str, kind: str = KIND_TEXT) -> Lease:
         return Lease(self, node_id, model, kind)
 
@@ -185,11 +221,17 @@ class QueueBook:
     def load_for(self, node_id: str) -> dict[str, ModelLoad]:
         """Every model the router has sent to ``node_id``: its queue and when it was last used
         (the scorer's eviction cost reads the recency)."""
-        return {
-            model: ModelLoad(pending=c.pending, in_flight=c.in_flight, last_used=c.last_used)
-            for (node, model), c in self._queues.items()
-            if node == node_id
-        }
+        loads = {}
+        for (node, model), c in self._queues.items():
+            if node == node_id:
+                own = self._model_limiters.get((node, model))
+                loads[model] = ModelLoad(
+                    pending=c.pending,
+                    in_flight=c.in_flight,
+                    last_used=c.last_used,
+                    slots=int(own.total_tokens) if own is not None else 0,
+                )
+        return loads
 
     def forget(self, node_id: str) -> None:
         """Drop an idle node's queues and limiters (the registry forgot it)."""
@@ -200,6 +242,8 @@ class QueueBook:
         if not self.busy(node_id):
             for key in [k for k in self._limiters if k[0] == node_id]:
                 del self._limiters[key]
+            for key in [k for k in self._model_limiters if k[0] == node_id]:
+                del self._model_limiters[key]
 
     def busy(self, node_id: str) -> bool:
         """Does any request wait for or hold a slot on ``node_id``?"""

@@ -367,13 +367,20 @@ def facts(request: RouteRequest, node: NodeSnapshot, history: History, s: Scorin
     ahead = 0
     for load in node.load.values():
         ahead += load.in_flight + load.pending
+    slots = max(1, node.report.parallel_slots)
+    # A model with its own, smaller limit waits on its own queue when that is the longer one.
+    own = node.load.get(request.model)
+    if own is not None and own.slots > 0:
+        mine = own.in_flight + own.pending
+        if mine * slots > ahead * own.slots:
+            ahead, slots = mine, own.slots
     # Positional: built once per candidate, on the hot path. The order of Facts' fields.
     return Facts(
         loaded,
         size,
         free_memory(node),
         max(0, ahead),
-        max(1, node.report.parallel_slots),
+        slots,
         _speed(node, history, s),
     )
 
