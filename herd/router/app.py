@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 import trio
@@ -20,7 +21,7 @@ from herd import __version__
 from herd.dashboard.api import create_blueprint
 from herd.dashboard.pages import create_pages
 from herd.errors import BadRequest, HerdError, ModelNotFound, NotFound, parse_json_body
-from herd.models import NodeStatus, normalize_model_name
+from herd.models import NodeSnapshot, NodeStatus, normalize_model_name
 from herd.policy import virtual
 from herd.proxy import anthropic
 from herd.proxy.media import create_media_blueprint
@@ -35,6 +36,7 @@ from herd.transport.errors import map_node_errors
 log = logging.getLogger("herd.router")
 
 SHOW_TIMEOUT = 30.0  # seconds for a node to describe a model
+MAX_BLOBS = 1000  # blob digests remembered with the node they were uploaded to
 
 
 def json_response(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
@@ -159,6 +161,85 @@ def create_app(state: RouterState) -> QuartTrio:
             content_type="application/x-ndjson",
             headers={"X-Herd-Node": node.node_id},
         )
+
+    @app.post("/api/copy")
+    async def copy() -> Response:
+        body = parse_json_body(await request_bytes())
+        names = {}
+        for field in ("source", "destination"):
+            value = body.get(field)
+            if not isinstance(value, str) or not value.strip():
+                raise BadRequest(f"missing required field '{field}'", param=field)
+            names[field] = normalize_model_name(value)
+        result = await model_admin.copy(
+            state, names["source"], names["destination"], model_admin.requested_node(body)
+        )
+        return json_response(result, status=200 if result["copied"] else 502)
+
+    @app.post("/api/create")
+    async def create() -> Response:
+        body = parse_json_body(await request_bytes())
+        model = model_admin.requested_model(body)
+        node = model_admin.create_target(state, body, state.blob_nodes)
+        upstream = {k: v for k, v in body.items() if k != "node_id"} | {"model": model}
+        return await progress_response(node, "/api/create", upstream)
+
+    @app.post("/api/push")
+    async def push() -> Response:
+        body = parse_json_body(await request_bytes())
+        model = model_admin.requested_model(body)
+        (node, *_) = model_admin.nodes_with(state, model, model_admin.requested_node(body))
+        upstream = {k: v for k, v in body.items() if k != "node_id"} | {"model": model}
+        return await progress_response(node, "/api/push", upstream)
+
+    async def progress_response(node: NodeSnapshot, path: str, body: dict[str, Any]) -> Response:
+        """Stream a backend's NDJSON progress; ``stream: false``: its last line as JSON."""
+        lines = model_admin.progress(state, node, path, {**body, "stream": True})
+        if body.get("stream") is not False:
+            return Response(
+                lines,
+                content_type="application/x-ndjson",
+                headers={"X-Herd-Node": node.node_id},
+            )
+        last: dict[str, Any] = {}
+        async for line in lines:
+            last = json.loads(line)
+        status = 502 if "error" in last else 200
+        return json_response(last, status=status, headers={"X-Herd-Node": node.node_id})
+
+    @app.route("/api/blobs/<digest>", methods=["HEAD", "POST"])
+    async def blob(digest: str) -> Response:
+        """Blob uploads for /api/create: to the node named (``?node_id=``), else the one this
+        digest went to before, else the node with the most free disk. Streamed through, of
+        any size (a model's weights), with no body deadline."""
+        node_id = request.args.get("node_id") or state.blob_nodes.get(digest)
+        node = model_admin.pull_target(state.snapshot(), node_id)
+        url = node.report.backend.url.rstrip("/") + "/api/blobs/" + digest
+        headers = backend_headers(node.report, state.config.auth_token)
+        with map_node_errors(node.node_id, "with a blob"):
+            upload: Any = None
+            if request.method == "POST":
+                request.max_content_length = None  # weights are gigabytes
+                request.body_timeout = None
+
+                async def chunks() -> AsyncIterator[bytes]:
+                    async for chunk in request.body:
+                        yield chunk
+
+                upload = chunks()
+            async with state.client.stream(
+                request.method, url, content=upload, headers=headers
+            ) as answer:
+                status = answer.status_code
+                error = await error_detail(answer, node.node_id) if status >= 400 else None
+        if request.method == "POST" and status < 300:
+            state.blob_nodes[digest] = node.node_id
+            state.blob_nodes.move_to_end(digest)
+            while len(state.blob_nodes) > MAX_BLOBS:
+                state.blob_nodes.popitem(last=False)
+        if error is not None and request.method != "HEAD":
+            return json_response({"error": error}, status, {"X-Herd-Node": node.node_id})
+        return Response(b"", status=status, headers={"X-Herd-Node": node.node_id})
 
     @app.delete("/api/delete")
     async def delete() -> Response:

@@ -14,9 +14,10 @@ Every pull is checked against the registry hosts the operator allows
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 import httpx
@@ -98,16 +99,25 @@ def _line(data: dict[str, Any]) -> bytes:
 
 
 async def pull_progress(state: RouterState, node: NodeSnapshot, model: str) -> AsyncIterator[bytes]:
-    """Stream the backend's pull progress (NDJSON lines) through, each tagged with the node.
-    Lines are read one at a time with :data:`LINE_LIMIT`; errors end the stream in-band."""
-    url = node.report.backend.url.rstrip("/") + "/api/pull"
+    """Stream the backend's pull progress (NDJSON lines) through, each tagged with the node."""
+    async for line in progress(state, node, "/api/pull", {"model": model, "stream": True}):
+        yield line
+
+
+async def progress(
+    state: RouterState, node: NodeSnapshot, path: str, body: dict[str, Any]
+) -> AsyncIterator[bytes]:
+    """POST ``body`` to the node's backend ``path`` (pull, create, push) and stream its NDJSON
+    progress through, each line tagged with the node. Lines are read one at a time with
+    :data:`LINE_LIMIT`; errors end the stream in-band, as Ollama's own do."""
+    url = node.report.backend.url.rstrip("/") + path
     node_id = node.node_id
     ok = False
     try:
         async with state.client.stream(
             "POST",
             url,
-            json={"model": model, "stream": True},
+            json=body,
             headers=backend_headers(node.report, state.config.auth_token),
         ) as response:
             if response.status_code >= 400:
@@ -174,3 +184,68 @@ async def delete(state: RouterState, model: str, node_id: str | None = None) -> 
     for done in deleted:
         await wait_for_model(state, done, model, present=False)
     return {"model": model, "deleted": deleted, "failed": failed}
+
+
+def nodes_with(state: RouterState, model: str, node_id: str | None) -> list[NodeSnapshot]:
+    """The usable nodes that have ``model`` (only the one named, if ``node_id``). Raises
+    :class:`NotFound` naming what is missing."""
+    fleet = state.snapshot()
+    if node_id is not None:
+        node = fleet.node(node_id)
+        if node is None:
+            raise NotFound(f"no node named '{node_id}'")
+        candidates = [node]
+    else:
+        candidates = list(fleet.nodes)
+    found = [n for n in candidates if usable(n) and n.has_model(model)]
+    if not found:
+        where = f"on node '{node_id}'" if node_id else "on any node"
+        raise NotFound(f"model '{model}' not found {where}")
+    return found
+
+
+async def copy(
+    state: RouterState, source: str, destination: str, node_id: str | None
+) -> dict[str, Any]:
+    """``/api/copy`` on every node that has ``source`` (or the one named), so the new name
+    is wherever the model is."""
+    copied: list[str] = []
+    failed: dict[str, str] = {}
+    for node in nodes_with(state, source, node_id):
+        url = node.report.backend.url.rstrip("/") + "/api/copy"
+        headers = backend_headers(node.report, state.config.auth_token)
+        body = {"source": source, "destination": destination}
+        try:
+            async with state.client.stream(
+                "POST", url, json=body, headers=headers, timeout=DELETE_TIMEOUT
+            ) as response:
+                if response.status_code >= 400:
+                    failed[node.node_id] = (
+                        f"node {node.node_id}: {await error_detail(response, node.node_id)}"
+                    )
+                else:
+                    copied.append(node.node_id)
+        except httpx.TransportError as exc:
+            failed[node.node_id] = describe(exc)
+    for done in copied:
+        await wait_for_model(state, done, destination, present=True)
+    return {"source": source, "destination": destination, "copied": copied, "failed": failed}
+
+
+def create_target(
+    state: RouterState, body: dict[str, Any], blob_nodes: Mapping[str, str]
+) -> NodeSnapshot:
+    """Where ``/api/create`` runs: the node named; else the node the request's blobs were
+    uploaded to; else a node with its ``from`` model; else the node with the most free disk."""
+    node_id = requested_node(body)
+    files = body.get("files")
+    if node_id is None and isinstance(files, dict):
+        for digest in files.values():
+            if isinstance(digest, str) and digest in blob_nodes:
+                node_id = blob_nodes[digest]
+                break
+    base = body.get("from")
+    if node_id is None and isinstance(base, str) and base.strip():
+        with contextlib.suppress(NotFound):
+            return nodes_with(state, normalize_model_name(base), None)[0]
+    return pull_target(state.snapshot(), node_id)

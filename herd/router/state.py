@@ -67,6 +67,9 @@ class RouterState:
     events: collections.Counter[str] = attrs.field(factory=collections.Counter)
     # Command channels to connected nodes (their WebSocket sessions), bounded.
     node_commands: dict[str, trio.MemorySendChannel[dict[str, object]]] = attrs.field(factory=dict)
+    # Blob digest -> the node it was uploaded to (POST /api/blobs), so the /api/create that
+    # uses it goes there; bounded, oldest first out.
+    blob_nodes: collections.OrderedDict[str, str] = attrs.field(factory=collections.OrderedDict)
     # The router's own pulls (auto-pull); set while the router runs.
     pulls: PullService | None = None
     # Pre-warm jobs (node_id, model) for the pre-warm service; full means drop.

@@ -373,6 +373,8 @@ class SimOllama:
     pulls_cancelled: int = 0  # pulls whose client went away before the end
     prompts: PromptCache = attrs.field(factory=PromptCache)
     requests: deque[tuple[str, dict[str, Any]]] = attrs.field(factory=lambda: deque(maxlen=1000))
+    blobs: dict[str, int] = attrs.field(factory=dict)  # digest -> size, uploaded for create
+    pushes: int = 0
     # Every request's (method, path, headers), as a real server would log them.
     seen: deque[tuple[str, str, dict[str, str]]] = attrs.field(factory=lambda: deque(maxlen=1000))
     _models: dict[str, SimModel] = attrs.field(factory=dict)
@@ -621,7 +623,13 @@ class SimOllama:
         if (method, path) == ("POST", "/api/pull"):
             await self._pull(body, receive, send)
             return
+        if path.startswith("/api/blobs/") and method in ("HEAD", "POST"):
+            await self._blob(method, path.removeprefix("/api/blobs/"), body, send)
+            return
         handler = {
+            ("POST", "/api/copy"): self._copy,
+            ("POST", "/api/create"): self._create,
+            ("POST", "/api/push"): self._push,
             ("GET", "/"): self._root,
             ("HEAD", "/"): self._root,
             ("GET", "/api/tags"): self._tags,
@@ -932,6 +940,93 @@ class SimOllama:
         self._unload(model.name)
         await send({"type": "http.response.start", "status": 200, "headers": []})
         await send({"type": "http.response.body", "body": b""})
+
+    # --- model building: copy, create, push, blobs ------------------------------------
+    async def _blob(self, method: str, digest: str, body: bytes, send: Send) -> None:
+        """``HEAD``: 200 if the blob is here, else 404. ``POST``: store it (201), if its
+        sha256 is the digest named (else 400, as Ollama checks)."""
+        if method == "HEAD":
+            status = 200 if digest in self.blobs else 404
+            await send({"type": "http.response.start", "status": status, "headers": []})
+            await send({"type": "http.response.body", "body": b""})
+            return
+        actual = "sha256:" + hashlib.sha256(body).hexdigest()
+        if actual != digest:
+            await self._json(send, 400, {"error": "digest mismatch"})
+            return
+        self.blobs[digest] = len(body)
+        await send({"type": "http.response.start", "status": 201, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    async def _copy(self, body: bytes, send: Send) -> None:
+        data = self._parse(body)
+        source = data.get("source") if isinstance(data, dict) else None
+        target = data.get("destination") if isinstance(data, dict) else None
+        if not isinstance(source, str) or not isinstance(target, str) or not target:
+            await self._json(send, 400, {"error": "source and destination are required"})
+            return
+        model = self._models.get(canonical_name(source))
+        if model is None:
+            await self._json(send, 404, {"error": f"model '{source}' not found"})
+            return
+        name = canonical_name(target)
+        self._models[name] = attrs.evolve(model, name=name)
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    async def _progress(self, send: Send, lines: list[dict[str, Any]], stream: bool) -> None:
+        if not stream:
+            await self._json(send, 200, lines[-1])
+            return
+        await self._ndjson_start(send)
+        for line in lines:
+            await send(
+                {"type": "http.response.body", "body": _dump(line) + b"\n", "more_body": True}
+            )
+        await send({"type": "http.response.body", "body": b""})
+
+    async def _create(self, body: bytes, send: Send) -> None:
+        """A model from another (``from``) or from uploaded blobs (``files``)."""
+        data = self._parse(body)
+        if isinstance(data, str):
+            await self._json(send, 400, {"error": data})
+            return
+        name, base, files = data.get("model"), data.get("from"), data.get("files")
+        if not isinstance(name, str) or not name:
+            await self._json(send, 400, {"error": "model is required"})
+            return
+        if isinstance(files, dict):
+            missing = [d for d in files.values() if d not in self.blobs]
+            if missing:
+                await self._json(send, 400, {"error": f"blob {missing[0]} not found"})
+                return
+            template = SimModel(canonical_name(name))
+        elif isinstance(base, str) and canonical_name(base) in self._models:
+            template = self._models[canonical_name(base)]
+        else:
+            await self._json(send, 400, {"error": "neither 'from' nor 'files' was specified"})
+            return
+        self._models[canonical_name(name)] = attrs.evolve(template, name=canonical_name(name))
+        lines: list[dict[str, Any]] = [
+            {"status": "using existing layer"},
+            {"status": "writing manifest"},
+            {"status": "success"},
+        ]
+        await self._progress(send, lines, data.get("stream") is not False)
+
+    async def _push(self, body: bytes, send: Send) -> None:
+        model = await self._requested_model(body, send)
+        if model is None:
+            return
+        data = self._parse(body)
+        stream = not isinstance(data, dict) or data.get("stream") is not False
+        lines: list[dict[str, Any]] = [
+            {"status": "retrieving manifest"},
+            {"status": "pushing manifest"},
+            {"status": "success"},
+        ]
+        self.pushes += 1
+        await self._progress(send, lines, stream)
 
     # --- inference ----------------------------------------------------------------------
     async def _inference(self, path: str, body: bytes, receive: Receive, send: Send) -> None:
