@@ -47,6 +47,8 @@ async def test_capabilities_are_read_and_listed(tmp_path: Path) -> None:
         assert "vision" in tags["gemma3:4b"]["capabilities"]
         assert "vision" not in tags["llama3.2:3b"]["capabilities"]
         assert "tools" not in tags["phi3:2b"]["capabilities"]
+        models = {m["id"]: m for m in (await client.get("/v1/models")).json()["data"]}
+        assert "vision" in models["gemma3:12b"]["capabilities"]
 
 
 async def test_images_go_only_to_vision_models_and_tools_prefer_tool_models(

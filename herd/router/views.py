@@ -198,7 +198,14 @@ def openai_models(
     snapshot: FleetSnapshot, created: int, virtual: Virtual | None = None
 ) -> dict[str, Any]:
     names = model_names(snapshot)
-    data = [openai_model(n, created) for n in names]
+    capabilities: dict[str, set[str]] = {}
+    for node in routable(snapshot):
+        for model in node.report.available_models:
+            capabilities.setdefault(model.name, set()).update(model.capabilities)
+    data = [
+        {**openai_model(n, created), "capabilities": sorted(capabilities.get(n, ()))}
+        for n in names
+    ]
     data += [
         {**openai_model(name, created), "virtual": True, "candidates": list(candidates)}
         for name, candidates in virtual or []
