@@ -68,6 +68,13 @@ def _model_slots(value: str) -> dict[str, int]:
     return slots
 
 
+def _positive_int(value: str) -> int:
+    number = int(value)
+    if number < 1:
+        raise ValueError(f"must be >= 1, got {value}")
+    return number
+
+
 def _port(value: str) -> int:
     number = int(value)
     if not 0 <= number <= 65535:
@@ -269,6 +276,27 @@ OPTIONS: tuple[Option, ...] = (
         60.0,
         _positive_float,
         "seconds a client may take to send an inference request's body (408 beyond)",
+        roles=("router",),
+        category="limits",
+    ),
+    Option(
+        "max_connections_per_client",
+        "--max-connections-per-client",
+        "FLEET_MAX_CONNECTIONS_PER_CLIENT",
+        512,
+        _positive_int,
+        "open connections one client address may hold (503 and closed beyond)",
+        roles=("router",),
+        category="limits",
+    ),
+    Option(
+        "idle_timeout",
+        "--idle-timeout",
+        "FLEET_IDLE_TIMEOUT",
+        75.0,
+        _positive_float,
+        "seconds a kept-alive connection may sit idle between requests (and the deadline for "
+        "a request's line and headers)",
         roles=("router",),
         category="limits",
     ),
@@ -543,6 +571,8 @@ class RouterConfig:
     first_byte_timeout: float = 300.0
     max_body_bytes: int = 32 * MiB
     body_timeout: float = 60.0
+    max_connections_per_client: int = 512
+    idle_timeout: float = 75.0
     auth_token: str | None = None
     api_keys: tuple[str, ...] = ()
     log_level: str = "INFO"

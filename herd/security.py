@@ -4,7 +4,9 @@ who may change operator state. Two ASGI layers in front of everything else.
 :class:`FrontGuard` (outermost):
 - **Head limits.** A request's headers may total at most :data:`MAX_HEADER_BYTES` (16 KiB)
   and number at most :data:`MAX_HEADERS`; beyond either, 431. (hypercorn bounds a head that
-  arrives in pieces; this bounds one that arrives in a single read too.)
+  arrives in pieces; this bounds one that arrives in a single read too.) A request with both
+  ``Content-Length`` and ``Transfer-Encoding`` is a 400. Every refusal here closes the
+  connection: after a framing problem nothing more on it can be trusted.
 - **WebSockets** are for the nodes' socket ``/fleet/ws`` only: a handshake to any other path
   is refused (403) before it reaches the app.
 - **Operator writes** (``POST``/``DELETE`` under ``/dashboard/api/``: settings, pulls,
@@ -43,7 +45,7 @@ import urllib.parse
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
-from herd.errors import Forbidden, HerdError, Unauthorized
+from herd.errors import BadRequest, Forbidden, HerdError, Unauthorized
 from herd.proxy.shaping import flavor_for_path
 
 Scope = MutableMapping[str, Any]
@@ -132,15 +134,26 @@ def same_origin(scope: Scope) -> bool:
 
 
 async def send_error(send: Send, error: HerdError, path: str, close: bool = False) -> None:
+    flavor = flavor_for_path(path)
+    status = error.status_for(flavor)
+    if isinstance(error, TwoFramings):
+        headers = [(b"content-length", b"0"), (b"connection", b"close")]
+        headers.append((b"x-herd-error", error.message.encode()))
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": b""})
+        return
     headers = [(b"content-type", b"application/json")]
     headers += [(k.lower().encode(), v.encode()) for k, v in error.headers().items()]
     if close:
         headers.append((b"connection", b"close"))
-    flavor = flavor_for_path(path)
-    await send(
-        {"type": "http.response.start", "status": error.status_for(flavor), "headers": headers}
-    )
+    await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": error.render(flavor)})
+
+
+class TwoFramings(BadRequest):
+    """Content-Length and Transfer-Encoding both. The answer has no body: what follows this
+    request on the connection may be a smuggled one, and hypercorn closes the socket as soon
+    as the answer's head is out, so the message goes in ``X-Herd-Error``."""
 
 
 class HeadersTooLarge(HerdError):
@@ -157,6 +170,14 @@ class UnsupportedMediaType(HerdError):
 
 def head_error(scope: Scope) -> HerdError | None:
     headers = scope.get("headers", [])
+    names = {name.lower() for name, _ in headers}
+    if b"content-length" in names and b"transfer-encoding" in names:
+        # Two framings: a proxy in front that reads the other one would see a second request
+        # in this one's body. Refused, and the connection closed (see FrontGuard).
+        return TwoFramings(
+            "a request may not carry both Content-Length and Transfer-Encoding",
+            param="headers",
+        )
     if len(headers) > MAX_HEADERS:
         return HeadersTooLarge(f"{len(headers)} request headers; the limit is {MAX_HEADERS}")
     size = sum(len(name) + len(value) + 4 for name, value in headers)

@@ -141,6 +141,7 @@ async def test_refused_and_hung_nodes_are_retried_elsewhere(
         async with httpx.AsyncClient(base_url=fleet.url, trust_env=False, timeout=None) as client:
             body = {"model": "llama3.2:3b", "prompt": "hi", "stream": False}
             fleet.sims["alpha"].fail("refuse")
+            await fleet.sims["alpha"].closed.wait()
             refused = await client.post("/api/generate", json=body)
             assert refused.status_code == 200
             assert (refused.headers["x-herd-node"], refused.headers["x-herd-retries"]) == (

@@ -157,6 +157,7 @@ async def test_failure_modes() -> None:
             with pytest.raises(ValueError, match="unknown failure mode"):
                 sim.fail("explode")
             sim.fail("refuse")
+            await sim.closed.wait()  # the listener and the pooled connection are gone
             with pytest.raises(httpx.ConnectError):
                 await client.get("/api/version")
             sim.clear_failure()

@@ -67,7 +67,7 @@ from herd.node.upstream import (
     closing_backend_responses,
     describe,
 )
-from herd.server import serve_app
+from herd.server import FinishResponses, serve_app
 from herd.wire import unstructure
 
 log = logging.getLogger("herd.node")
@@ -492,7 +492,10 @@ class Node:
             agent_url = ""
             if self.serve_http:
                 self.url = await nursery.start(
-                    serve_app, create_node_app(self, client), self.config.host, self.config.port
+                    serve_app,
+                    FinishResponses(create_node_app(self, client)),
+                    self.config.host,
+                    self.config.port,
                 )
                 agent_url = advertised_url(self.url, self.config)
                 log.info("node listening on %s (advertised as %s)", self.url, agent_url)

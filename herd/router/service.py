@@ -31,7 +31,7 @@ from herd.router.pulls import PullService
 from herd.router.settings import RuntimeSettings, load_settings, updated
 from herd.router.state import RouterState
 from herd.security import ApiKeyGate, FrontGuard, Origins
-from herd.server import serve_app
+from herd.server import ConnectionLimits, FinishResponses, serve_app
 from herd.store.db import DB_NAME, recent_latencies
 from herd.store.writer import TraceWriter
 from herd.transport.bodies import error_detail
@@ -118,7 +118,9 @@ class Router:
             ):
                 state.history.record(node_id, model, latency, rate)
             app = FrontGuard(
-                ApiKeyGate(self.config.api_keys, ProxyASGI(state, create_app(state))),
+                ApiKeyGate(
+                    self.config.api_keys, ProxyASGI(state, FinishResponses(create_app(state)))
+                ),
                 Origins(self.config.origins),
             )
             exposed = self.config.host not in ("127.0.0.1", "localhost", "::1")
@@ -136,7 +138,13 @@ class Router:
                     "deletes). Set FLEET_API_KEYS to require a key.",
                     self.config.host,
                 )
-            self._url = await nursery.start(serve_app, app, self.config.host, self.config.port)
+            limits = ConnectionLimits(
+                max_per_client=self.config.max_connections_per_client,
+                idle_timeout=self.config.idle_timeout,
+            )
+            self._url = await nursery.start(
+                serve_app, app, self.config.host, self.config.port, limits
+            )
             if self.config.mdns:
                 port = int(self._url.rsplit(":", 1)[1])
                 await nursery.start(advertise, self.config.host, port)

@@ -203,8 +203,7 @@ def openai_models(
         for model in node.report.available_models:
             capabilities.setdefault(model.name, set()).update(model.capabilities)
     data = [
-        {**openai_model(n, created), "capabilities": sorted(capabilities.get(n, ()))}
-        for n in names
+        {**openai_model(n, created), "capabilities": sorted(capabilities.get(n, ()))} for n in names
     ]
     data += [
         {**openai_model(name, created), "virtual": True, "candidates": list(candidates)}

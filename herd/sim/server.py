@@ -392,6 +392,8 @@ class SimOllama:
     _loading: dict[str, trio.Event] = attrs.field(factory=dict)
     _listener: trio.CancelScope | None = None
     _reopen: trio.Event = attrs.field(factory=trio.Event)
+    # Set once "refuse" has closed the listener and every connection (until cleared).
+    closed: trio.Event = attrs.field(factory=trio.Event)
     # Set while the server accepts connections; replaced by a fresh event when it stops.
     listening: trio.Event = attrs.field(factory=trio.Event)
     # Per resident model: when it leaves memory (virtual time; FOREVER), the keep-alive its
@@ -435,6 +437,7 @@ class SimOllama:
             if self._listener is not None:
                 self._listener.cancel()
                 self.listening = trio.Event()  # now, so a waiter can't see the old one
+                self.closed = trio.Event()
         self._failure, self._failures_left, self._after_chunks = mode, times, after_chunks
         self._pause_seconds = seconds
 
@@ -590,6 +593,7 @@ class SimOllama:
                         started = True
                         task_status.started(self.url)
             # "refuse": the listener (and every open connection) is gone until cleared.
+            self.closed.set()
             await self._reopen.wait()
             self._reopen = trio.Event()
 
