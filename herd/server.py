@@ -1,8 +1,15 @@
-"""Serving an ASGI app with hypercorn's Trio worker, in-process."""
+"""Serving an ASGI app with hypercorn's Trio worker, in-process.
+
+A port that can't be had (in use, privileged, an address not of this machine) is a
+:class:`ListenError` naming the address, raised from :func:`serve_app` before it has started;
+the CLI prints it as one line.
+"""
 
 from __future__ import annotations
 
+import errno
 import logging
+import os
 from typing import Any
 
 import trio
@@ -10,8 +17,50 @@ from hypercorn.config import Config
 from hypercorn.trio import serve
 
 
+class ListenError(Exception):
+    """The server could not listen on its address. ``errno`` is the socket error's."""
+
+    def __init__(self, host: str, port: int, error: OSError) -> None:
+        self.host = host
+        self.port = port
+        self.errno = error.errno
+        shown = f"[{host}]" if ":" in host else host
+        if error.errno == errno.EADDRINUSE:
+            reason = "the address is already in use"
+        elif error.errno == errno.EACCES:
+            reason = "permission denied (ports below 1024 need root)"
+        elif error.errno == errno.EADDRNOTAVAIL:
+            reason = f"{host} is not an address of this machine"
+        else:
+            reason = error.strerror or (os.strerror(error.errno) if error.errno else str(error))
+        super().__init__(f"cannot listen on {shown}:{port}: {reason}")
+
+
+class _Config(Config):  # type: ignore[misc]  # (hypercorn has no type hints for mypy)
+    """Hypercorn's config, whose sockets are bound and listening before the server starts,
+    failing as a :class:`ListenError`."""
+
+    herd_host = ""
+    herd_port = 0
+
+    def create_sockets(self) -> Any:
+        try:
+            sockets = super().create_sockets()
+        except OSError as exc:
+            raise ListenError(self.herd_host, self.herd_port, exc) from exc
+        try:
+            for sock in sockets.insecure_sockets:
+                sock.listen(self.backlog)
+        except OSError as exc:
+            for sock in sockets.insecure_sockets:
+                sock.close()
+            raise ListenError(self.herd_host, self.herd_port, exc) from exc
+        return sockets
+
+
 def hypercorn_config(host: str, port: int) -> Config:
-    config = Config()
+    config = _Config()
+    config.herd_host, config.herd_port = host, port
     config.bind = [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
     config.accesslog = None
     config.errorlog = logging.getLogger("herd.http")
@@ -45,7 +94,8 @@ async def serve_app(
     *,
     task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve ``app`` until cancelled; ``task_status.started`` gets the URL to reach it."""
+    """Serve ``app`` until cancelled; ``task_status.started`` gets the URL to reach it.
+    Raises :class:`ListenError` (inside the nursery's exception group) if it can't listen."""
     config = hypercorn_config(host, port)
 
     async def run(*, task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED) -> None:
