@@ -490,6 +490,15 @@ async def test_the_router_says_where_its_dashboard_is_and_logs_each_request(
             assert record["ms"] > 0 and record["tokens_per_second"] > 0
 
 
+def test_the_dashboard_line_names_a_loopback_address_for_a_wildcard_bind() -> None:
+    """The router's URL (and so its ``dashboard:`` line) for a bind to every interface."""
+    from herd.server import local_url
+
+    assert local_url("http://0.0.0.0:11435") == "http://127.0.0.1:11435"
+    assert local_url("http://[::]:11435") == "http://127.0.0.1:11435"
+    assert local_url("http://10.0.0.5:11435") == "http://10.0.0.5:11435"
+
+
 # ---------------------------------------------------------------------------------------------
 # Pause without capacity learning; OLLAMA_HOST; herd status in a pipe
 # ---------------------------------------------------------------------------------------------
