@@ -1,14 +1,21 @@
 """Command line: ``herd`` (router), ``herd-node`` (node), ``herd serve``, ``herd status``,
-``herd demo``.
+``herd demo``, ``herd node pause|resume``.
 
 Every option of :data:`herd.config.OPTIONS` is a flag whose argparse default is SUPPRESS, so
 only flags actually typed reach :func:`herd.config.resolve`, which applies the precedence
-flag > environment > ``<data-dir>/env`` > default.
+flag > environment > ``<data-dir>/env`` > default and checks each value. ``herd-node --help``
+lists the node's options; ``herd --help`` and ``herd serve --help`` list them all, grouped as
+router, node and both.
+
+A problem found while starting (a bad value, an unusable data directory, a port already in use,
+a node configuration that can't work) is one line on stderr and exit status 2, never a
+traceback, even when it is raised inside the running service's nurseries.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import os
@@ -45,10 +52,42 @@ herd: one endpoint for a fleet of Ollama servers.
   herd demo [--traffic]              a router with a simulated fleet, no Ollama needed
   herd node pause|resume             stop / restart fleet work on this machine
 
-Options (flag > environment > <data-dir>/env file > default):"""
+Every option: flag > environment > <data-dir>/env file > default."""
+
+NODE_DESCRIPTION = """\
+herd-node: the node agent beside one Ollama (or OpenAI-compatible) server. It reports the
+machine to the router over one WebSocket and serves what the router asks of it.
+
+  herd-node --router-url http://ROUTER-HOST:11435
+  herd node pause|resume             stop / restart fleet work on this machine
+
+Every option: flag > environment > <data-dir>/env file > default."""
+
+GROUPS = {
+    "router": "options of the router",
+    "node": "options of a node agent (herd-node, or the router's own node with --local-node)",
+    "both": "options of the router and of a node",
+}
 
 
-def add_options(parser: argparse.ArgumentParser, roles: Sequence[str]) -> None:
+def add_options(
+    parser: argparse.ArgumentParser, roles: Sequence[str]
+) -> dict[str, argparse._ArgumentGroup]:
+    """One flag per option of ``roles``: under the headings router, node and both when both
+    roles are asked for (the router's heading starts with ``--local-node``), else under the one
+    role's heading. Returns the groups by heading."""
+    if set(roles) >= {"router", "node"}:
+        groups = {name: parser.add_argument_group(name, text) for name, text in GROUPS.items()}
+        groups["router"].add_argument(
+            "--local-node",
+            action="store_true",
+            default=False,
+            help="also run a node agent in this process for this machine's backend (the "
+            "node options below configure it)",
+        )
+    else:
+        only = parser.add_argument_group(roles[0], f"options of the {roles[0]}")
+        groups = {"router": only, "node": only, "both": only}
     for option in OPTIONS:
         if not set(option.roles) & set(roles):
             continue
@@ -56,26 +95,38 @@ def add_options(parser: argparse.ArgumentParser, roles: Sequence[str]) -> None:
         if option.shown_default is not None:
             default = option.shown_default
         if option.name == "port":
-            default = f"{DEFAULT_PORT} router / {DEFAULT_NODE_PORT} node"
+            default = (
+                f"{DEFAULT_PORT} router / {DEFAULT_NODE_PORT} node"
+                if "router" in roles
+                else str(DEFAULT_NODE_PORT)
+            )
         help_text = f"{option.help} [env {option.env}; default {default}]"
         kwargs: dict[str, Any] = {
             "dest": option.name,
             "default": argparse.SUPPRESS,
             "help": help_text,
         }
+        metavar = option.flag.removeprefix("--").upper().replace("-", "_")
         if option.repeatable:
+            kwargs["metavar"] = metavar
             kwargs["action"] = "append"
         elif option.parse is bool or option.default is False or option.switch:
             kwargs["action"] = "store_const"
             kwargs["const"] = True
-        else:
-            kwargs["type"] = option.parse
-        parser.add_argument(option.flag, **kwargs)
+        else:  # the text as typed: resolve() checks it and names the flag if it is bad
+            kwargs["metavar"] = metavar
+        group = "both" if len(option.roles) > 1 else option.roles[0]
+        groups[group].add_argument(option.flag, **kwargs)
+    return groups
 
 
 def serve_parser(prog: str, role: str | None) -> argparse.ArgumentParser:
+    """The parser of ``herd`` (role router), ``herd-node`` (role node) or ``herd serve``
+    (role None: ``--role`` chooses)."""
     parser = argparse.ArgumentParser(
-        prog=prog, description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog=prog,
+        description=NODE_DESCRIPTION if role == "node" else DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"herd {__version__}")
     if role is None:
@@ -85,12 +136,9 @@ def serve_parser(prog: str, role: str | None) -> argparse.ArgumentParser:
             default="router",
             help="which role to run (default router)",
         )
-    parser.add_argument(
-        "--local-node",
-        action="store_true",
-        default=False,
-        help="router only: also run a node agent for this machine's backend",
-    )
+    if role == "node":
+        add_options(parser, ("node",))
+        return parser
     add_options(parser, ("router", "node"))
     return parser
 
@@ -119,14 +167,16 @@ def node_config(flags: Mapping[str, Any], environ: Mapping[str, str]) -> NodeCon
 
 
 def setup_logging(
-    level: str, data_dir: str | None = None, role: str = "router", local_node: bool = False
+    level: str,
+    data_dir: str | None = None,
+    role: str = "router",
+    local_node: bool = False,
+    quiet: bool = False,
 ) -> None:
-    from pathlib import Path
-
     from herd.logs import setup_logging as configure
 
     path = Path(os.path.expanduser(data_dir)) if data_dir else None
-    configure(level, path, role, local_node=local_node)
+    configure(level, path, role, local_node=local_node, quiet=quiet)
 
 
 async def until_signalled(
@@ -174,23 +224,69 @@ def raise_open_file_limit(wanted: int = 65536) -> int:
     return soft
 
 
+def startup_error(exc: BaseException) -> Exception | None:
+    """The start-up problem ``exc`` is (a bad value, a data directory, a port, a node
+    configuration), also when it comes out of trio's nurseries as an exception group whose
+    every leaf is one; None for anything else (a bug, whose traceback is worth seeing)."""
+    from herd.node.service import NodeConfigError
+    from herd.server import ListenError
+    from herd.store.db import StorageError
+
+    kinds = (ConfigError, StorageError, NodeConfigError, ListenError)
+    if isinstance(exc, kinds):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        matched, rest = exc.split(kinds)
+        if matched is not None and rest is None:
+            leaf: BaseException = matched
+            while isinstance(leaf, BaseExceptionGroup):
+                leaf = leaf.exceptions[0]
+            return leaf if isinstance(leaf, Exception) else None
+    return None
+
+
+def describe_startup_error(exc: Exception, prog: str) -> str:
+    """The one line for a start-up problem, with what to do about a port that can't be had."""
+    from herd.server import ListenError
+
+    text = f"{prog}: {exc}"
+    if isinstance(exc, ListenError):
+        port_flag = "--port N" if prog == "herd demo" else "--port N (or FLEET_PORT=N)"
+        if exc.errno == errno.EADDRINUSE:
+            text += (
+                " (another herd, or another program, has the port); start with "
+                f"{port_flag} for another port, or stop the other process"
+            )
+        elif exc.errno == errno.EACCES:
+            text += f"; start with {port_flag} for a port above 1023"
+        elif exc.errno == errno.EADDRNOTAVAIL:
+            text += "; start with --host set to one of this machine's addresses, or 0.0.0.0"
+    return text
+
+
 def run_serve(argv: Sequence[str], prog: str, role: str | None) -> int:
     args = serve_parser(prog, role).parse_args(argv)
     role = role or args.role
     flags = flags_of(args)
     raise_open_file_limit()
-    from herd.store.db import StorageError, check_data_dir
+    from herd.store.db import check_data_dir
 
     try:
         if role == "router":
             config = router_config(flags, os.environ)
             check_data_dir(config.data_path)
             local = None
-            if args.local_node:
+            if getattr(args, "local_node", False):
                 local = node_config(
                     {k: v for k, v in flags.items() if k not in ("host", "port")}, os.environ
                 )
-            setup_logging(config.log_level, config.data_dir, "router", local_node=local is not None)
+            setup_logging(
+                config.log_level,
+                config.data_dir,
+                "router",
+                local_node=local is not None,
+                quiet=config.quiet,
+            )
             from herd.router.service import Router
 
             trio.run(until_signalled, Router(config, local).run)
@@ -198,26 +294,38 @@ def run_serve(argv: Sequence[str], prog: str, role: str | None) -> int:
             nconfig = node_config(flags, os.environ)
             check_data_dir(Path(os.path.expanduser(nconfig.data_dir)), database=False)
             setup_logging(nconfig.log_level, nconfig.data_dir, "node")
-            from herd.node.service import Node, NodeConfigError, agent_config
+            from herd.node.service import Node, agent_config
 
-            try:
-                if nconfig.router_url:
-                    agent_config(nconfig)
-            except NodeConfigError as exc:
-                print(f"herd-node: {exc}", file=sys.stderr)
-                return 2
+            if nconfig.router_url:
+                agent_config(nconfig)
             node = Node(nconfig)
 
             async def serve_node() -> None:
                 await until_signalled(node.run, before_stop=node.drain)
 
             trio.run(serve_node)
-    except (ConfigError, StorageError) as exc:
-        print(f"{prog}: {exc}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         return 0
+    except BaseException as exc:
+        problem = startup_error(exc)
+        if problem is None:
+            raise
+        print(describe_startup_error(problem, prog), file=sys.stderr)
+        return 2
     return 0
+
+
+def print_out(text: str) -> None:
+    """Print to stdout; a reader that stopped reading (``herd status | head -1``) ends the
+    output quietly instead of with a BrokenPipeError."""
+    try:
+        print(text, flush=True)
+    except BrokenPipeError:
+        # Whatever is still buffered goes nowhere, so the interpreter's own flush at exit
+        # does not fail (and print its own traceback) either.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
 
 
 def run_status(argv: Sequence[str]) -> int:
@@ -260,29 +368,73 @@ def run_status(argv: Sequence[str]) -> int:
         )
         return 1
     data = response.json()
-    print(json.dumps(data, indent=2) if args.json else render_status(data))
+    print_out(json.dumps(data, indent=2) if args.json else render_status(data))
     return 0
 
 
-def run_demo(argv: Sequence[str]) -> int:
+def argument_type(parse: Callable[[str], Any]) -> Callable[[str], Any]:
+    """An option's parser as an argparse type: its ValueError's text becomes argparse's own
+    message (``argument --port: must be 0..65535, got 70000``), not a function's name."""
+
+    def convert(text: str) -> Any:
+        try:
+            return parse(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    return convert
+
+
+def demo_parser() -> argparse.ArgumentParser:
+    from herd.config import _bool, _port
+
     parser = argparse.ArgumentParser(
         prog="herd demo",
-        description="A router with three simulated Ollama nodes (no Ollama needed).",
+        description="A router with three simulated Ollama nodes (no Ollama needed). It reads "
+        "no FLEET_* variable and keeps its data in a temporary directory.",
     )
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=DEFAULT_PORT)
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1)")
+    parser.add_argument(
+        "--port",
+        type=argument_type(_port),
+        default=DEFAULT_PORT,
+        help=f"the router's port ({DEFAULT_PORT})",
+    )
     parser.add_argument(
         "--traffic", action="store_true", help="send a steady mixed load through the router"
     )
-    parser.add_argument("--log-level", default="INFO")
-    args = parser.parse_args(argv)
-    setup_logging(args.log_level.upper())
+    parser.add_argument(
+        "--mdns",
+        nargs="?",
+        const=True,
+        default=False,
+        type=argument_type(_bool),
+        metavar="true|false",
+        help="advertise the demo router on the LAN by mDNS, as herd does; off unless given "
+        "(real nodes on the LAN without --router-url would join the demo)",
+    )
+    parser.add_argument(
+        "--quiet", action="store_true", help="no access line per request on the console"
+    )
+    parser.add_argument("--log-level", default="INFO", help="console log level (INFO)")
+    return parser
+
+
+def run_demo(argv: Sequence[str]) -> int:
+    args = demo_parser().parse_args(argv)
+    setup_logging(args.log_level.upper(), quiet=args.quiet)
     from herd.demo import run_demo as demo
 
     try:
-        trio.run(until_signalled, demo, args.host, args.port, args.traffic)
+        trio.run(until_signalled, demo, args.host, args.port, args.traffic, args.mdns)
     except KeyboardInterrupt:
         return 0
+    except BaseException as exc:
+        problem = startup_error(exc)
+        if problem is None:
+            raise
+        print(describe_startup_error(problem, "herd demo"), file=sys.stderr)
+        return 2
     return 0
 
 

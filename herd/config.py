@@ -5,7 +5,11 @@
 Every option is one row of :data:`OPTIONS` (flag, environment variable, default, type, help); the
 CLI, ``--help``, ``docs/configuration.md`` and the dashboard's config table are all drawn from it.
 Flags are parsed with no defaults of their own (``argparse.SUPPRESS``), so a flag that was not
-given can never mask the environment.
+given can never mask the environment, and argparse hands their text to :func:`resolve`, which
+checks flag and variable alike with the option's rule and names the flag or the variable when a
+value breaks it (``--port must be 0..65535, got 70000``). One option also reads another
+program's variable last: ``--ollama-url`` falls back to Ollama's ``OLLAMA_HOST``
+(:func:`parse_ollama_host` reads Ollama's forms of it).
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ def _bool(value: str) -> bool:
         return True
     if lowered in {"0", "false", "no", "off", ""}:
         return False
-    raise ValueError(f"expected true/false, got {value!r}")
+    raise ValueError(f"must be true or false (or 1/0, yes/no, on/off), got {value!r}")
 
 
 def _str_list(value: str) -> tuple[str, ...]:
@@ -36,7 +40,10 @@ def _str_list(value: str) -> tuple[str, ...]:
 
 
 def _positive_float(value: str) -> float:
-    number = float(value)
+    try:
+        number = float(value)
+    except ValueError:
+        raise ValueError(f"must be a number > 0, got {value!r}") from None
     if not number > 0:
         raise ValueError(f"must be > 0, got {value}")
     return number
@@ -76,17 +83,96 @@ def _positive_int(value: str) -> int:
 
 
 def _port(value: str) -> int:
-    number = int(value)
+    try:
+        number = int(value)
+    except ValueError:
+        raise ValueError(f"must be a port number 0..65535, got {value!r}") from None
     if not 0 <= number <= 65535:
-        raise ValueError(f"port must be 0..65535, got {value}")
+        raise ValueError(f"must be 0..65535, got {value}")
     return number
 
 
 def _non_negative_int(value: str) -> int:
-    number = int(value)
+    try:
+        number = int(value)
+    except ValueError:
+        raise ValueError(f"must be a whole number >= 0, got {value!r}") from None
     if number < 0:
         raise ValueError(f"must be >= 0, got {value}")
     return number
+
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+def _log_level(value: str) -> str:
+    level = value.strip().upper()
+    if level not in LOG_LEVELS:
+        raise ValueError(f"must be one of {', '.join(LOG_LEVELS)}, got {value!r}")
+    return level
+
+
+OLLAMA_DEFAULT_PORT = 11434
+_WILDCARDS = {"0.0.0.0": "127.0.0.1", "::": "::1"}
+
+
+def parse_ollama_host(value: str) -> str:
+    """The backend URL for a value in any of the forms Ollama's ``OLLAMA_HOST`` takes:
+    ``host``, ``host:port``, ``:port``, ``[v6]:port``, ``http(s)://host[:port][/path]``.
+
+    Without a scheme it is ``http`` and the port 11434; with a scheme and no port, the
+    scheme's own port (80 or 443), as Ollama reads it. A listening address meaning "every
+    interface" (``0.0.0.0``, ``::``) is connected to on loopback. Pure; raises ValueError
+    saying what the value should look like.
+    """
+    import ipaddress
+    import urllib.parse
+
+    text = value.strip()
+    expected = f"must look like HOST, HOST:PORT, :PORT or http://HOST:PORT, got {value!r}"
+    scheme, sep, rest = text.partition("://")
+    if not sep:
+        scheme, rest = "http", text
+        default_port = OLLAMA_DEFAULT_PORT
+    else:
+        scheme = scheme.lower()
+        if scheme not in ("http", "https"):
+            raise ValueError(f"must use http:// or https://, got {value!r}")
+        default_port = 443 if scheme == "https" else 80
+    hostport, slash, path = rest.partition("/")
+    if any(c.isspace() for c in hostport) or "@" in hostport:
+        raise ValueError(expected)
+    host, port_text = hostport, ""
+    if hostport.startswith("["):
+        inside, bracket, after = hostport[1:].partition("]")
+        if not bracket or (after and not after.startswith(":")):
+            raise ValueError(expected)
+        host, port_text = inside, after[1:]
+        if after and not port_text:
+            raise ValueError(expected)
+    elif hostport.count(":") == 1:
+        host, _, port_text = hostport.partition(":")
+        if not port_text:
+            raise ValueError(expected)
+    elif hostport.count(":") > 1:
+        try:  # a bare IPv6 address, as Ollama also accepts
+            ipaddress.IPv6Address(hostport)
+        except ValueError:
+            raise ValueError(expected) from None
+    if not host:
+        if sep:  # "http://" or "http://:8080": a URL names its host
+            raise ValueError(f"names no host: {value!r}")
+        host = "127.0.0.1"
+    host = _WILDCARDS.get(host, host)
+    port = default_port
+    if port_text:
+        if not port_text.isdigit() or not 0 < int(port_text) <= 65535:
+            raise ValueError(f"has a bad port {port_text!r} (1..65535): {value!r}")
+        port = int(port_text)
+    shown = f"[{host}]" if ":" in host else host
+    url = f"{scheme}://{shown}:{port}" + (slash + path if path else "")
+    urllib.parse.urlsplit(url)  # the result must be a URL httpx can use
+    return url.rstrip("/")
 
 
 @attrs.frozen
@@ -105,6 +191,9 @@ class Option:
     switch: bool = False
     # What --help and the docs call the default when ``default`` is None ("not set").
     shown_default: str | None = None
+    # Another program's variable read (from the environment only) when neither the flag, the
+    # option's own variable nor the env file sets it, e.g. Ollama's OLLAMA_HOST.
+    fallback_env: str | None = None
 
 
 OPTIONS: tuple[Option, ...] = (
@@ -349,8 +438,18 @@ OPTIONS: tuple[Option, ...] = (
         "--log-level",
         "FLEET_LOG_LEVEL",
         "INFO",
-        str.upper,
-        "console log level (the JSONL file logs at DEBUG)",
+        _log_level,
+        "console log level: DEBUG, INFO, WARNING, ERROR or CRITICAL (the JSONL file logs at DEBUG)",
+        category="logging",
+    ),
+    Option(
+        "quiet",
+        "--quiet",
+        "FLEET_QUIET",
+        False,
+        _bool,
+        "no access line per request on the console (the JSONL file keeps them)",
+        roles=("router",),
         category="logging",
     ),
     Option(
@@ -368,10 +467,12 @@ OPTIONS: tuple[Option, ...] = (
         "--ollama-url",
         "FLEET_NODE_OLLAMA_HOST",
         "http://localhost:11434",
-        str,
-        "URL of the inference backend on this machine",
+        parse_ollama_host,
+        "URL of the inference backend on this machine (http://HOST:PORT; HOST:PORT and :PORT "
+        "work too); unset, Ollama's own OLLAMA_HOST is read",
         roles=("node",),
         category="node",
+        fallback_env="OLLAMA_HOST",
     ),
     Option(
         "backend",
@@ -523,9 +624,12 @@ def resolve(
     flags: Mapping[str, Any],
     environ: Mapping[str, str],
 ) -> dict[str, Any]:
-    """Resolve every option of ``role``. ``flags`` holds only the flags actually given.
+    """Resolve every option of ``role``. ``flags`` holds only the flags actually given (as
+    argparse leaves them: strings, lists of strings for repeatable flags, True for switches);
+    they are parsed here by the option's rule. An option with a ``fallback_env`` (another
+    program's variable) reads it from the environment after its own variable and the file.
 
-    Raises :class:`ConfigError` naming the option, its source and the bad value.
+    Raises :class:`ConfigError` naming the flag, or the variable, its source and the value.
     """
     # The data dir decides where the env file is, so it is resolved first (without the file).
     data_dir = flags.get("data_dir") or environ.get("FLEET_DATA_DIR") or "~/.fleet-manager"
@@ -535,27 +639,48 @@ def resolve(
         if role not in option.roles:
             continue
         if option.name in flags:
-            value = flags[option.name]
-            if isinstance(value, list):
-                value = tuple(value)
-            resolved[option.name] = value
+            resolved[option.name] = _flag_value(option, flags[option.name])
             continue
-        for source, raw in (
-            ("environment", environ.get(option.env)),
-            (f"{data_dir}/env", file_values.get(option.env)),
-        ):
-            if raw is not None:
-                try:
-                    resolved[option.name] = option.parse(raw)
-                except ValueError as exc:
-                    shown = "***" if option.secret else repr(raw)
-                    raise ConfigError(
-                        f"{option.env}={shown} (from {source}) is invalid: {exc}"
-                    ) from exc
-                break
+        sources = [
+            (option.env, "environment", environ.get(option.env)),
+            (option.env, f"{data_dir}/env", file_values.get(option.env)),
+        ]
+        if option.fallback_env:
+            sources.append((option.fallback_env, "environment", environ.get(option.fallback_env)))
+        for variable, source, raw in sources:
+            if raw is None or (variable == option.fallback_env and not raw.strip()):
+                continue
+            try:
+                resolved[option.name] = option.parse(raw)
+            except ValueError as exc:
+                shown = "***" if option.secret else repr(raw)
+                raise ConfigError(f"{variable}={shown} (from {source}) is invalid: {exc}") from exc
+            break
         else:
             resolved[option.name] = option.default
     return resolved
+
+
+def _flag_value(option: Option, value: Any) -> Any:
+    """A flag as typed (argparse hands over strings; switches are True) parsed by the
+    option's rule, so a bad value is reported in flag terms: ``--port must be 0..65535``."""
+    try:
+        if isinstance(value, list | tuple):
+            for item in value:  # repeatable: each occurrence is one item, checked
+                option.parse(item)
+            return tuple(value)
+        if isinstance(value, str):
+            return option.parse(value)
+    except ValueError as exc:
+        text = str(exc)
+        if option.secret:
+            text = "is invalid"
+        raise ConfigError(
+            f"{option.flag} {text}"
+            if text.startswith(("must", "is", "has", "names"))
+            else f"{option.flag}: {text}"
+        ) from exc
+    return value
 
 
 @attrs.frozen
@@ -576,6 +701,8 @@ class RouterConfig:
     auth_token: str | None = None
     api_keys: tuple[str, ...] = ()
     log_level: str = "INFO"
+    # No access line per request on the console (the JSONL file keeps them).
+    quiet: bool = False
     # Embedded routers don't advertise themselves unless asked; the `herd` command does.
     mdns: bool = False
     # Start values of the runtime settings of the same names; None = not set here (the

@@ -4,7 +4,9 @@ Three simulated Ollama servers (one big machine, two small ones, different model
 load times and token rates) join a real router over real sockets, each through its own node
 agent. With ``--traffic`` a steady mixed load (chat in both API families, embeddings, a few
 cold loads) runs through the router, so ``/fleet/status``, ``herd status`` and the traces show
-routing as it happens.
+routing as it happens. It prints each simulated node with the port its Ollama answers on (a real
+Ollama API: ``curl http://127.0.0.1:PORT/api/ps``). The demo router is not advertised by mDNS
+unless asked (``herd demo --mdns``): real nodes on the LAN would join it.
 """
 
 from __future__ import annotations
@@ -153,21 +155,37 @@ async def traffic(url: str, seed: int = 7) -> None:
                 await trio.sleep(rng.uniform(0.2, 1.0))
 
 
+def node_line(spec: SimConfig, url: str) -> str:
+    """One simulated node as the demo prints it: name, its Ollama's URL, memory, hot models."""
+    hot = ", ".join(spec.loaded) or "none"
+    return (
+        f"    {spec.name:<9} simulated Ollama on {url}  "
+        f"({spec.memory_bytes // GiB} GiB, loaded: {hot})"
+    )
+
+
 async def run_demo(
     host: str,
     port: int,
     with_traffic: bool,
+    mdns: bool = False,
     *,
     task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run the demo until cancelled; ``task_status.started`` gets the router's URL."""
     with tempfile.TemporaryDirectory(prefix="herd-demo-") as data_dir:
-        config = RouterConfig(host=host, port=port, data_dir=data_dir, heartbeat_interval=2.0)
+        config = RouterConfig(
+            host=host, port=port, data_dir=data_dir, heartbeat_interval=2.0, mdns=mdns
+        )
         async with Router(config) as router, trio.open_nursery() as nursery:
+            sims: list[SimOllama] = []
             for spec in DEMO_FLEET:
-                await nursery.start(serve_simulated_node, spec, router.url, 2.0)
+                sims.append(await nursery.start(serve_simulated_node, spec, router.url, 2.0))
             await router.wait_nodes(len(DEMO_FLEET))
             print(f"\nherd demo: router on {router.url} with {len(DEMO_FLEET)} simulated nodes")
+            for spec, sim in zip(DEMO_FLEET, sims, strict=True):
+                print(node_line(spec, sim.url))
+            print(f"  dashboard: {router.url}/dashboard")
             print(f"  status:  herd status --url {router.url}")
             print(
                 f"  chat:    curl {router.url}/api/chat -d "

@@ -3,6 +3,11 @@
 One file per role (``herd.jsonl`` for the router, ``herd-node.jsonl`` for a node), rotated at
 midnight UTC, 30 days kept. The file gets DEBUG, the console ``--log-level``. Nothing herd logs
 contains a secret (tokens, API keys) or prompt text; requests are logged by id, model and node.
+
+A record may carry structured fields (``logger.info(..., extra=fields(node="a", ms=12))``): the
+JSONL file writes them as keys of the line beside ``ts``, ``level``, ``logger`` and ``message``;
+the console shows only the message. The router's access lines (logger :data:`ACCESS_LOGGER`,
+one per finished inference request) are such records; ``--quiet`` keeps them off the console.
 """
 
 from __future__ import annotations
@@ -14,22 +19,34 @@ import logging.handlers
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 KEEP_DAYS = 30
 FILES = {"router": "herd.jsonl", "node": "herd-node.jsonl"}
+ACCESS_LOGGER = "herd.access"
+
+
+def fields(**values: Any) -> dict[str, dict[str, Any]]:
+    """The ``extra=`` of a logging call whose record carries structured fields (the record's
+    ``extra`` attribute), for the JSONL file."""
+    return {"extra": values}
 
 
 class JsonLines(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        entry = {
+        entry: dict[str, Any] = {
             "ts": dt.datetime.fromtimestamp(record.created, dt.UTC).isoformat(),
             "level": record.levelname,
             "logger": record.name,
             "message": record.getMessage(),
         }
+        extra = getattr(record, "extra", None)
+        if isinstance(extra, dict):
+            for key, value in extra.items():
+                entry.setdefault(str(key), value)  # the four keys above are never replaced
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
-        return json.dumps(entry, ensure_ascii=False)
+        return json.dumps(entry, ensure_ascii=False, default=str)
 
 
 class LogFile(logging.handlers.TimedRotatingFileHandler):
@@ -61,6 +78,10 @@ def _file_handler(path: Path) -> logging.Handler:
     return handler
 
 
+def _not_access(record: logging.LogRecord) -> bool:
+    return record.name != ACCESS_LOGGER
+
+
 def _is_node(record: logging.LogRecord) -> bool:
     return record.name == NODE_LOGGER or record.name.startswith(NODE_LOGGER + ".")
 
@@ -73,10 +94,12 @@ def setup_logging(
     data_dir: Path | None = None,
     role: str = "router",
     local_node: bool = False,
+    quiet: bool = False,
 ) -> Path:
     """Configure the root logger; returns the JSONL file's path (or data_dir-less: none).
     A router with ``local_node`` writes its in-process node's records (logger ``herd.node``)
-    to the node's file, as a separate ``herd-node`` process would."""
+    to the node's file, as a separate ``herd-node`` process would. ``quiet``: no access lines
+    on the console (the file keeps them)."""
     root = logging.getLogger()
     root.setLevel(logging.DEBUG)
     for handler in list(root.handlers):
@@ -84,6 +107,8 @@ def setup_logging(
     console = logging.StreamHandler()
     console.setLevel(getattr(logging, console_level.upper(), logging.INFO))
     console.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
+    if quiet:
+        console.addFilter(_not_access)
     root.addHandler(console)
     for noisy in ("httpx", "httpcore", "hypercorn", "trio-websocket", "quart"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -13,6 +13,10 @@ itself, so it can say no before a connection costs anything:
   backs off (50 ms doubling to 1 s) instead of spinning, and logs it once a minute.
 - **Idle connections** close after ``keep_alive_timeout`` (75 s) between requests, and at once
   after a response to ``Connection: close`` or HTTP/1.0 (see :class:`FinishResponses`).
+
+A port that can't be had (in use, privileged, an address not of this machine) is a
+:class:`ListenError` naming the address, raised from :func:`serve_app` before it has started;
+the CLI prints it as one line.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import errno
 import json
 import logging
 import math
+import os
 from collections.abc import Callable
 from functools import partial
 from typing import Any
@@ -42,6 +47,41 @@ BACKOFF_FIRST, BACKOFF_MAX = 0.05, 1.0
 REPORT_EVERY = 60.0
 REFUSE_TIMEOUT = 2.0
 FINISH_TIMEOUT = 5.0
+
+
+class ListenError(Exception):
+    """The server could not listen on its address. ``errno`` is the socket error's."""
+
+    def __init__(self, host: str, port: int, error: OSError) -> None:
+        self.host = host
+        self.port = port
+        self.errno = error.errno
+        shown = f"[{host}]" if ":" in host else host
+        if error.errno == errno.EADDRINUSE:
+            reason = "the address is already in use"
+        elif error.errno == errno.EACCES:
+            reason = "permission denied (ports below 1024 need root)"
+        elif error.errno == errno.EADDRNOTAVAIL:
+            reason = f"{host} is not an address of this machine"
+        else:
+            reason = error.strerror or (os.strerror(error.errno) if error.errno else str(error))
+        super().__init__(f"cannot listen on {shown}:{port}: {reason}")
+
+
+def _listening_sockets(config: Config, host: str, port: int) -> Any:
+    """hypercorn's sockets for ``config``, bound and listening; :class:`ListenError` if not."""
+    try:
+        sockets = config.create_sockets()
+    except OSError as exc:
+        raise ListenError(host, port, exc) from exc
+    try:
+        for sock in sockets.insecure_sockets:
+            sock.listen(config.backlog)
+    except OSError as exc:
+        for sock in sockets.insecure_sockets:
+            sock.close()
+        raise ListenError(host, port, exc) from exc
+    return sockets
 
 
 def hypercorn_config(host: str, port: int, idle_timeout: float = 75.0) -> Config:
@@ -264,7 +304,8 @@ async def serve_app(
     *,
     task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve ``app`` until cancelled; ``task_status.started`` gets the URL to reach it."""
+    """Serve ``app`` until cancelled; ``task_status.started`` gets the URL to reach it.
+    Raises :class:`ListenError` if it can't listen (before it has started)."""
     limits = limits or ConnectionLimits()
     config = hypercorn_config(host, port, limits.idle_timeout)
     wrapped = wrap_app(app, config.wsgi_max_body_size, "asgi")
@@ -272,9 +313,7 @@ async def serve_app(
     lifespan = Lifespan(wrapped, config, lifespan_state)
     context = WorkerContext(None)
     doors = Doorkeeper(limits, max(16, (open_file_limit() - limits.fd_headroom) // 2))
-    sockets = config.create_sockets()
-    for sock in sockets.insecure_sockets:
-        sock.listen(config.backlog)
+    sockets = _listening_sockets(config, host, port)
     listeners = [
         trio.SocketListener(trio.socket.from_stdlib_socket(sock))
         for sock in sockets.insecure_sockets

@@ -1,4 +1,8 @@
-"""``herd status``: a terminal summary of ``/fleet/status``."""
+"""``herd status``: a terminal summary of ``/fleet/status``.
+
+Each node's line carries its state in brackets, with the words ``draining`` (it is stopping and
+takes no new work) and ``paused`` (its owner ran ``herd node pause``) when they apply.
+"""
 
 from __future__ import annotations
 
@@ -29,6 +33,8 @@ def render_status(data: dict[str, Any]) -> str:
         memory = node.get("memory", {})
         backend = node.get("backend", {})
         flags = " draining" if node.get("draining") else ""
+        if (node.get("capacity") or {}).get("paused"):
+            flags += " paused"
         health = "ok" if backend.get("healthy") else f"DOWN ({backend.get('error', '')})"
         lines.append(
             f"{node.get('node_id')}  [{node.get('status')}{flags}]  "

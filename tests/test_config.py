@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
 
 from herd.cli import flags_of, node_config, router_config, serve_parser
-from herd.config import OPTIONS, ConfigError, read_env_file, redacted, resolve
+from herd.config import (
+    OPTIONS,
+    ConfigError,
+    parse_ollama_host,
+    read_env_file,
+    redacted,
+    resolve,
+)
 
 
 def parse(argv: list[str]) -> dict[str, object]:
@@ -96,3 +104,107 @@ def test_docs_name_no_option_that_does_not_exist() -> None:
     docs = (Path(__file__).parent.parent / "docs" / "configuration.md").read_text()
     documented = set(re.findall(r"^\| `(--[a-z-]+)`", docs, flags=re.MULTILINE))
     assert documented == {o.flag for o in OPTIONS}
+
+
+def test_docs_have_each_option_once() -> None:
+    docs = (Path(__file__).parent.parent / "docs" / "configuration.md").read_text()
+    rows = re.findall(r"^\| `(--[a-z-]+)`", docs, flags=re.MULTILINE)
+    assert sorted(rows) == sorted(o.flag for o in OPTIONS)  # no option twice
+    # The commands' own flags have sections of their own, outside the table.
+    assert "## `--local-node`" in docs and "## `herd demo`" in docs
+    for flag in ("--traffic", "--mdns", "--quiet"):
+        assert f"`{flag}`" in docs.split("## `herd demo`")[1]
+
+
+@pytest.mark.parametrize(
+    ("value", "url"),
+    [
+        ("studio", "http://studio:11434"),
+        ("studio:8080", "http://studio:8080"),
+        (":9999", "http://127.0.0.1:9999"),
+        ("", "http://127.0.0.1:11434"),
+        ("0.0.0.0", "http://127.0.0.1:11434"),
+        ("0.0.0.0:11500", "http://127.0.0.1:11500"),
+        ("127.0.0.1:11434", "http://127.0.0.1:11434"),
+        ("http://10.0.0.7:11434", "http://10.0.0.7:11434"),
+        ("http://10.0.0.7:11434/", "http://10.0.0.7:11434"),
+        ("HTTPS://box.example", "https://box.example:443"),
+        ("http://box", "http://box:80"),  # a URL without a port: the scheme's, as Ollama says
+        ("http://box:8000/v1", "http://box:8000/v1"),
+        ("[::1]:11434", "http://[::1]:11434"),
+        ("::1", "http://[::1]:11434"),
+        ("[::]", "http://[::1]:11434"),
+        ("  studio  ", "http://studio:11434"),
+    ],
+)
+def test_ollama_host_forms(value: str, url: str) -> None:
+    assert parse_ollama_host(value) == url
+
+
+@pytest.mark.parametrize(
+    ("value", "said"),
+    [
+        ("http://", "names no host"),
+        ("http://:8080", "names no host"),
+        ("host:port:x", "must look like HOST, HOST:PORT, :PORT or http://HOST:PORT"),
+        ("studio:", "must look like"),
+        ("studio:abc", "has a bad port 'abc'"),
+        ("studio:70000", "has a bad port '70000'"),
+        ("ftp://studio", "must use http:// or https://"),
+        ("[::1", "must look like"),
+        ("user@studio:1", "must look like"),
+    ],
+)
+def test_bad_ollama_hosts_say_what_is_expected(value: str, said: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(said)):
+        parse_ollama_host(value)
+
+
+def test_ollama_host_is_read_last(tmp_path: Path) -> None:
+    """--ollama-url > FLEET_NODE_OLLAMA_HOST > the env file's > Ollama's OLLAMA_HOST."""
+    env = {"FLEET_DATA_DIR": str(tmp_path), "OLLAMA_HOST": "0.0.0.0:11500"}
+    assert node_config(parse([]), env).ollama_url == "http://127.0.0.1:11500"
+    assert node_config(parse([]), {"FLEET_DATA_DIR": str(tmp_path)}).ollama_url == (
+        "http://localhost:11434"
+    )
+    (tmp_path / "env").write_text("FLEET_NODE_OLLAMA_HOST=filed:1\n")
+    assert node_config(parse([]), env).ollama_url == "http://filed:1"
+    with_var = env | {"FLEET_NODE_OLLAMA_HOST": "fleet-var:2"}
+    assert node_config(parse([]), with_var).ollama_url == "http://fleet-var:2"
+    assert node_config(parse(["--ollama-url", "flag:3"]), with_var).ollama_url == "http://flag:3"
+    # A router alone never reads it; an empty one is as good as unset.
+    assert "ollama_url" not in resolve("router", {}, env)
+    empty = {"FLEET_DATA_DIR": str(tmp_path / "none"), "OLLAMA_HOST": " "}
+    assert node_config(parse([]), empty).ollama_url == "http://localhost:11434"
+
+
+@pytest.mark.parametrize(
+    ("argv", "said"),
+    [
+        (["--heartbeat-interval", "-1"], "--heartbeat-interval must be > 0, got -1"),
+        (["--heartbeat-interval", "soon"], "--heartbeat-interval must be a number > 0, got 'soon'"),
+        (["--port", "70000"], "--port must be 0..65535, got 70000"),
+        (["--port", "http"], "--port must be a port number 0..65535, got 'http'"),
+        (["--max-retries", "-2"], "--max-retries must be >= 0, got -2"),
+        (["--mdns", "maybe"], "--mdns must be true or false (or 1/0, yes/no, on/off)"),
+        (["--log-level", "loud"], "--log-level must be one of DEBUG, INFO, WARNING"),
+        (["--model-alias", "x"], "--model-alias: a model alias looks like"),
+    ],
+)
+def test_bad_flags_are_named_with_their_rule(tmp_path: Path, argv: list[str], said: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        router_config(parse(argv), {"FLEET_DATA_DIR": str(tmp_path)})
+    assert str(info.value).startswith(said)
+
+
+def test_flags_are_parsed_by_the_options_rules(tmp_path: Path) -> None:
+    env = {"FLEET_DATA_DIR": str(tmp_path)}
+    config = router_config(
+        parse(["--heartbeat-interval", "2.5", "--mdns", "off", "--log-level", "debug", "--quiet"]),
+        env,
+    )
+    assert config.heartbeat_interval == 2.5 and config.mdns is False
+    assert config.log_level == "DEBUG" and config.quiet is True
+    assert router_config(parse([]), env | {"FLEET_QUIET": "yes"}).quiet is True
+    node = node_config(parse(["--ollama-url", "127.0.0.1:11434"]), env)
+    assert node.ollama_url == "http://127.0.0.1:11434"  # no scheme: normalised, not broken

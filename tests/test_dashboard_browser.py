@@ -2,7 +2,8 @@
 
 Every tab is opened with data from real traffic through a test router; the overview updates by
 itself when a node joins and leaves; a settings toggle round-trips; a pull started from
-Recommendations completes. With HERD_SCREENSHOTS=1 the tests refresh docs/screenshots/.
+Recommendations completes; a router that wants an API key gets one asked for, and the live
+overview follows. With HERD_SCREENSHOTS=1 the tests refresh docs/screenshots/.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Any
 import httpx
 import pytest
 import trio
-from playwright.sync_api import Page, expect, sync_playwright
+from playwright.sync_api import Dialog, Page, expect, sync_playwright
 
 from herd.node.agent import AgentConfig, NodeAgent
 from herd.recommend import catalog
@@ -60,9 +61,12 @@ async def in_browser(
     steps: Callable[[Page], Any],
     dark: bool = False,
     flags: tuple[str, ...] = (),
+    answer: Callable[[str], str] | None = None,
 ) -> Any:
     """Run blocking Playwright steps in a worker thread while the router serves. Playwright's
-    sync objects belong to the thread that made them, so the browser starts there too."""
+    sync objects belong to the thread that made them, so the browser starts there too. With
+    ``answer``, the page's prompts are answered with ``answer(message)``; any other dialog is
+    recorded as an error."""
 
     def run() -> Any:
         errors: list[str] = []
@@ -74,8 +78,16 @@ async def in_browser(
             page = context.new_page()
             page.set_default_timeout(15_000)
             page.on("pageerror", lambda exc: errors.append(str(exc)))
-            # The page alerts on a failed save: record it (and let the page go on).
-            page.on("dialog", lambda dialog: (errors.append(dialog.message), dialog.dismiss()))
+
+            def on_dialog(dialog: Dialog) -> None:
+                if answer is not None and dialog.type == "prompt":
+                    dialog.accept(answer(dialog.message))
+                    return
+                # The page alerts on a failed save: record it (and let the page go on).
+                errors.append(dialog.message)
+                dialog.dismiss()
+
+            page.on("dialog", on_dialog)
             try:
                 page.goto(url)
                 result = steps(page)
@@ -276,6 +288,30 @@ async def test_empty_fleet_says_how_to_start(tmp_path: Path, browser: str) -> No
             expect(page.locator("#queues .empty")).to_contain_text("/v1")
 
         await in_browser(browser, fleet.url + "/dashboard", look)
+
+
+async def test_the_live_overview_asks_for_the_api_key(tmp_path: Path, browser: str) -> None:
+    """A router with an API key refuses the event stream (401) to a page without one: the page
+    asks for the key, and asks again when the one given is wrong; with the right one the fleet
+    overview renders, live, and the other tabs use the same key without asking."""
+    asked: list[str] = []
+
+    def answer(message: str) -> str:
+        asked.append(message)
+        return "wrong" if len(asked) == 1 else "sesame"
+
+    async with running_fleet(tmp_path, specs(), api_keys=("sesame",)) as fleet:
+
+        def look(page: Page) -> None:
+            expect(page.locator(".card.node")).to_have_count(2)
+            expect(page.locator('.card[data-node="studio"]')).to_contain_text("online")
+            expect(page.locator("#live")).to_have_text("live")
+            assert page.evaluate("localStorage.getItem('herd-key')") == "sesame"
+            page.goto(fleet.url + "/dashboard#health")
+            expect(page.locator(".check").first).to_be_visible()
+
+        await in_browser(browser, fleet.url + "/dashboard", look, answer=answer)
+    assert asked == ["This herd router needs an API key:"] * 2
 
 
 async def test_a_router_pull_shows_with_its_progress(tmp_path: Path, browser: str) -> None:

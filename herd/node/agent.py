@@ -21,7 +21,9 @@ Any of them failing takes the others down with it. Backoff: ``backoff_initial`` 
 ``random.Random``) so a fleet doesn't reconnect in lockstep after a router restart. The delay
 goes back to ``backoff_initial`` after a session in which the router acknowledged us (a router
 that accepts the socket and drops it at once is still backed off). Losing the router never
-touches the backend: local inference goes on.
+touches the backend: local inference goes on. A router that can't be reached at all (refused,
+unknown host, no answer) is one warning saying so when it starts, not one line per attempt (the
+attempts after it are DEBUG) until the router answers again or the reason changes.
 
 Protocol (JSON text messages on ``/fleet/ws``; ``Authorization: Bearer <token>`` on the
 handshake when a fleet token is set)::
@@ -46,6 +48,7 @@ import contextlib
 import itertools
 import json
 import logging
+import os
 import random
 import socket
 import ssl
@@ -212,6 +215,18 @@ def describe_error(exc: BaseException) -> str:
     return text[:ERROR_MAX_CHARS]
 
 
+def unreachable_reason(exc: BaseException) -> str:
+    """Why a TCP connection to the router could not be made, in a few words: trio reports
+    "all attempts to connect to H:P failed" with the attempts' errors as its cause."""
+    while isinstance(exc.__cause__, BaseExceptionGroup) and exc.__cause__.exceptions:
+        exc = exc.__cause__.exceptions[0]
+    if isinstance(exc, socket.gaierror):
+        return f"cannot resolve the host name ({exc.strerror})"
+    if isinstance(exc, OSError) and exc.errno and not isinstance(exc, TimeoutError):
+        return os.strerror(exc.errno).lower()
+    return describe_error(exc)
+
+
 def is_refusal(exc: BaseException) -> bool:
     """The router turned us away (handshake refused, or closed with 1008 "policy violation",
     e.g. another session already holds our node id), rather than the connection failing."""
@@ -256,6 +271,10 @@ class NodeAgent:
     _known: BackendState | None = attrs.field(default=None, init=False)
     # Did the last probe succeed? None before the first.
     _backend_up: bool | None = attrs.field(default=None, init=False)
+    # Did this session's TCP connection to the router open? And the reason last logged as a
+    # warning that the router can't be reached (None: reached since).
+    _reached: bool = attrs.field(default=False, init=False)
+    _unreachable: str | None = attrs.field(default=None, init=False)
 
     def statistics(self) -> AgentStatistics:
         return AgentStatistics(
@@ -363,19 +382,38 @@ class NodeAgent:
             delay = self.config.backoff_initial
             while True:
                 self._acked = False
+                self._reached = False
                 refused = False
+                unreachable: str | None = None
                 try:
                     await self._session(backend)
                 except* SESSION_ERRORS as group:
                     self.last_error = describe_error(group.exceptions[0])
                     refused = is_refusal(group.exceptions[0])
+                    if not self._reached:
+                        unreachable = unreachable_reason(group.exceptions[0])
                 finally:
                     self._disconnected()
                 if self._acked:
                     delay = self.config.backoff_initial
                 wait = delay * (1 + self.config.backoff_jitter * self.rng.random())
+                if self._reached:
+                    self._unreachable = None
                 if refused:  # a setup problem (token, duplicate node id): say so louder
                     log.warning("%s; retrying in %.1f s", self.last_error, wait)
+                elif unreachable is not None and unreachable != self._unreachable:
+                    self._unreachable = unreachable
+                    log.warning(
+                        "cannot reach the router at %s (%s): is it running, and is "
+                        "--router-url right? Retrying every %g s or sooner until it answers",
+                        self.config.router_url,
+                        unreachable,
+                        self.config.backoff_max,
+                    )
+                elif unreachable is not None:
+                    log.debug(
+                        "router still unreachable (%s); retrying in %.1f s", unreachable, wait
+                    )
                 else:
                     log.info(
                         "router connection lost (%s); retrying in %.1f s", self.last_error, wait
@@ -419,6 +457,7 @@ class NodeAgent:
                 stream = await self._open_stream(endpoint)
         except trio.TooSlowError:
             raise TimeoutError(too_slow) from None
+        self._reached = True
         try:
             async with trio.open_nursery() as nursery:
                 try:

@@ -3,7 +3,11 @@
 The app serves what the router asks of the node itself: its status, image generation and
 speech-to-text, and (under ``/backend``) the LAN proxy to a loopback-only Ollama or the Ollama
 face of an OpenAI-compatible server. Its address is advertised in every heartbeat
-(``agent_url``); when a fleet token is set, these endpoints require it.
+(``agent_url``); when a fleet token is set, these endpoints require it. ``/node/pause`` and
+``/node/resume`` (``herd node pause|resume``) set the node's paused flag, reported in every
+heartbeat's ``capacity.paused`` (the router sends a paused node no new work); with
+``--learn-capacity`` the capacity learner keeps the flag, across restarts, otherwise it lasts
+until the node stops.
 
 The node puts no deadline of its own on an answer from its backend (see
 :mod:`herd.node.upstream`): the router judges time and gives up by closing the connection, which
@@ -259,6 +263,7 @@ def create_node_app(node: Node, client: httpx.AsyncClient) -> QuartTrio:
         stats = agent.statistics()
         body = {
             "report": unstructure(report) if report is not None else None,
+            "paused": node.paused,
             "connected": stats.connected,
             "heartbeats_sent": stats.heartbeats_sent,
             "reconnects": stats.reconnects,
@@ -297,13 +302,8 @@ def create_node_app(node: Node, client: httpx.AsyncClient) -> QuartTrio:
     async def pause_resume() -> Response:
         """The owner's manual override: no new fleet work while paused."""
         check_local_or_token()
-        learner = node.learner
-        if learner is None:
-            raise BadRequest("capacity learning is off on this node (--learn-capacity)")
         paused = request.path.endswith("/pause")
-        await trio.to_thread.run_sync(learner.set_paused, paused)
-        assert node.agent is not None
-        node.agent.wake()
+        await node.set_paused(paused)
         return Response(json.dumps({"paused": paused}), content_type="application/json")
 
     @app.post("/node/image")
@@ -435,10 +435,28 @@ class Node:
     url: str | None = None
     openai: OpenAIBackend | None = None  # set when --backend openai
     learner: CapacityLearner | None = None  # set when --learn-capacity
+    # The owner's pause (herd node pause): no new fleet work. The learner's, when there is one.
+    paused: bool = False
     _transcriber: Transcriber | None = None
 
+    async def set_paused(self, paused: bool) -> None:
+        """Pause or resume fleet work; the router hears it in a heartbeat sent at once."""
+        if self.learner is not None:
+            await trio.to_thread.run_sync(self.learner.set_paused, paused)
+        if paused != self.paused:
+            log.info(
+                "paused: the fleet sends this machine no new work (herd node resume to undo)"
+                if paused
+                else "resumed: this machine takes fleet work again"
+            )
+        self.paused = paused
+        if self.agent is not None:
+            self.agent.wake()
+
     def capacity_now(self, cpu: CpuInfo, memory: MemoryInfo) -> Capacity:
-        assert self.learner is not None
+        """The capacity for a heartbeat: the learner's, else all of it unless paused."""
+        if self.learner is None:
+            return Capacity(paused=True) if self.paused else Capacity()
         names = {p.info.get("name") or "" for p in psutil.process_iter(["name"])}
         used = (
             100.0 * (1 - memory.available_bytes / memory.total_bytes) if memory.total_bytes else 0
@@ -503,17 +521,18 @@ class Node:
                 if not self.serve_http:
                     raise NodeConfigError("an OpenAI-compatible backend needs the node's port")
                 self.openai = OpenAIBackend(self.config.ollama_url.rstrip("/"), client)
-            capacity = None
             if self.config.learn_capacity:
                 self.learner = await trio.to_thread.run_sync(
                     lambda: CapacityLearner.load(data_path(self.config) / "capacity.json")
                 )
-                capacity = self.capacity_now
+                self.paused = self.learner.paused
+                if self.paused:
+                    log.info("paused (since before the restart): herd node resume to undo")
             self.agent = NodeAgent(
                 agent_config(self.config, agent_url),
                 backend=self.openai,
                 locate=locate,
-                capacity=capacity,
+                capacity=self.capacity_now,
             )
             await nursery.start(self.agent.run)
             task_status.started()

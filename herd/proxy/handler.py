@@ -8,6 +8,11 @@ slot is released, and the trace says ``client_disconnected``.
 
 Serving these paths below Quart keeps the per-request cost to what the job needs: no request
 object, no response wrapper, bytes straight from the backend to the client's socket.
+
+When a request ends, :meth:`ProxyASGI.record` writes its trace and one access line (logger
+``herd.access``, INFO): request id, model asked and served, node, outcome, HTTP status,
+milliseconds and tokens per second, also as structured fields for the JSONL log. Nothing is
+logged per streamed chunk.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from typing import Any
 import attrs
 import trio
 
+from herd import logs
 from herd.cancellation import is_cancellation
 from herd.errors import (
     HerdError,
@@ -40,6 +46,7 @@ from herd.router.state import RouterState
 from herd.router.traces import TraceRecord
 
 log = logging.getLogger("herd.proxy")
+access = logging.getLogger(logs.ACCESS_LOGGER)
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -63,6 +70,7 @@ class RequestContext:
     # The last byte went out: a disconnect from now on is the normal end of the exchange.
     finished: bool = False
     response_started: bool = False
+    status_code: int | None = None  # the HTTP status sent to the client, once sent
 
 
 async def read_body(receive: Receive, limit: int) -> bytes:
@@ -166,6 +174,7 @@ class ProxyASGI:
                         ctx.finished = True  # before the await: the disconnect may come now
                 else:
                     ctx.response_started = True
+                    ctx.status_code = message.get("status")
                 await send(message)
 
             nursery.start_soon(watch_disconnect)
@@ -309,7 +318,7 @@ class ProxyASGI:
                 result.tokens_per_second if result is not None else None,
             )
         self.state.record_trace(
-            TraceRecord(
+            trace := TraceRecord(
                 request_id=ctx.request_id,
                 model=opened.model if opened is not None else request.model,
                 original_model=request.asked if attempts.virtual_rule else request.model,
@@ -337,4 +346,38 @@ class ProxyASGI:
                 if opened is not None
                 else (),
             )
+        )
+        self.log_access(trace, ctx.status_code, result)
+
+    @staticmethod
+    def log_access(
+        trace: TraceRecord, status_code: int | None, result: relays.RelayResult | None
+    ) -> None:
+        """The request's one access line (see the module docstring)."""
+        if not access.isEnabledFor(logging.INFO):
+            return
+        rate = result.tokens_per_second if result is not None else None
+        access.info(
+            "%s %s -> %s on %s: %s %s, %.0f ms, %s tok/s",
+            trace.request_id,
+            trace.original_model or "-",
+            trace.model or "-",
+            trace.node_id or "-",
+            trace.status,
+            status_code if status_code is not None else "-",
+            trace.latency_ms,
+            f"{rate:.1f}" if rate is not None else "-",
+            extra=logs.fields(
+                request_id=trace.request_id,
+                model_asked=trace.original_model,
+                model_served=trace.model,
+                node=trace.node_id,
+                status=trace.status,
+                http_status=status_code,
+                ms=round(trace.latency_ms, 1),
+                tokens_per_second=round(rate, 1) if rate is not None else None,
+                route=trace.original_format,
+                kind=trace.kind,
+                error=trace.error_message,
+            ),
         )

@@ -7,7 +7,8 @@ One session per connected node, three tasks in the session's nursery:
   node (``RouterState.command``) — through one bounded channel, so only one task writes;
 - drain watch: when the node is draining and nothing of its is pending or in flight, tell it
   ``drained`` so it can exit.
-A closed socket marks the node offline at once (unless it has already reconnected).
+A closed socket marks the node offline at once (unless it has already reconnected). The router
+logs a node's backend going down and coming back (as its heartbeats say), one line each.
 
 Who may connect: with a fleet token, the handshake must carry it or it is refused with HTTP 401
 before the socket is accepted. Whoever connects, one node id has one live session: a socket
@@ -26,9 +27,9 @@ from typing import Any
 import trio
 from quart import Response, websocket
 
-from herd.models import NodeSnapshot
+from herd.models import NodeReport, NodeSnapshot
 from herd.policy.models import model_limits
-from herd.router.registry import MAX_NODES
+from herd.router.registry import MAX_NODES, NodeRecord
 from herd.router.state import RouterState
 from herd.wire import WireError, report_from_data
 
@@ -45,6 +46,17 @@ def token_ok(expected: str | None, presented: str | None) -> bool:
     if not presented or not presented.startswith("Bearer "):
         return False
     return hmac.compare_digest(presented[7:].encode(), expected.encode())
+
+
+def log_backend_change(before: NodeRecord | None, report: NodeReport) -> None:
+    """One line when a heartbeat says the node's backend went down (or joins down), one when
+    it is back; nothing while it stays as it was."""
+    was_healthy = before.report.backend.healthy if before is not None else True
+    healthy = report.backend.healthy
+    if was_healthy and not healthy:
+        log.warning("node %s: backend down: %s", report.node_id, report.backend.error or "?")
+    elif healthy and not was_healthy:
+        log.info("node %s: backend is back", report.node_id)
 
 
 class FleetSession:
@@ -128,6 +140,7 @@ class FleetSession:
                     }
                 )
                 continue
+            log_backend_change(state.registry.get(self.node_id), report)
             state.registry.apply_report(report, trio.current_time(), self)
             state.queues.set_limit(self.node_id, report.parallel_slots)
             record = state.registry.get(self.node_id)

@@ -156,6 +156,7 @@ class Router:
             if self.local_node is not None:
                 await nursery.start(self._run_local_node, self.local_node)
             log.info("router listening on %s", self._url)
+            log.info("dashboard: %s/dashboard", self._url)
             task_status.started(self._url)
 
     def _start_settings(self) -> RuntimeSettings:

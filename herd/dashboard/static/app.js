@@ -16,14 +16,23 @@ const keyHeader = () => {
   return key ? { Authorization: `Bearer ${key}` } : {};
 };
 
+// Ask for the key after a 401 made with `tried` (the key then stored, or null). If another
+// caller has stored a new key meanwhile, that one is tried first instead of asking again.
+// Returns the key to try next, or null if the user gave none.
+function askForKey(tried) {
+  const stored = localStorage.getItem("herd-key");
+  if (stored && stored !== tried) return stored;
+  const key = prompt("This herd router needs an API key:");
+  if (!key) return null;
+  localStorage.setItem("herd-key", key);
+  return key;
+}
+
 async function api(path, options = {}) {
+  const tried = localStorage.getItem("herd-key");
   let response = await fetch(path, { ...options, headers: { ...(options.headers || {}), ...keyHeader() } });
-  if (response.status === 401) {
-    const key = prompt("This herd router needs an API key:");
-    if (key) {
-      localStorage.setItem("herd-key", key);
-      response = await fetch(path, { ...options, headers: { ...(options.headers || {}), ...keyHeader() } });
-    }
+  if (response.status === 401 && askForKey(tried)) {
+    response = await fetch(path, { ...options, headers: { ...(options.headers || {}), ...keyHeader() } });
   }
   const body = await response.json().catch(() => ({}));
   if (!response.ok) {
@@ -133,6 +142,9 @@ function renderFleet(status) {
 }
 
 let lastStatus = null;
+// The live stream. EventSource retries a dropped connection by itself, but an HTTP error
+// (a 401 when the router wants an API key) closes it for good and says nothing of the status:
+// then ask the router once what the matter is, ask for the key on a 401, and connect again.
 function connectEvents() {
   const live = $("#live");
   const key = localStorage.getItem("herd-key");
@@ -142,7 +154,30 @@ function connectEvents() {
     live.textContent = "live"; live.className = "live on";
     renderFleet(lastStatus);
   });
-  source.onerror = () => { live.textContent = "reconnecting…"; live.className = "live off"; };
+  source.onerror = () => {
+    live.textContent = "reconnecting…"; live.className = "live off";
+    if (source.readyState === EventSource.CLOSED) eventsRefused(key);
+  };
+}
+
+async function eventsRefused(tried) {
+  let status = 0;
+  const stop = new AbortController();
+  try {
+    // The answer's status is all we need: the body (a stream, when allowed) is not read.
+    const response = await fetch("/dashboard/events", { headers: keyHeader(), signal: stop.signal });
+    status = response.status;
+  } catch (err) {
+    // the router is unreachable: try again below
+  } finally {
+    stop.abort();
+  }
+  if (status === 401) {
+    if (askForKey(tried)) connectEvents();
+    else { $("#live").textContent = "API key needed: reload to enter it"; }
+    return;
+  }
+  setTimeout(connectEvents, 3000);
 }
 loaders.overview = async () => { if (lastStatus) renderFleet(lastStatus); };
 
