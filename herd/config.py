@@ -434,6 +434,18 @@ OPTIONS: tuple[Option, ...] = (
         category="security",
     ),
     Option(
+        "allow_backend_hosts",
+        "--allow-backend-host",
+        "FLEET_ALLOW_BACKEND_HOSTS",
+        (),
+        _str_list,
+        "a host a node may name as its backend besides its own address (a name, an address, "
+        "a CIDR range, or * for any); repeatable, env: comma list",
+        roles=("router",),
+        category="security",
+        repeatable=True,
+    ),
+    Option(
         "log_level",
         "--log-level",
         "FLEET_LOG_LEVEL",
@@ -716,6 +728,23 @@ class RouterConfig:
     forget_after: float = 86400.0
     # Extra browser origins (CORS) beyond the defaults, see herd.security.
     origins: tuple[str, ...] = ()
+    # Hosts nodes may name besides their own address (herd.policy.node_urls).
+    allow_backend_hosts: tuple[str, ...] = ()
+
+    def __attrs_post_init__(self) -> None:
+        """Relations between options (each option's own range is checked where it is read).
+        Raises :class:`ConfigError` naming the rule."""
+        if not self.heartbeat_timeout < self.heartbeat_offline:
+            raise ConfigError(
+                f"--heartbeat-offline ({self.heartbeat_offline:g}) must be greater than "
+                f"--heartbeat-timeout ({self.heartbeat_timeout:g})"
+            )
+        if not self.heartbeat_interval < self.heartbeat_timeout:
+            raise ConfigError(
+                f"--heartbeat-timeout ({self.heartbeat_timeout:g}) must be greater than "
+                f"--heartbeat-interval ({self.heartbeat_interval:g}): nodes would go degraded "
+                "between two heartbeats"
+            )
 
     @property
     def data_path(self) -> Path:

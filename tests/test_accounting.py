@@ -6,10 +6,10 @@ import contextlib
 from pathlib import Path
 
 import httpx
-import pytest
 import trio
 import trio.testing
 
+from herd.policy.deadlines import FIRST_BYTE_FLOOR
 from herd.router import traces
 from herd.sim import SimConfig, SimModel
 from tests.conftest import Fleet, GiB, running_fleet, two_node_specs, wait_until
@@ -154,7 +154,9 @@ async def test_refused_and_hung_nodes_are_retried_elsewhere(
             start = trio.current_time()
             hung = await client.post("/api/generate", json=body)
             assert hung.headers["x-herd-node"] == "beta"
-            assert trio.current_time() - start == pytest.approx(60.0, abs=0.5)
+            # A hot model and a two-word prompt: the first byte is due in seconds, so the hung
+            # node is given about the floor, not the 60 s maximum.
+            assert FIRST_BYTE_FLOOR <= trio.current_time() - start < FIRST_BYTE_FLOOR + 1
         await wait_until(fleet.counters_idle)
         await wait_until(lambda: fleet.sims["alpha"].open_streams == 0)
         stats = fleet.router.state.queues.statistics()

@@ -208,3 +208,12 @@ def test_flags_are_parsed_by_the_options_rules(tmp_path: Path) -> None:
     assert router_config(parse([]), env | {"FLEET_QUIET": "yes"}).quiet is True
     node = node_config(parse(["--ollama-url", "127.0.0.1:11434"]), env)
     assert node.ollama_url == "http://127.0.0.1:11434"  # no scheme: normalised, not broken
+
+
+def test_options_that_contradict_each_other_are_refused() -> None:
+    from herd.config import RouterConfig
+
+    with pytest.raises(ConfigError, match=r"--heartbeat-offline \(10\) must be greater"):
+        RouterConfig(heartbeat_timeout=15, heartbeat_offline=10)
+    with pytest.raises(ConfigError, match=r"--heartbeat-timeout \(5\) must be greater"):
+        RouterConfig(heartbeat_interval=5, heartbeat_timeout=5)

@@ -375,3 +375,23 @@ async def test_model_aliases_are_edited_in_settings(tmp_path: Path, browser: str
                 },
             )
             assert reply.json()["model"] == "llama3.2:3b"
+
+
+async def test_an_open_router_says_so_on_every_page(tmp_path: Path, browser: str) -> None:
+    from herd.config import RouterConfig
+    from herd.router.service import exposure_warnings
+
+    exposed = exposure_warnings(RouterConfig(host="0.0.0.0"))
+    assert len(exposed) == 2 and "no fleet token" in exposed[0] and "no API key" in exposed[1]
+    assert exposure_warnings(RouterConfig(host="0.0.0.0", auth_token="t", api_keys=("k",))) == []
+    assert exposure_warnings(RouterConfig(host="127.0.0.1")) == []
+    async with running_fleet(tmp_path, specs()) as fleet:
+        # (the test router listens on loopback; give it what a LAN-facing one would say)
+        fleet.router.state.warnings = exposed
+
+        def look(page: Page) -> None:
+            banner = page.locator("#warnings .warning")
+            expect(banner).to_have_count(2)
+            expect(banner.first).to_contain_text("receive your prompts")
+
+        await in_browser(browser, fleet.url + "/dashboard", look)

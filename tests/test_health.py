@@ -100,7 +100,7 @@ def test_every_check_fires() -> None:
         "client_disconnects": WARNING,
         "incomplete_streams": WARNING,
         "backend_unreachable": CRITICAL,
-        "unauthenticated_router": WARNING,
+        "unauthenticated_router": CRITICAL,  # any LAN device could join and get prompts
         "storage": OK,
     }
 

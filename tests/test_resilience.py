@@ -133,7 +133,8 @@ async def test_auto_pull_once_for_concurrent_requests(tmp_path: Path) -> None:
         SimConfig(name="beta", models=(LLAMA_3B,), registry=registry),
     ]
     settings = RuntimeSettings(auto_pull=True)  # opt-in
-    async with running_fleet(tmp_path, specs, settings, heartbeat_interval=30.0) as fleet:
+    slow_beats = {"heartbeat_interval": 30.0, "heartbeat_timeout": 90.0, "heartbeat_offline": 180.0}
+    async with running_fleet(tmp_path, specs, settings, **slow_beats) as fleet:
         codes: list[int] = []
         async with client_for(fleet.url) as client:
 

@@ -304,8 +304,9 @@ def evaluate(data: HealthInput, t: Thresholds | None = None) -> list[HealthCheck
     add(
         "unauthenticated_router",
         "Router reachable without a fleet token",
-        WARNING if exposed and not data.fleet_token_set else OK,
-        f"listening on {data.listen_host} with no --auth-token"
+        CRITICAL if exposed and not data.fleet_token_set else OK,
+        f"listening on {data.listen_host} with no --auth-token: any machine that can reach it "
+        "can join as a node and receive prompts"
         if exposed and not data.fleet_token_set
         else "fleet token set or router on loopback only",
         "Set FLEET_AUTH_TOKEN on the router and on every node, so only your nodes can join.",

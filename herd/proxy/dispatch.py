@@ -56,6 +56,7 @@ from herd.errors import (
 )
 from herd.models import FleetSnapshot
 from herd.policy import context, virtual
+from herd.policy.deadlines import first_byte_budget
 from herd.policy.substitutes import loaded_alternatives
 from herd.proxy import chat
 from herd.proxy.shaping import InferenceRequest
@@ -130,6 +131,19 @@ def models_known(state: RouterState, models: tuple[str, ...]) -> bool:
         ):
             return True
     return False
+
+
+def model_bytes(state: RouterState, node_id: str, model: str) -> int:
+    """The size of ``model`` on ``node_id`` as the node reports it (0 = unknown)."""
+    record = state.registry.get(node_id)
+    if record is None:
+        return 0
+    report = record.report
+    loaded = report.loaded_index.get(model)
+    if loaded is not None and loaded.size_bytes:
+        return loaded.size_bytes
+    available = report.available_index.get(model)
+    return available.size_bytes if available is not None else 0
 
 
 def closest_models(state: RouterState, model: str) -> tuple[str, ...]:
@@ -482,18 +496,35 @@ async def _attempt(
     body = json.dumps(payload).encode()
     headers = {"content-type": "application/json"}
     headers.update(backend_headers(node.report, state.config.auth_token))
+    budget = first_byte_budget(
+        maximum=state.config.first_byte_timeout,
+        hot=choice.hot,
+        prompt_tokens=request.estimated_prompt_tokens,
+        prefill_tokens_per_second=state.history.prefill_rate(node_id, model),
+        model_bytes=model_bytes(state, node_id, model),
+        load_bytes_per_second=state.history.load_rate(node_id),
+    )
     async with contextlib.AsyncExitStack() as attempt_stack:
         lease = await attempt_stack.enter_async_context(
             state.queues.lease(node_id, model, request.route.kind)
         )
         try:
+            # The budget runs from the slot: time queued behind the node's other requests is
+            # the queue's, not the node's.
             with (
-                trio.fail_after(state.config.first_byte_timeout),
+                trio.fail_after(budget),
                 map_node_errors(node_id, "before the first byte"),
             ):
                 upstream = state.client.build_request("POST", url, content=body, headers=headers)
                 response = await state.client.send(upstream, stream=True)
                 attempt_stack.push_async_callback(aclose_shielded, response)
+                if 300 <= response.status_code < 400:
+                    raise NodeBadStatus(
+                        f"node {node_id} answered a redirect ({response.status_code} to "
+                        f"{response.headers.get('location', '?')[:200]}); herd follows none",
+                        node_id=node_id,
+                        upstream_status=response.status_code,
+                    )
                 if response.status_code >= 500 or response.status_code == 404:
                     detail = await error_detail(response, node_id)
                     raise NodeBadStatus(
@@ -509,8 +540,13 @@ async def _attempt(
                 with contextlib.suppress(StopAsyncIteration):
                     first = await chunks.__anext__()
         except trio.TooSlowError as exc:
+            expected = (
+                ""
+                if budget >= state.config.first_byte_timeout
+                else " (what this node usually needs)"
+            )
             raise NodeTimeout(
-                f"node {node_id} sent no first byte within {state.config.first_byte_timeout:g} s",
+                f"node {node_id} sent no first byte within {budget:.3g} s{expected}",
                 node_id=node_id,
             ) from exc
         # Success: the request's stack now owns the lease and the response.

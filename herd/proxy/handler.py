@@ -36,9 +36,10 @@ from herd.errors import (
     TooManyRequests,
     parse_json_body,
 )
+from herd.policy.deadlines import stall_budget
 from herd.proxy import fanout
 from herd.proxy import relay as relays
-from herd.proxy.dispatch import Attempts, Opened, models_known, open_upstream
+from herd.proxy.dispatch import Attempts, Opened, model_bytes, models_known, open_upstream
 from herd.proxy.shaping import ROUTES, InferenceRequest, Route, shape
 from herd.router import traces
 from herd.router.responses_store import StoredResponse
@@ -215,6 +216,10 @@ class ProxyASGI:
                 ctx.headers_sent = True
                 with trio.CancelScope() as work:
                     opened.lease.scope = work  # the zombie reaper cancels this
+                    opened.lease.stall_limit = stall_budget(
+                        maximum=state.settings.stale_timeout,
+                        tokens_per_second=state.history.decode_rate(opened.node_id, opened.model),
+                    )
                     result = await self.relay(ctx, opened, request, send)
                 if work.cancelled_caught or result is None:
                     result = relays.RelayResult(complete=False, error=opened.lease.reap_reason)
@@ -311,12 +316,22 @@ class ProxyASGI:
         if opened is not None and status == traces.COMPLETED:
             # Service time: from the slot to the last byte. The scorer adds the queue itself.
             slot_at = opened.lease.acquired_at or ctx.started
-            self.state.history.record(
+            history = self.state.history
+            history.record(
                 opened.node_id,
                 opened.model,
                 (now - slot_at) * 1000,
                 result.tokens_per_second if result is not None else None,
             )
+            if result is not None:
+                history.record_timings(
+                    opened.node_id,
+                    opened.model,
+                    prompt_tokens=result.prompt_tokens,
+                    prefill_seconds=result.prefill_seconds,
+                    load_seconds=result.load_seconds,
+                    model_bytes=model_bytes(self.state, opened.node_id, opened.model),
+                )
         self.state.record_trace(
             trace := TraceRecord(
                 request_id=ctx.request_id,

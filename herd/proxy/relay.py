@@ -53,6 +53,7 @@ class RelayResult:
     eval_seconds: float | None = None
     total_seconds: float | None = None  # the backend's total_duration (load included)
     load_seconds: float | None = None
+    prefill_seconds: float | None = None  # the backend's prompt_eval_duration
     error: str | None = None
     outcome: Any = None  # what the API module keeps of a complete answer (chat.StreamTranslator)
 
@@ -142,6 +143,9 @@ def _final_stats(result: RelayResult, final: dict[str, Any]) -> None:
         result.total_seconds = total / 1e9
     if isinstance(load, int | float) and load > 0:
         result.load_seconds = load / 1e9
+    prefill = final.get("prompt_eval_duration")
+    if isinstance(prefill, int | float) and prefill > 0:
+        result.prefill_seconds = prefill / 1e9
 
 
 def _parse_line(line: bytes) -> dict[str, Any] | None:

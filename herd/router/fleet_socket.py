@@ -28,6 +28,7 @@ import trio
 from quart import Response, websocket
 
 from herd.models import NodeReport, NodeSnapshot
+from herd.policy import node_urls
 from herd.policy.models import model_limits
 from herd.router.registry import MAX_NODES, NodeRecord
 from herd.router.state import RouterState
@@ -59,6 +60,20 @@ def log_backend_change(before: NodeRecord | None, report: NodeReport) -> None:
         log.info("node %s: backend is back", report.node_id)
 
 
+RESOLVE_TIMEOUT = 2.0
+
+
+async def resolve_name(name: str) -> frozenset[str]:
+    """The addresses ``name`` resolves to (empty if it doesn't, within RESOLVE_TIMEOUT)."""
+    with trio.move_on_after(RESOLVE_TIMEOUT):
+        try:
+            found = await trio.socket.getaddrinfo(name, None)
+        except OSError:
+            return frozenset()
+        return frozenset(str(entry[4][0]) for entry in found)
+    return frozenset()
+
+
 class FleetSession:
     def __init__(self, state: RouterState) -> None:
         self.state = state
@@ -69,6 +84,7 @@ class FleetSession:
         self.outgoing, self._outgoing_receive = trio.open_memory_channel[dict[str, Any]](
             OUTGOING_BUFFER
         )
+        self._checked_urls: tuple[str, bool, str] | None = None
 
     def reply(self, message: dict[str, Any]) -> None:
         try:
@@ -79,6 +95,23 @@ class FleetSession:
                 self.node_id,
                 message.get("type"),
             )
+
+    async def check_urls(self, report: NodeReport) -> str | None:
+        """Are the addresses this report names the node's own (see
+        :mod:`herd.policy.node_urls`)? Checked when they change, not every heartbeat."""
+        urls = (report.backend.url, report.backend.proxied, report.agent_url)
+        if urls == self._checked_urls:
+            return None
+        peer = str(websocket.remote_addr or "")
+        resolved: dict[str, frozenset[str]] = {}
+        for name in node_urls.hosts_to_resolve(report):
+            resolved[name] = await resolve_name(name)
+        problem = node_urls.check_report(
+            report, peer, resolved, self.state.config.allow_backend_hosts
+        )
+        if problem is None:
+            self._checked_urls = urls
+        return problem
 
     async def send_loop(self) -> None:
         async for message in self._outgoing_receive:
@@ -105,6 +138,12 @@ class FleetSession:
             except (ValueError, WireError, RecursionError) as exc:
                 self.reply({"type": "error", "message": str(exc)[:500]})
                 continue
+            problem = await self.check_urls(report)
+            if problem is not None:
+                log.warning(
+                    "refused node %s from %s: %s", report.node_id, websocket.remote_addr, problem
+                )
+                return f"refused: {problem}"[:120]
             if self.node_id is None:
                 if state.registry.full(report.node_id):
                     log.warning("refused node %s: the fleet is at its node limit", report.node_id)

@@ -17,6 +17,8 @@ import attrs
 from herd.scoring import History
 
 WINDOW = 100
+TIMINGS = 20  # recent prefill and load speeds kept, per node:model and per node
+MIN_LOAD_SECONDS = 0.5  # shorter loads say nothing reliable of a node's load speed
 
 
 @attrs.define(eq=False)
@@ -28,6 +30,10 @@ class LatencyHistory:
     _model_rates: dict[str, dict[str, float]] = attrs.field(factory=dict)
     _fleet_log: dict[str, float] = attrs.field(factory=dict)
     _speed_sums: dict[str, list[float]] = attrs.field(factory=dict)
+    # Timings the deadlines use (herd.policy.deadlines): per node:model prompt tokens read per
+    # second, per node model bytes loaded per second.
+    _prefill: dict[tuple[str, str], deque[float]] = attrs.field(factory=dict)
+    _loads: dict[str, deque[float]] = attrs.field(factory=dict)
     latency_p75_ms: dict[tuple[str, str], float] = attrs.field(factory=dict)
     node_speed: dict[str, float] = attrs.field(factory=dict)
     model_p75_ms: dict[str, float] = attrs.field(factory=dict)
@@ -85,6 +91,41 @@ class LatencyHistory:
         ]
         self.model_p75_ms[model] = statistics.median(normalized)
 
+    def record_timings(
+        self,
+        node_id: str,
+        model: str,
+        *,
+        prompt_tokens: int | None,
+        prefill_seconds: float | None,
+        load_seconds: float | None,
+        model_bytes: int,
+    ) -> None:
+        """A completed request's prefill and (if it loaded the model) load speed."""
+        if prompt_tokens and prefill_seconds and prefill_seconds > 0 and prompt_tokens >= 32:
+            rates = self._prefill.setdefault((node_id, model), deque(maxlen=TIMINGS))
+            rates.append(prompt_tokens / prefill_seconds)
+        if load_seconds and load_seconds >= MIN_LOAD_SECONDS and model_bytes > 0:
+            self._loads.setdefault(node_id, deque(maxlen=TIMINGS)).append(
+                model_bytes / load_seconds
+            )
+
+    def prefill_rate(self, node_id: str, model: str) -> float | None:
+        """Prompt tokens per second this node reads for this model (the median; the slower
+        of two halves is no more trusted than the rest)."""
+        rates = self._prefill.get((node_id, model))
+        return statistics.median(rates) if rates else None
+
+    def load_rate(self, node_id: str) -> float | None:
+        """Model bytes per second this node loads (the median of its recent cold loads)."""
+        rates = self._loads.get(node_id)
+        return statistics.median(rates) if rates else None
+
+    def decode_rate(self, node_id: str, model: str) -> float | None:
+        """Tokens per second this node generates for this model (the median)."""
+        rates = self._rates.get((node_id, model))
+        return statistics.median(rates) if rates else None
+
     def forget(self, node_id: str) -> None:
         """Drop everything learned of ``node_id`` and recompute what depended on it (the
         fleet's medians, the other nodes' speeds, each model's typical time)."""
@@ -93,6 +134,9 @@ class LatencyHistory:
             self.latency_p75_ms.pop(key, None)
         for key in [k for k in self._rates if k[0] == node_id]:
             del self._rates[key]
+        for key in [k for k in self._prefill if k[0] == node_id]:
+            del self._prefill[key]
+        self._loads.pop(node_id, None)
         for nodes in self._served.values():
             nodes.discard(node_id)
         self._model_rates.clear()

@@ -80,7 +80,14 @@ class Lease:
     last_moved: float = 0.0
     # The request's work scope, once its response is flowing: what the reaper cancels.
     scope: trio.CancelScope | None = None
+    # Seconds without a chunk before the reaper ends it (herd.policy.deadlines); None: the
+    # reaper's own timeout.
+    stall_limit: float | None = None
     reap_reason: str | None = None
+
+    def limit(self, timeout: float) -> float:
+        """Seconds without a chunk before this lease is stale (its own limit, if shorter)."""
+        return min(timeout, self.stall_limit) if self.stall_limit else timeout
 
     def reap(self, reason: str) -> None:
         """Cancel the request this lease belongs to (it has stopped making progress)."""
@@ -256,14 +263,15 @@ class QueueBook:
             yield node, model, counters
 
     def stale(self, now: float, timeout: float) -> list[Lease]:
-        """Leases whose relay hasn't moved a chunk for ``timeout`` seconds (decided here,
-        cancelled by the caller). Progress is sampled: call at least every timeout/4."""
+        """Leases whose relay hasn't moved a chunk for ``timeout`` seconds, or their own
+        shorter limit (decided here, cancelled by the caller). Progress is sampled: call at
+        least every quarter of the shortest limit."""
         stale = []
         for lease in self.active:
             if lease.chunks != lease.seen_chunks:
                 lease.seen_chunks = lease.chunks
                 lease.last_moved = now
-            elif now - lease.last_moved >= timeout and lease.scope is not None:
+            elif lease.scope is not None and now - lease.last_moved >= lease.limit(timeout):
                 stale.append(lease)
         return stale
 

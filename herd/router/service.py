@@ -25,6 +25,7 @@ from herd.config import NodeConfig, RouterConfig
 from herd.discovery import advertise
 from herd.models import FleetSnapshot, NodeStatus
 from herd.policy import virtual
+from herd.policy.deadlines import STALL_FLOOR
 from herd.proxy.handler import ProxyASGI
 from herd.router.app import create_app
 from herd.router.pulls import PullService
@@ -41,6 +42,27 @@ from herd.transport.errors import describe
 log = logging.getLogger("herd.router")
 
 PREWARM_BUFFER = 64
+
+
+def exposure_warnings(config: RouterConfig) -> list[str]:
+    """What an operator must not miss about who can reach this router (console at start,
+    the dashboard's banner, the Health tab)."""
+    if config.host in ("127.0.0.1", "localhost", "::1"):
+        return []
+    warnings = []
+    if not config.auth_token:
+        warnings.append(
+            f"The router listens on {config.host} with no fleet token: any machine that can "
+            "reach it can join as a node and receive your prompts. Set FLEET_AUTH_TOKEN on the "
+            "router and on every node."
+        )
+    if not config.api_keys:
+        warnings.append(
+            f"The router listens on {config.host} with no API key: anyone who can reach it can "
+            "use it and change its settings (pulls, deletes, routing). Set FLEET_API_KEYS to "
+            "require a key."
+        )
+    return warnings
 
 
 @attrs.define(eq=False)
@@ -123,21 +145,9 @@ class Router:
                 ),
                 Origins(self.config.origins),
             )
-            exposed = self.config.host not in ("127.0.0.1", "localhost", "::1")
-            if exposed and not self.config.auth_token:
-                log.warning(
-                    "the router listens on %s with no fleet token: any machine that can reach "
-                    "it can join as a node and receive prompts. Set FLEET_AUTH_TOKEN on the "
-                    "router and the nodes.",
-                    self.config.host,
-                )
-            if exposed and not self.config.api_keys:
-                log.warning(
-                    "the router listens on %s with no API key: anyone who can reach it can "
-                    "use it and change its settings (the dashboard's Settings, pulls, "
-                    "deletes). Set FLEET_API_KEYS to require a key.",
-                    self.config.host,
-                )
+            state.warnings = exposure_warnings(self.config)
+            for warning in state.warnings:
+                log.warning("!" * 78 + "\n  %s\n" + "!" * 78, warning)
             limits = ConnectionLimits(
                 max_per_client=self.config.max_connections_per_client,
                 idle_timeout=self.config.idle_timeout,
@@ -207,18 +217,21 @@ class Router:
         """Reap in-flight requests whose stream stopped moving for ``stale_timeout``."""
         while True:
             timeout = state.settings.stale_timeout
-            # Sample every quarter timeout; a settings change takes effect at once.
-            with trio.move_on_after(timeout / 4):
+            # Sample every quarter of the shortest limit a stream can have (a stream's own
+            # limit follows its model's token rate, never below STALL_FLOOR); a settings
+            # change takes effect at once.
+            with trio.move_on_after(min(timeout, STALL_FLOOR) / 4):
                 await state.wait_settings_changed()
                 continue
             for lease in state.queues.stale(trio.current_time(), timeout):
+                limit = lease.limit(timeout)
                 log.warning(
                     "reaping a request on %s:%s: no progress for %.0f s",
                     lease.node_id,
                     lease.model,
-                    timeout,
+                    limit,
                 )
-                lease.reap(f"reaped by the router: no progress for {timeout:g} s")
+                lease.reap(f"reaped by the router: no progress for {limit:g} s")
                 state.events["reaped"] += 1
 
     async def _prewarmer(

@@ -76,6 +76,8 @@ class RouterState:
     prewarm_send: trio.MemorySendChannel[tuple[str, str]] | None = None
     store: TraceWriter | None = None
     metrics: Metrics = attrs.field(factory=Metrics)
+    # What an operator must not miss (a router open to the LAN without a token or keys).
+    warnings: list[str] = attrs.field(factory=list)
     # Inference requests in progress per client address (the per-client cap), only non-zero.
     in_progress_by_client: dict[str, int] = attrs.field(factory=dict)
     # Stored OpenAI Responses (previous_response_id, GET /v1/responses/{id}), bounded.
@@ -139,13 +141,15 @@ class RouterState:
 
     def status_view(self) -> dict[str, Any]:
         """``/fleet/status``: the fleet, its queues, the event counters and the pulls."""
-        return views.fleet_status(
+        status = views.fleet_status(
             self.snapshot(),
             self.queues.statistics(),
             trio.current_time(),
             self.all_events(),
             self.pulls.views() if self.pulls is not None else [],
         )
+        status["warnings"] = list(self.warnings)
+        return status
 
     def model_known(self, model: str) -> bool:
         """Does any node (in any state) list ``model``?"""

@@ -90,6 +90,7 @@ function meter(label, used, total, text) {
 
 function renderFleet(status) {
   const f = status.fleet;
+  $("#warnings").innerHTML = (status.warnings || []).map(w => `<div class="warning">${esc(w)}</div>`).join("");
   $("#fleet-summary").innerHTML = [
     ["nodes online", `${f.nodes_online} / ${f.nodes_total}`],
     ["models loaded", f.models_loaded],
