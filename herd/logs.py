@@ -70,6 +70,18 @@ class LogFile(logging.handlers.TimedRotatingFileHandler):
         )
         self._reported_at = now
 
+    def flush(self) -> None:
+        try:
+            super().flush()
+        except OSError:
+            self.handleError(logging.makeLogRecord({}))
+
+    def close(self) -> None:
+        try:
+            super().close()
+        except OSError:  # what is still buffered is lost, as the records before it were
+            self.stream = None  # type: ignore[assignment]
+
 
 def _file_handler(path: Path) -> logging.Handler:
     handler = LogFile(path, when="midnight", backupCount=KEEP_DAYS, encoding="utf-8", utc=True)

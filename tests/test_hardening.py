@@ -406,3 +406,27 @@ async def test_a_long_pause_mid_stream_is_not_cut(
         assert trio.current_time() - start >= 45
         await wait_until(lambda: len(fleet.router.state.traces) == 2)
         assert [t.status for t in fleet.router.state.traces] == [traces.COMPLETED] * 2
+
+
+def test_a_log_file_that_cannot_be_written_is_reported_once_not_per_record(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """/dev/full fails every write with ENOSPC: a full disk, for real."""
+    from herd.logs import _file_handler
+
+    if not Path("/dev/full").exists():  # Linux has it; this is the only way to fill a disk here
+        pytest.fail("/dev/full is needed for this test (a Linux device)")
+    handler = _file_handler(Path("/dev/full"))
+    logger = logging.getLogger("herd.test.full")
+    logger.addHandler(handler)
+    logger.propagate = False
+    try:
+        for index in range(50):
+            logger.error("record %d", index)
+    finally:
+        logger.removeHandler(handler)
+        handler.close()
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "Logging error" not in err
+    lines = [line for line in err.splitlines() if "cannot write the log file /dev/full" in line]
+    assert len(lines) == 1 and "No space left on device" in lines[0]
