@@ -19,8 +19,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from herd.models import KIND_EMBED
-from herd.sim.replay import POLICIES, Session, Summary, Turn, run
+from herd.core.models import KIND_EMBED
+from herd.plan.replay import POLICIES, Session, Summary, Turn, run
 from herd.sim.server import SimConfig, SimModel
 
 GiB = 2**30

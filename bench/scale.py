@@ -3,7 +3,7 @@ concurrent streams.
 
     python bench/scale.py [--nodes 100] [--models 50] [--streams 1000]
 
-Part 1 times :func:`herd.scoring.score` on a synthetic fleet snapshot (every node has every
+Part 1 times :func:`herd.core.scoring.score` on a synthetic fleet snapshot (every node has every
 model on disk, a few loaded, queues and history everywhere: the worst case, no node is
 eliminated early). Part 2 starts a router in a subprocess with simulated nodes, holds
 ``--streams`` streaming chat requests open through it at once and reports the router process's
@@ -20,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from herd.models import (
+from herd.core.models import (
     AvailableModel,
     BackendInfo,
     FleetSnapshot,
@@ -31,7 +31,7 @@ from herd.models import (
     NodeSnapshot,
     NodeStatus,
 )
-from herd.scoring import History, RouteRequest, ScoringSettings, score
+from herd.core.scoring import History, RouteRequest, ScoringSettings, score
 
 GiB = 2**30
 
@@ -103,7 +103,7 @@ def time_scoring(
 def time_history(nodes: int, models: int, records: int = 20_000) -> float:
     """Median microseconds to record one completed request in the router's latency history,
     once it holds every node:model."""
-    from herd.router.history import LatencyHistory
+    from herd.state.history import LatencyHistory
 
     rng = random.Random(2)
     history = LatencyHistory()

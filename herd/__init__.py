@@ -15,8 +15,8 @@ __version__ = "0.1.0"
 
 if TYPE_CHECKING:
     from herd.config import NodeConfig, RouterConfig
+    from herd.http.service import Router
     from herd.node.service import Node
-    from herd.router.service import Router
 
 __all__ = ["Node", "NodeConfig", "Router", "RouterConfig", "__version__"]
 
@@ -24,7 +24,7 @@ __all__ = ["Node", "NodeConfig", "Router", "RouterConfig", "__version__"]
 def __getattr__(name: str) -> Any:
     # Lazy, so `import herd` stays cheap and the pure modules don't drag in the server stack.
     if name == "Router":
-        from herd.router.service import Router
+        from herd.http.service import Router
 
         return Router
     if name == "Node":

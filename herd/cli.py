@@ -287,7 +287,7 @@ def run_serve(argv: Sequence[str], prog: str, role: str | None) -> int:
                 local_node=local is not None,
                 quiet=config.quiet,
             )
-            from herd.router.service import Router
+            from herd.http.service import Router
 
             trio.run(until_signalled, Router(config, local).run)
         else:

@@ -51,7 +51,7 @@ def _positive_float(value: str) -> float:
 
 def _alias_list(value: str) -> tuple[str, ...]:
     """``PATTERN=MODEL[,MODEL];PATTERN=...`` (the env form of --model-alias), each checked."""
-    from herd.policy.virtual import parse_alias
+    from herd.core.policy.virtual import parse_alias
 
     entries = tuple(part.strip() for part in value.split(";") if part.strip())
     for entry in entries:
@@ -726,9 +726,9 @@ class RouterConfig:
     model_aliases: tuple[str, ...] = ()
     pull_hosts: tuple[str, ...] = ()
     forget_after: float = 86400.0
-    # Extra browser origins (CORS) beyond the defaults, see herd.security.
+    # Extra browser origins (CORS) beyond the defaults, see herd.http.security.
     origins: tuple[str, ...] = ()
-    # Hosts nodes may name besides their own address (herd.policy.node_urls).
+    # Hosts nodes may name besides their own address (herd.core.policy.node_urls).
     allow_backend_hosts: tuple[str, ...] = ()
 
     def __attrs_post_init__(self) -> None:

@@ -19,8 +19,8 @@ import httpx
 import trio
 
 from herd.config import RouterConfig
+from herd.http.service import Router
 from herd.node.agent import AgentConfig, NodeAgent
-from herd.router.service import Router
 from herd.sim import SimConfig, SimModel, SimOllama, run_sim
 
 log = logging.getLogger("herd.demo")

@@ -19,10 +19,10 @@ import trio.testing
 
 from herd import demo
 from herd.config import RouterConfig
+from herd.http.service import Router
 from herd.node.agent import AgentConfig, NodeAgent
-from herd.router.service import Router
-from herd.router.settings import RuntimeSettings
 from herd.sim import SimConfig, SimModel, SimOllama, run_sim
+from herd.state.settings import RuntimeSettings
 
 T = TypeVar("T")
 

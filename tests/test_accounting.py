@@ -9,8 +9,8 @@ import httpx
 import trio
 import trio.testing
 
-from herd.policy.deadlines import FIRST_BYTE_FLOOR
-from herd.router import traces
+from herd.core import traces
+from herd.core.policy.deadlines import FIRST_BYTE_FLOOR
 from herd.sim import SimConfig, SimModel
 from tests.conftest import Fleet, GiB, running_fleet, two_node_specs, wait_until
 

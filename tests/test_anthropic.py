@@ -11,9 +11,9 @@ import anthropic
 import httpx
 import pytest
 
-from herd.errors import BadRequest
-from herd.proxy import anthropic as am
-from herd.proxy import chat, shaping
+from herd.core.api import anthropic as am
+from herd.core.api import chat, shaping
+from herd.core.errors import BadRequest
 
 USER: anthropic.types.MessageParam = {"role": "user", "content": "hi"}
 WEATHER: dict[str, Any] = {

@@ -16,8 +16,8 @@ import pytest
 import trio
 import trio.testing
 
-from herd.proxy import anthropic as am
-from herd.router import traces
+from herd.core import traces
+from herd.core.api import anthropic as am
 from herd.sim import SimConfig, SimModel
 from tests.conftest import LLAMA_3B, Fleet, GiB, in_thread, running_fleet, wait_until
 

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import httpx
 
-from herd.router.settings import RuntimeSettings
 from herd.sim import SimConfig, SimModel
+from herd.state.settings import RuntimeSettings
 from tests.conftest import GiB, running_fleet, wait_until
 
 # A vision model whose name says nothing about vision (gemma3 is one).

@@ -9,6 +9,7 @@ import httpx
 import trio
 
 from herd.config import NodeConfig, RouterConfig
+from herd.http.service import Router
 from herd.node.capacity import (
     SLOTS,
     CapacityLearner,
@@ -20,7 +21,6 @@ from herd.node.capacity import (
     slot_of,
 )
 from herd.node.service import Node
-from herd.router.service import Router
 from herd.sim import SimConfig, SimModel, run_sim
 
 GiB = 2**30

@@ -221,7 +221,7 @@ async def test_demo_runs_a_simulated_fleet_with_traffic(
 
 async def test_node_drains_and_exits_cleanly_on_sigterm(tmp_path: Path) -> None:
     from herd.config import RouterConfig
-    from herd.router.service import Router
+    from herd.http.service import Router
 
     spec = SimConfig(name="n", models=(SimModel("llama3.2:3b"),))
     config = RouterConfig(host="127.0.0.1", port=0, data_dir=str(tmp_path))
@@ -511,7 +511,7 @@ async def test_a_node_from_ollama_host_pauses_and_resumes_without_capacity_learn
     ``ollama serve`` is often told to listen), no ``--learn-capacity``: ``herd node pause``
     stops fleet work there, ``herd status`` says so, ``herd node resume`` undoes it."""
     from herd.config import RouterConfig
-    from herd.router.service import Router
+    from herd.http.service import Router
 
     spec = SimConfig(name="n", models=(SimModel("llama3.2:3b"),), loaded=("llama3.2:3b",))
     config = RouterConfig(host="127.0.0.1", port=0, data_dir=str(tmp_path), queue_timeout=1.0)

@@ -19,8 +19,8 @@ import pytest
 import trio
 from playwright.sync_api import Dialog, Page, expect, sync_playwright
 
+from herd.core.recommend import catalog
 from herd.node.agent import AgentConfig, NodeAgent
-from herd.recommend import catalog
 from herd.sim import SimConfig, SimModel, run_sim
 from tests.conftest import EMBED, LLAMA_3B, QWEN_7B, Fleet, GiB, running_fleet, wait_until
 
@@ -315,7 +315,7 @@ async def test_the_live_overview_asks_for_the_api_key(tmp_path: Path, browser: s
 
 
 async def test_a_router_pull_shows_with_its_progress(tmp_path: Path, browser: str) -> None:
-    from herd.router.settings import RuntimeSettings
+    from herd.state.settings import RuntimeSettings
 
     gemma = SimModel("gemma3:1b", size_bytes=GiB)
     slow = [
@@ -379,7 +379,7 @@ async def test_model_aliases_are_edited_in_settings(tmp_path: Path, browser: str
 
 async def test_an_open_router_says_so_on_every_page(tmp_path: Path, browser: str) -> None:
     from herd.config import RouterConfig
-    from herd.router.service import exposure_warnings
+    from herd.http.service import exposure_warnings
 
     exposed = exposure_warnings(RouterConfig(host="0.0.0.0"))
     assert len(exposed) == 2 and "no fleet token" in exposed[0] and "no API key" in exposed[1]

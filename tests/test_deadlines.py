@@ -10,7 +10,7 @@ import httpx
 import trio
 import trio.testing
 
-from herd.policy.deadlines import (
+from herd.core.policy.deadlines import (
     FIRST_BYTE_FLOOR,
     SAFETY,
     SLOW_PREFILL,

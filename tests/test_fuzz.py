@@ -18,8 +18,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from trio_websocket import open_websocket_url
 
-from herd.models import NodeReport
-from herd.wire import report_to_json
+from herd.core.models import NodeReport
+from herd.core.wire import report_to_json
 from tests.conftest import LLAMA_3B, Fleet, running_fleet, two_node_specs, wait_until
 
 POST_PATHS = [

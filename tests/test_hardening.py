@@ -25,10 +25,10 @@ import trio
 import trio.testing
 from trio_websocket import ConnectionRejected, wrap_client_stream
 
+from herd.core import traces
 from herd.node.agent import AgentConfig, NodeAgent
-from herd.router import traces
-from herd.router.settings import RuntimeSettings
 from herd.sim import SimConfig, SimModel, run_sim
+from herd.state.settings import RuntimeSettings
 from tests.conftest import (
     EMBED,
     LLAMA_3B,

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from herd.health.checks import CRITICAL, INFO, OK, WARNING, HealthInput, evaluate, summary
-from herd.models import (
+from herd.core.health import CRITICAL, INFO, OK, WARNING, HealthInput, evaluate, summary
+from herd.core.models import (
     BackendInfo,
     FleetSnapshot,
     LoadedModel,

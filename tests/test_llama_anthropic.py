@@ -10,9 +10,9 @@ import anthropic
 import trio
 
 from herd.config import NodeConfig, RouterConfig
+from herd.core.api import anthropic as am
+from herd.http.service import Router
 from herd.node.service import Node
-from herd.proxy import anthropic as am
-from herd.router.service import Router
 from tests.conftest import in_thread
 from tests.test_llama_server import serving
 

@@ -10,8 +10,8 @@ import openai
 import trio
 
 from herd.config import NodeConfig, RouterConfig
+from herd.http.service import Router
 from herd.node.service import Node
-from herd.router.service import Router
 from tests.conftest import in_thread
 from tests.test_llama_server import serving
 

@@ -22,8 +22,8 @@ import pytest
 import trio
 
 from herd.config import NodeConfig, RouterConfig
+from herd.http.service import Router
 from herd.node.service import Node
-from herd.router.service import Router
 from tests.conftest import in_thread
 
 GGUF = Path(__file__).parent.parent / ".cache" / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"

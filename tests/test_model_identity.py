@@ -14,8 +14,8 @@ import pytest
 import trio
 import trio.testing
 
-from herd.router.settings import RuntimeSettings
 from herd.sim import SimConfig, SimModel
+from herd.state.settings import RuntimeSettings
 from tests.conftest import EMBED, LLAMA_3B, QWEN_7B, GiB, in_thread, running_fleet, wait_until
 
 MISTRAL = SimModel("mistral:7b", size_bytes=4 * GiB, family="llama", parameter_size="7B")

@@ -23,9 +23,9 @@ import pytest
 import trio
 
 from herd.config import NodeConfig, RouterConfig
+from herd.http.service import Router
 from herd.node.media import ImageRequest, bundled_whisper_model, image_argv
 from herd.node.service import Node
-from herd.router.service import Router
 from herd.sim import SimConfig, SimModel, run_sim
 from tests.conftest import in_thread, wait_until
 

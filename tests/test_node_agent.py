@@ -44,7 +44,7 @@ from trio_websocket import (
 )
 
 from herd.config import RouterConfig
-from herd.models import (
+from herd.core.models import (
     AvailableModel,
     BackendInfo,
     CpuInfo,
@@ -55,6 +55,8 @@ from herd.models import (
     NodeReport,
     NodeStatus,
 )
+from herd.core.wire import report_from_data, report_to_json
+from herd.http.service import Router
 from herd.node.agent import AgentConfig, NodeAgent, RouterEndpoint
 from herd.node.backend import (
     BackendState,
@@ -65,9 +67,7 @@ from herd.node.backend import (
     parse_time,
 )
 from herd.node.metrics import pressure_for, read_system
-from herd.router.service import Router
 from herd.sim import SimConfig, SimModel, run_sim
-from herd.wire import report_from_data, report_to_json
 
 GiB = 2**30
 MiB = 2**20

@@ -17,8 +17,8 @@ import httpx
 import trio
 import trio.testing
 
+from herd.http.service import Router
 from herd.node.agent import AgentConfig, NodeAgent
-from herd.router.service import Router
 from herd.server import serve_app
 from herd.sim import SimConfig, SimModel
 from herd.transport.bodies import LINE_LIMIT, SHOW_LIMIT

@@ -27,9 +27,9 @@ import trio.testing
 from quart import Response
 
 from herd.config import NodeConfig, RouterConfig
+from herd.http.service import Router
 from herd.node.service import Node, create_node_app
 from herd.node.upstream import backend_client
-from herd.router.service import Router
 from herd.server import serve_app
 from herd.sim import SimConfig, SimModel, run_sim
 

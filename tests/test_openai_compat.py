@@ -9,8 +9,8 @@ import httpx
 import openai
 import pytest
 
-from herd.errors import BadRequest
-from herd.proxy import openai_compat as oc
+from herd.core.api import openai_compat as oc
+from herd.core.errors import BadRequest
 
 CHUNKS = [
     {"model": "m", "message": {"role": "assistant", "content": "Hel"}, "done": False},

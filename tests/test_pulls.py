@@ -10,9 +10,9 @@ import httpx
 import trio
 import trio.testing
 
-from herd.router.pulls import STALL_TIMEOUT, check_pull_name, registry_host
-from herd.router.settings import RuntimeSettings
 from herd.sim import SimConfig, SimModel
+from herd.state.settings import RuntimeSettings
+from herd.transport.pulls import STALL_TIMEOUT, check_pull_name, registry_host
 from tests.conftest import LLAMA_3B, GiB, running_fleet, wait_until
 
 GEMMA = SimModel("gemma3:1b", size_bytes=GiB)

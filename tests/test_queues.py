@@ -8,7 +8,7 @@ import pytest
 import trio
 import trio.testing
 
-from herd.router.queues import QueueBook
+from herd.state.queues import QueueBook
 
 
 async def test_success_failure_and_cancel_paths_return_to_zero() -> None:

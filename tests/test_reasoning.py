@@ -8,7 +8,7 @@ from pathlib import Path
 
 import openai
 
-from herd.proxy import chat
+from herd.core.api import chat
 from herd.sim import SimConfig, SimModel
 from tests.conftest import GiB, in_thread, running_fleet
 

@@ -17,9 +17,9 @@ import trio
 from prometheus_client.parser import text_string_to_metric_families
 
 from herd.config import RouterConfig
-from herd.router.service import Router
-from herd.router.traces import TraceRecord
-from herd.scoring import SIGNALS
+from herd.core.scoring import SIGNALS
+from herd.core.traces import TraceRecord
+from herd.http.service import Router
 from herd.sim import SimModel
 from herd.store import db
 from tests.conftest import Fleet, running_fleet, two_node_specs, wait_until

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from herd.models import LoadedModel, NodeReport, NodeStatus
-from herd.router.registry import Admission, NodeRegistry
+from herd.core.models import LoadedModel, NodeReport, NodeStatus
+from herd.state.registry import Admission, NodeRegistry
 
 
 def test_online_degraded_offline_and_back() -> None:

@@ -15,11 +15,11 @@ import trio
 import trio.testing
 
 from herd.config import RouterConfig
+from herd.core import traces
+from herd.http.service import Router
 from herd.node.agent import AgentConfig, NodeAgent
-from herd.router import traces
-from herd.router.service import Router
-from herd.router.settings import RuntimeSettings
 from herd.sim import SimConfig, SimModel, run_sim
+from herd.state.settings import RuntimeSettings
 from tests.conftest import EMBED, LLAMA_3B, QWEN_7B, GiB, running_fleet, wait_until
 
 MISTRAL = SimModel("mistral:7b", size_bytes=4 * GiB, family="llama", parameter_size="7B")

@@ -11,10 +11,10 @@ import httpx
 import openai
 import pytest
 
-from herd.errors import BadRequest
-from herd.proxy import responses as rs
-from herd.proxy.shaping import ROUTES, InferenceRequest, shape
-from herd.router.responses_store import MAX_RESPONSES, ResponseStore, StoredResponse
+from herd.core.api import responses as rs
+from herd.core.api.shaping import ROUTES, InferenceRequest, shape
+from herd.core.errors import BadRequest
+from herd.core.responses_store import MAX_RESPONSES, ResponseStore, StoredResponse
 
 ROUTE = ROUTES["/v1/responses"]
 IMAGE = "data:image/png;base64,QUJD"

@@ -12,9 +12,9 @@ import pytest
 import trio
 from trio_websocket import ConnectionClosed
 
-from herd.models import BackendInfo, NodeReport
-from herd.policy import node_urls
-from herd.wire import report_to_json
+from herd.core.models import BackendInfo, NodeReport
+from herd.core.policy import node_urls
+from herd.core.wire import report_to_json
 from tests.conftest import running_fleet
 from tests.test_node_io import RogueBackend, answer, rogue_node
 from tests.test_security import fleet_socket
@@ -87,7 +87,7 @@ async def test_a_node_naming_another_service_is_refused(tmp_path: Path) -> None:
 
 async def test_the_router_follows_no_redirects(tmp_path: Path) -> None:
     from herd.config import RouterConfig
-    from herd.router.service import Router
+    from herd.http.service import Router
 
     backend = RogueBackend()
     backend.answers[("POST", "/api/chat")] = lambda send: answer(

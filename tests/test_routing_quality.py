@@ -16,7 +16,7 @@ import pytest
 import trio
 import trio.testing
 
-from herd.models import (
+from herd.core.models import (
     AvailableModel,
     BackendInfo,
     FleetSnapshot,
@@ -27,16 +27,16 @@ from herd.models import (
     NodeSnapshot,
     NodeStatus,
 )
-from herd.policy.conversation import LOOKBACK, continuation_keys, prefix_keys
-from herd.proxy.relay import RelayResult
-from herd.router.affinity import AffinityTable
-from herd.router.history import LatencyHistory
-from herd.scoring import History, RouteRequest, ScoringSettings, score
-from herd.scoring.baselines import RoundRobin, least_connections, uniform
-from herd.scoring.engine import evictions
-from herd.sim.replay import Session, Turn, run
+from herd.core.policy.conversation import LOOKBACK, continuation_keys, prefix_keys
+from herd.core.scoring import History, RouteRequest, ScoringSettings, score
+from herd.core.scoring.baselines import RoundRobin, least_connections, uniform
+from herd.core.scoring.engine import evictions
+from herd.http.relay import RelayResult
+from herd.plan.replay import Session, Turn, run
 from herd.sim.server import SimConfig, SimModel
 from herd.sim.virtual import VirtualNode
+from herd.state.affinity import AffinityTable
+from herd.state.history import LatencyHistory
 from tests.conftest import in_thread, running_fleet, wait_until
 
 GiB = 2**30

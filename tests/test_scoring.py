@@ -10,7 +10,7 @@ from pathlib import Path
 import attrs
 import pytest
 
-from herd.models import (
+from herd.core.models import (
     AvailableModel,
     BackendInfo,
     Capabilities,
@@ -24,7 +24,7 @@ from herd.models import (
     NodeSnapshot,
     NodeStatus,
 )
-from herd.scoring import (
+from herd.core.scoring import (
     SIGNALS,
     History,
     RouteDecision,
@@ -349,16 +349,16 @@ ALLOWED = {
     "collections.abc",
     "typing",
     "attrs",
-    "herd.models",
-    "herd.scoring",
-    "herd.scoring.engine",
+    "herd.core.models",
+    "herd.core.scoring",
+    "herd.core.scoring.engine",
 }
 BANNED_NAMES = {"time", "trio", "asyncio", "datetime", "httpx", "quart", "os", "socket"}
 BANNED_ATTRIBUTES = {"current_time", "monotonic", "perf_counter", "time_ns", "utcnow"}
 
 
 def _sources() -> list[tuple[str, ast.Module]]:
-    package = Path(__file__).parent.parent / "herd" / "scoring"
+    package = Path(__file__).parent.parent / "herd" / "core" / "scoring"
     found = [(path.name, ast.parse(path.read_text())) for path in sorted(package.glob("*.py"))]
     assert len(found) >= 2
     return found

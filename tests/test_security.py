@@ -23,13 +23,13 @@ from trio_websocket import (
     wrap_client_stream,
 )
 
-from herd.models import NodeReport, NodeStatus
+from herd.core.models import NodeReport, NodeStatus
+from herd.core.wire import report_to_json
+from herd.http.security import key_ok, presented_key
 from herd.node.agent import RouterEndpoint
-from herd.router.registry import NodeRecord
-from herd.security import key_ok, presented_key
 from herd.server import hypercorn_config
 from herd.sim import SimConfig
-from herd.wire import report_to_json
+from herd.state.registry import NodeRecord
 from tests.conftest import (
     LLAMA_3B,
     Fleet,
@@ -114,7 +114,7 @@ def test_key_extraction_and_comparison() -> None:
 
 
 async def test_limits_answer_in_the_callers_shape(tmp_path: Path) -> None:
-    from herd.proxy import handler
+    from herd.http import handler
 
     async with (
         running_fleet(tmp_path, two_node_specs()) as fleet,

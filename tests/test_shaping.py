@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from herd.errors import BadRequest
-from herd.proxy.shaping import ROUTES, parse_tags, shape
+from herd.core.api.shaping import ROUTES, parse_tags, shape
+from herd.core.errors import BadRequest
 
 
 def test_ollama_chat_is_passed_through_without_herd_extensions() -> None:

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from herd.models import (
+from herd.core import views
+from herd.core.models import (
     AvailableModel,
     FleetSnapshot,
     LoadedModel,
@@ -11,8 +12,7 @@ from herd.models import (
     NodeSnapshot,
     NodeStatus,
 )
-from herd.router import views
-from herd.router.queues import QueueStatistics
+from herd.state.queues import QueueStatistics
 
 
 def node(node_id: str, status: NodeStatus = NodeStatus.ONLINE, **report: object) -> NodeSnapshot:

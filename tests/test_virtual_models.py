@@ -8,8 +8,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from herd.errors import BadRequest
-from herd.models import (
+from herd.core.errors import BadRequest
+from herd.core.models import (
     AvailableModel,
     FleetSnapshot,
     LoadedModel,
@@ -17,9 +17,9 @@ from herd.models import (
     NodeSnapshot,
     NodeStatus,
 )
-from herd.policy import virtual
-from herd.router.settings import RuntimeSettings, updated
+from herd.core.policy import virtual
 from herd.sim import SimConfig, SimModel
+from herd.state.settings import RuntimeSettings, updated
 from tests.conftest import EMBED, GiB, running_fleet, wait_until
 
 

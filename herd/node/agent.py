@@ -69,7 +69,7 @@ from trio_websocket import (
     wrap_client_stream,
 )
 
-from herd.models import (
+from herd.core.models import (
     AvailableModel,
     Capabilities,
     Capacity,
@@ -78,11 +78,11 @@ from herd.models import (
     MemoryInfo,
     NodeReport,
 )
+from herd.core.wire import report_to_json
 from herd.node.backend import BackendState, OllamaBackend, carry_over
 from herd.node.media import MediaCapabilities, whisper_model_path
 from herd.node.media import detect as media_capabilities
 from herd.node.metrics import read_system
-from herd.wire import report_to_json
 
 log = logging.getLogger("herd.node")
 

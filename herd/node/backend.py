@@ -22,7 +22,7 @@ import attrs
 import httpx
 import trio
 
-from herd.models import AvailableModel, BackendInfo, LoadedModel
+from herd.core.models import AvailableModel, BackendInfo, LoadedModel
 
 PROBE_TIMEOUT = 3.0
 SHOW_TIMEOUT = 5.0  # seconds for the /api/show answers of models not asked about yet

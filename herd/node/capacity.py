@@ -17,7 +17,7 @@ from typing import Any
 
 import attrs
 
-from herd.models import Capacity
+from herd.core.models import Capacity
 
 SLOTS = 7 * 24
 ALPHA = 0.2  # weight of a new observation in a slot's moving average

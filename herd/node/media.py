@@ -25,8 +25,8 @@ import attrs
 import httpx
 import trio
 
-from herd.errors import BadRequest, NodeBadStatus, NodeError, NodeTimeout
-from herd.models import AvailableModel
+from herd.core.errors import BadRequest, NodeBadStatus, NodeError, NodeTimeout
+from herd.core.models import AvailableModel
 
 MFLUX_MODELS = ("z-image-turbo", "flux-schnell", "flux-dev")
 DIFFUSIONKIT_MODELS = ("sd3-medium", "sd3.5-large")

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import psutil
 
-from herd.models import CpuInfo, DiskInfo, MemoryInfo, MemoryPressure
+from herd.core.models import CpuInfo, DiskInfo, MemoryInfo, MemoryPressure
 
 PRESSURE_WARN_PERCENT = 85.0
 PRESSURE_CRITICAL_PERCENT = 95.0

@@ -25,8 +25,8 @@ import attrs
 import httpx
 import trio
 
-from herd.errors import BadRequest, NodeBadStatus
-from herd.models import AvailableModel, BackendInfo, LoadedModel, normalize_model_name
+from herd.core.errors import BadRequest, NodeBadStatus
+from herd.core.models import AvailableModel, BackendInfo, LoadedModel, normalize_model_name
 from herd.node.backend import BackendState
 from herd.node.upstream import backend_error, close_shielded, close_when_done
 
@@ -212,7 +212,7 @@ async def chat_or_generate(
 
     No deadline of our own: the router judges the first byte and leaves by closing the
     connection, which cancels this and closes the backend request. Raises a
-    :class:`~herd.errors.NodeError` when the backend fails before the answer starts; a stream
+    :class:`~herd.core.errors.NodeError` when the backend fails before the answer starts; a stream
     it breaks later ends with an Ollama error line."""
     model = body.get("model")
     if not isinstance(model, str):

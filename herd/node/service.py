@@ -13,7 +13,7 @@ The node puts no deadline of its own on an answer from its backend (see
 :mod:`herd.node.upstream`): the router judges time and gives up by closing the connection, which
 cancels the node's handler and closes its backend request. Every error the app answers is JSON
 in Ollama's shape (``{"error": "..."}``) with the status of herd's error tree, whatever raised
-it: a :class:`~herd.errors.HerdError`, an httpx failure talking to the backend, a Werkzeug HTTP
+it: a :class:`~herd.core.errors.HerdError`, an httpx failure talking to the backend, a Werkzeug HTTP
 error (unknown path, wrong method, body too large) or a bug.
 
 Embeddable like the router::
@@ -47,8 +47,7 @@ from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
 from herd.config import NodeConfig
-from herd.discovery import SERVICE_TYPE, discover
-from herd.errors import (
+from herd.core.errors import (
     BadRequest,
     HerdError,
     NotFound,
@@ -57,7 +56,9 @@ from herd.errors import (
     Unauthorized,
     parse_json_body,
 )
-from herd.models import Capacity, CpuInfo, MemoryInfo
+from herd.core.models import Capacity, CpuInfo, MemoryInfo
+from herd.core.wire import unstructure
+from herd.discovery import SERVICE_TYPE, discover
 from herd.node import openai_backend as oa
 from herd.node.agent import AgentConfig, NodeAgent
 from herd.node.capacity import CapacityLearner, in_meeting
@@ -72,7 +73,6 @@ from herd.node.upstream import (
     describe,
 )
 from herd.server import FinishResponses, serve_app
-from herd.wire import unstructure
 
 log = logging.getLogger("herd.node")
 

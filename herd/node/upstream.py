@@ -10,8 +10,8 @@ the node; the node's app is cancelled then and closes its backend request in tur
 :func:`closing_backend_responses`, around each request, makes sure of it. Probes are different:
 they pass their own short timeouts per request (``herd.node.backend``).
 
-:func:`backend_error` maps any httpx failure to herd's error tree (:mod:`herd.errors`), with the
-exception's type in the message.
+:func:`backend_error` maps any httpx failure to herd's error tree (:mod:`herd.core.errors`),
+with the exception's type in the message.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from collections.abc import AsyncIterator
 import httpx
 import trio
 
-from herd.errors import NodeBadStatus, NodeError, NodeTimeout, NodeUnreachable
+from herd.core.errors import NodeBadStatus, NodeError, NodeTimeout, NodeUnreachable
 
 BACKEND_TIMEOUT = httpx.Timeout(connect=10.0, read=None, write=30.0, pool=None)
 CLOSE_TIMEOUT = 1.0  # seconds allowed to close a backend response after cancellation

@@ -56,7 +56,7 @@ def pull_seconds(remaining_bytes: int, bytes_per_second: float) -> float:
 @attrs.define(eq=False)
 class PromptCache:
     """Per loaded model, the last few prompts processed (by prefix key, see
-    :func:`herd.policy.conversation.prefix_keys`) and their length in tokens."""
+    :func:`herd.core.policy.conversation.prefix_keys`) and their length in tokens."""
 
     per_model: int = CACHED_PROMPTS
     _prompts: dict[str, OrderedDict[str, int]] = attrs.field(factory=dict)

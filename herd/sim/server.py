@@ -77,8 +77,8 @@ from typing import Any
 import attrs
 import trio
 
-from herd.models import CpuInfo, DiskInfo, MemoryInfo
-from herd.policy.conversation import continuation_keys, prefix_keys
+from herd.core.models import CpuInfo, DiskInfo, MemoryInfo
+from herd.core.policy.conversation import continuation_keys, prefix_keys
 from herd.server import serve_app
 from herd.sim.costs import PromptCache, prefill_seconds, pull_seconds
 

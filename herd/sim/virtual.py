@@ -24,7 +24,7 @@ from collections.abc import Sequence
 import attrs
 import trio
 
-from herd.models import (
+from herd.core.models import (
     AvailableModel,
     BackendInfo,
     Capabilities,

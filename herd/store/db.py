@@ -13,7 +13,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from herd.router.traces import TraceRecord
+from herd.core.traces import TraceRecord
 
 DB_NAME = "latency.db"
 

@@ -24,7 +24,7 @@ from pathlib import Path
 import attrs
 import trio
 
-from herd.router.traces import TraceRecord
+from herd.core.traces import TraceRecord
 from herd.store import db
 
 log = logging.getLogger("herd.store")

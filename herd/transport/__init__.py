@@ -5,7 +5,7 @@ bounded reads of what nodes send, and the mapping of transport failures to herd'
   compression) and the headers each call carries (the fleet token goes to herd node agents only,
   never to an inference server).
 - :mod:`herd.transport.errors`: :func:`map_node_errors`, the one place an ``httpx`` exception
-  becomes a :class:`~herd.errors.NodeError`.
+  becomes a :class:`~herd.core.errors.NodeError`.
 - :mod:`herd.transport.bodies`: reading a node's answer with a size limit, and a short error
   detail from a failed one.
 """

@@ -3,7 +3,7 @@
 Nothing a node sends is read whole without a bound: a misbehaving or hostile node must not be
 able to grow the router's memory or stall its event loop. Bodies are read raw (the client asks
 for no compression, and a compressed answer is refused rather than inflated), in chunks, and a
-body past its limit fails with :class:`~herd.errors.NodeBadStatus` naming the limit.
+body past its limit fails with :class:`~herd.core.errors.NodeBadStatus` naming the limit.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import json
 
 import httpx
 
-from herd.errors import NodeBadStatus
+from herd.core.errors import NodeBadStatus
 
 KiB = 1024
 MiB = 2**20

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import httpx
 
-from herd.models import NodeReport
+from herd.core.models import NodeReport
 
 CONNECT_TIMEOUT = 10.0
 WRITE_TIMEOUT = 60.0

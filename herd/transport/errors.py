@@ -1,7 +1,7 @@
 """Transport failures → herd's error tree, in one place.
 
 ``httpx`` raises :class:`httpx.TransportError` subclasses (connect errors, protocol errors,
-read errors, timeouts of its own); herd's callers want a :class:`~herd.errors.NodeError` that
+read errors, timeouts of its own); herd's callers want a :class:`~herd.core.errors.NodeError` that
 names the node, says what was happening, and keeps the exception's type::
 
     with map_node_errors(node_id, "before the first byte"):
@@ -19,7 +19,7 @@ from collections.abc import Iterator
 
 import httpx
 
-from herd.errors import NodeUnreachable
+from herd.core.errors import NodeUnreachable
 
 
 def describe(exc: BaseException) -> str:

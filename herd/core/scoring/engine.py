@@ -1,0 +1,647 @@
+"""Scoring: which node should serve this request?
+
+Rules
+-----
+- Pure. This module imports no I/O library (no trio, httpx, quart, asyncio, time) and reads no
+  clock: the caller passes the fleet snapshot, the history, ``now`` and a seeded ``random.Random``
+  for tie-breaking. Same inputs, same decision. ``tests/test_scoring.py`` checks the imports.
+- Every candidate gets a per-signal breakdown whose values sum to its score, so a trace can say
+  *why* a node won.
+- No module-level mutable state. Settings are validated when built (``ScoringSettings`` raises
+  ``ValueError``); after that nothing here raises: a node's odd numbers (NaN availability, a
+  negative latency) are read as "no information", never as an exception mid-request.
+
+Theory of operation
+-------------------
+A decision has three stages.
+
+1. **Eliminate** nodes that cannot serve at all: offline, draining, backend down, capacity
+   paused, already failed this request, model absent, a cold load that doesn't fit in free
+   memory (capped by the node's capacity ceiling), a cold load under critical memory pressure.
+   Each elimination keeps a reason that names the value that failed.
+2. **Score** the survivors on seven signals (points; positive is better):
+
+   =============  ===========  ====================================================
+   signal         range        meaning
+   =============  ===========  ====================================================
+   thermal        -30 .. +50   loaded +50; unloaded recently +30; only on disk +10;
+                               image jobs -30 where they would evict hot models
+   memory_fit     0 .. +20     headroom left after serving (cold loads use memory)
+   queue_depth    -30 .. 0     requests running or queued per slot, eased by speed
+   wait_time      -25 .. 0     p75 latency of this node:model from history (log)
+   role_affinity  0 .. +15     big models to big machines, small models to small
+   availability   -20 .. +10   learned availability ±10; a degraded node -10 more
+   context_fit    -15 .. +15   loaded context window vs the tokens the request needs
+   =============  ===========  ====================================================
+
+   Thermal dominates on purpose: a cold load of a large model costs seconds to minutes, far
+   more than any queue. A queue alone (capped at 30) never takes the work from a hot node whose
+   window fits; a queue that has made the node *slow* does, through ``wait_time``. The cap keeps
+   a busy node in the ranking, so nothing starves, and its load still spreads ties.
+3. **Rank** by total score; exact ties are broken by the caller's ``rng``; the decision keeps the
+   winner, the runners-up and every elimination.
+
+Choices worth knowing
+---------------------
+- Critical memory pressure refuses only *cold* loads. A model already loaded needs no new
+  memory, and refusing it would turn a busy node into an outage; its memory fit is ~0 anyway,
+  so any comfortable peer wins.
+- ``now`` and ``recently_unloaded`` are on the router's clock; "warm" means unloaded strictly
+  less than ``warm_window_s`` ago.
+- Image jobs need the backend *and* the model listed in ``image_models``; speech-to-text needs
+  only a backend (the node picks its model). Text needs ``capabilities.text``; embeddings use
+  the ordinary model list. Any other kind is eliminated as "kind not supported".
+- Totals are rounded to 3 decimals so float noise doesn't hide a tie from the tie-breaker;
+  breakdowns are rounded when read.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Mapping
+from typing import NamedTuple
+
+import attrs
+
+from herd.core.models import (
+    KIND_EMBED,
+    KIND_IMAGE,
+    KIND_STT,
+    KIND_TEXT,
+    FleetSnapshot,
+    LoadedModel,
+    MemoryPressure,
+    NodeSnapshot,
+    NodeStatus,
+)
+
+GiB = 2**30
+_MODEL_KINDS = (KIND_TEXT, KIND_EMBED)  # kinds served from the node's model lists
+# Enum members as plain names: looking them up on the class costs more than the comparison.
+_OFFLINE, _DEGRADED = NodeStatus.OFFLINE, NodeStatus.DEGRADED
+_CRITICAL = MemoryPressure.CRITICAL
+
+SIGNALS = (
+    "thermal",
+    "memory_fit",
+    "queue_depth",
+    "wait_time",
+    "role_affinity",
+    "availability",
+    "context_fit",
+    "affinity",
+    "eviction",
+)
+
+
+@attrs.frozen
+class RouteRequest:
+    """What the scorer needs to know of one request."""
+
+    model: str  # normalized, e.g. "llama3.2:3b"
+    kind: str = KIND_TEXT  # herd.core.models.KIND_*
+    estimated_prompt_tokens: int = 0  # the router's estimate of the prompt
+    requested_context: int | None = None  # num_ctx the client asked for, if any
+    excluded_nodes: frozenset[str] = frozenset()  # nodes that already failed this request
+    # Conversation affinity: the node that served this conversation's earlier turn (its prompt
+    # cache holds the prefix) and how many tokens that prefix is. None = a new conversation.
+    affinity_node: str | None = None
+    affinity_tokens: int = 0
+
+
+@attrs.frozen
+class History:
+    """What the router has learned from completed requests."""
+
+    # (node_id, model) -> p75 latency of completed requests, ms. Missing = no penalty.
+    latency_p75_ms: Mapping[tuple[str, str], float] = attrs.field(factory=dict)
+    # node_id -> relative speed (1.0 = fleet median, 2.0 = twice as fast). Missing = 1.0.
+    node_speed: Mapping[str, float] = attrs.field(factory=dict)
+    # model -> p75 latency, ms, on a node of relative speed 1.0. Missing = unknown.
+    model_p75_ms: Mapping[str, float] = attrs.field(factory=dict)
+
+
+@attrs.frozen
+class ScoringSettings:
+    """Every weight and threshold. Raises ``ValueError`` when built with a value that would make
+    scoring meaningless (negative, NaN or infinite; a zero divisor)."""
+
+    # Weights tuned with bench/routing.py (docs/performance.md: the trace, the fleet, the
+    # figures) and frozen here. Each comment says why the value is what it is.
+    #
+    # Thermal: the biggest single signal, because a cold load of a large model costs tens of
+    # seconds. The gap from loaded to on disk grows with the model's size: loading 2 GiB costs
+    # a second or two, about one queued request; loading 40 GiB costs a minute.
+    thermal_loaded: float = 50.0  # in memory: answers at once (the reference's value)
+    thermal_warm: float = 30.0  # just unloaded: the OS page cache still holds much of it
+    thermal_on_disk: float = 10.0  # a full load from disk; still better than no node
+    thermal_full_load_bytes: int = 32 * GiB  # the whole gap at 32 GiB (~70B at Q4 and up);
+    # 16 GiB (the old cap) kept mid-size models too sticky to saturated nodes in the bench.
+    warm_window_s: float = 1800.0  # page cache rarely survives half an hour of other work
+    # Memory fit: headroom after serving; full points when this share of memory stays free.
+    memory_fit_max: float = 6.0  # the reference's 20 beat speed: idle big slow machines won
+    memory_comfort_share: float = 0.5  # half the machine free leaves room for a second model
+    # Queue: points lost per round of the node's slots already taken, divided by its speed.
+    queue_penalty_per_slot_load: float = 17.0  # one full round queued = -17: about a cold
+    # load of a mid-size model, so a second copy gets loaded when a queue builds up
+    queue_penalty_max: float = 40.0  # full scale; beyond it the penalty grows only slowly
+    overflow_slope: float = 1.0  # ... as 1 + ln(x): a deeper queue always costs more. A hard
+    # cap (0) let saturated hot nodes keep every request in a burst until clients timed out.
+    speed_floor: float = 0.1  # a CPU-only box is about a tenth of a GPU; slower is noise
+    unknown_node_speed: float = 0.6  # a node not measured yet counts as slowish, not average:
+    # at 1.0 a burst piled onto an unmeasured CPU-only node before its first answer came back
+    # Wait: expected time to an answer (service x queue), in units of the model's typical time.
+    wait_penalty_max: float = 60.0  # more than thermal: a node 3x slower than usual loses
+    # its hot lead; the reference's 25 could not move work off a slow hot node
+    wait_full_multiple: float = 3.0  # three typical service times is as bad as a cold load
+    wait_queue_factor: float = 1.0  # each request ahead per slot adds one service time
+    wait_full_penalty_ms: float = 30_000.0  # fallback scale before any typical time is known
+    # Role affinity: keep the big machines free for the big models.
+    role_affinity_max: float = 4.0  # a tie-breaker; at 15 it sent small models to slow boxes
+    large_model_bytes: int = 20 * GiB  # ~30B+ parameters at Q4: only big machines hold these
+    big_node_bytes: int = 64 * GiB  # a node this big (or bigger) is fully "big"
+    small_model_affinity_share: float = 0.4  # small models care less where they run
+    # Availability: learned capacity maps 0..1 to -10..+10; degraded heartbeats cost more.
+    availability_max: float = 10.0  # the owner is using this machine: prefer another
+    degraded_penalty: float = 10.0  # late heartbeats: the node may be about to drop out
+    # Context fit: loaded window vs the tokens the request needs.
+    context_fit_max: float = 15.0  # a reload for a bigger window costs about a cold load
+    context_comfort_ratio: float = 1.5  # 50% spare leaves room for the answer
+    context_fit_cold: float = 15.0  # a cold load sizes its window for the request; 0 here
+    # counted the missing window twice (thermal already charges the load)
+    # Image jobs need the GPU's memory: on a node with models loaded and less free than this,
+    # the job would push them out. Costs points (in thermal) so another node wins.
+    image_memory_need: int = 12 * GiB  # a Flux-class model in 8 bits plus activations
+    image_eviction_penalty: float = 30.0  # about the thermal gap between hot and on disk
+    # Conversation affinity: the node whose prompt cache holds the conversation so far skips
+    # its prefill. Worth less than one round of queue (17), so it yields to load.
+    affinity_max: float = 10.0
+    affinity_full_tokens: int = 2000  # a prefix this long saves seconds of prefill anywhere
+    # Eviction: a cold load that pushes loaded models out pays, per model, for how much that
+    # model is still wanted; capped at the full thermal gap (what reloading it would cost).
+    eviction_idle: float = 3.0  # nobody used it lately: nearly free to drop
+    eviction_recent: float = 10.0  # used within eviction_recent_s: it will be wanted again
+    eviction_busy: float = 15.0  # serving now: the load waits for it, then its queue reloads
+    eviction_recent_s: float = 300.0  # Ollama's default keep-alive: "recent" means still wanted
+    eviction_max: float = 40.0
+
+    def __attrs_post_init__(self) -> None:
+        for field in attrs.fields(type(self)):
+            value = getattr(self, field.name)
+            if not math.isfinite(value) or value < 0:
+                raise ValueError(f"scoring setting {field.name} must be >= 0, got {value!r}")
+        for name in (
+            "memory_comfort_share",
+            "wait_full_penalty_ms",
+            "big_node_bytes",
+            "affinity_full_tokens",
+            "wait_full_multiple",
+            "thermal_full_load_bytes",
+            "queue_penalty_max",
+            "speed_floor",
+            "unknown_node_speed",
+        ):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"scoring setting {name} must be > 0, got {getattr(self, name)!r}")
+        if self.context_comfort_ratio < 1.0:
+            raise ValueError(
+                f"scoring setting context_comfort_ratio must be >= 1.0, "
+                f"got {self.context_comfort_ratio!r}"
+            )
+
+
+@attrs.frozen
+class Candidate:
+    """A node that can serve the request, and why it scored what it did."""
+
+    node_id: str
+    model: str
+    score: float  # sum of the points
+    points: tuple[float, ...]  # one per signal, in the order of SIGNALS
+    hot: bool  # the model is loaded on the node: no cold load
+
+    @property
+    def breakdown(self) -> dict[str, float]:
+        """Signal name (see SIGNALS) -> points, rounded to 3 decimals; a fresh dict each
+        time. Built on demand: a decision ranks every node, but only the winner's breakdown is
+        usually read."""
+        return {name: round(value, 3) for name, value in zip(SIGNALS, self.points, strict=True)}
+
+
+@attrs.frozen
+class Elimination:
+    """A node that can't serve the request at all."""
+
+    node_id: str
+    reason: str  # short, names the failing value: "needs 40.0 GiB free, has 12.1 GiB"
+
+
+@attrs.frozen
+class RouteDecision:
+    """The outcome of :func:`score`: every node appears once, ranked or eliminated."""
+
+    request: RouteRequest
+    winner: Candidate | None  # None when every node was eliminated
+    ranked: tuple[Candidate, ...]  # best first; the winner first
+    eliminated: tuple[Elimination, ...]  # in fleet order
+
+    @property
+    def runners_up(self) -> tuple[Candidate, ...]:
+        """The candidates after the winner, best first."""
+        return self.ranked[1:]
+
+
+def _gib(value: float) -> str:
+    return f"{value / GiB:.1f} GiB"
+
+
+def _number(value: float | None, default: float) -> float:
+    """``value`` if it is a finite number, else ``default``: odd input means "no information"."""
+    if value is None or not math.isfinite(value):
+        return default
+    return value
+
+
+def _speed(node: NodeSnapshot, history: History, s: ScoringSettings) -> float:
+    """The node's relative speed from history, floored at ``speed_floor``; a node the history
+    doesn't know yet (while others are known) counts as ``unknown_node_speed``."""
+    known = history.node_speed.get(node.report.node_id)
+    if known is None:
+        return s.unknown_node_speed if history.node_speed else 1.0
+    return max(s.speed_floor, _number(known, 1.0))
+
+
+def _saturate(x: float, s: ScoringSettings) -> float:
+    """``x`` up to 1 (a signal's full scale); beyond it, ``1 + overflow_slope * ln(x)``: a
+    deeper queue or a longer wait always costs more, so work keeps spreading when every node is
+    busy, but slowly, so one signal can't drown the others. ``overflow_slope`` 0 is a hard cap."""
+    if x <= 1.0:
+        return max(0.0, x)
+    return 1.0 + s.overflow_slope * math.log(x)
+
+
+def free_memory(node: NodeSnapshot) -> int:
+    """Memory a cold load may use: available memory, capped by the capacity ceiling (the ceiling
+    minus what is in use). Never negative. Raises nothing."""
+    memory = node.report.memory
+    free = memory.available_bytes
+    ceiling = node.report.capacity.ceiling_bytes
+    if ceiling is not None:
+        used = memory.total_bytes - memory.available_bytes
+        free = min(free, ceiling - used)
+    return max(0, free)
+
+
+def model_size(node: NodeSnapshot, model: str) -> int:
+    """Bytes ``model`` takes on ``node``: its loaded size, else its size on disk, else 0 (unknown).
+    Raises nothing."""
+    loaded = node.loaded(model)
+    if loaded is not None and loaded.size_bytes > 0:
+        return loaded.size_bytes
+    available = node.available(model)
+    return max(0, available.size_bytes) if available is not None else 0
+
+
+def eliminate(request: RouteRequest, node: NodeSnapshot) -> str | None:
+    """Why ``node`` can't serve ``request`` at all, or None if it can. Raises nothing."""
+    report = node.report
+    model = request.model
+    if (
+        model not in report.loaded_index
+        and model not in report.available_index
+        and request.kind in _MODEL_KINDS
+    ):
+        return "model not on node"  # first: in a big fleet most nodes lack any one model
+    if node.status is _OFFLINE:
+        return "offline"
+    if node.report.node_id in request.excluded_nodes:
+        return "failed earlier in this request"
+    if report.draining:
+        return "draining"
+    if not report.backend.healthy:
+        return f"backend down: {report.backend.error or 'no answer'}"
+    if report.capacity.paused:
+        return "capacity paused"
+    if request.kind == KIND_IMAGE:
+        if not report.capabilities.image_backends:
+            return "no image backend"
+        if request.model not in report.capabilities.image_models:
+            return "image model not on node"
+        return None
+    if request.kind == KIND_STT:
+        return None if report.capabilities.stt_backends else "no speech-to-text backend"
+    if request.kind not in (KIND_TEXT, KIND_EMBED):
+        return f"kind not supported: {request.kind!r}"
+    if request.kind == KIND_TEXT and not report.capabilities.text:
+        return "kind not supported: node serves no text models"
+    if model in report.loaded_index:
+        return None  # hot: needs no new memory, whatever the pressure
+    if report.memory.pressure is _CRITICAL:
+        return "critical memory pressure (cold load refused)"
+    need = model_size(node, request.model)
+    free = free_memory(node)
+    if need > free:
+        reclaimable = sum(max(0, m.size_bytes) for m in report.loaded_models)
+        if need > free + reclaimable:
+            held = f" (+{_gib(reclaimable)} in loaded models)" if reclaimable else ""
+            return f"needs {_gib(need)} free, has {_gib(free)}{held}"
+    return None
+
+
+class Facts(NamedTuple):
+    """What every signal reads of one eligible node for one request, looked up once."""
+
+    loaded: LoadedModel | None  # the model's entry if it is in the node's memory
+    size: int  # bytes the model takes there (0 = unknown)
+    free: int  # memory a cold load may use (see free_memory)
+    ahead: int  # requests running or waiting on the node, all models
+    slots: int  # parallel slots, at least 1
+    speed: float  # relative speed (see _speed)
+
+
+def facts(request: RouteRequest, node: NodeSnapshot, history: History, s: ScoringSettings) -> Facts:
+    """Look up, once, what the signals need of ``node``. Raises nothing."""
+    loaded = node.report.loaded_index.get(request.model)
+    size = model_size(node, request.model)
+    ahead = 0
+    for load in node.load.values():
+        ahead += load.in_flight + load.pending
+    slots = max(1, node.report.parallel_slots)
+    # A model with its own, smaller limit waits on its own queue when that is the longer one.
+    own = node.load.get(request.model)
+    if own is not None and own.slots > 0:
+        mine = own.in_flight + own.pending
+        if mine * slots > ahead * own.slots:
+            ahead, slots = mine, own.slots
+    # Positional: built once per candidate, on the hot path. The order of Facts' fields.
+    return Facts(
+        loaded,
+        size,
+        free_memory(node),
+        max(0, ahead),
+        slots,
+        _speed(node, history, s),
+    )
+
+
+def evictions(request: RouteRequest, node: NodeSnapshot) -> tuple[str, ...]:
+    """The loaded models a cold load of ``request.model`` would push out of ``node``, in the
+    order the backend would drop them: idle before busy, least recently used first (router
+    recency, then the backend's keep-alive expiry). Empty when it fits or is hot. Raises
+    nothing."""
+    if node.loaded(request.model) is not None:
+        return ()
+    need = model_size(node, request.model) - free_memory(node)
+    if need <= 0:
+        return ()
+
+    def order(model: LoadedModel) -> tuple[bool, float, float]:
+        load = node.load.get(model.name)
+        busy = load is not None and (load.in_flight > 0 or load.pending > 0)
+        used = load.last_used if load is not None and load.last_used is not None else -math.inf
+        expires = _number(model.expires_at, -math.inf)
+        return busy, used, expires
+
+    out = []
+    for model in sorted(node.report.loaded_models, key=order):
+        if need <= 0:
+            break
+        out.append(model.name)
+        need -= max(0, model.size_bytes)
+    return tuple(out)
+
+
+def thermal(
+    request: RouteRequest, node: NodeSnapshot, f: Facts, now: float, s: ScoringSettings
+) -> float:
+    """Residency: loaded, warm (unloaded < ``warm_window_s`` ago) or on disk; a cold load loses
+    in proportion to its size, the full gap at ``thermal_full_load_bytes``. For image jobs, a
+    penalty when the job would push hot models out of a crowded node. Raises nothing."""
+    if request.kind == KIND_IMAGE:
+        # No "hot" image models to find; what matters is not evicting the LLMs that are hot.
+        crowded = f.free < s.image_memory_need and node.report.loaded_models
+        return -s.image_eviction_penalty if crowded else 0.0
+    if f.loaded is not None:
+        return s.thermal_loaded
+    unloaded_at = node.recently_unloaded.get(request.model)
+    warm = unloaded_at is not None and now - unloaded_at < s.warm_window_s
+    cold = s.thermal_warm if warm else s.thermal_on_disk
+    # A cold load costs time in proportion to the bytes read: a small model loses less for it.
+    share = min(1.0, f.size / s.thermal_full_load_bytes) if f.size > 0 else 1.0
+    return s.thermal_loaded - (s.thermal_loaded - cold) * share
+
+
+def memory_fit(node: NodeSnapshot, f: Facts, s: ScoringSettings) -> float:
+    """Headroom after serving, as a share of total memory: a cold load spends the model's size,
+    a hot model only what is free now. Full points at ``memory_comfort_share``. Raises nothing."""
+    total = node.report.memory.total_bytes
+    if total <= 0:
+        return 0.0
+    free = f.free if f.loaded is not None else f.free - f.size
+    share = max(0.0, free / total)
+    return s.memory_fit_max * min(1.0, share / s.memory_comfort_share)
+
+
+def queue_depth(f: Facts, s: ScoringSettings) -> float:
+    """Requests running or waiting on the node (all models) per parallel slot, divided by the
+    node's relative speed: ``queue_penalty_per_slot_load`` per round of slots, full scale at
+    ``queue_penalty_max`` and only slowly beyond (see :func:`_saturate`). Raises nothing."""
+    if f.ahead <= 0:
+        return 0.0
+    penalty = s.queue_penalty_per_slot_load * (f.ahead / f.slots) / f.speed
+    return -s.queue_penalty_max * _saturate(penalty / s.queue_penalty_max, s)
+
+
+def wait_time(
+    request: RouteRequest, node: NodeSnapshot, f: Facts, history: History, s: ScoringSettings
+) -> float:
+    """Expected time to an answer on this node, relative to what the model usually takes.
+
+    Service time is this node:model's p75 (slot to last byte), or, where it hasn't run yet, the
+    model's typical p75 divided by the node's relative speed. The requests ahead of it take
+    about as long each, shared among the slots: expected = service x (1 + ahead / slots).
+    Measured in units of the model's typical service time (a 70B model's minute and a 3B
+    model's second are both "one"), full penalty at ``wait_full_multiple`` of them and only
+    slowly beyond. Without a typical time, the absolute p75 counts, log-scaled, full at
+    ``wait_full_penalty_ms``. 0 without any history. Raises nothing."""
+    typical = _number(history.model_p75_ms.get(request.model), 0.0)
+    service = _number(history.latency_p75_ms.get((node.report.node_id, request.model)), 0.0)
+    if service <= 0:
+        service = typical / f.speed
+    if service <= 0:
+        return 0.0
+    expected = service * (1.0 + s.wait_queue_factor * f.ahead / f.slots)
+    if typical > 0:
+        fraction = expected / (typical * s.wait_full_multiple)
+    else:
+        # Logarithmic: the difference between 100 ms and 1 s matters as much as 1 s and 10 s.
+        fraction = math.log1p(expected / 100.0) / math.log1p(s.wait_full_penalty_ms / 100.0)
+    return -s.wait_penalty_max * _saturate(fraction, s)
+
+
+def role_affinity(node: NodeSnapshot, f: Facts, s: ScoringSettings) -> float:
+    """Large models (>= ``large_model_bytes``) score by how big the node is, up to
+    ``big_node_bytes``; small ones by how small it is, at ``small_model_affinity_share`` of the
+    weight. 0 when a size is unknown. Raises nothing."""
+    total = node.report.memory.total_bytes
+    if total <= 0 or f.size <= 0:
+        return 0.0
+    node_bigness = min(1.0, total / s.big_node_bytes)
+    if f.size >= s.large_model_bytes:
+        return s.role_affinity_max * node_bigness
+    # Small models: prefer small nodes, keeping big machines free for big models.
+    return s.role_affinity_max * (1.0 - node_bigness) * s.small_model_affinity_share
+
+
+def availability(node: NodeSnapshot, s: ScoringSettings) -> float:
+    """Learned availability 0..1 mapped to -max..+max (NaN reads as 0.5, no opinion); a
+    degraded node loses ``degraded_penalty`` more. Raises nothing."""
+    level = node.report.capacity.availability
+    if not 0.0 <= level <= 1.0:  # NaN fails every comparison: no opinion
+        level = 0.5 if math.isnan(level) else min(1.0, max(0.0, level))
+    points = s.availability_max * (2 * level - 1)
+    if node.status is _DEGRADED:
+        points -= s.degraded_penalty
+    return points
+
+
+def context_fit(request: RouteRequest, f: Facts, s: ScoringSettings) -> float:
+    """Loaded context window vs the tokens needed (max of the prompt estimate and the asked
+    ``num_ctx``): +max with ``context_comfort_ratio`` to spare, scaled down to 0 as it gets
+    tight, -max when it won't fit (a reload). A cold load gets ``context_fit_cold``: it loads
+    with the window asked for. 0 when the window is unknown. Raises nothing."""
+    if f.loaded is None:
+        return s.context_fit_cold
+    if f.loaded.context_length <= 0:
+        return 0.0
+    need = max(request.estimated_prompt_tokens, request.requested_context or 0)
+    if need <= 0:
+        return s.context_fit_max
+    ratio = f.loaded.context_length / need
+    if ratio >= s.context_comfort_ratio:
+        return s.context_fit_max
+    if ratio >= 1.0:
+        return s.context_fit_max * (ratio - 1.0) / (s.context_comfort_ratio - 1.0)
+    return -s.context_fit_max
+
+
+def affinity(request: RouteRequest, node: NodeSnapshot, f: Facts, s: ScoringSettings) -> float:
+    """Points for the node that served this conversation's earlier turn while the model is
+    still loaded there (its prompt cache holds the prefix), scaled by the prefix's length up to
+    ``affinity_full_tokens``. Raises nothing."""
+    if request.affinity_node != node.report.node_id or f.loaded is None:
+        return 0.0
+    share = min(1.0, max(0, request.affinity_tokens) / s.affinity_full_tokens)
+    return s.affinity_max * share
+
+
+def eviction(
+    request: RouteRequest, node: NodeSnapshot, f: Facts, now: float, s: ScoringSettings
+) -> float:
+    """Cost of the models a cold load would push out (see :func:`evictions`): each costs
+    ``eviction_busy`` if requests use it now, ``eviction_recent`` if one did within
+    ``eviction_recent_s``, else ``eviction_idle``; capped at ``eviction_max``. Raises nothing."""
+    if f.loaded is not None or f.size <= f.free:
+        return 0.0  # hot, or it fits: nothing leaves
+    cost = 0.0
+    for name in evictions(request, node):
+        load = node.load.get(name)
+        if load is not None and (load.in_flight > 0 or load.pending > 0):
+            cost += s.eviction_busy
+        elif (
+            load is not None
+            and load.last_used is not None
+            and now - load.last_used < s.eviction_recent_s
+        ):
+            cost += s.eviction_recent
+        else:
+            cost += s.eviction_idle
+    return -min(s.eviction_max, cost)
+
+
+def points(
+    request: RouteRequest, node: NodeSnapshot, history: History, now: float, s: ScoringSettings
+) -> tuple[float, ...]:
+    """Every signal's points for one eligible node, in the order of ``SIGNALS``. Raises
+    nothing."""
+    f = facts(request, node, history, s)
+    return (
+        thermal(request, node, f, now, s),
+        memory_fit(node, f, s),
+        queue_depth(f, s),
+        wait_time(request, node, f, history, s),
+        role_affinity(node, f, s),
+        availability(node, s),
+        context_fit(request, f, s),
+        affinity(request, node, f, s),
+        eviction(request, node, f, now, s),
+    )
+
+
+def breakdown(
+    request: RouteRequest, node: NodeSnapshot, history: History, now: float, s: ScoringSettings
+) -> dict[str, float]:
+    """:func:`points` keyed by signal name, rounded to 3 decimals. Raises nothing."""
+    values = points(request, node, history, now, s)
+    return {name: round(value, 3) for name, value in zip(SIGNALS, values, strict=True)}
+
+
+def score(
+    request: RouteRequest,
+    fleet: FleetSnapshot,
+    history: History,
+    now: float,
+    settings: ScoringSettings,
+    rng: random.Random,
+) -> RouteDecision:
+    """Rank every node of ``fleet`` for ``request``: each one is either a candidate or an
+    elimination. Exact ties are ordered by ``rng`` (the only state used; pass a seeded one for
+    reproducible decisions). ``now`` is on the same clock as ``NodeSnapshot.last_seen``.
+
+    Raises nothing: a decision whose ``winner`` is None means no node can serve the request.
+    """
+    candidates: list[Candidate] = []
+    eliminated: list[Elimination] = []
+    for node in fleet.nodes:
+        reason = eliminate(request, node)
+        if reason is not None:
+            eliminated.append(Elimination(node.report.node_id, reason))
+            continue
+        values = points(request, node, history, now, settings)
+        candidates.append(
+            Candidate(  # positional: a decision builds one per node
+                node.report.node_id,
+                request.model,
+                round(sum(values), 3),
+                values,
+                request.model in node.report.loaded_index,
+            )
+        )
+    # Shuffle first, then a stable sort: equal scores end up in random (seeded) order.
+    rng.shuffle(candidates)
+    candidates.sort(key=_by_score, reverse=True)
+    ranked = tuple(candidates)
+    return RouteDecision(
+        request=request,
+        winner=ranked[0] if ranked else None,
+        ranked=ranked,
+        eliminated=tuple(eliminated),
+    )
+
+
+def _by_score(candidate: Candidate) -> float:
+    return candidate.score
+
+
+def explain(decision: RouteDecision) -> str:
+    """A header, then one line per candidate (winner starred, with its breakdown) and per
+    elimination, for logs. Raises nothing."""
+    lines = [f"route {decision.request.model} ({decision.request.kind}):"]
+    for candidate in decision.ranked:
+        parts = " ".join(f"{k}={v:+g}" for k, v in candidate.breakdown.items())
+        mark = "*" if candidate is decision.winner else " "
+        lines.append(f" {mark} {candidate.node_id} {candidate.score:+.1f} [{parts}]")
+    for out in decision.eliminated:
+        lines.append(f"   {out.node_id} eliminated: {out.reason}")
+    return "\n".join(lines)

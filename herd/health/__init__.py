@@ -1,1 +1,0 @@
-"""Fleet health analysis."""

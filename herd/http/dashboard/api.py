@@ -1,0 +1,318 @@
+"""The dashboard's JSON API (``/dashboard/api/...``) and live event stream (``/dashboard/events``).
+
+Reads go to the trace store in a worker thread after a flush, so what a request did is visible
+as soon as it has finished. Health is cached for a few seconds and recommendations for five
+minutes, so a dashboard polling them costs little.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any, TypeVar
+
+import attrs
+import trio
+from quart import Blueprint, Response, request
+
+from herd import __version__
+from herd.config import OPTIONS_BY_NAME, redacted
+from herd.core import health as health
+from herd.core.errors import BadRequest, NoEligibleNode, parse_json_body
+from herd.core.recommend import recommend
+from herd.state.settings import save_settings, updated
+from herd.state.state import RouterState
+from herd.store import queries
+from herd.transport import model_admin
+
+T = TypeVar("T")
+
+HEALTH_CACHE_SECONDS = 5.0
+RECOMMENDATIONS_CACHE_SECONDS = 300.0
+EVENTS_INTERVAL = 2.0
+EVENTS_MIN_GAP = 0.25
+MAX_EVENT_SUBSCRIBERS = 64
+MAX_TRACES = 1000
+
+
+def _json(data: Any, status: int = 200) -> Response:
+    return Response(json.dumps(data), status=status, content_type="application/json")
+
+
+def hours_arg() -> int:
+    raw = request.args.get("hours", "24")
+    try:
+        hours = int(raw)
+    except ValueError as exc:
+        raise BadRequest(
+            f"'hours' must be a whole number of hours, got {raw!r}", param="hours"
+        ) from exc
+    if not 1 <= hours <= 168:
+        raise BadRequest(f"'hours' must be between 1 and 168, got {hours}", param="hours")
+    return hours
+
+
+def limit_arg(default: int = 50) -> int:
+    raw = request.args.get("limit", str(default))
+    try:
+        limit = int(raw)
+    except ValueError as exc:
+        raise BadRequest(f"'limit' must be a whole number, got {raw!r}", param="limit") from exc
+    if not 1 <= limit <= MAX_TRACES:
+        raise BadRequest(f"'limit' must be between 1 and {MAX_TRACES}, got {limit}", param="limit")
+    return limit
+
+
+async def body_json() -> dict[str, Any]:
+    data = await request.get_data(as_text=False)
+    return parse_json_body(data if isinstance(data, bytes) else data.encode())
+
+
+@attrs.define
+class Cached:
+    value: Any = None
+    at: float = -1e18
+
+
+def create_blueprint(state: RouterState) -> Blueprint:
+    bp = Blueprint("dashboard_api", __name__)
+    health_cache = Cached()
+    recommendations_cache = Cached()
+    subscribers = 0
+
+    async def query(fn: Callable[..., T], *args: Any) -> T:
+        store = state.store
+        assert store is not None
+        await store.flush()
+        return await trio.to_thread.run_sync(
+            lambda: queries.run(store.path, lambda connection: fn(connection, *args))
+        )
+
+    def since(hours: int) -> float:
+        return time.time() - hours * 3600
+
+    @bp.get("/dashboard/api/overview")
+    async def overview() -> Response:
+        hours = hours_arg()
+        figures = await query(queries.overview, since(hours))
+        status = state.status_view()
+        return _json(
+            {
+                "hours": hours,
+                **figures,
+                "fleet": status["fleet"],
+                "events": status["events"],
+                "pulls": status["pulls"],
+            }
+        )
+
+    @bp.get("/dashboard/api/trends")
+    async def trends() -> Response:
+        hours = hours_arg()
+        return _json({"hours": hours, "buckets": await query(queries.trends, since(hours))})
+
+    @bp.get("/dashboard/api/models")
+    async def models() -> Response:
+        hours = hours_arg()
+        model = request.args.get("model")
+        if model:
+            daily = await query(queries.model_daily, since(hours), model)
+            return _json({"hours": hours, "model": model, "days": daily})
+        return _json({"hours": hours, "models": await query(queries.models, since(hours))})
+
+    @bp.get("/dashboard/api/usage")
+    async def usage() -> Response:
+        hours = hours_arg()
+        return _json({"hours": hours, "usage": await query(queries.usage, since(hours))})
+
+    @bp.get("/dashboard/api/apps")
+    async def apps() -> Response:
+        hours = hours_arg()
+        return _json({"hours": hours, "apps": await query(queries.apps, since(hours))})
+
+    @bp.get("/dashboard/api/apps/daily")
+    async def apps_daily() -> Response:
+        hours = hours_arg()
+        tag = request.args.get("tag")
+        return _json(
+            {"hours": hours, "tag": tag, "days": await query(queries.apps_daily, since(hours), tag)}
+        )
+
+    @bp.get("/dashboard/api/traces")
+    async def traces() -> Response:
+        limit = limit_arg()
+        return _json({"traces": await query(queries.traces, limit)})
+
+    @bp.get("/dashboard/api/benchmarks")
+    async def benchmarks() -> Response:
+        hours = hours_arg() if "hours" in request.args else 168
+        return _json({"runs": await query(queries.benchmarks, since(hours))})
+
+    @bp.post("/dashboard/api/benchmarks")
+    async def save_benchmark() -> Response:
+        body = await body_json()
+        name = body.get("name", "benchmark")
+        if not isinstance(name, str):
+            raise BadRequest("field 'name' must be a string", param="name")
+        data = body.get("results", body)
+        run_id = await query(queries.save_benchmark, name, data)
+        return _json({"id": run_id, "name": name}, status=201)
+
+    @bp.get("/dashboard/api/health")
+    async def health_view() -> Response:
+        now = trio.current_time()
+        if now - health_cache.at > HEALTH_CACHE_SECONDS:
+            hours = 24
+            assert state.store is not None
+            storage = state.store.statistics()
+            figures = await query(queries.health_figures, since(hours))
+            result = health.evaluate(
+                health.HealthInput(
+                    fleet=state.snapshot(),
+                    figures=figures,
+                    events=state.all_events(),
+                    unloads=state.registry.unload_counts(now - hours * 3600),
+                    listen_host=state.config.host,
+                    fleet_token_set=bool(state.config.auth_token),
+                    window_hours=hours,
+                    storage_error=storage.last_error,
+                    traces_lost=storage.dropped + storage.failed,
+                    data_dir=str(state.config.data_path),
+                )
+            )
+            health_cache.value = {
+                "summary": health.summary(result),
+                "checks": [attrs.asdict(c) for c in result],
+            }
+            health_cache.at = now
+        return _json(health_cache.value)
+
+    @bp.get("/dashboard/api/recommendations")
+    async def recommendations() -> Response:
+        now = trio.current_time()
+        if now - recommendations_cache.at > RECOMMENDATIONS_CACHE_SECONDS:
+            used = await query(queries.models, since(168))
+            recommendations_cache.value = {
+                "nodes": recommend(state.snapshot(), {m["model"]: m["requests"] for m in used})
+            }
+            recommendations_cache.at = now
+        return _json(recommendations_cache.value)
+
+    def settings_view() -> dict[str, Any]:
+        shown = redacted(attrs.asdict(state.config))
+        config: dict[str, dict[str, Any]] = {}
+        for name, value in shown.items():
+            option = OPTIONS_BY_NAME.get(name)
+            category = option.category if option is not None else "server"
+            config.setdefault(category, {})[name] = value
+        hostname = socket.gethostname()
+        nodes = [
+            {
+                "node_id": n.node_id,
+                "status": n.status.value,
+                "agent_version": n.report.agent_version,
+                "backend": n.report.backend.kind,
+                "backend_version": n.report.backend.version,
+                "host": n.report.host,
+                "router": n.report.host == hostname,
+            }
+            for n in state.snapshot().nodes
+        ]
+        return {
+            "settings": attrs.asdict(state.settings),
+            "config": config,
+            "nodes": nodes,
+            "router_version": __version__,
+        }
+
+    @bp.get("/dashboard/api/settings")
+    async def get_settings() -> Response:
+        return _json(settings_view())
+
+    @bp.post("/dashboard/api/settings")
+    async def post_settings() -> Response:
+        state.change_settings(updated(state.settings, await body_json()))
+        await trio.to_thread.run_sync(save_settings, state.config.data_path, state.settings)
+        health_cache.at = -1e18
+        return _json(settings_view())
+
+    @bp.get("/dashboard/api/model-management")
+    async def model_management() -> Response:
+        usage = await query(queries.model_node_usage, since(168))
+        nodes = []
+        for node in state.snapshot().nodes:
+            loaded = {m.name: m for m in node.report.loaded_models}
+            models = []
+            for model in node.report.available_models:
+                used = usage.get((node.node_id, model.name), {})
+                models.append(
+                    {
+                        "name": model.name,
+                        "size_bytes": model.size_bytes,
+                        "family": model.family,
+                        "parameter_size": model.parameter_size,
+                        "loaded": model.name in loaded,
+                        "context_length": loaded[model.name].context_length
+                        if model.name in loaded
+                        else None,
+                        "requests_7d": used.get("requests", 0),
+                        "last_used": used.get("last_used"),
+                    }
+                )
+            nodes.append(
+                {
+                    "node_id": node.node_id,
+                    "status": node.status.value,
+                    "disk_free_bytes": node.report.disk.free_bytes,
+                    "memory_total_bytes": node.report.memory.total_bytes,
+                    "models": models,
+                }
+            )
+        return _json({"nodes": nodes})
+
+    @bp.post("/dashboard/api/pull")
+    async def dashboard_pull() -> Response:
+        body = await body_json()
+        model = model_admin.requested_model(body)
+        node_id = model_admin.requested_node(body)
+        node = model_admin.pull_checked(state, model, node_id)
+        if body.get("stream") is False:
+            await model_admin.pull_and_wait(state, node, model, "dashboard")
+            return _json({"status": "success", "model": model, "node": node.node_id})
+        return Response(
+            model_admin.pull_progress(state, node, model), content_type="application/x-ndjson"
+        )
+
+    @bp.post("/dashboard/api/delete")
+    async def dashboard_delete() -> Response:
+        body = await body_json()
+        node_id = model_admin.requested_node(body)
+        result = await model_admin.delete(state, model_admin.requested_model(body), node_id)
+        return _json(result, status=200 if result["deleted"] else 502)
+
+    @bp.get("/dashboard/events")
+    async def events() -> Response:
+        nonlocal subscribers
+        if subscribers >= MAX_EVENT_SUBSCRIBERS:
+            raise NoEligibleNode("too many dashboard event subscribers; try again later")
+
+        async def stream() -> AsyncIterator[bytes]:
+            nonlocal subscribers
+            subscribers += 1
+            try:
+                while True:
+                    status = state.status_view()
+                    yield b"event: fleet\ndata: " + json.dumps(status).encode() + b"\n\n"
+                    await trio.sleep(EVENTS_MIN_GAP)  # throttle: at most 4 a second
+                    with trio.move_on_after(EVENTS_INTERVAL - EVENTS_MIN_GAP):
+                        await state.wait_fleet_changed()
+            finally:
+                subscribers -= 1
+
+        return Response(
+            stream(), content_type="text/event-stream", headers={"Cache-Control": "no-cache"}
+        )
+
+    return bp

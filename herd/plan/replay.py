@@ -1,0 +1,289 @@
+"""Replay a request trace against a virtual fleet under one placement policy, on virtual time.
+
+The router's side is herd's own code: the :class:`~herd.state.registry.NodeRegistry` fed by
+heartbeats every ``heartbeat`` seconds (so, as in production, the router sees loads and
+evictions late), the :class:`~herd.state.queues.QueueBook` that counts and limits requests per
+node, the :class:`~herd.state.history.LatencyHistory`, the conversation
+:class:`~herd.state.affinity.AffinityTable` and the pure scorer. Only HTTP is left out. The
+baselines (:mod:`herd.core.scoring.baselines`) get the same registry and queues, so the policies
+differ only in where they send each request.
+
+A trace is a tuple of :class:`Session`: one client's requests, in order, each sent ``think``
+seconds after the previous one finished (a single request is a session of one turn). Sessions
+start at fixed times; turns follow the answers, as people do.
+
+Run :func:`run` from synchronous code (it owns a ``trio.run`` on a ``MockClock``); a trace of
+hours takes seconds.
+"""
+
+from __future__ import annotations
+
+import collections
+import math
+import random
+import statistics
+from collections.abc import Callable, Sequence
+
+import attrs
+import trio
+import trio.testing
+
+from herd.core.models import KIND_TEXT, FleetSnapshot
+from herd.core.policy.conversation import continuation_keys, prefix_keys
+from herd.core.scoring import RouteDecision, RouteRequest, ScoringSettings, score
+from herd.core.scoring.baselines import RoundRobin, least_connections, uniform
+from herd.sim.server import SimConfig
+from herd.sim.virtual import VirtualNode, percentile
+from herd.state.affinity import AffinityTable
+from herd.state.history import LatencyHistory
+from herd.state.queues import QueueBook
+from herd.state.registry import NodeRegistry
+
+POLICIES = ("herd", "least-connections", "round-robin", "random")
+
+Picker = Callable[[RouteRequest, FleetSnapshot, float], str | None]
+
+
+@attrs.frozen
+class Turn:
+    model: str
+    prompt_tokens: int
+    output_tokens: int
+    kind: str = KIND_TEXT
+    messages: tuple[dict[str, str], ...] = ()  # the chat so far (keys the prompt cache)
+    think: float = 0.0  # seconds after the previous turn's answer (first turn: after start)
+
+
+@attrs.frozen
+class Session:
+    start: float
+    turns: tuple[Turn, ...]
+
+
+@attrs.frozen
+class Outcome:
+    node_id: str | None
+    model: str
+    kind: str
+    latency: float  # seconds, arrival to last token (or to the error)
+    ttft: float  # seconds, arrival to first token
+    cold: bool
+    cached_tokens: int
+    error: str | None = None
+
+
+@attrs.frozen
+class Summary:
+    policy: str
+    requests: int
+    errors: int
+    mean: float
+    p95: float
+    ttft_mean: float
+    ttft_p95: float
+    cold_loads: int
+    evictions: int
+    cached_share: float  # share of prompt tokens the prompt caches saved
+    share: dict[str, float]  # node -> share of the requests it served
+    conversation_share: float  # worst node's share of continuing conversation turns
+
+    @property
+    def worst_share(self) -> float:
+        return max(self.share.values(), default=0.0)
+
+
+@attrs.define(eq=False)
+class _Harness:
+    nodes: dict[str, VirtualNode]
+    pick: Picker
+    affinity: AffinityTable | None
+    heartbeat: float
+    queue_timeout: float
+    client_timeout: float
+    registry: NodeRegistry = attrs.field(factory=NodeRegistry)
+    queues: QueueBook = attrs.field(factory=QueueBook)
+    history: LatencyHistory = attrs.field(factory=LatencyHistory)
+    outcomes: list[Outcome] = attrs.field(factory=list)
+    continuing: collections.Counter[str] = attrs.field(factory=collections.Counter)
+    prompt_tokens: int = 0
+    _changed: trio.Event = attrs.field(factory=trio.Event)
+
+    def changed(self) -> None:
+        self._changed.set()
+        self._changed = trio.Event()
+
+    def beat(self) -> None:
+        now = trio.current_time()
+        for name, node in self.nodes.items():
+            report = node.report(now)
+            self.registry.apply_report(report, now)
+            self.queues.set_limit(name, report.parallel_slots)
+        self.changed()
+
+    async def heartbeats(self) -> None:
+        while True:
+            self.beat()
+            await trio.sleep(self.heartbeat)
+
+    async def session(self, session: Session) -> None:
+        await trio.sleep_until(session.start)
+        for turn in session.turns:
+            await trio.sleep(turn.think)
+            await self.request(turn)
+
+    async def request(self, turn: Turn) -> None:
+        arrival = trio.current_time()
+        keys = prefix_keys(turn.messages)
+        earlier = continuation_keys(turn.messages, keys)
+        served_before = self.affinity.find(earlier, turn.model) if self.affinity else None
+        route = RouteRequest(
+            model=turn.model,
+            kind=turn.kind,
+            estimated_prompt_tokens=turn.prompt_tokens,
+            affinity_node=served_before.node_id if served_before else None,
+            affinity_tokens=served_before.tokens if served_before else 0,
+        )
+        self.prompt_tokens += turn.prompt_tokens
+        node_id: str | None = None
+        outcome: Outcome | None = None
+        with trio.move_on_after(self.client_timeout):
+            node_id = await self._place(route, arrival)
+            if node_id is None:
+                outcome = self._failed(turn, None, arrival, "no node could take it in time")
+            else:
+                if self.affinity is not None and keys:
+                    self.affinity.remember(keys[-1], node_id, turn.model, turn.prompt_tokens)
+                if len(turn.messages) > 2:
+                    self.continuing[node_id] += 1
+                async with self.queues.lease(node_id, turn.model, turn.kind) as lease:
+                    queued = trio.current_time() - arrival
+                    served = await self.nodes[node_id].serve(
+                        turn.model, turn.prompt_tokens, earlier, turn.output_tokens
+                    )
+                    lease.succeeded()
+                latency = trio.current_time() - arrival
+                # As the router does: service time, from the slot to the last token.
+                self.history.record(
+                    node_id,
+                    turn.model,
+                    (latency - queued) * 1000,
+                    served.tokens_per_second or None,
+                )
+                outcome = Outcome(
+                    node_id,
+                    turn.model,
+                    turn.kind,
+                    latency,
+                    queued + served.ttft,
+                    served.cold,
+                    served.cached_tokens,
+                )
+        self.outcomes.append(outcome or self._failed(turn, node_id, arrival, "client timeout"))
+
+    def _failed(self, turn: Turn, node_id: str | None, arrival: float, why: str) -> Outcome:
+        waited = trio.current_time() - arrival
+        return Outcome(node_id, turn.model, turn.kind, waited, waited, False, 0, why)
+
+    async def _place(self, route: RouteRequest, arrival: float) -> str | None:
+        """The policy's node, waiting for the fleet to change while none is eligible."""
+        while True:
+            fleet = self.registry.snapshot(self.queues.load_for)
+            node_id = self.pick(route, fleet, trio.current_time())
+            if node_id is not None:
+                return node_id
+            remaining = arrival + self.queue_timeout - trio.current_time()
+            if remaining <= 0:
+                return None
+            with trio.move_on_after(remaining):
+                await self._changed.wait()
+
+
+def picker(policy: str, history: LatencyHistory, settings: ScoringSettings, seed: int) -> Picker:
+    """The placement function for ``policy`` (one of :data:`POLICIES`)."""
+    rng = random.Random(seed)
+    if policy == "herd":
+        return lambda r, f, now: _winner(score(r, f, history.view(), now, settings, rng))
+    if policy == "least-connections":
+        return lambda r, f, now: least_connections(r, f, rng)
+    if policy == "round-robin":
+        rr = RoundRobin()
+        return lambda r, f, now: rr.pick(r, f, rng)
+    if policy == "random":
+        return lambda r, f, now: uniform(r, f, rng)
+    raise ValueError(f"unknown policy {policy!r}; choose from {POLICIES}")
+
+
+def _winner(decision: RouteDecision) -> str | None:
+    return decision.winner.node_id if decision.winner is not None else None
+
+
+async def replay(
+    fleet: Sequence[SimConfig],
+    trace: Sequence[Session],
+    policy: str,
+    *,
+    seed: int = 1,
+    settings: ScoringSettings | None = None,
+    heartbeat: float = 5.0,
+    queue_timeout: float = 30.0,
+    client_timeout: float = 300.0,
+) -> Summary:
+    """Replay ``trace`` on a fresh virtual ``fleet`` under ``policy``; see the module doc."""
+    nodes = {config.name: VirtualNode(config) for config in fleet}
+    history = LatencyHistory()
+    harness = _Harness(
+        nodes=nodes,
+        pick=picker(policy, history, settings or ScoringSettings(), seed),
+        affinity=AffinityTable() if policy == "herd" else None,
+        heartbeat=heartbeat,
+        queue_timeout=queue_timeout,
+        client_timeout=client_timeout,
+        history=history,
+    )
+    harness.queues.on_release = harness.changed
+    async with trio.open_nursery() as nursery:
+        harness.beat()
+        nursery.start_soon(harness.heartbeats)
+        async with trio.open_nursery() as clients:
+            for session in trace:
+                clients.start_soon(harness.session, session)
+        nursery.cancel_scope.cancel()
+    return summarize(policy, harness)
+
+
+def summarize(policy: str, harness: _Harness) -> Summary:
+    done = [o for o in harness.outcomes if o.error is None]
+    latencies = [o.latency for o in done]
+    ttfts = [o.ttft for o in done]
+    served = collections.Counter(o.node_id for o in done if o.node_id is not None)
+    total = max(1, len(done))
+    turns = sum(harness.continuing.values())
+    return Summary(
+        policy=policy,
+        requests=len(harness.outcomes),
+        errors=len(harness.outcomes) - len(done),
+        mean=statistics.fmean(latencies) if latencies else math.nan,
+        p95=percentile(latencies, 0.95),
+        ttft_mean=statistics.fmean(ttfts) if ttfts else math.nan,
+        ttft_p95=percentile(ttfts, 0.95),
+        cold_loads=sum(n.cold_loads for n in harness.nodes.values()),
+        evictions=sum(n.evictions for n in harness.nodes.values()),
+        cached_share=sum(o.cached_tokens for o in done) / max(1, harness.prompt_tokens),
+        share={name: served[name] / total for name in harness.nodes},
+        conversation_share=max(harness.continuing.values(), default=0) / max(1, turns),
+    )
+
+
+def run(
+    fleet: Sequence[SimConfig],
+    trace: Sequence[Session],
+    policy: str,
+    **options: float | int | ScoringSettings | None,
+) -> Summary:
+    """:func:`replay` from synchronous code, on a virtual clock that jumps when all is idle."""
+    clock = trio.testing.MockClock(autojump_threshold=0)
+    summary: Summary = trio.run(
+        lambda: replay(fleet, trace, policy, **options),  # type: ignore[arg-type]
+        clock=clock,
+    )
+    return summary

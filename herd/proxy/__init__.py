@@ -1,1 +1,0 @@
-"""The proxy: shaping client requests, dispatching them to nodes, relaying the answers."""

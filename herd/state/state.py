@@ -1,0 +1,187 @@
+"""The router's live state, shared by the HTTP handlers, the fleet socket and the monitor.
+
+One object, owned by :class:`herd.http.service.Router`: the node registry, the queue book, the
+latency history, recent traces (bounded), the upstream HTTP client and the fleet-change event
+that wakes requests waiting for a node.
+"""
+
+from __future__ import annotations
+
+import collections
+import random
+from collections import deque
+from typing import TYPE_CHECKING, Any
+
+import attrs
+import httpx
+import trio
+
+from herd.config import RouterConfig
+from herd.core import views
+from herd.core.models import FleetSnapshot
+from herd.core.responses_store import ResponseStore
+from herd.core.scoring import ScoringSettings
+from herd.core.traces import TraceRecord
+from herd.state.affinity import AffinityTable
+from herd.state.history import LatencyHistory
+from herd.state.metrics import Metrics
+from herd.state.queues import QueueBook
+from herd.state.registry import NodeRegistry, StateChange
+from herd.state.settings import RuntimeSettings
+from herd.store.writer import TraceWriter
+
+if TYPE_CHECKING:
+    from herd.transport.pulls import PullService
+
+TRACE_MEMORY = 1000
+
+
+@attrs.frozen
+class RequestStatistics:
+    requests_total: int
+    retries_total: int
+    fallbacks_total: int
+    client_disconnects: int
+    incomplete: int
+    failed: int
+    events: dict[str, int]
+
+
+@attrs.define(eq=False)
+class RouterState:
+    config: RouterConfig
+    client: httpx.AsyncClient
+    registry: NodeRegistry
+    queues: QueueBook = attrs.field(factory=QueueBook)
+    history: LatencyHistory = attrs.field(factory=LatencyHistory)
+    affinity: AffinityTable = attrs.field(factory=AffinityTable)
+    scoring: ScoringSettings = attrs.field(factory=ScoringSettings)
+    rng: random.Random = attrs.field(factory=random.Random)
+    traces: deque[TraceRecord] = attrs.field(factory=lambda: deque(maxlen=TRACE_MEMORY))
+    settings: RuntimeSettings = attrs.field(factory=RuntimeSettings)
+    requests_total: int = 0
+    retries_total: int = 0
+    fallbacks_total: int = 0
+    # Named counters of resilience events: context_stripped, context_upgraded,
+    # context_passthrough, vram_fallbacks, auto_pulls, reaped, prewarms, ...
+    events: collections.Counter[str] = attrs.field(factory=collections.Counter)
+    # Command channels to connected nodes (their WebSocket sessions), bounded.
+    node_commands: dict[str, trio.MemorySendChannel[dict[str, object]]] = attrs.field(factory=dict)
+    # Blob digest -> the node it was uploaded to (POST /api/blobs), so the /api/create that
+    # uses it goes there; bounded, oldest first out.
+    blob_nodes: collections.OrderedDict[str, str] = attrs.field(factory=collections.OrderedDict)
+    # The router's own pulls (auto-pull); set while the router runs.
+    pulls: PullService | None = None
+    # Pre-warm jobs (node_id, model) for the pre-warm service; full means drop.
+    prewarm_send: trio.MemorySendChannel[tuple[str, str]] | None = None
+    store: TraceWriter | None = None
+    metrics: Metrics = attrs.field(factory=Metrics)
+    # What an operator must not miss (a router open to the LAN without a token or keys).
+    warnings: list[str] = attrs.field(factory=list)
+    # Inference requests in progress per client address (the per-client cap), only non-zero.
+    in_progress_by_client: dict[str, int] = attrs.field(factory=dict)
+    # Stored OpenAI Responses (previous_response_id, GET /v1/responses/{id}), bounded.
+    responses: ResponseStore = attrs.field(factory=ResponseStore)
+    _fleet_changed: trio.Event = attrs.field(factory=trio.Event)
+    _settings_changed: trio.Event = attrs.field(factory=trio.Event)
+
+    @classmethod
+    def create(cls, config: RouterConfig, client: httpx.AsyncClient) -> RouterState:
+        state = cls(
+            config=config,
+            client=client,
+            registry=NodeRegistry(
+                heartbeat_timeout=config.heartbeat_timeout,
+                heartbeat_offline=config.heartbeat_offline,
+                forget_after=config.forget_after,
+            ),
+        )
+        # A freed slot is a fleet change: requests waiting for capacity re-score.
+        state.queues.on_release = state.fleet_changed
+        return state
+
+    def snapshot(self) -> FleetSnapshot:
+        return self.registry.snapshot(self.queues.load_for)
+
+    def fleet_changed(self, changes: list[StateChange] | None = None) -> None:
+        """Wake everything waiting for the fleet to change (a node joined, left, reported)."""
+        self._fleet_changed.set()
+        self._fleet_changed = trio.Event()
+
+    async def wait_fleet_changed(self) -> None:
+        await self._fleet_changed.wait()
+
+    def change_settings(self, settings: RuntimeSettings) -> None:
+        """Apply new runtime settings (already checked) and wake whoever depends on them (the
+        reaper's sampling interval, waiting requests)."""
+        self.settings = settings
+        self._settings_changed.set()
+        self._settings_changed = trio.Event()
+        self.fleet_changed()
+
+    async def wait_settings_changed(self) -> None:
+        await self._settings_changed.wait()
+
+    def command(self, node_id: str, message: dict[str, object]) -> bool:
+        """Queue a command for a node's socket; False if it isn't connected or is backed up."""
+        channel = self.node_commands.get(node_id)
+        if channel is None:
+            return False
+        try:
+            channel.send_nowait(message)
+        except (trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
+            return False
+        return True
+
+    def record_trace(self, trace: TraceRecord) -> None:
+        self.traces.append(trace)
+        self.metrics.observe(trace, self.model_known)
+        if self.store is not None:
+            self.store.submit(trace)
+
+    def status_view(self) -> dict[str, Any]:
+        """``/fleet/status``: the fleet, its queues, the event counters and the pulls."""
+        status = views.fleet_status(
+            self.snapshot(),
+            self.queues.statistics(),
+            trio.current_time(),
+            self.all_events(),
+            self.pulls.views() if self.pulls is not None else [],
+        )
+        status["warnings"] = list(self.warnings)
+        return status
+
+    def model_known(self, model: str) -> bool:
+        """Does any node (in any state) list ``model``?"""
+        return any(
+            model in r.report.loaded_index or model in r.report.available_index
+            for r in self.registry.records()
+        )
+
+    def forget_nodes(self, now: float) -> list[str]:
+        """Forget nodes offline past ``forget_after``, everywhere the router keeps them."""
+        gone = self.registry.forget(now)
+        for node_id in gone:
+            self.queues.forget(node_id)
+            self.history.forget(node_id)
+            self.affinity.forget(node_id)
+            self.metrics.forget(node_id)
+        return gone
+
+    def all_events(self) -> dict[str, int]:
+        events = dict(self.events)
+        events["retries"] = self.retries_total
+        events["fallbacks"] = self.fallbacks_total
+        return events
+
+    def statistics(self) -> RequestStatistics:
+        statuses = [t.status for t in self.traces]
+        return RequestStatistics(
+            requests_total=self.requests_total,
+            retries_total=self.retries_total,
+            fallbacks_total=self.fallbacks_total,
+            client_disconnects=statuses.count("client_disconnected"),
+            incomplete=statuses.count("incomplete"),
+            failed=statuses.count("failed"),
+            events=dict(self.events),
+        )
