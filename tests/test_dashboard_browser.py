@@ -19,7 +19,7 @@ import pytest
 import trio
 from playwright.sync_api import Dialog, Page, expect, sync_playwright
 
-from herd.core.recommend import catalog
+from herd.http.dashboard.api import catalog
 from herd.node.agent import AgentConfig, NodeAgent
 from herd.sim import SimConfig, SimModel, run_sim
 from tests.conftest import EMBED, LLAMA_3B, QWEN_7B, Fleet, GiB, running_fleet, wait_until

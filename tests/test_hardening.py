@@ -341,7 +341,7 @@ async def test_a_trace_store_that_cannot_write_stops_nothing(
 ) -> None:
     caplog.set_level(logging.ERROR, logger="herd.store")
     async with running_fleet(tmp_path, two_node_specs()) as fleet, client_for(fleet.url) as client:
-        store = fleet.router.state.store
+        store = fleet.router.store
         assert store is not None
         # The database may grow no more (SQLite then fails writes as on a full disk, with
         # "database or disk is full").

@@ -23,8 +23,9 @@ import pytest
 import trio
 
 from herd.config import NodeConfig, RouterConfig
+from herd.core.api.media import ImageRequest
 from herd.http.service import Router
-from herd.node.media import ImageRequest, bundled_whisper_model, image_argv
+from herd.node.media import bundled_whisper_model, image_argv
 from herd.node.service import Node
 from herd.sim import SimConfig, SimModel, run_sim
 from tests.conftest import in_thread, wait_until
@@ -134,7 +135,7 @@ async def test_image_generation_through_the_node_subprocess(
             "/api/generate-image", json={"model": "z-image-turbo", "prompt": "x", "width": -5}
         )
         assert bad.status_code == 400 and "'width'" in bad.json()["error"]
-        await router.state.store.flush()  # type: ignore[union-attr]
+        await router.store.flush()  # type: ignore[union-attr]
         kinds = [(t.kind, t.status) for t in router.state.traces]
         assert ("image", "completed") in kinds
         # Image jobs are traced with the decision, like chats: score and per-signal breakdown.

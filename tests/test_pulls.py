@@ -71,13 +71,13 @@ async def test_a_pull_belongs_to_the_router_and_outlives_waiting_requests(
         assert 30 <= trio.current_time() - start < 31
         assert sum(sim.pulls for sim in fleet.sims.values()) <= 1  # one pull, not three
         # The pull finishes without them; the next request finds the model.
-        pulls = fleet.router.state.pulls
+        pulls = fleet.router.link.pulls
         assert pulls is not None
         with trio.fail_after(200):
             await pulls.running["gemma3:1b"].done.wait()
         reply = await client.post("/api/generate", json=generate("gemma3:1b"))
         assert reply.status_code == 200 and reply.headers["x-herd-model"] == "gemma3:1b"
-        stats = fleet.router.state.pulls.statistics()
+        stats = fleet.router.link.pulls.statistics()
         assert (stats.started, stats.succeeded, stats.failed) == (1, 1, 0)
 
 
@@ -101,7 +101,7 @@ async def test_a_waiter_leaving_does_not_break_the_pull_for_the_others(
                 await ask()
             nursery.start_soon(ask)
         assert answers == [200]  # the second got the model
-        assert fleet.router.state.pulls.statistics().succeeded == 1
+        assert fleet.router.link.pulls.statistics().succeeded == 1
         await wait_until(fleet.counters_idle)
 
 
@@ -119,7 +119,7 @@ async def test_a_pull_to_a_hung_node_is_bounded_and_then_remembered(
         waiting = await client.post("/api/generate", json=generate("gemma3:1b"))
         assert waiting.status_code == 503
         assert trio.current_time() - start < 31  # the queue timeout, not forever
-        pulls = fleet.router.state.pulls
+        pulls = fleet.router.link.pulls
         assert pulls is not None
         with trio.fail_after(STALL_TIMEOUT + 10):
             await pulls.running["gemma3:1b"].done.wait()
@@ -134,7 +134,7 @@ async def test_a_pull_to_a_hung_node_is_bounded_and_then_remembered(
         assert "file does not exist" in refused.json()["error"]
         again = await client.post("/api/generate", json=generate("nope:1b"))
         assert again.status_code == 404
-        assert fleet.router.state.pulls.statistics().started == 2  # not three
+        assert fleet.router.link.pulls.statistics().started == 2  # not three
 
 
 def test_registry_hosts_in_model_names() -> None:

@@ -295,11 +295,11 @@ async def test_metrics_parse_and_count(seeded: Any) -> None:
 
 async def test_documented_sqlite_queries_work(seeded: Any) -> None:
     fleet, _, _ = seeded
-    await fleet.router.state.store.flush()
+    await fleet.router.store.flush()
     text = (DOCS / "operations.md").read_text()
     queries = re.findall(r'sqlite3 ~/\.fleet-manager/latency\.db "([^"]+)"', text)
     assert len(queries) >= 2
-    path = fleet.router.state.store.path
+    path = fleet.router.store.path
     connection = sqlite3.connect(path)
     try:
         results = [connection.execute(q).fetchall() for q in queries]

@@ -11,8 +11,8 @@ from herd.core.models import (
     NodeReport,
     NodeSnapshot,
     NodeStatus,
+    QueueStatistics,
 )
-from herd.state.queues import QueueStatistics
 
 
 def node(node_id: str, status: NodeStatus = NodeStatus.ONLINE, **report: object) -> NodeSnapshot:

@@ -238,3 +238,15 @@ def normalize_model_name(name: str) -> str:
     if name and ":" not in name.rsplit("/", 1)[-1]:
         return name + ":latest"
     return name
+
+
+@attrs.frozen
+class QueueStatistics:
+    """The queue book's totals (requests waiting, running, done, failed) and each queue's
+    counters by ``node:model`` key, as the views and metrics show them."""
+
+    pending: int
+    in_flight: int
+    done: int
+    failed: int
+    queues: dict[str, dict[str, int | str]]

@@ -1,16 +1,15 @@
 """Model mix recommendations per node, from the curated table in ``herd/data/models.json``.
 
-Pure: given the fleet and how much each model family was used, pick for each node the best
-size of each family that fits its memory budget, ranked by use in this fleet first, then by the
-table's order (roughly: most useful first). Every node also gets an embedding model.
+Pure: given the fleet, the table (read by the caller, see
+:func:`herd.http.dashboard.api.catalog`) and how much each model family was used, pick for each
+node the best size of each family that fits its memory budget, ranked by use in this fleet
+first, then by the table's order (roughly: most useful first). Every node also gets an
+embedding model.
 """
 
 from __future__ import annotations
 
-import json
-from collections.abc import Mapping
-from functools import cache
-from importlib import resources
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from herd.core.models import FleetSnapshot, NodeStatus
@@ -20,19 +19,15 @@ MEMORY_SHARE = 0.75  # of a node's total memory, the rest is for the OS and the 
 PER_NODE = 6
 
 
-@cache
-def catalog() -> list[dict[str, Any]]:
-    text = resources.files("herd").joinpath("data/models.json").read_text(encoding="utf-8")
-    models: list[dict[str, Any]] = json.loads(text)["models"]
-    return models
-
-
 def family_of(model: str) -> str:
     return model.split(":", 1)[0]
 
 
-def recommend(fleet: FleetSnapshot, usage: Mapping[str, int]) -> list[dict[str, Any]]:
-    """``usage``: requests per model name over the recent window."""
+def recommend(
+    fleet: FleetSnapshot, usage: Mapping[str, int], catalog: Sequence[Mapping[str, Any]]
+) -> list[dict[str, Any]]:
+    """``usage``: requests per model name over the recent window; ``catalog``: the table's
+    ``models`` entries, most useful first."""
     family_use: dict[str, int] = {}
     for model, count in usage.items():
         family_use[family_of(model)] = family_use.get(family_of(model), 0) + count
@@ -44,7 +39,7 @@ def recommend(fleet: FleetSnapshot, usage: Mapping[str, int]) -> list[dict[str, 
         budget_gb = total * MEMORY_SHARE / GiB
         installed = {m.name for m in node.report.available_models}
         picks: list[dict[str, Any]] = []
-        for order, entry in enumerate(catalog()):
+        for order, entry in enumerate(catalog):
             fitting = [s for s in entry["sizes"] if s["memory_gb"] <= budget_gb]
             if not fitting:
                 continue

@@ -9,9 +9,14 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any
 
-from herd.core.models import AvailableModel, FleetSnapshot, NodeSnapshot, NodeStatus
+from herd.core.models import (
+    AvailableModel,
+    FleetSnapshot,
+    NodeSnapshot,
+    NodeStatus,
+    QueueStatistics,
+)
 from herd.core.wire import unstructure
-from herd.state.queues import QueueStatistics
 
 
 def _iso(epoch: float | None) -> str | None:

@@ -28,11 +28,11 @@ from herd.http.dashboard.api import create_blueprint
 from herd.http.dashboard.pages import create_pages
 from herd.http.fleet_socket import serve_fleet_socket
 from herd.http.media import create_media_blueprint
-from herd.state.state import RouterState
+from herd.store.writer import TraceWriter
 from herd.transport import model_admin
 from herd.transport.bodies import SHOW_LIMIT, error_detail, read_limited
-from herd.transport.client import backend_headers
 from herd.transport.errors import map_node_errors
+from herd.transport.link import Link
 
 log = logging.getLogger("herd.router")
 
@@ -61,10 +61,13 @@ async def request_bytes() -> bytes:
     return data if isinstance(data, bytes) else data.encode()
 
 
-def create_app(state: RouterState) -> QuartTrio:
+def create_app(link: Link, store: TraceWriter | None = None) -> QuartTrio:
+    """The router's Quart app over ``link`` (its state, client and configuration) and
+    ``store`` (the trace writer, when traces are persisted)."""
+    state, config = link.state, link.config
     app = QuartTrio("herd")
-    app.config["MAX_CONTENT_LENGTH"] = state.config.max_body_bytes
-    app.config["BODY_TIMEOUT"] = state.config.body_timeout  # 408 for a slow client, as below
+    app.config["MAX_CONTENT_LENGTH"] = config.max_body_bytes
+    app.config["BODY_TIMEOUT"] = config.body_timeout  # 408 for a slow client, as below
 
     @app.errorhandler(HerdError)
     async def on_herd_error(error: HerdError) -> Response:
@@ -78,9 +81,9 @@ def create_app(state: RouterState) -> QuartTrio:
             herd_error = NotFound(f"no such endpoint: {request.method} {request.path}")
         return error_response(herd_error, request.path)
 
-    app.register_blueprint(create_blueprint(state))
+    app.register_blueprint(create_blueprint(link, store))
     app.register_blueprint(create_pages())
-    app.register_blueprint(create_media_blueprint(state))
+    app.register_blueprint(create_media_blueprint(link))
 
     def virtual_names() -> views.Virtual:
         settings = state.settings
@@ -129,11 +132,11 @@ def create_app(state: RouterState) -> QuartTrio:
         node = nodes[0]
         node_id = node.node_id
         with trio.fail_after(SHOW_TIMEOUT), map_node_errors(node_id, "answering /api/show"):
-            async with state.client.stream(
+            async with link.client.stream(
                 "POST",
                 node.report.backend.url.rstrip("/") + "/api/show",
                 json={**body, "model": model},
-                headers=backend_headers(node.report, state.config.auth_token),
+                headers=link.backend_headers(node.report),
             ) as upstream:
                 if upstream.status_code >= 400:
                     error = await error_detail(upstream, node_id)
@@ -153,12 +156,12 @@ def create_app(state: RouterState) -> QuartTrio:
         body = parse_json_body(await request_bytes())
         model = model_admin.requested_model(body)
         node_id = model_admin.requested_node(body)
-        node = model_admin.pull_checked(state, model, node_id)
+        node = model_admin.pull_checked(link, model, node_id)
         if body.get("stream") is False:
-            await model_admin.pull_and_wait(state, node, model, "api")
+            await model_admin.pull_and_wait(link, node, model, "api")
             return json_response({"status": "success", "node": node.node_id})
         return Response(
-            model_admin.pull_progress(state, node, model),
+            model_admin.pull_progress(link, node, model),
             content_type="application/x-ndjson",
             headers={"X-Herd-Node": node.node_id},
         )
@@ -173,7 +176,7 @@ def create_app(state: RouterState) -> QuartTrio:
                 raise BadRequest(f"missing required field '{field}'", param=field)
             names[field] = normalize_model_name(value)
         result = await model_admin.copy(
-            state, names["source"], names["destination"], model_admin.requested_node(body)
+            link, names["source"], names["destination"], model_admin.requested_node(body)
         )
         return json_response(result, status=200 if result["copied"] else 502)
 
@@ -195,7 +198,7 @@ def create_app(state: RouterState) -> QuartTrio:
 
     async def progress_response(node: NodeSnapshot, path: str, body: dict[str, Any]) -> Response:
         """Stream a backend's NDJSON progress; ``stream: false``: its last line as JSON."""
-        lines = model_admin.progress(state, node, path, {**body, "stream": True})
+        lines = model_admin.progress(link, node, path, {**body, "stream": True})
         if body.get("stream") is not False:
             return Response(
                 lines,
@@ -216,7 +219,7 @@ def create_app(state: RouterState) -> QuartTrio:
         node_id = request.args.get("node_id") or state.blob_nodes.get(digest)
         node = model_admin.pull_target(state.snapshot(), node_id)
         url = node.report.backend.url.rstrip("/") + "/api/blobs/" + digest
-        headers = backend_headers(node.report, state.config.auth_token)
+        headers = link.backend_headers(node.report)
         with map_node_errors(node.node_id, "with a blob"):
             upload: Any = None
             if request.method == "POST":
@@ -228,7 +231,7 @@ def create_app(state: RouterState) -> QuartTrio:
                         yield chunk
 
                 upload = chunks()
-            async with state.client.stream(
+            async with link.client.stream(
                 request.method, url, content=upload, headers=headers
             ) as answer:
                 status = answer.status_code
@@ -246,7 +249,7 @@ def create_app(state: RouterState) -> QuartTrio:
     async def delete() -> Response:
         body = parse_json_body(await request_bytes())
         node_id = model_admin.requested_node(body)
-        result = await model_admin.delete(state, model_admin.requested_model(body), node_id)
+        result = await model_admin.delete(link, model_admin.requested_model(body), node_id)
         return json_response(result, status=200 if result["deleted"] else 502)
 
     @app.post("/v1/messages/count_tokens")
@@ -289,14 +292,14 @@ def create_app(state: RouterState) -> QuartTrio:
 
     @app.get("/fleet/status")
     async def fleet_status() -> Response:
-        return json_response(state.status_view())
+        return json_response(link.status_view())
 
     @app.get("/metrics")
     async def metrics() -> Response:
-        store = state.store.statistics() if state.store is not None else None
+        written = store.statistics() if store is not None else None
         traces = (
-            {"written": store.written, "dropped": store.dropped, "failed": store.failed}
-            if store is not None
+            {"written": written.written, "dropped": written.dropped, "failed": written.failed}
+            if written is not None
             else None
         )
         text = state.metrics.render(
@@ -319,6 +322,6 @@ def create_app(state: RouterState) -> QuartTrio:
 
     @app.websocket("/fleet/ws")
     async def fleet_ws() -> Response | None:
-        return await serve_fleet_socket(state)  # a Response refuses the handshake
+        return await serve_fleet_socket(state, config)  # a Response refuses the handshake
 
     return app

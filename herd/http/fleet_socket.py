@@ -27,6 +27,7 @@ from typing import Any
 import trio
 from quart import Response, websocket
 
+from herd.config import RouterConfig
 from herd.core.models import NodeReport, NodeSnapshot
 from herd.core.policy import node_urls
 from herd.core.policy.models import model_limits
@@ -75,8 +76,9 @@ async def resolve_name(name: str) -> frozenset[str]:
 
 
 class FleetSession:
-    def __init__(self, state: RouterState) -> None:
+    def __init__(self, state: RouterState, config: RouterConfig) -> None:
         self.state = state
+        self.config = config
         self.node_id: str | None = None
         self.joined = trio.Event()
         # Set by serve_fleet_socket: cancelling it ends the session (see retire()).
@@ -106,9 +108,7 @@ class FleetSession:
         resolved: dict[str, frozenset[str]] = {}
         for name in node_urls.hosts_to_resolve(report):
             resolved[name] = await resolve_name(name)
-        problem = node_urls.check_report(
-            report, peer, resolved, self.state.config.allow_backend_hosts
-        )
+        problem = node_urls.check_report(report, peer, resolved, self.config.allow_backend_hosts)
         if problem is None:
             self._checked_urls = urls
         return problem
@@ -166,7 +166,7 @@ class FleetSession:
                     {
                         "type": "ack",
                         "node_id": self.node_id,
-                        "heartbeat_interval": state.config.heartbeat_interval,
+                        "heartbeat_interval": self.config.heartbeat_interval,
                     }
                 )
                 self.joined.set()
@@ -222,13 +222,13 @@ class FleetSession:
         state.fleet_changed()
 
 
-async def serve_fleet_socket(state: RouterState) -> Response | None:
+async def serve_fleet_socket(state: RouterState, config: RouterConfig) -> Response | None:
     """Serve one node's socket until it closes. Returns the HTTP response refusing the
     handshake (Quart sends it instead of accepting) when the fleet token is missing or wrong."""
-    if not token_ok(state.config.auth_token, websocket.headers.get("Authorization")):
+    if not token_ok(config.auth_token, websocket.headers.get("Authorization")):
         log.warning("refused a node from %s: missing or wrong fleet token", websocket.remote_addr)
         return Response("fleet token required\n", status=401, content_type="text/plain")
-    session = FleetSession(state)
+    session = FleetSession(state, config)
     refusal: str | None = None
     try:
         async with trio.open_nursery() as nursery:

@@ -42,9 +42,9 @@ from herd.core.responses_store import StoredResponse
 from herd.core.traces import TraceRecord
 from herd.http import relay as relays
 from herd.state.cancellation import is_cancellation
-from herd.state.state import RouterState
 from herd.transport import fanout
 from herd.transport.dispatch import Attempts, Opened, model_bytes, models_known, open_upstream
+from herd.transport.link import Link
 
 log = logging.getLogger("herd.proxy")
 access = logging.getLogger(logs.ACCESS_LOGGER)
@@ -106,10 +106,11 @@ PER_CLIENT_LIMIT = 512
 class ProxyASGI:
     """Route the inference paths here; hand everything else to ``app`` (the Quart app)."""
 
-    def __init__(self, state: RouterState, app: ASGIApp) -> None:
-        self.state = state
+    def __init__(self, link: Link, app: ASGIApp) -> None:
+        self.link = link
+        self.state = link.state
         self.app = app
-        self.per_client = state.in_progress_by_client
+        self.per_client = link.state.in_progress_by_client
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["method"] == "POST":
@@ -140,7 +141,7 @@ class ProxyASGI:
             started=trio.current_time(),
             wall=time.time(),
         )
-        config = self.state.config
+        config = self.link.config
         raw: bytes | None = None
         try:
             # One deadline for the whole body, not per read, so a client trickling a byte at a
@@ -212,7 +213,7 @@ class ProxyASGI:
                 status = traces.COMPLETED
                 return
             async with contextlib.AsyncExitStack() as stack:
-                opened = await open_upstream(state, request, stack, attempts)
+                opened = await open_upstream(self.link, request, stack, attempts)
                 ctx.headers_sent = True
                 with trio.CancelScope() as work:
                     opened.lease.scope = work  # the zombie reaper cancels this
@@ -266,7 +267,7 @@ class ProxyASGI:
             (b"x-herd-request-id", ctx.request_id.encode()),
         ]
         if nodes:
-            result = await fanout.fan_out(state, request, nodes)
+            result = await fanout.fan_out(self.link, request, nodes)
             attempts.last_node = result.reached[0]
             answer = result.answer
             headers.append((b"x-herd-node", ",".join(result.reached).encode()))

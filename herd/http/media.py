@@ -1,10 +1,7 @@
-"""Image generation and speech-to-text through the fleet.
+"""Image generation and speech-to-text endpoints: the clients' shapes in and out.
 
-Same discipline as chat: the scorer picks the node (eliminating nodes without the backend or the
-image model), the request takes a slot in its own queue class (``[IMAGE]``: one at a time per
-node, ``[STT]``: two), a node that fails before answering is excluded and the job retried
-elsewhere, and every job is traced. The node does the work on its own port (``agent_url``):
-``POST /node/image`` (JSON, answers a PNG) and ``POST /node/transcribe`` (multipart).
+The jobs themselves run through :mod:`herd.transport.media` (scored, queued, retried, traced,
+like text).
 
 Endpoints: ``POST /api/generate-image``, ``POST /v1/images/generations``,
 ``GET /api/image-models``, ``POST /api/transcribe``, ``POST /v1/audio/transcriptions``.
@@ -15,223 +12,20 @@ from __future__ import annotations
 import base64
 import json
 import time
-import uuid
-from collections.abc import Callable
 from typing import Any
 
-import attrs
 import httpx
-import trio
 from quart import Blueprint, Response, request
 
-from herd.core import traces
+from herd.core.api.media import ImageRequest
 from herd.core.api.shaping import parse_tags
-from herd.core.errors import (
-    ApiFlavor,
-    BadRequest,
-    HerdError,
-    ModelNotFound,
-    NodeBadStatus,
-    NodeError,
-    NodeTimeout,
-    NoEligibleNode,
-    parse_json_body,
-)
-from herd.core.models import KIND_IMAGE, KIND_STT, NodeSnapshot, NodeStatus
-from herd.core.scoring import Candidate, RouteDecision, RouteRequest, score
-from herd.core.traces import TraceRecord
-from herd.node.media import ImageRequest
-from herd.state.state import RouterState
-from herd.transport.bodies import ANSWER_LIMIT, ERROR_BODY_LIMIT, error_text, read_limited
-from herd.transport.client import agent_headers
-from herd.transport.errors import map_node_errors
+from herd.core.errors import ApiFlavor, BadRequest, HerdError, ModelNotFound, parse_json_body
+from herd.core.models import KIND_IMAGE, KIND_STT, NodeSnapshot
+from herd.transport.bodies import error_text
+from herd.transport.link import Link
+from herd.transport.media import MediaAnswer, dispatch_media, image_models
 
-MEDIA_TIMEOUT = 900.0  # seconds for one job on a node, generous: images can be slow
 DEFAULT_STT_MODEL = "whisper"
-
-# Builds the request to one node (the dispatcher sends it, reads the answer with a limit).
-NodeCall = Callable[[NodeSnapshot, dict[str, str]], httpx.Request]
-
-
-@attrs.frozen
-class MediaAnswer:
-    """A node's answer to a media job, read whole (within :data:`ANSWER_LIMIT`)."""
-
-    status_code: int
-    content: bytes
-    content_type: str
-
-    def json(self) -> Any:
-        return json.loads(self.content)
-
-    @property
-    def text(self) -> str:
-        return self.content.decode("utf-8", "replace")
-
-
-def capable(node: NodeSnapshot, kind: str, model: str) -> bool:
-    """Could ``node`` run this job at all (busy or not)?"""
-    capabilities = node.report.capabilities
-    if kind == KIND_IMAGE:
-        return model in capabilities.image_models
-    return bool(capabilities.stt_backends)
-
-
-def missing_capability(state: RouterState, kind: str, model: str) -> NoEligibleNode | None:
-    """The error to answer at once when no node that is not offline has the capability (no
-    point waiting for a busy node to free up: there is none)."""
-    nodes = [n for n in state.snapshot().nodes if n.status is not NodeStatus.OFFLINE]
-    if any(capable(n, kind, model) for n in nodes):
-        return None
-    if kind == KIND_IMAGE:
-        what = f"generates images with {model}"
-        fix = "run herd-node where mflux, DiffusionKit or an Ollama image model is installed"
-    else:
-        what = "transcribes speech"
-        fix = "start a node with --whisper-model (faster-whisper) or --asr-url"
-    return NoEligibleNode(f"no node in the fleet {what}: {fix}", retry_after=30)
-
-
-async def _send(state: RouterState, request: httpx.Request, node_id: str) -> MediaAnswer:
-    with map_node_errors(node_id, "on a media job"):
-        response = await state.client.send(request, stream=True)
-        try:
-            limit = ERROR_BODY_LIMIT if response.status_code >= 400 else ANSWER_LIMIT
-            content = await read_limited(response, limit, node_id, "an answer")
-        finally:
-            await response.aclose()
-    return MediaAnswer(
-        response.status_code, content, response.headers.get("content-type", "application/json")
-    )
-
-
-async def dispatch_media(
-    state: RouterState,
-    kind: str,
-    model: str,
-    call: NodeCall,
-    flavor: ApiFlavor,
-    tags: tuple[str, ...],
-) -> tuple[MediaAnswer, str]:
-    """Run one image/STT job on the best node, retrying elsewhere on node failures. Returns
-    the node's response (2xx or a 4xx to pass on) and the node id. Raises HerdError."""
-    setting = "image_generation" if kind == KIND_IMAGE else "transcription"
-    if not getattr(state.settings, setting):
-        what = "Image generation" if kind == KIND_IMAGE else "Speech-to-text"
-        raise NoEligibleNode(
-            f"{what} routing is switched off (setting '{setting}'); turn it "
-            "on in the dashboard's Settings or POST /dashboard/api/settings"
-        )
-    started, wall = trio.current_time(), time.time()
-    request_id = uuid.uuid4().hex[:20]
-    excluded: list[str] = []
-    retries = 0
-    node_id: str | None = None
-    status, error = traces.FAILED, None
-    response: MediaAnswer | None = None
-    winner: Candidate | None = None
-    decision: RouteDecision | None = None
-    deadline = started + state.config.queue_timeout
-    try:
-        missing = missing_capability(state, kind, model)
-        if missing is not None:
-            raise missing
-        while True:
-            decision = score(
-                RouteRequest(model=model, kind=kind, excluded_nodes=frozenset(excluded)),
-                state.snapshot(),
-                state.history.view(),
-                trio.current_time(),
-                state.scoring,
-                state.rng,
-            )
-            if decision.winner is None:
-                if excluded and error is not None:
-                    raise NodeBadStatus(error)
-                remaining = deadline - trio.current_time()
-                if remaining <= 0:
-                    reasons = "; ".join(f"{e.node_id}: {e.reason}" for e in decision.eliminated)
-                    raise NoEligibleNode(f"no node can run {model} now ({reasons or 'no nodes'})")
-                with trio.move_on_after(remaining):
-                    await state.wait_fleet_changed()
-                continue
-            winner = decision.winner
-            node = state.snapshot().node(winner.node_id)
-            assert node is not None
-            node_id = node.node_id
-            try:
-                async with state.queues.lease(node_id, model, kind) as lease:
-                    try:
-                        with trio.fail_after(MEDIA_TIMEOUT):
-                            response = await _send(
-                                state, call(node, agent_headers(state.config.auth_token)), node_id
-                            )
-                    except trio.TooSlowError as exc:
-                        raise NodeTimeout(
-                            f"node {node_id} took over {MEDIA_TIMEOUT:g} s", node_id=node_id
-                        ) from exc
-                    if response.status_code >= 500:
-                        raise NodeBadStatus(
-                            f"node {node_id} answered {response.status_code}: "
-                            f"{error_text(response.content)}",
-                            node_id=node_id,
-                        )
-                    if response.status_code < 400:
-                        lease.succeeded()
-            except NodeError as exc:
-                error = exc.message
-                excluded.append(node_id)
-                if retries >= state.config.max_retries:
-                    raise
-                retries += 1
-                state.retries_total += 1
-                continue
-            status = traces.COMPLETED if response.status_code < 400 else traces.FAILED
-            if status == traces.FAILED:
-                error = error_text(response.content)
-            return response, node_id
-    except HerdError as exc:
-        error = exc.message
-        raise
-    finally:
-        state.record_trace(
-            TraceRecord(
-                request_id=request_id,
-                model=model,
-                original_model=model,
-                node_id=node_id,
-                score=winner.score if winner is not None else None,
-                scores_breakdown=winner.breakdown if winner is not None else {},
-                runners_up=(
-                    tuple((c.node_id, c.score) for c in decision.runners_up)
-                    if decision is not None and winner is not None
-                    else ()
-                ),
-                status=status,
-                latency_ms=(trio.current_time() - started) * 1000,
-                time_to_first_token_ms=None,
-                prompt_tokens=None,
-                completion_tokens=None,
-                retry_count=retries,
-                fallback_used=False,
-                excluded_nodes=tuple(excluded),
-                original_format=flavor,
-                kind=kind,
-                error_message=error,
-                timestamp=wall,
-                tags=tags,
-            )
-        )
-
-
-def image_models(state: RouterState) -> dict[str, list[str]]:
-    models: dict[str, list[str]] = {}
-    for node in state.snapshot().nodes:
-        if node.status.value == "offline":
-            continue
-        for name in node.report.capabilities.image_models:
-            models.setdefault(name, []).append(node.node_id)
-    return models
 
 
 def _error_response(error: HerdError, flavor: ApiFlavor) -> Response:
@@ -243,7 +37,8 @@ def _error_response(error: HerdError, flavor: ApiFlavor) -> Response:
     )
 
 
-def create_media_blueprint(state: RouterState) -> Blueprint:
+def create_media_blueprint(link: Link) -> Blueprint:
+    state = link.state
     bp = Blueprint("media", __name__)
 
     async def body_json() -> dict[str, Any]:
@@ -257,12 +52,12 @@ def create_media_blueprint(state: RouterState) -> Blueprint:
         payload = {k: v for k, v in body.items() if k not in ("metadata", "fallback_models")}
 
         def call(node: NodeSnapshot, headers: dict[str, str]) -> httpx.Request:
-            return state.client.build_request(
+            return link.client.build_request(
                 "POST", node.report.agent_url + "/node/image", json=payload, headers=headers
             )
 
         tags = parse_tags(body, request.headers.get("X-Herd-Tags"))
-        response, node_id = await dispatch_media(state, KIND_IMAGE, job.model, call, flavor, tags)
+        response, node_id = await dispatch_media(link, KIND_IMAGE, job.model, call, flavor, tags)
         if response.status_code >= 400:
             raise _as_error(response)
         return response.content, node_id
@@ -332,7 +127,7 @@ def create_media_blueprint(state: RouterState) -> Blueprint:
         filename = upload.filename or "audio"
 
         def call(node: NodeSnapshot, headers: dict[str, str]) -> httpx.Request:
-            return state.client.build_request(
+            return link.client.build_request(
                 "POST",
                 node.report.agent_url + "/node/transcribe",
                 data=fields,
@@ -342,7 +137,7 @@ def create_media_blueprint(state: RouterState) -> Blueprint:
 
         tags = parse_tags({}, request.headers.get("X-Herd-Tags"))
         response, node_id = await dispatch_media(
-            state, KIND_STT, DEFAULT_STT_MODEL, call, flavor, tags
+            link, KIND_STT, DEFAULT_STT_MODEL, call, flavor, tags
         )
         if response.status_code >= 400:
             raise _as_error(response)

@@ -1,5 +1,7 @@
-"""The router as a service: :class:`Router` owns the state, the HTTP server, the node monitor
-and (with ``--local-node``) a node agent for this machine, all in one nursery.
+"""The router as a service, and the composition root: :class:`Router` builds the state, the link
+to the nodes, the trace writer and the HTTP app, and owns in one nursery the server, the pull
+service, the state's upkeep (node monitor, zombie reaper), the pre-warmer and (with
+``--local-node``) a node agent for this machine.
 
 Embeddable::
 
@@ -12,31 +14,29 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
-from collections.abc import AsyncIterator
 from types import TracebackType
 from typing import Any
 
 import attrs
-import httpx
 import trio
 
 from herd.config import NodeConfig, RouterConfig
 from herd.core.models import FleetSnapshot, NodeStatus
 from herd.core.policy import virtual
-from herd.core.policy.deadlines import STALL_FLOOR
 from herd.discovery import advertise
 from herd.http.app import create_app
 from herd.http.handler import ProxyASGI
 from herd.http.security import ApiKeyGate, FrontGuard, Origins
 from herd.server import ConnectionLimits, FinishResponses, serve_app
+from herd.state import upkeep
+from herd.state.registry import NodeRegistry
 from herd.state.settings import RuntimeSettings, load_settings, updated
 from herd.state.state import RouterState
 from herd.store.db import DB_NAME, recent_latencies
 from herd.store.writer import TraceWriter
-from herd.transport.bodies import error_detail
-from herd.transport.client import backend_headers, upstream_client
-from herd.transport.errors import describe
+from herd.transport.client import upstream_client
+from herd.transport.link import Link
+from herd.transport.prewarm import prewarmer
 from herd.transport.pulls import PullService
 
 log = logging.getLogger("herd.router")
@@ -72,6 +72,8 @@ class Router:
     # Initial runtime settings (the defaults unless an embedding program says otherwise).
     settings: RuntimeSettings = attrs.field(factory=RuntimeSettings)
     _state: RouterState | None = None
+    _link: Link | None = None
+    _store: TraceWriter | None = None
     _url: str | None = None
     _stack: contextlib.AsyncExitStack | None = None
     _nursery: trio.Nursery | None = None
@@ -88,6 +90,20 @@ class Router:
         if self._state is None:
             raise RuntimeError("the router is not running")
         return self._state
+
+    @property
+    def link(self) -> Link:
+        """The router's link to its nodes (its state, client, configuration, pull service)."""
+        if self._link is None:
+            raise RuntimeError("the router is not running")
+        return self._link
+
+    @property
+    def store(self) -> TraceWriter:
+        """The trace writer (``latency.db`` in the data dir)."""
+        if self._store is None:
+            raise RuntimeError("the router is not running")
+        return self._store
 
     @property
     def fleet(self) -> FleetSnapshot:
@@ -129,40 +145,49 @@ class Router:
     async def _run_services(
         self, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED
     ) -> None:
-        async with self._open_state() as state, trio.open_nursery() as nursery:
-            state.settings = self._start_settings()
-            state.pulls = PullService(state)
-            await nursery.start(state.pulls.run)
-            state.store = TraceWriter(self.config.data_path / DB_NAME)
-            await nursery.start(state.store.run)
+        config = self.config
+        async with upstream_client() as client, trio.open_nursery() as nursery:
+            state = RouterState(
+                registry=NodeRegistry(
+                    heartbeat_timeout=config.heartbeat_timeout,
+                    heartbeat_offline=config.heartbeat_offline,
+                    forget_after=config.forget_after,
+                ),
+                settings=self._start_settings(),
+            )
+            link = Link(state, client, config)
+            self._state, self._link = state, link
+            link.pulls = PullService(link)
+            await nursery.start(link.pulls.run)
+            store = self._store = TraceWriter(config.data_path / DB_NAME)
+            await nursery.start(store.run)
+            state.trace_sink = store.submit
             for node_id, model, latency, rate in await trio.to_thread.run_sync(
-                recent_latencies, state.store.path
+                recent_latencies, store.path
             ):
                 state.history.record(node_id, model, latency, rate)
             app = FrontGuard(
                 ApiKeyGate(
-                    self.config.api_keys, ProxyASGI(state, FinishResponses(create_app(state)))
+                    config.api_keys, ProxyASGI(link, FinishResponses(create_app(link, store)))
                 ),
-                Origins(self.config.origins),
+                Origins(config.origins),
             )
-            state.warnings = exposure_warnings(self.config)
+            state.warnings = exposure_warnings(config)
             for warning in state.warnings:
                 log.warning("!" * 78 + "\n  %s\n" + "!" * 78, warning)
             limits = ConnectionLimits(
-                max_per_client=self.config.max_connections_per_client,
-                idle_timeout=self.config.idle_timeout,
+                max_per_client=config.max_connections_per_client,
+                idle_timeout=config.idle_timeout,
             )
-            self._url = await nursery.start(
-                serve_app, app, self.config.host, self.config.port, limits
-            )
-            if self.config.mdns:
+            self._url = await nursery.start(serve_app, app, config.host, config.port, limits)
+            if config.mdns:
                 port = int(self._url.rsplit(":", 1)[1])
-                await nursery.start(advertise, self.config.host, port)
-            nursery.start_soon(self._monitor, state)
-            nursery.start_soon(self._reaper, state)
+                await nursery.start(advertise, config.host, port)
+            nursery.start_soon(upkeep.monitor, state)
+            nursery.start_soon(upkeep.reaper, state)
             send, receive = trio.open_memory_channel[tuple[str, str]](PREWARM_BUFFER)
-            state.prewarm_send = send
-            nursery.start_soon(self._prewarmer, state, receive)
+            link.prewarm_send = send
+            nursery.start_soon(prewarmer, link, receive)
             if self.local_node is not None:
                 await nursery.start(self._run_local_node, self.local_node)
             log.info("router listening on %s", self._url)
@@ -186,81 +211,6 @@ class Router:
             if getattr(settings, name) != value:
                 log.info("%s is %s (from the command line or environment)", name, value)
         return updated(settings, flags)
-
-    @contextlib.asynccontextmanager
-    async def _open_state(self) -> AsyncIterator[RouterState]:
-        async with upstream_client() as client:
-            self._state = RouterState.create(self.config, client)
-            yield self._state
-
-    async def _monitor(self, state: RouterState) -> None:
-        """Age nodes: wake at the next possible transition or when the fleet changes."""
-        while True:
-            deadline = state.registry.next_deadline()
-            with trio.move_on_at(deadline if deadline is not None else math.inf):
-                await state.wait_fleet_changed()
-            now = trio.current_time()
-            changes = state.registry.tick(now)
-            for node_id in state.forget_nodes(now):
-                log.info("forgot node %s (offline for %.0f s)", node_id, self.config.forget_after)
-            for change in changes:
-                log.info(
-                    "node %s is %s (was %s)",
-                    change.node_id,
-                    change.new.value,
-                    change.old.value if change.old else "new",
-                )
-            if changes:
-                state.fleet_changed(changes)
-
-    async def _reaper(self, state: RouterState) -> None:
-        """Reap in-flight requests whose stream stopped moving for ``stale_timeout``."""
-        while True:
-            timeout = state.settings.stale_timeout
-            # Sample every quarter of the shortest limit a stream can have (a stream's own
-            # limit follows its model's token rate, never below STALL_FLOOR); a settings
-            # change takes effect at once.
-            with trio.move_on_after(min(timeout, STALL_FLOOR) / 4):
-                await state.wait_settings_changed()
-                continue
-            for lease in state.queues.stale(trio.current_time(), timeout):
-                limit = lease.limit(timeout)
-                log.warning(
-                    "reaping a request on %s:%s: no progress for %.0f s",
-                    lease.node_id,
-                    lease.model,
-                    limit,
-                )
-                lease.reap(f"reaped by the router: no progress for {limit:g} s")
-                state.events["reaped"] += 1
-
-    async def _prewarmer(
-        self, state: RouterState, jobs: trio.MemoryReceiveChannel[tuple[str, str]]
-    ) -> None:
-        """Load a model on a runner-up node when the winner's queue for it runs deep."""
-        warmed: dict[tuple[str, str], float] = {}
-        async for node_id, model in jobs:
-            now = trio.current_time()
-            if now - warmed.get((node_id, model), -math.inf) < state.settings.prewarm_cooldown:
-                continue
-            record = state.registry.get(node_id)
-            if record is None or not record.report.backend.healthy:
-                continue
-            warmed[(node_id, model)] = now
-            state.events["prewarms"] += 1
-            log.info("pre-warming %s on %s (deep queue elsewhere)", model, node_id)
-            url = record.report.backend.url.rstrip("/") + "/api/generate"
-            headers = backend_headers(record.report, state.config.auth_token)
-            try:
-                with trio.move_on_after(state.config.first_byte_timeout):
-                    # An empty prompt loads the model and answers one short object.
-                    async with state.client.stream(
-                        "POST", url, json={"model": model, "keep_alive": -1}, headers=headers
-                    ) as response:
-                        await error_detail(response, node_id)  # bounded; the answer is small
-            except httpx.HTTPError as exc:
-                log.warning("pre-warm of %s on %s failed: %s", model, node_id, describe(exc))
-            state.command(node_id, {"type": "command", "command": "heartbeat"})
 
     async def _run_local_node(
         self,

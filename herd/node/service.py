@@ -47,6 +47,7 @@ from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
 from herd.config import NodeConfig
+from herd.core.api.media import ImageRequest
 from herd.core.errors import (
     BadRequest,
     HerdError,
@@ -62,7 +63,7 @@ from herd.discovery import SERVICE_TYPE, discover
 from herd.node import openai_backend as oa
 from herd.node.agent import AgentConfig, NodeAgent
 from herd.node.capacity import CapacityLearner, in_meeting
-from herd.node.media import ImageRequest, Transcriber, generate_image, whisper_model_path
+from herd.node.media import Transcriber, generate_image, whisper_model_path
 from herd.node.openai_backend import OpenAIBackend
 from herd.node.upstream import (
     backend_client,

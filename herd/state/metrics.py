@@ -13,9 +13,8 @@ from collections.abc import Callable, Iterable, Mapping
 
 import attrs
 
-from herd.core.models import FleetSnapshot, NodeStatus
+from herd.core.models import FleetSnapshot, NodeStatus, QueueStatistics
 from herd.core.traces import TraceRecord
-from herd.state.queues import QueueStatistics
 
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 OTHER_MODEL = "(other)"  # the label of models no node has

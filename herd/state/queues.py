@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterator, Mapping
 import attrs
 import trio
 
-from herd.core.models import KIND_IMAGE, KIND_STT, KIND_TEXT, ModelLoad
+from herd.core.models import KIND_IMAGE, KIND_STT, KIND_TEXT, ModelLoad, QueueStatistics
 from herd.state.cancellation import is_cancellation
 
 # Per-node limits of the queue classes that don't share the LLM's parallel slots: one image at
@@ -47,15 +47,6 @@ class QueueCounters:
             "failed": self.failed,
             "kind": self.kind,
         }
-
-
-@attrs.frozen
-class QueueStatistics:
-    pending: int
-    in_flight: int
-    done: int
-    failed: int
-    queues: dict[str, dict[str, int | str]]
 
 
 @attrs.define(eq=False)

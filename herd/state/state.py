@@ -1,8 +1,10 @@
 """The router's live state, shared by the HTTP handlers, the fleet socket and the monitor.
 
 One object, owned by :class:`herd.http.service.Router`: the node registry, the queue book, the
-latency history, recent traces (bounded), the upstream HTTP client and the fleet-change event
-that wakes requests waiting for a node.
+latency history, the affinity table, the runtime settings, recent traces (bounded), the
+counters, and the fleet-change event that wakes requests waiting for a node. It holds no
+client and no configuration: how to reach nodes is :class:`herd.transport.link.Link`'s, and
+where traces go beyond memory is the ``trace_sink`` the router plugs in (its trace writer).
 """
 
 from __future__ import annotations
@@ -10,13 +12,12 @@ from __future__ import annotations
 import collections
 import random
 from collections import deque
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import Any
 
 import attrs
-import httpx
 import trio
 
-from herd.config import RouterConfig
 from herd.core import views
 from herd.core.models import FleetSnapshot
 from herd.core.responses_store import ResponseStore
@@ -28,10 +29,6 @@ from herd.state.metrics import Metrics
 from herd.state.queues import QueueBook
 from herd.state.registry import NodeRegistry, StateChange
 from herd.state.settings import RuntimeSettings
-from herd.store.writer import TraceWriter
-
-if TYPE_CHECKING:
-    from herd.transport.pulls import PullService
 
 TRACE_MEMORY = 1000
 
@@ -49,9 +46,7 @@ class RequestStatistics:
 
 @attrs.define(eq=False)
 class RouterState:
-    config: RouterConfig
-    client: httpx.AsyncClient
-    registry: NodeRegistry
+    registry: NodeRegistry = attrs.field(factory=NodeRegistry)
     queues: QueueBook = attrs.field(factory=QueueBook)
     history: LatencyHistory = attrs.field(factory=LatencyHistory)
     affinity: AffinityTable = attrs.field(factory=AffinityTable)
@@ -70,11 +65,9 @@ class RouterState:
     # Blob digest -> the node it was uploaded to (POST /api/blobs), so the /api/create that
     # uses it goes there; bounded, oldest first out.
     blob_nodes: collections.OrderedDict[str, str] = attrs.field(factory=collections.OrderedDict)
-    # The router's own pulls (auto-pull); set while the router runs.
-    pulls: PullService | None = None
-    # Pre-warm jobs (node_id, model) for the pre-warm service; full means drop.
-    prewarm_send: trio.MemorySendChannel[tuple[str, str]] | None = None
-    store: TraceWriter | None = None
+    # Where each finished request's trace goes besides memory and metrics (the trace writer's
+    # submit: it must not block).
+    trace_sink: Callable[[TraceRecord], None] | None = None
     metrics: Metrics = attrs.field(factory=Metrics)
     # What an operator must not miss (a router open to the LAN without a token or keys).
     warnings: list[str] = attrs.field(factory=list)
@@ -85,20 +78,9 @@ class RouterState:
     _fleet_changed: trio.Event = attrs.field(factory=trio.Event)
     _settings_changed: trio.Event = attrs.field(factory=trio.Event)
 
-    @classmethod
-    def create(cls, config: RouterConfig, client: httpx.AsyncClient) -> RouterState:
-        state = cls(
-            config=config,
-            client=client,
-            registry=NodeRegistry(
-                heartbeat_timeout=config.heartbeat_timeout,
-                heartbeat_offline=config.heartbeat_offline,
-                forget_after=config.forget_after,
-            ),
-        )
+    def __attrs_post_init__(self) -> None:
         # A freed slot is a fleet change: requests waiting for capacity re-score.
-        state.queues.on_release = state.fleet_changed
-        return state
+        self.queues.on_release = self.fleet_changed
 
     def snapshot(self) -> FleetSnapshot:
         return self.registry.snapshot(self.queues.load_for)
@@ -136,17 +118,14 @@ class RouterState:
     def record_trace(self, trace: TraceRecord) -> None:
         self.traces.append(trace)
         self.metrics.observe(trace, self.model_known)
-        if self.store is not None:
-            self.store.submit(trace)
+        if self.trace_sink is not None:
+            self.trace_sink(trace)
 
-    def status_view(self) -> dict[str, Any]:
-        """``/fleet/status``: the fleet, its queues, the event counters and the pulls."""
+    def status_view(self, pulls: list[dict[str, Any]]) -> dict[str, Any]:
+        """``/fleet/status``: the fleet, its queues, the event counters and ``pulls`` (the
+        pull service's views)."""
         status = views.fleet_status(
-            self.snapshot(),
-            self.queues.statistics(),
-            trio.current_time(),
-            self.all_events(),
-            self.pulls.views() if self.pulls is not None else [],
+            self.snapshot(), self.queues.statistics(), trio.current_time(), self.all_events(), pulls
         )
         status["warnings"] = list(self.warnings)
         return status

@@ -30,8 +30,8 @@ from herd.core.errors import HerdError, NodeBadStatus, NodeTimeout
 from herd.core.models import NodeSnapshot, NodeStatus
 from herd.state.state import RouterState
 from herd.transport.bodies import ANSWER_LIMIT, error_detail, read_limited
-from herd.transport.client import backend_headers
 from herd.transport.errors import map_node_errors
+from herd.transport.link import Link
 from herd.transport.pulls import HEARTBEAT_NOW
 
 
@@ -68,18 +68,18 @@ def unloaded_answer(request: InferenceRequest) -> bytes:
 
 
 async def _one(
-    state: RouterState, node: NodeSnapshot, request: InferenceRequest, results: dict[str, Any]
+    link: Link, node: NodeSnapshot, request: InferenceRequest, results: dict[str, Any]
 ) -> None:
     node_id = node.node_id
     url = node.report.backend.url.rstrip("/") + request.route.upstream_path
     body = {"model": request.model, **request.upstream_body, "stream": False}
-    headers = backend_headers(node.report, state.config.auth_token)
+    headers = link.backend_headers(node.report)
     try:
         with (
-            trio.fail_after(state.config.first_byte_timeout),
+            trio.fail_after(link.config.first_byte_timeout),
             map_node_errors(node_id, "loading or unloading"),
         ):
-            async with state.client.stream("POST", url, json=body, headers=headers) as response:
+            async with link.client.stream("POST", url, json=body, headers=headers) as response:
                 if response.status_code >= 400:
                     raise NodeBadStatus(
                         f"node {node_id}: {await error_detail(response, node_id)}",
@@ -91,18 +91,16 @@ async def _one(
         results[node_id] = NodeTimeout(f"node {node_id} did not answer in time", node_id=node_id)
     except HerdError as exc:
         results[node_id] = exc
-    state.command(node_id, HEARTBEAT_NOW)
+    link.state.command(node_id, HEARTBEAT_NOW)
 
 
-async def fan_out(
-    state: RouterState, request: InferenceRequest, nodes: list[NodeSnapshot]
-) -> FanOut:
+async def fan_out(link: Link, request: InferenceRequest, nodes: list[NodeSnapshot]) -> FanOut:
     """Send ``request`` to every one of ``nodes`` at once. Raises the last error when every
     node failed."""
     results: dict[str, Any] = {}
     async with trio.open_nursery() as nursery:
         for node in nodes:
-            nursery.start_soon(_one, state, node, request, results)
+            nursery.start_soon(_one, link, node, request, results)
     answers = [results[n.node_id] for n in nodes if isinstance(results.get(n.node_id), bytes)]
     failed = {
         node_id: error.message for node_id, error in results.items() if isinstance(error, HerdError)

@@ -26,8 +26,8 @@ from herd.core.errors import BadRequest, HerdError, NodeBadStatus, NoEligibleNod
 from herd.core.models import FleetSnapshot, NodeSnapshot, NodeStatus, normalize_model_name
 from herd.state.state import RouterState
 from herd.transport.bodies import LINE_LIMIT, check_encoding, error_detail
-from herd.transport.client import backend_headers
 from herd.transport.errors import describe
+from herd.transport.link import Link
 from herd.transport.pulls import DONE, HEARTBEAT_NOW, check_pull_name, wait_for_model
 
 log = logging.getLogger("herd.router")
@@ -78,17 +78,17 @@ def requested_model(body: dict[str, Any]) -> str:
     return normalize_model_name(name)
 
 
-def pull_checked(state: RouterState, model: str, node_id: str | None) -> NodeSnapshot:
+def pull_checked(link: Link, model: str, node_id: str | None) -> NodeSnapshot:
     """Check the name against the allowed registries and choose the target node."""
-    check_pull_name(model, state.config.pull_hosts)
-    return pull_target(state.snapshot(), node_id)
+    check_pull_name(model, link.config.pull_hosts)
+    return pull_target(link.state.snapshot(), node_id)
 
 
-async def pull_and_wait(state: RouterState, node: NodeSnapshot, model: str, origin: str) -> None:
+async def pull_and_wait(link: Link, node: NodeSnapshot, model: str, origin: str) -> None:
     """Pull ``model`` onto ``node`` through the router's pull service and wait for it (a
     running pull of the same model is joined). Raises :class:`HerdError`."""
-    assert state.pulls is not None
-    job = state.pulls.start(model, node, origin)
+    assert link.pulls is not None
+    job = link.pulls.start(model, node, origin)
     await job.done.wait()
     if job.status != DONE:
         raise NodeBadStatus(job.error or "the pull failed", node_id=job.node_id)
@@ -98,14 +98,14 @@ def _line(data: dict[str, Any]) -> bytes:
     return json.dumps(data).encode() + b"\n"
 
 
-async def pull_progress(state: RouterState, node: NodeSnapshot, model: str) -> AsyncIterator[bytes]:
+async def pull_progress(link: Link, node: NodeSnapshot, model: str) -> AsyncIterator[bytes]:
     """Stream the backend's pull progress (NDJSON lines) through, each tagged with the node."""
-    async for line in progress(state, node, "/api/pull", {"model": model, "stream": True}):
+    async for line in progress(link, node, "/api/pull", {"model": model, "stream": True}):
         yield line
 
 
 async def progress(
-    state: RouterState, node: NodeSnapshot, path: str, body: dict[str, Any]
+    link: Link, node: NodeSnapshot, path: str, body: dict[str, Any]
 ) -> AsyncIterator[bytes]:
     """POST ``body`` to the node's backend ``path`` (pull, create, push) and stream its NDJSON
     progress through, each line tagged with the node. Lines are read one at a time with
@@ -114,11 +114,8 @@ async def progress(
     node_id = node.node_id
     ok = False
     try:
-        async with state.client.stream(
-            "POST",
-            url,
-            json=body,
-            headers=backend_headers(node.report, state.config.auth_token),
+        async with link.client.stream(
+            "POST", url, json=body, headers=link.backend_headers(node.report)
         ) as response:
             if response.status_code >= 400:
                 detail = await error_detail(response, node_id)
@@ -148,12 +145,12 @@ async def progress(
     except HerdError as exc:
         yield _line({"error": exc.message, "node": node_id})
     if ok:
-        state.command(node_id, HEARTBEAT_NOW)
+        link.state.command(node_id, HEARTBEAT_NOW)
 
 
-async def delete(state: RouterState, model: str, node_id: str | None = None) -> dict[str, Any]:
+async def delete(link: Link, model: str, node_id: str | None = None) -> dict[str, Any]:
     """Delete ``model`` from one node or from every node that has it."""
-    fleet = state.snapshot()
+    fleet = link.state.snapshot()
     if node_id is not None:
         node = fleet.node(node_id)
         if node is None:
@@ -168,9 +165,9 @@ async def delete(state: RouterState, model: str, node_id: str | None = None) -> 
     failed: dict[str, str] = {}
     for node in targets:
         url = node.report.backend.url.rstrip("/") + "/api/delete"
-        headers = backend_headers(node.report, state.config.auth_token)
+        headers = link.backend_headers(node.report)
         try:
-            async with state.client.stream(
+            async with link.client.stream(
                 "DELETE", url, json={"model": model}, headers=headers, timeout=DELETE_TIMEOUT
             ) as response:
                 if response.status_code >= 400:
@@ -182,7 +179,7 @@ async def delete(state: RouterState, model: str, node_id: str | None = None) -> 
         except httpx.TransportError as exc:
             failed[node.node_id] = describe(exc)
     for done in deleted:
-        await wait_for_model(state, done, model, present=False)
+        await wait_for_model(link, done, model, present=False)
     return {"model": model, "deleted": deleted, "failed": failed}
 
 
@@ -204,19 +201,17 @@ def nodes_with(state: RouterState, model: str, node_id: str | None) -> list[Node
     return found
 
 
-async def copy(
-    state: RouterState, source: str, destination: str, node_id: str | None
-) -> dict[str, Any]:
+async def copy(link: Link, source: str, destination: str, node_id: str | None) -> dict[str, Any]:
     """``/api/copy`` on every node that has ``source`` (or the one named), so the new name
     is wherever the model is."""
     copied: list[str] = []
     failed: dict[str, str] = {}
-    for node in nodes_with(state, source, node_id):
+    for node in nodes_with(link.state, source, node_id):
         url = node.report.backend.url.rstrip("/") + "/api/copy"
-        headers = backend_headers(node.report, state.config.auth_token)
+        headers = link.backend_headers(node.report)
         body = {"source": source, "destination": destination}
         try:
-            async with state.client.stream(
+            async with link.client.stream(
                 "POST", url, json=body, headers=headers, timeout=DELETE_TIMEOUT
             ) as response:
                 if response.status_code >= 400:
@@ -228,7 +223,7 @@ async def copy(
         except httpx.TransportError as exc:
             failed[node.node_id] = describe(exc)
     for done in copied:
-        await wait_for_model(state, done, destination, present=True)
+        await wait_for_model(link, done, destination, present=True)
     return {"source": source, "destination": destination, "copied": copied, "failed": failed}
 
 

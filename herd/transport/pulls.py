@@ -35,11 +35,10 @@ import trio
 from herd.core.errors import Forbidden, HerdError, NodeBadStatus, NodeTimeout, NoEligibleNode
 from herd.core.models import NodeSnapshot
 from herd.transport.bodies import LINE_LIMIT, check_encoding, error_detail
-from herd.transport.client import backend_headers
 from herd.transport.errors import map_node_errors
 
 if TYPE_CHECKING:
-    from herd.state.state import RouterState
+    from herd.transport.link import Link
 
 log = logging.getLogger("herd.router")
 
@@ -124,7 +123,7 @@ class PullStatistics:
 
 @attrs.define(eq=False)
 class PullService:
-    state: RouterState
+    link: Link
     running: dict[str, PullJob] = attrs.field(factory=dict)
     recent: deque[PullJob] = attrs.field(factory=lambda: deque(maxlen=RECENT))
     started: int = 0
@@ -196,17 +195,17 @@ class PullService:
             del self.running[job.model]
             self.recent.append(job)
             job.done.set()
-            self.state.fleet_changed()
+            self.link.state.fleet_changed()
 
     async def _stream(self, job: PullJob, node: NodeSnapshot) -> None:
         """Pull through the node's backend, reading its progress. Raises HerdError."""
-        state = self.state
+        link = self.link
         url = node.report.backend.url.rstrip("/") + "/api/pull"
-        headers = backend_headers(node.report, state.config.auth_token)
+        headers = link.backend_headers(node.report)
         body = {"model": job.model, "stream": True}
         node_id = node.node_id
         with map_node_errors(node_id, "while pulling"):
-            async with state.client.stream("POST", url, json=body, headers=headers) as response:
+            async with link.client.stream("POST", url, json=body, headers=headers) as response:
                 if response.status_code >= 400:
                     raise NodeBadStatus(
                         f"node {node_id}: {await error_detail(response, node_id)}",
@@ -217,8 +216,7 @@ class PullService:
                 success = await self._read_progress(job, response, node_id)
         if not success:
             raise NodeBadStatus(f"node {node_id} ended the pull without success", node_id=node_id)
-        state.command(node_id, HEARTBEAT_NOW)
-        await wait_for_model(state, node_id, job.model, present=True)
+        await wait_for_model(link, node_id, job.model, present=True)
 
     async def _read_progress(self, job: PullJob, response: httpx.Response, node_id: str) -> bool:
         buffer = b""
@@ -253,11 +251,12 @@ class PullService:
                     return True
 
 
-async def wait_for_model(state: RouterState, node_id: str, model: str, present: bool) -> None:
+async def wait_for_model(link: Link, node_id: str, model: str, present: bool) -> None:
     """Ask the node for a heartbeat now and wait (two heartbeat intervals at most) until it
     reports ``model`` present (or gone)."""
+    state = link.state
     state.command(node_id, HEARTBEAT_NOW)
-    with trio.move_on_after(2 * state.config.heartbeat_interval + 1):
+    with trio.move_on_after(2 * link.config.heartbeat_interval + 1):
         while True:
             node = state.snapshot().node(node_id)
             if node is not None and node.has_model(model) == present:

@@ -7,10 +7,12 @@ minutes, so a dashboard polling them costs little.
 
 from __future__ import annotations
 
+import functools
 import json
 import socket
 import time
 from collections.abc import AsyncIterator, Callable
+from importlib import resources
 from typing import Any, TypeVar
 
 import attrs
@@ -23,9 +25,10 @@ from herd.core import health as health
 from herd.core.errors import BadRequest, NoEligibleNode, parse_json_body
 from herd.core.recommend import recommend
 from herd.state.settings import save_settings, updated
-from herd.state.state import RouterState
 from herd.store import queries
+from herd.store.writer import TraceWriter
 from herd.transport import model_admin
+from herd.transport.link import Link
 
 T = TypeVar("T")
 
@@ -76,14 +79,24 @@ class Cached:
     at: float = -1e18
 
 
-def create_blueprint(state: RouterState) -> Blueprint:
+@functools.cache
+def catalog() -> list[dict[str, Any]]:
+    """The curated model table (``herd/data/models.json``) the recommendations draw from."""
+    text = resources.files("herd").joinpath("data/models.json").read_text(encoding="utf-8")
+    models: list[dict[str, Any]] = json.loads(text)["models"]
+    return models
+
+
+def create_blueprint(link: Link, store: TraceWriter | None = None) -> Blueprint:
+    """The dashboard's API over ``link`` (the router's state, client and configuration) and
+    ``store`` (the trace writer: the records and statistics come from its database)."""
+    state, config = link.state, link.config
     bp = Blueprint("dashboard_api", __name__)
     health_cache = Cached()
     recommendations_cache = Cached()
     subscribers = 0
 
     async def query(fn: Callable[..., T], *args: Any) -> T:
-        store = state.store
         assert store is not None
         await store.flush()
         return await trio.to_thread.run_sync(
@@ -97,7 +110,7 @@ def create_blueprint(state: RouterState) -> Blueprint:
     async def overview() -> Response:
         hours = hours_arg()
         figures = await query(queries.overview, since(hours))
-        status = state.status_view()
+        status = link.status_view()
         return _json(
             {
                 "hours": hours,
@@ -165,8 +178,8 @@ def create_blueprint(state: RouterState) -> Blueprint:
         now = trio.current_time()
         if now - health_cache.at > HEALTH_CACHE_SECONDS:
             hours = 24
-            assert state.store is not None
-            storage = state.store.statistics()
+            assert store is not None
+            storage = store.statistics()
             figures = await query(queries.health_figures, since(hours))
             result = health.evaluate(
                 health.HealthInput(
@@ -174,12 +187,12 @@ def create_blueprint(state: RouterState) -> Blueprint:
                     figures=figures,
                     events=state.all_events(),
                     unloads=state.registry.unload_counts(now - hours * 3600),
-                    listen_host=state.config.host,
-                    fleet_token_set=bool(state.config.auth_token),
+                    listen_host=config.host,
+                    fleet_token_set=bool(config.auth_token),
                     window_hours=hours,
                     storage_error=storage.last_error,
                     traces_lost=storage.dropped + storage.failed,
-                    data_dir=str(state.config.data_path),
+                    data_dir=str(config.data_path),
                 )
             )
             health_cache.value = {
@@ -195,18 +208,20 @@ def create_blueprint(state: RouterState) -> Blueprint:
         if now - recommendations_cache.at > RECOMMENDATIONS_CACHE_SECONDS:
             used = await query(queries.models, since(168))
             recommendations_cache.value = {
-                "nodes": recommend(state.snapshot(), {m["model"]: m["requests"] for m in used})
+                "nodes": recommend(
+                    state.snapshot(), {m["model"]: m["requests"] for m in used}, catalog()
+                )
             }
             recommendations_cache.at = now
         return _json(recommendations_cache.value)
 
     def settings_view() -> dict[str, Any]:
-        shown = redacted(attrs.asdict(state.config))
-        config: dict[str, dict[str, Any]] = {}
+        shown = redacted(attrs.asdict(config))
+        by_category: dict[str, dict[str, Any]] = {}
         for name, value in shown.items():
             option = OPTIONS_BY_NAME.get(name)
             category = option.category if option is not None else "server"
-            config.setdefault(category, {})[name] = value
+            by_category.setdefault(category, {})[name] = value
         hostname = socket.gethostname()
         nodes = [
             {
@@ -222,7 +237,7 @@ def create_blueprint(state: RouterState) -> Blueprint:
         ]
         return {
             "settings": attrs.asdict(state.settings),
-            "config": config,
+            "config": by_category,
             "nodes": nodes,
             "router_version": __version__,
         }
@@ -234,7 +249,7 @@ def create_blueprint(state: RouterState) -> Blueprint:
     @bp.post("/dashboard/api/settings")
     async def post_settings() -> Response:
         state.change_settings(updated(state.settings, await body_json()))
-        await trio.to_thread.run_sync(save_settings, state.config.data_path, state.settings)
+        await trio.to_thread.run_sync(save_settings, config.data_path, state.settings)
         health_cache.at = -1e18
         return _json(settings_view())
 
@@ -277,19 +292,19 @@ def create_blueprint(state: RouterState) -> Blueprint:
         body = await body_json()
         model = model_admin.requested_model(body)
         node_id = model_admin.requested_node(body)
-        node = model_admin.pull_checked(state, model, node_id)
+        node = model_admin.pull_checked(link, model, node_id)
         if body.get("stream") is False:
-            await model_admin.pull_and_wait(state, node, model, "dashboard")
+            await model_admin.pull_and_wait(link, node, model, "dashboard")
             return _json({"status": "success", "model": model, "node": node.node_id})
         return Response(
-            model_admin.pull_progress(state, node, model), content_type="application/x-ndjson"
+            model_admin.pull_progress(link, node, model), content_type="application/x-ndjson"
         )
 
     @bp.post("/dashboard/api/delete")
     async def dashboard_delete() -> Response:
         body = await body_json()
         node_id = model_admin.requested_node(body)
-        result = await model_admin.delete(state, model_admin.requested_model(body), node_id)
+        result = await model_admin.delete(link, model_admin.requested_model(body), node_id)
         return _json(result, status=200 if result["deleted"] else 502)
 
     @bp.get("/dashboard/events")
@@ -303,7 +318,7 @@ def create_blueprint(state: RouterState) -> Blueprint:
             subscribers += 1
             try:
                 while True:
-                    status = state.status_view()
+                    status = link.status_view()
                     yield b"event: fleet\ndata: " + json.dumps(status).encode() + b"\n\n"
                     await trio.sleep(EVENTS_MIN_GAP)  # throttle: at most 4 a second
                     with trio.move_on_after(EVENTS_INTERVAL - EVENTS_MIN_GAP):
