@@ -605,6 +605,12 @@ OPTIONS: tuple[Option, ...] = (
 OPTIONS_BY_NAME = {o.name: o for o in OPTIONS}
 
 
+def _default(name: str) -> Any:
+    """An option's default, as its row in :data:`OPTIONS` says: the one place defaults are
+    written (the config classes below read theirs from here)."""
+    return OPTIONS_BY_NAME[name].default
+
+
 class ConfigError(ValueError):
     """An option's value could not be parsed; the message names the option and its source."""
 
@@ -697,39 +703,43 @@ def _flag_value(option: Option, value: Any) -> Any:
 
 @attrs.frozen
 class RouterConfig:
-    host: str = "127.0.0.1"
-    port: int = DEFAULT_PORT
-    data_dir: str = "~/.fleet-manager"
-    heartbeat_interval: float = 5.0
-    heartbeat_timeout: float = 15.0
-    heartbeat_offline: float = 30.0
-    max_retries: int = 2
-    queue_timeout: float = 30.0
-    first_byte_timeout: float = 300.0
-    max_body_bytes: int = 32 * MiB
-    body_timeout: float = 60.0
-    max_connections_per_client: int = 512
-    idle_timeout: float = 75.0
-    auth_token: str | None = None
-    api_keys: tuple[str, ...] = ()
-    log_level: str = "INFO"
+    """The router's options. Defaults are :data:`OPTIONS`' except where an embedded router
+    (``herd.Router`` in another program) deliberately differs from the ``herd`` command: it
+    listens on loopback and does not advertise itself unless asked."""
+
+    host: str = "127.0.0.1"  # embedded: loopback (the command's default is every interface)
+    port: int = DEFAULT_PORT  # (the option's default depends on the role)
+    data_dir: str = _default("data_dir")
+    heartbeat_interval: float = _default("heartbeat_interval")
+    heartbeat_timeout: float = _default("heartbeat_timeout")
+    heartbeat_offline: float = _default("heartbeat_offline")
+    max_retries: int = _default("max_retries")
+    queue_timeout: float = _default("queue_timeout")
+    first_byte_timeout: float = _default("first_byte_timeout")
+    max_body_bytes: int = _default("max_body_bytes")
+    body_timeout: float = _default("body_timeout")
+    max_connections_per_client: int = _default("max_connections_per_client")
+    idle_timeout: float = _default("idle_timeout")
+    auth_token: str | None = _default("auth_token")
+    api_keys: tuple[str, ...] = _default("api_keys")
+    log_level: str = _default("log_level")
     # No access line per request on the console (the JSONL file keeps them).
-    quiet: bool = False
+    quiet: bool = _default("quiet")
     # Embedded routers don't advertise themselves unless asked; the `herd` command does.
-    mdns: bool = False
+    mdns: bool = False  # embedded: off (the command's default is on)
     # Start values of the runtime settings of the same names; None = not set here (the
     # settings file, else RuntimeSettings' default, applies). Set, they beat the file.
-    vram_fallback: bool | None = None
-    auto_pull: bool | None = None
-    agent_defaults: bool | None = None
+    vram_fallback: bool | None = _default("vram_fallback")
+    auto_pull: bool | None = _default("auto_pull")
+    agent_defaults: bool | None = _default("agent_defaults")
     # Aliases given as flags (PATTERN=MODEL[,MODEL]); they replace the file's at start.
-    model_aliases: tuple[str, ...] = ()
-    pull_hosts: tuple[str, ...] = ()
-    forget_after: float = 86400.0
+    model_aliases: tuple[str, ...] = _default("model_aliases")
+    pull_hosts: tuple[str, ...] = _default("pull_hosts")
+    forget_after: float = _default("forget_after")
     # Extra browser origins (CORS) beyond the defaults, see herd.http.security.
-    origins: tuple[str, ...] = ()
+    origins: tuple[str, ...] = _default("origins")
     # Hosts nodes may name besides their own address (herd.core.policy.node_urls).
-    allow_backend_hosts: tuple[str, ...] = ()
+    allow_backend_hosts: tuple[str, ...] = _default("allow_backend_hosts")
 
     def __attrs_post_init__(self) -> None:
         """Relations between options (each option's own range is checked where it is read).
@@ -759,25 +769,27 @@ class RouterConfig:
 
 @attrs.frozen
 class NodeConfig:
-    router_url: str | None = None
-    ollama_url: str = "http://localhost:11434"
-    backend: str = "ollama"
-    node_id: str | None = None
-    host: str = "0.0.0.0"
+    """The node agent's options; defaults are :data:`OPTIONS`'."""
+
+    router_url: str | None = _default("router_url")
+    ollama_url: str = _default("ollama_url")
+    backend: str = _default("backend")
+    node_id: str | None = _default("node_id")
+    host: str = _default("host")
     port: int = DEFAULT_NODE_PORT
-    data_dir: str = "~/.fleet-manager"
-    heartbeat_interval: float = 5.0
-    parallel_slots: int = 4
+    data_dir: str = _default("data_dir")
+    heartbeat_interval: float = _default("heartbeat_interval")
+    parallel_slots: int = _default("parallel_slots")
     model_slots: dict[str, int] = attrs.field(factory=dict)
-    auth_token: str | None = None
-    drain_timeout: float = 60.0
-    advertise_host: str | None = None
-    lan_proxy: str = "auto"
-    whisper_model: str | None = None
-    asr_url: str | None = None
-    image_timeout: float = 600.0
-    learn_capacity: bool = False
-    log_level: str = "INFO"
+    auth_token: str | None = _default("auth_token")
+    drain_timeout: float = _default("drain_timeout")
+    advertise_host: str | None = _default("advertise_host")
+    lan_proxy: str = _default("lan_proxy")
+    whisper_model: str | None = _default("whisper_model")
+    asr_url: str | None = _default("asr_url")
+    image_timeout: float = _default("image_timeout")
+    learn_capacity: bool = _default("learn_capacity")
+    log_level: str = _default("log_level")
 
     @classmethod
     def from_options(cls, values: Mapping[str, Any]) -> NodeConfig:

@@ -5,17 +5,24 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import attrs
 import pytest
 
 from herd.cli import flags_of, node_config, router_config, serve_parser
 from herd.config import (
+    DEFAULT_NODE_PORT,
+    DEFAULT_PORT,
     OPTIONS,
+    OPTIONS_BY_NAME,
     ConfigError,
+    NodeConfig,
+    RouterConfig,
     parse_ollama_host,
     read_env_file,
     redacted,
     resolve,
 )
+from herd.state.registry import NodeRegistry
 
 
 def parse(argv: list[str]) -> dict[str, object]:
@@ -217,3 +224,28 @@ def test_options_that_contradict_each_other_are_refused() -> None:
         RouterConfig(heartbeat_timeout=15, heartbeat_offline=10)
     with pytest.raises(ConfigError, match=r"--heartbeat-timeout \(5\) must be greater"):
         RouterConfig(heartbeat_interval=5, heartbeat_timeout=5)
+
+
+def test_config_defaults_are_written_once_in_the_options_table() -> None:
+    """The config classes take their defaults from OPTIONS; the only differences are the
+    embedded router's stated ones (loopback, no mDNS) and the role-dependent port."""
+    embedded = {("RouterConfig", "host"), ("RouterConfig", "mdns")}
+    role_ports = {("RouterConfig", "port"): DEFAULT_PORT, ("NodeConfig", "port"): DEFAULT_NODE_PORT}
+    for cls in (RouterConfig, NodeConfig):
+        for field in attrs.fields(cls):
+            key = (cls.__name__, field.name)
+            default = field.default
+            if isinstance(default, attrs.Factory):  # type: ignore[arg-type]
+                default = default.factory()  # type: ignore[attr-defined]
+            if key in role_ports:
+                assert default == role_ports[key]
+            elif key == ("NodeConfig", "model_slots"):  # the option unset: no per-model limits
+                assert OPTIONS_BY_NAME["model_slots"].default is None and default == {}
+            elif key not in embedded:
+                assert default == OPTIONS_BY_NAME[field.name].default, key
+
+
+def test_the_registry_ages_nodes_by_the_options_defaults() -> None:
+    registry = NodeRegistry()
+    for name in ("heartbeat_timeout", "heartbeat_offline", "forget_after"):
+        assert getattr(registry, name) == OPTIONS_BY_NAME[name].default, name

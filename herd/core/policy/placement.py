@@ -7,8 +7,9 @@ scorer finds a node for (a hot node if any; else a cold load), with context prot
 ``substitute`` only when the operator turned on ``vram_fallback`` and the request did not refuse
 it (``allow_substitution``); then, and only when no named model is loaded anywhere it could run,
 a loaded model of the primary's category takes the request instead of a cold load
-(:func:`stand_in`). A virtual model name (an alias) is tried group by group: the first group with
-a hot candidate, else the group's first cold one.
+(:func:`stand_in`). A virtual model name (an alias) is tried group by group, in order: the first
+group with any candidate that can run takes the request, on a hot candidate of that group if
+one is loaded, else on the group's first cold one.
 
 Context protection: a request asking for more context (``num_ctx``) than the loaded copy's
 window either has ``num_ctx`` stripped (the window is big enough anyway), moves to a loaded copy
@@ -233,7 +234,7 @@ def next_choice(
 ) -> Placement:
     """The next attempt's target; see the module docstring."""
     made = Placement(None)
-    if request.groups:  # a virtual name: the first group with a hot candidate, else cold
+    if request.groups:  # a virtual name: the first group that can run it, hot before cold
         for group in request.groups:
             cold_candidate: Placement | None = None
             for model in group:
