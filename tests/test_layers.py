@@ -30,6 +30,8 @@ ALLOWED_HERD = {
     "herd.node": {"herd.core", "herd.config", "herd.server", "herd.discovery", "herd.node"},
     "herd.sim": {"herd.core", "herd.server", "herd.sim"},
     "herd.plan": {"herd.core", "herd.state", "herd.sim", "herd.plan"},
+    # Several routers, one fleet: shared counts and records over Valkey / PostgreSQL.
+    "herd.shared": {"herd.core", "herd.config", "herd.state", "herd.store", "herd.shared"},
 }
 
 # The core's whole world outside the standard library.
@@ -57,7 +59,14 @@ CORE_BANNED_STDLIB = {
 }
 # Web-server packages: the HTTP surface's, nobody else's below it.
 SERVER_PACKAGES = {"quart", "quart_trio", "hypercorn", "werkzeug", "trio_websocket"}
-NO_SERVER = ("herd.core", "herd.state", "herd.transport", "herd.store", "herd.config")
+NO_SERVER = (
+    "herd.core",
+    "herd.state",
+    "herd.transport",
+    "herd.store",
+    "herd.config",
+    "herd.shared",
+)
 
 
 def modules(package: str) -> Iterator[tuple[str, Path]]:
