@@ -110,9 +110,24 @@ class DiskInfo:
 
 @attrs.frozen
 class GpuInfo:
+    """One accelerator, as the node agent read it (:mod:`herd.node.accelerators`).
+
+    On a discrete GPU (``unified`` False) the memory is its VRAM, as the device reports it. On
+    unified memory (Apple silicon) ``memory_total_bytes`` is the GPU's working-set limit within
+    system RAM and ``memory_used_bytes`` what the loaded models hold of it. Utilisation and
+    temperature are None where the device can't say. Every field has a default, so a report
+    from an agent that sends fewer of them still reads.
+    """
+
     name: str = ""
     memory_total_bytes: int = 0
     memory_used_bytes: int = 0
+    index: int = 0
+    vendor: str = ""  # "nvidia" | "amd" | "apple"
+    unified: bool = False  # shares system RAM (Apple silicon)
+    utilization_percent: float | None = None
+    temperature_c: float | None = None
+    source: str = ""  # how it was read: "nvml", "nvidia-smi", "rocm-smi", "apple"
 
 
 @attrs.frozen
