@@ -107,6 +107,7 @@ async def serve_simulated_node(
                 parallel_slots=spec.parallel,
             ),
             system=sim.system_reading,
+            accelerators=sim.read_accelerators,
         )
         await nursery.start(agent.run)
         task_status.started(sim)

@@ -28,7 +28,7 @@ import attrs
 import trio
 import trio.testing
 
-from herd.core.models import KIND_TEXT, FleetSnapshot
+from herd.core.models import KIND_TEXT, FleetSnapshot, NodeReport
 from herd.core.policy.conversation import continuation_keys, prefix_keys
 from herd.core.scoring import RouteDecision, RouteRequest, ScoringSettings, score
 from herd.core.scoring.baselines import RoundRobin, least_connections, uniform
@@ -106,6 +106,7 @@ class _Harness:
     outcomes: list[Outcome] = attrs.field(factory=list)
     continuing: collections.Counter[str] = attrs.field(factory=collections.Counter)
     prompt_tokens: int = 0
+    ram_only: bool = False  # hide the accelerators from the router (see as_ram_only())
     _changed: trio.Event = attrs.field(factory=trio.Event)
 
     def changed(self) -> None:
@@ -116,7 +117,10 @@ class _Harness:
         now = trio.current_time()
         for name, node in self.nodes.items():
             report = node.report(now)
+            if self.ram_only:
+                report = as_ram_only(report)
             self.registry.apply_report(report, now)
+            self.history.observe(report)
             self.queues.set_limit(name, report.parallel_slots)
         self.changed()
 
@@ -198,6 +202,18 @@ class _Harness:
                 await self._changed.wait()
 
 
+def as_ram_only(report: NodeReport) -> NodeReport:
+    """``report`` as a router that judges memory by RAM alone would read it (herd before it
+    read accelerators): no devices, and every loaded model taken to be wholly where it runs."""
+    return attrs.evolve(
+        report,
+        gpus=(),
+        loaded_models=tuple(
+            attrs.evolve(m, vram_bytes=m.size_bytes) for m in report.loaded_models
+        ),
+    )
+
+
 def picker(policy: str, history: LatencyHistory, settings: ScoringSettings, seed: int) -> Picker:
     """The placement function for ``policy`` (one of :data:`POLICIES`)."""
     rng = random.Random(seed)
@@ -227,8 +243,10 @@ async def replay(
     heartbeat: float = 5.0,
     queue_timeout: float = 30.0,
     client_timeout: float = 300.0,
+    ram_only: bool = False,
 ) -> Summary:
-    """Replay ``trace`` on a fresh virtual ``fleet`` under ``policy``; see the module doc."""
+    """Replay ``trace`` on a fresh virtual ``fleet`` under ``policy``; see the module doc.
+    ``ram_only``: the router is not told of the nodes' accelerators (:func:`as_ram_only`)."""
     nodes = {config.name: VirtualNode(config) for config in fleet}
     history = LatencyHistory()
     harness = _Harness(
@@ -239,6 +257,7 @@ async def replay(
         queue_timeout=queue_timeout,
         client_timeout=client_timeout,
         history=history,
+        ram_only=ram_only,
     )
     harness.queues.on_release = harness.changed
     async with trio.open_nursery() as nursery:
@@ -278,7 +297,7 @@ def run(
     fleet: Sequence[SimConfig],
     trace: Sequence[Session],
     policy: str,
-    **options: float | int | ScoringSettings | None,
+    **options: float | int | bool | ScoringSettings | None,
 ) -> Summary:
     """:func:`replay` from synchronous code, on a virtual clock that jumps when all is idle."""
     clock = trio.testing.MockClock(autojump_threshold=0)

@@ -79,7 +79,7 @@ from typing import Any
 import attrs
 import trio
 
-from herd.core.models import CpuInfo, DiskInfo, MemoryInfo
+from herd.core.models import CpuInfo, DiskInfo, GpuInfo, MemoryInfo
 from herd.core.policy.conversation import continuation_keys, prefix_keys
 from herd.server import serve_app
 from herd.sim.costs import PromptCache, prefill_seconds, pull_seconds
@@ -180,6 +180,47 @@ class SimConfig:
     # How long the models in ``loaded`` stay resident from the start, unless used: for ever.
     loaded_keep_alive: float | str = -1
     pull_bytes_per_second: float = 0.0  # the link to the registry; 0 = pulls are instant
+    # The accelerator (herd.sim.residency): None = memory not split (every model reported all
+    # in VRAM, no device read); 0 = CPU only; else a GPU with this much VRAM, or with
+    # ``unified_memory`` the GPU's working-set limit within ``memory_bytes`` (Apple silicon).
+    vram_bytes: int | None = None
+    unified_memory: bool = False
+
+
+def residency_for(config: SimConfig, prompts: PromptCache | None = None) -> Residency:
+    """The residency model of the machine ``config`` describes (shared by the HTTP simulator
+    and the virtual fleet)."""
+    return Residency(
+        config.memory_bytes,
+        vram_bytes=config.vram_bytes,
+        unified=config.unified_memory,
+        default_keep=keep_alive_seconds(config.keep_alive),
+        loaded_keep=keep_alive_seconds(config.loaded_keep_alive),
+        prompts=prompts if prompts is not None else PromptCache(),
+    )
+
+
+def accelerator_reading(
+    config: SimConfig, memory: Residency, busy_percent: float
+) -> tuple[GpuInfo, ...]:
+    """The device a node agent would read on the machine ``config`` describes: none without a
+    sized accelerator; on a discrete GPU its VRAM in use (loads under way too); on unified
+    memory, what the loaded models hold of the working set (as the agent reports a Mac)."""
+    if not config.vram_bytes:
+        return ()
+    unified = config.unified_memory
+    return (
+        GpuInfo(
+            name="Apple M-series GPU (simulated)" if unified else "Simulated GPU",
+            memory_total_bytes=config.vram_bytes,
+            memory_used_bytes=memory.used_vram(reserved=not unified),
+            vendor="apple" if unified else "nvidia",
+            unified=unified,
+            utilization_percent=busy_percent,
+            temperature_c=None if unified else 40.0 + 0.4 * busy_percent,
+            source="sim",
+        ),
+    )
 
 
 class _Abort(Exception):
@@ -401,12 +442,7 @@ class SimOllama:
     _partial: dict[str, int] = attrs.field(factory=dict)  # bytes kept from interrupted pulls
 
     def __attrs_post_init__(self) -> None:
-        self.memory = Residency(
-            self.config.memory_bytes,
-            default_keep=keep_alive_seconds(self.config.keep_alive),
-            loaded_keep=keep_alive_seconds(self.config.loaded_keep_alive),
-            prompts=self.prompts,
-        )
+        self.memory = residency_for(self.config, self.prompts)
         self.loads = Loader(self.memory)
         for model in self.config.models:
             self._models[model.name] = model
@@ -535,6 +571,17 @@ class SimOllama:
             ),
             DiskInfo(total_bytes=1024 * GiB, free_bytes=512 * GiB),
         )
+
+    def accelerator_reading(self) -> tuple[GpuInfo, ...]:
+        """The simulated machine's accelerator as the node agent would read it (none unless
+        ``SimConfig.vram_bytes`` is set above 0), for a node agent reporting this sim."""
+        self._expire()
+        busy = min(100.0, 100.0 * self.open_streams / max(1, self.config.parallel))
+        return accelerator_reading(self.config, self.memory, busy)
+
+    async def read_accelerators(self) -> tuple[GpuInfo, ...]:
+        """:meth:`accelerator_reading` as a node agent's accelerator source."""
+        return self.accelerator_reading()
 
     # --- residency ----------------------------------------------------------------------
     def _expire(self) -> None:
@@ -761,7 +808,7 @@ class SimOllama:
                     "digest": m.digest,
                     "details": self._details(m),
                     "expires_at": self._expires_at(name, now, wall),
-                    "size_vram": m.size_bytes,
+                    "size_vram": self.memory.size_vram(name),
                     "context_length": m.context_length,
                 }
             )
@@ -1181,7 +1228,9 @@ class SimOllama:
         if cached:
             self.prompt_cache_hits += 1
         seconds = prefill_seconds(
-            prompt_tokens - cached, model.prefill_tokens_per_second, self.config.speed
+            prompt_tokens - cached,
+            model.prefill_tokens_per_second,
+            self.config.speed * self.memory.speed(model.name),
         )
         if seconds:
             await trio.sleep(seconds)
@@ -1231,7 +1280,7 @@ class SimOllama:
         stream = data.get("stream", True) is not False
         created = _now_iso()
         prompt_tokens = self._prompt_tokens(data)
-        rate = model.tokens_per_second * self.config.speed
+        rate = model.tokens_per_second * self.config.speed * self.memory.speed(model.name)
         delay = 1.0 / rate if rate > 0 else 0.0
         eval_count = produced + call_tokens
         prefill = await self._prefill(data, model, prompt_tokens)

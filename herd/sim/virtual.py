@@ -31,7 +31,7 @@ from herd.core.models import (
 from herd.sim.costs import PromptCache, decode_seconds, prefill_seconds
 from herd.sim.loader import Loader
 from herd.sim.residency import FOREVER, Residency
-from herd.sim.server import SimConfig, SimModel, keep_alive_seconds
+from herd.sim.server import SimConfig, SimModel, accelerator_reading, residency_for
 
 
 @attrs.frozen
@@ -56,11 +56,7 @@ class VirtualNode:
 
     def __attrs_post_init__(self) -> None:
         self._models = {m.name: m for m in self.config.models}
-        self.memory = Residency(
-            self.config.memory_bytes,
-            default_keep=keep_alive_seconds(self.config.keep_alive),
-            loaded_keep=keep_alive_seconds(self.config.loaded_keep_alive),
-        )
+        self.memory = residency_for(self.config)
         self.loads = Loader(self.memory)
         sizes = {m.name: m.size_bytes for m in self.config.models}
         self.memory.start([(n, sizes.get(n, 0)) for n in self.config.loaded], 0.0)
@@ -113,14 +109,13 @@ class VirtualNode:
             self.memory.acquire(model)
             try:
                 cached = min(prompt_tokens, self.prompts.cached_tokens(model, keys))
+                speed = self.config.speed * self.memory.speed(model)  # slower when split
                 await trio.sleep(
-                    prefill_seconds(
-                        prompt_tokens - cached, spec.prefill_tokens_per_second, self.config.speed
-                    )
+                    prefill_seconds(prompt_tokens - cached, spec.prefill_tokens_per_second, speed)
                 )
                 ttft = trio.current_time() - start
                 decode = decode_seconds(
-                    output_tokens, spec.tokens_per_second, self.config.speed, self.memory.in_use()
+                    output_tokens, spec.tokens_per_second, speed, self.memory.in_use()
                 )
                 await trio.sleep(decode)
                 if keys:
@@ -149,7 +144,7 @@ class VirtualNode:
                 LoadedModel(
                     name=name,
                     size_bytes=self._models[name].size_bytes,
-                    vram_bytes=self._models[name].size_bytes,
+                    vram_bytes=self.memory.size_vram(name),
                     context_length=self._models[name].context_length,
                     expires_at=None if expires == FOREVER else expires,
                 )
@@ -161,6 +156,11 @@ class VirtualNode:
             memory=MemoryInfo(
                 total_bytes=self.config.memory_bytes,
                 available_bytes=self.memory.available_bytes(),
+            ),
+            gpus=accelerator_reading(
+                self.config,
+                self.memory,
+                100.0 * min(1.0, self.memory.in_use() / max(1, self.config.parallel)),
             ),
             loaded_models=tuple(loaded),
             available_models=tuple(
