@@ -11,6 +11,7 @@ from herd.core import placement
 from herd.core.models import (
     AvailableModel,
     BackendInfo,
+    Capacity,
     FleetSnapshot,
     GpuInfo,
     LoadedModel,
@@ -48,10 +49,12 @@ def node(
     loaded: tuple[tuple[str, float, float], ...] = (),  # (name, GiB, GiB in VRAM)
     available: tuple[tuple[str, float], ...] = ((BIG, 42), (MID, 20)),
     load: dict[str, ModelLoad] | None = None,
+    availability: float = 1.0,
 ) -> NodeSnapshot:
     return NodeSnapshot(
         report=NodeReport(
             node_id=node_id,
+            capacity=Capacity(availability=availability),
             backend=BackendInfo(url=f"http://{node_id}", healthy=True),
             memory=MemoryInfo(total_bytes=int(ram * GiB), available_bytes=int(ram_free * GiB)),
             gpus=gpus,
@@ -66,9 +69,9 @@ def node(
     )
 
 
-def decide(*nodes: NodeSnapshot, model: str = BIG) -> list[str]:
+def decide(*nodes: NodeSnapshot, model: str = BIG, settings: ScoringSettings = S) -> list[str]:
     decision = score(
-        RouteRequest(model=model), FleetSnapshot(nodes), History(), 0.0, S, random.Random(0)
+        RouteRequest(model=model), FleetSnapshot(nodes), History(), 0.0, settings, random.Random(0)
     )
     return [c.node_id for c in decision.ranked]
 
@@ -174,10 +177,16 @@ def test_a_cold_partial_offload_ranks_below_a_cold_full_vram_load() -> None:
         load={BIG: ModelLoad(pending=12, in_flight=4)},
     )
     split = node("split", gpus=(gpu(24),))  # 64 GiB of RAM, 24 of VRAM: it would split it
-    full = node("full", ram=128, ram_free=100, gpus=(gpu(96, unified=True),))
+    # The full one's owner is using it (availability 0.5, no bonus): without the spill signal
+    # the split one would rank first.
+    full = node("full", ram=128, ram_free=100, gpus=(gpu(96, unified=True),), availability=0.5)
     ranking = decide(busy, split, full)
-    cold = [n for n in ranking if n != "busy"]
-    assert cold == ["full", "split"]
+    assert [n for n in ranking if n != "busy"] == ["full", "split"]
+    blind = ScoringSettings(spill_penalty_max=0.0)
+    assert [n for n in decide(busy, split, full, settings=blind) if n != "busy"] == [
+        "split",
+        "full",
+    ]
 
 
 def test_memory_fit_and_eligibility_use_vram_on_gpu_nodes() -> None:

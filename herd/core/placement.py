@@ -41,6 +41,8 @@ from herd.core.models import LoadedModel, NodeReport
 
 GiB = 2**30
 RAM, VRAM, UNIFIED = "ram", "vram", "unified"
+SPILL_SHARE = 0.01  # a loaded copy with at least this share outside the accelerator is spilled
+MAX_DEVICES = 16  # devices read per report: more than any machine has (bounds views, metrics)
 
 
 class Memory(NamedTuple):
@@ -84,7 +86,7 @@ def kind(report: NodeReport) -> str:
     """Where models run on this node: :data:`VRAM` if it reports a discrete GPU with memory,
     else :data:`UNIFIED` if it reports a unified-memory GPU, else :data:`RAM`."""
     found = RAM
-    for gpu in report.gpus:
+    for gpu in report.gpus[:MAX_DEVICES]:
         if gpu.memory_total_bytes > 0:
             if not gpu.unified:
                 return VRAM
@@ -118,8 +120,9 @@ def memory(report: NodeReport) -> Memory:
         return Memory(
             RAM, max(0, report.memory.total_bytes), free_ram, ram_held, free_ram, ram_held
         )
+    unified = where == UNIFIED
     devices = [
-        g for g in report.gpus if g.memory_total_bytes > 0 and g.unified == (where == UNIFIED)
+        g for g in report.gpus[:MAX_DEVICES] if g.memory_total_bytes > 0 and g.unified == unified
     ]
     total = sum(g.memory_total_bytes for g in devices)
     used = sum(min(g.memory_total_bytes, max(0, g.memory_used_bytes)) for g in devices)
@@ -185,10 +188,11 @@ def cold_load(where: Memory, size: int) -> ColdLoad:
 
 
 def spilled(report: NodeReport) -> list[tuple[LoadedModel, float]]:
-    """The loaded models partly outside the accelerator, with their offload share."""
+    """The loaded models spilled (at least :data:`SPILL_SHARE` outside the accelerator), with
+    their offload share."""
     out = []
     for model in report.loaded_models:
         share = offload(report, model)
-        if share > 0:
+        if share >= SPILL_SHARE:
             out.append((model, share))
     return out

@@ -50,6 +50,7 @@ import psutil
 import trio
 
 from herd.core.models import GpuInfo, LoadedModel
+from herd.core.placement import MAX_DEVICES
 
 log = logging.getLogger("herd.node")
 
@@ -58,7 +59,6 @@ MiB = 2**20
 COMMAND_TIMEOUT = 3.0  # seconds for one nvidia-smi / rocm-smi / sysctl run
 READ_INTERVAL = 5.0  # read devices at most this often
 REDISCOVER = 300.0  # with no device found, look again this often
-MAX_DEVICES = 16  # more than any one machine has; a bound on what a report carries
 NVIDIA_SMI_QUERY = (
     "nvidia-smi",
     "--query-gpu=index,name,memory.total,memory.used,memory.free,utilization.gpu,temperature.gpu",

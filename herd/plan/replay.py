@@ -208,9 +208,7 @@ def as_ram_only(report: NodeReport) -> NodeReport:
     return attrs.evolve(
         report,
         gpus=(),
-        loaded_models=tuple(
-            attrs.evolve(m, vram_bytes=m.size_bytes) for m in report.loaded_models
-        ),
+        loaded_models=tuple(attrs.evolve(m, vram_bytes=m.size_bytes) for m in report.loaded_models),
     )
 
 

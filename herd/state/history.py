@@ -23,13 +23,12 @@ from collections import deque
 import attrs
 
 from herd.core.models import NodeReport
-from herd.core.placement import offload
+from herd.core.placement import SPILL_SHARE, offload
 from herd.core.scoring import History
 
 WINDOW = 100
 TIMINGS = 20  # recent prefill and load speeds kept, per node:model and per node
 MIN_LOAD_SECONDS = 0.5  # shorter loads say nothing reliable of a node's load speed
-SPILL_SHARE = 0.01  # a copy with at least this share outside the accelerator is spilled
 
 
 @attrs.define(eq=False)
