@@ -29,6 +29,7 @@ import trio
 import trio.testing
 
 from herd.core.models import KIND_TEXT, FleetSnapshot, NodeReport
+from herd.core.placement import SPILL_SHARE
 from herd.core.policy.conversation import continuation_keys, prefix_keys
 from herd.core.scoring import RouteDecision, RouteRequest, ScoringSettings, score
 from herd.core.scoring.baselines import RoundRobin, least_connections, uniform
@@ -70,6 +71,7 @@ class Outcome:
     cold: bool
     cached_tokens: int
     error: str | None = None
+    offload: float = 0.0  # share of the serving copy outside its node's accelerator
 
 
 @attrs.frozen
@@ -86,6 +88,7 @@ class Summary:
     cached_share: float  # share of prompt tokens the prompt caches saved
     share: dict[str, float]  # node -> share of the requests it served
     conversation_share: float  # worst node's share of continuing conversation turns
+    spilled: int = 0  # requests served by a copy partly outside its node's accelerator
 
     @property
     def worst_share(self) -> float:
@@ -181,6 +184,7 @@ class _Harness:
                     queued + served.ttft,
                     served.cold,
                     served.cached_tokens,
+                    offload=served.offload,
                 )
         self.outcomes.append(outcome or self._failed(turn, node_id, arrival, "client timeout"))
 
@@ -288,6 +292,7 @@ def summarize(policy: str, harness: _Harness) -> Summary:
         cached_share=sum(o.cached_tokens for o in done) / max(1, harness.prompt_tokens),
         share={name: served[name] / total for name in harness.nodes},
         conversation_share=max(harness.continuing.values(), default=0) / max(1, turns),
+        spilled=sum(1 for o in done if o.offload >= SPILL_SHARE),
     )
 
 

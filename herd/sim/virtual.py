@@ -43,6 +43,7 @@ class Served:
     cold: bool  # this request waited for a cold load
     cached_tokens: int  # prompt tokens the prompt cache saved
     tokens_per_second: float  # decoding rate it saw
+    offload: float = 0.0  # share of the model outside the accelerator while it ran (split)
 
 
 @attrs.define(eq=False)
@@ -110,6 +111,7 @@ class VirtualNode:
             try:
                 cached = min(prompt_tokens, self.prompts.cached_tokens(model, keys))
                 speed = self.config.speed * self.memory.speed(model)  # slower when split
+                offload = self.memory.placement(model).outside if self.memory.accelerated else 0.0
                 await trio.sleep(
                     prefill_seconds(prompt_tokens - cached, spec.prefill_tokens_per_second, speed)
                 )
@@ -127,7 +129,7 @@ class VirtualNode:
         work = decode if decode > 0 else trio.current_time() - start - (ttft if cold else 0.0)
         tokens = output_tokens if decode > 0 else prompt_tokens
         rate = tokens / work if work > 0 and tokens > 0 else 0.0
-        return Served(ttft, trio.current_time() - start, cold, cached, rate)
+        return Served(ttft, trio.current_time() - start, cold, cached, rate, offload)
 
     def expire(self, now: float) -> None:
         """Unload models idle longer than their keep-alive (Ollama's keep-alive timer)."""
