@@ -2,13 +2,16 @@
 the HTTP simulator and the virtual fleet.
 
 One load per model at a time: a request for a model another request is loading waits for that
-load (and loads it itself if that one was cancelled). A load the residency model can't place
-yet waits until a model goes idle or leaves memory (:meth:`Loader.release`,
-:meth:`Loader.unload`, :meth:`Loader.expire` wake it), then asks again. Every state change is
-the residency model's; this class only waits.
+load (and loads it itself if that one was cancelled). Loads that need room are placed in the
+order they asked, as Ollama's scheduler takes its pending requests: the first waits until a
+model goes idle or leaves memory (:meth:`Loader.release`, :meth:`Loader.unload`,
+:meth:`Loader.expire` wake it), then asks again; the others wait behind it. Every state
+change is the residency model's; this class only waits.
 """
 
 from __future__ import annotations
+
+import collections
 
 import attrs
 import trio
@@ -21,6 +24,7 @@ class Loader:
     residency: Residency
     _loading: dict[str, trio.Event] = attrs.field(factory=dict)
     _changed: trio.Event = attrs.field(factory=trio.Event)  # set when memory may have freed
+    _waiting: collections.deque[object] = attrs.field(factory=collections.deque)  # FIFO
 
     async def ensure(self, name: str, size: int, load_seconds: float) -> float:
         """Make ``name`` resident (the most recently used). Returns the seconds this call
@@ -40,9 +44,9 @@ class Loader:
         done = self._loading[name] = trio.Event()
         try:
             waited = False
-            while not residency.admit(name, size).ready:
+            if self._waiting or not residency.admit(name, size).ready:
                 waited = True
-                await self._changed.wait()
+                await self._wait_for_room(name, size)
             try:
                 await trio.sleep(load_seconds)
             except BaseException:
@@ -54,6 +58,18 @@ class Loader:
             done.set()
             self._wake()  # a reservation became a model, or went
         return trio.current_time() - start if waited else load_seconds
+
+    async def _wait_for_room(self, name: str, size: int) -> None:
+        """Queue behind the loads already waiting, then wait until :meth:`Residency.admit`
+        reserves memory for this one."""
+        ticket = object()
+        self._waiting.append(ticket)
+        try:
+            while not (self._waiting[0] is ticket and self.residency.admit(name, size).ready):
+                await self._changed.wait()
+        finally:
+            self._waiting.remove(ticket)
+            self._wake()  # the next in line may go now
 
     def release(self, name: str) -> None:
         """A request on ``name`` ended (see :meth:`Residency.release`)."""
