@@ -23,6 +23,7 @@ from herd.core.models import (
 )
 from herd.core.scoring import History, RouteRequest, ScoringSettings, score
 from herd.core.scoring.engine import evictions
+from herd.state.history import LatencyHistory
 
 GiB = 2**30
 S = ScoringSettings()
@@ -237,3 +238,48 @@ def test_spill_penalty_grows_with_the_share_outside_vram() -> None:
 def test_spill_settings_are_checked() -> None:
     with pytest.raises(ValueError, match="spill_cpu_slowdown must be > 1"):
         ScoringSettings(spill_cpu_slowdown=1.0)
+
+
+# --- learning: a spilled copy's slowness is its own ----------------------------------------
+def _report(node_id: str, *loaded: tuple[str, float, float]) -> NodeReport:
+    return node(node_id, gpus=(gpu(24, 24),), loaded=loaded).report
+
+
+def test_a_spilled_copy_is_not_taken_for_a_slow_node() -> None:
+    history = LatencyHistory()
+    # Both nodes run the small model in VRAM at the same speed.
+    for node_id in ("a", "b"):
+        for _ in range(5):
+            history.record(node_id, MID, 1000.0, 40.0)
+    assert history.node_speed == {"a": pytest.approx(1.0), "b": pytest.approx(1.0)}
+    # On "a" the 70B is split (18 of 42 GiB outside VRAM) and runs at a quarter of the speed
+    # "b" runs its copy, wholly in VRAM, at.
+    history.observe(_report("a", (MID, 20, 20), (BIG, 42, 24)))
+    history.observe(_report("b", (BIG, 42, 42)))
+    assert history.spilled("a", BIG) and not history.spilled("b", BIG)
+    for _ in range(5):
+        history.record("a", BIG, 40_000.0, 2.5)
+        history.record("b", BIG, 10_000.0, 10.0)
+    # The node keeps its speed; the node:model carries its slowness.
+    assert history.node_speed["a"] == pytest.approx(1.0)
+    assert history.latency_p75_ms[("a", BIG)] == 40_000.0
+    assert history.decode_rate("a", BIG) == 2.5
+    # The model's typical time is the copy in VRAM's, not a mix with the spilled one.
+    assert history.model_p75_ms[BIG] == pytest.approx(10_000.0)
+    # Reloaded wholly in VRAM: what was learned of the split copy goes.
+    history.observe(_report("a", (BIG, 42, 42)))
+    assert not history.spilled("a", BIG)
+    assert ("a", BIG) not in history.latency_p75_ms and history.decode_rate("a", BIG) is None
+    assert history.latency_p75_ms[("a", MID)] == 1000.0  # the node's other models stay
+
+
+def test_without_spill_detection_the_node_would_look_slow() -> None:
+    """The same samples, no heartbeat seen: the node's speed drops (what herd did before)."""
+    history = LatencyHistory()
+    for node_id in ("a", "b"):
+        for _ in range(5):
+            history.record(node_id, MID, 1000.0, 40.0)
+    for _ in range(5):
+        history.record("a", BIG, 40_000.0, 2.5)
+        history.record("b", BIG, 10_000.0, 10.0)
+    assert history.node_speed["a"] == pytest.approx(0.5**0.5)  # half as fast on one of two
