@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import enum
 import functools
+from typing import NamedTuple
 
 import attrs
 
@@ -130,6 +131,18 @@ class GpuInfo:
     source: str = ""  # how it was read: "nvml", "nvidia-smi", "rocm-smi", "apple"
 
 
+class ModelMemory(NamedTuple):
+    """The memory models run in on one node, as its report says it: see
+    :mod:`herd.core.placement`, which works it out (``NodeReport.memory_where``)."""
+
+    kind: str  # "ram", "vram" or "unified"
+    total: int  # bytes where models run: RAM, VRAM summed over devices, or the working set
+    free: int  # free there for a cold load now (RAM: capped by the capacity ceiling)
+    held: int  # held there by loaded models (unloading them frees it)
+    ram_free: int  # RAM a cold load may use (the capacity ceiling applied)
+    ram_held: int  # RAM held by loaded models (on VRAM nodes: the parts outside VRAM)
+
+
 @attrs.frozen
 class Capabilities:
     text: bool = True
@@ -188,6 +201,14 @@ class NodeReport:
     @functools.cached_property
     def available_index(self) -> dict[str, AvailableModel]:
         return {m.name: m for m in reversed(self.available_models)}
+
+    @functools.cached_property
+    def memory_where(self) -> ModelMemory:
+        """The memory models run in on this node (:func:`herd.core.placement.memory`),
+        worked out once per report."""
+        from herd.core.placement import memory  # (that module reads this one)
+
+        return memory(self)
 
 
 @attrs.frozen

@@ -37,7 +37,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-from herd.core.models import LoadedModel, NodeReport
+from herd.core.models import LoadedModel, ModelMemory, NodeReport
 
 GiB = 2**30
 RAM, VRAM, UNIFIED = "ram", "vram", "unified"
@@ -45,15 +45,7 @@ SPILL_SHARE = 0.01  # a loaded copy with at least this share outside the acceler
 MAX_DEVICES = 16  # devices read per report: more than any machine has (bounds views, metrics)
 
 
-class Memory(NamedTuple):
-    """The memory models run in on one node, as its report says it."""
-
-    kind: str  # RAM, VRAM or UNIFIED
-    total: int  # bytes where models run: RAM, VRAM summed over devices, or the working set
-    free: int  # free there for a cold load now (RAM: capped by the capacity ceiling)
-    held: int  # held there by loaded models (unloading them frees it)
-    ram_free: int  # RAM a cold load may use (the capacity ceiling applied)
-    ram_held: int  # RAM held by loaded models (on VRAM nodes: the parts outside VRAM)
+Memory = ModelMemory  # the memory models run in on one node (defined with the other values)
 
 
 class ColdLoad(NamedTuple):

@@ -34,7 +34,7 @@ def node_view(node: NodeSnapshot, now: float) -> dict[str, Any]:
     as read, and each loaded model's ``offload`` the share of it outside the accelerator
     (``spilled`` from 1%)."""
     report = node.report
-    where = placement.memory(report)
+    where = report.memory_where
     data: dict[str, Any] = {
         "node_id": node.node_id,
         "status": node.status.value,

@@ -369,7 +369,7 @@ def eliminate(request: RouteRequest, node: NodeSnapshot) -> str | None:
         return None  # hot: needs no new memory, whatever the pressure
     if report.memory.pressure is _CRITICAL:
         return "critical memory pressure (cold load refused)"
-    return placement.cold_load(placement.memory(report), model_size(node, request.model)).reason
+    return placement.cold_load(report.memory_where, model_size(node, request.model)).reason
 
 
 class Facts(NamedTuple):
@@ -404,7 +404,7 @@ def facts(request: RouteRequest, node: NodeSnapshot, history: History, s: Scorin
         mine = own.in_flight + own.pending
         if mine * slots > ahead * own.slots:
             ahead, slots = mine, own.slots
-    where = placement.memory(report)
+    where = report.memory_where
     if loaded is not None:
         cold, share = None, placement.offload(report, loaded)
     else:
@@ -432,7 +432,7 @@ def evictions(request: RouteRequest, node: NodeSnapshot) -> tuple[str, ...]:
     Raises nothing."""
     if node.loaded(request.model) is not None:
         return ()
-    where = placement.memory(node.report)
+    where = node.report.memory_where
     load = placement.cold_load(where, model_size(node, request.model))
     return _evicted(node, where.kind, load)
 
@@ -600,7 +600,7 @@ def eviction(
     if f.load is None or (f.load.evict <= 0 and f.load.evict_ram <= 0):
         return 0.0  # hot, or it fits: nothing leaves
     cost = 0.0
-    for name in _evicted(node, placement.kind(node.report), f.load):
+    for name in _evicted(node, node.report.memory_where.kind, f.load):
         load = node.load.get(name)
         if load is not None and (load.in_flight > 0 or load.pending > 0):
             cost += s.eviction_busy
