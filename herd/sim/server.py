@@ -22,6 +22,10 @@ What it does the way Ollama does it:
   the next request or reading, so ``/api/ps`` is right whenever it is asked; its ``expires_at``
   is an RFC 3339 wall-clock time, ``time.time()`` plus the virtual time left ("for ever" is now
   plus Go's longest duration, about 292 years, as Ollama prints it).
+- **GPUs** (``SimConfig.vram_bytes``, ``unified_memory``; :mod:`herd.sim.residency`): what
+  fits goes to VRAM; a model bigger than the empty GPU is split, ``/api/ps`` reports its
+  ``size_vram`` below its ``size``, and it prefills and decodes slower (the part outside runs
+  8x slower). :meth:`SimOllama.accelerator_reading` is the device a node agent would read.
 - **Load and unload requests.** ``/api/generate`` without a ``prompt`` and ``/api/chat`` without
   ``messages`` load the model and answer one object with ``"done_reason": "load"``; with
   ``keep_alive: 0`` they unload it instead (``"unload"``; nothing is loaded if it wasn't).
