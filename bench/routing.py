@@ -5,8 +5,12 @@
 Replays one fixed, seeded trace on a heterogeneous simulated fleet (``herd.sim.virtual``: the
 simulator's nodes on a virtual clock, so a quarter of an hour of traffic takes seconds) once per
 policy, and prints latency, time to first token, cold loads, evictions, errors and placement
-spread per policy, with ratios against least-connections. Everything is in-process; nothing
-touches the network. The trace and the fleet are described in docs/performance.md.
+spread per policy, with ratios against least-connections. Then the same trace on a second fleet
+whose machines have their accelerators modelled (a gaming PC with 64 GiB of RAM and a 24 GiB
+GPU, Macs with their GPU working sets, CPU-only boxes), placed by herd as it is (memory judged
+where models run, spills priced) and by herd judging memory by RAM alone, as it did before it
+read accelerators. Everything is in-process; nothing touches the network. The traces and the
+fleets are described in docs/performance.md.
 """
 
 from __future__ import annotations
@@ -16,6 +20,8 @@ import math
 import random
 import sys
 from pathlib import Path
+
+import attrs
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -56,8 +62,17 @@ POPULARITY = (0.30, 0.35, 0.18, 0.12, 0.05)  # of chat requests, per model in CH
 
 
 def node(
-    name: str, gib: int, speed: float, slots: int, models: tuple[str, ...], loaded: tuple[str, ...]
+    name: str,
+    gib: int,
+    speed: float,
+    slots: int,
+    models: tuple[str, ...],
+    loaded: tuple[str, ...],
+    vram_gib: float | None = None,
+    unified: bool = False,
 ) -> SimConfig:
+    """A machine; ``vram_gib`` its GPU's memory (with ``unified``, the working set within its
+    RAM; 0: CPU only; None: memory not split, as in the first fleet)."""
     return SimConfig(
         name=name,
         memory_bytes=gib * GiB,
@@ -65,6 +80,8 @@ def node(
         parallel=slots,
         models=tuple(MODELS[m] for m in models),
         loaded=loaded,
+        vram_bytes=None if vram_gib is None else int(vram_gib * GiB),
+        unified_memory=unified,
     )
 
 
@@ -83,6 +100,19 @@ FLEET = (
     # CPU-only machines: plenty of RAM, a tenth of the speed.
     node("nuc", 32, 0.15, 2, SMALL, ()),
     node("old-laptop", 16, 0.1, 1, TINY, ()),
+)
+
+
+# The same machines with their accelerators: the gaming PC has 64 GiB of RAM beside its 24 GiB
+# GPU (and every model on disk), the Macs' GPUs may use Metal's working set (2/3 of RAM up to
+# 36 GiB, 3/4 above), the small boxes have no GPU.
+GPU_FLEET = (
+    node("studio", 192, 2.0, 4, ALL, ("llama3.3:70b", "qwen2.5:32b"), 144, unified=True),
+    node("gaming-pc", 64, 2.5, 4, ALL, ("llama3.1:8b",), 24),
+    node("macbook-pro", 36, 1.0, 2, NO_70B, ("llama3.2:3b",), 24, unified=True),
+    node("mac-mini", 16, 0.6, 2, SMALL, ("llama3.2:3b",), 10.6, unified=True),
+    node("nuc", 32, 0.15, 2, SMALL, (), 0),
+    node("old-laptop", 16, 0.1, 1, TINY, (), 0),
 )
 
 
@@ -178,21 +208,24 @@ def make_trace(seed: int, minutes: float, load: float = 1.0) -> tuple[Session, .
     return tuple(sessions)
 
 
-def table(results: list[Summary]) -> str:
-    base = next(r for r in results if r.policy == "least-connections")
+def table(results: list[Summary], base: str = "least-connections") -> str:
+    """One line per result, with p95 and mean ratios against the result named ``base``."""
+    baseline = next(r for r in results if r.policy == base)
     head = (
         f"{'policy':<18} {'requests':>8} {'errors':>6} {'mean s':>7} {'p95 s':>7} "
-        f"{'TTFT s':>7} {'TTFT p95':>8} {'cold':>5} {'evict':>5} {'cache':>6} "
-        f"{'worst node':>10} {'worst conv':>10} {'p95 vs LC':>9} {'mean vs LC':>10}"
+        f"{'TTFT s':>7} {'TTFT p95':>8} {'cold':>5} {'evict':>5} {'spill':>5} {'cache':>6} "
+        f"{'worst node':>10} {'worst conv':>10} {'p95 ratio':>9} {'mean ratio':>10}"
     )
     lines = [head, "-" * len(head)]
     for r in results:
         lines.append(
             f"{r.policy:<18} {r.requests:>8} {r.errors:>6} {r.mean:>7.2f} {r.p95:>7.2f} "
             f"{r.ttft_mean:>7.2f} {r.ttft_p95:>8.2f} {r.cold_loads:>5} {r.evictions:>5} "
+            f"{r.spilled:>5} "
             f"{r.cached_share:>6.1%} {r.worst_share:>10.1%} {r.conversation_share:>10.1%} "
-            f"{base.p95 / r.p95:>8.2f}x {base.mean / r.mean:>9.2f}x"
+            f"{baseline.p95 / r.p95:>8.2f}x {baseline.mean / r.mean:>9.2f}x"
         )
+    lines.append(f"(ratios: {base}'s p95 and mean over each policy's; above 1 is better)")
     return "\n".join(lines)
 
 
@@ -221,8 +254,20 @@ def main() -> None:
     for r in results:
         spread = " ".join(f"{name}={share:.0%}" for name, share in r.share.items())
         print(f"  {r.policy:<18} {spread}")
+    print(f"\nGPU fleet ({len(GPU_FLEET)} nodes, accelerators modelled), the same trace:")
+    placed = [
+        ("herd", run(GPU_FLEET, trace, "herd", seed=args.seed)),
+        ("herd, RAM only", run(GPU_FLEET, trace, "herd", seed=args.seed, ram_only=True)),
+        ("least-connections", run(GPU_FLEET, trace, "least-connections", seed=args.seed)),
+    ]
+    print(table([attrs.evolve(r, policy=name) for name, r in placed], base="herd, RAM only"))
+    print("\nshare of requests per node:")
+    for name, r in placed:
+        spread = " ".join(f"{node}={share:.0%}" for node, share in r.share.items())
+        print(f"  {name:<18} {spread}")
     if args.sweep:
         sweep(range(args.seed, args.seed + args.sweep), args.minutes)
+        sweep_gpu(range(args.seed, args.seed + args.sweep), args.minutes)
 
 
 def sweep(seeds: range, minutes: float) -> None:
@@ -240,6 +285,26 @@ def sweep(seeds: range, minutes: float) -> None:
         f"\nsweep: seeds {seeds.start}-{seeds.stop - 1} at load 0.5 and 1.0 ({len(ratios)} "
         f"traces): p95 vs least-connections geometric mean {mean:.2f}x, worst {min(ratios):.2f}x, "
         f"best {max(ratios):.2f}x; errors herd had beyond least-connections, summed: {extra_errors}"
+    )
+
+
+def sweep_gpu(seeds: range, minutes: float) -> None:
+    """Spill-aware against RAM-only placement on the GPU fleet over many traces."""
+    ratios, errors, ram_errors = [], 0, 0
+    for seed in seeds:
+        for load in (0.5, 1.0):
+            trace = make_trace(seed, minutes, load)
+            aware = run(GPU_FLEET, trace, "herd", seed=seed)
+            blind = run(GPU_FLEET, trace, "herd", seed=seed, ram_only=True)
+            ratios.append(blind.p95 / aware.p95)
+            errors += aware.errors
+            ram_errors += blind.errors
+    mean = math.exp(sum(math.log(r) for r in ratios) / len(ratios))
+    print(
+        f"\nGPU fleet sweep: seeds {seeds.start}-{seeds.stop - 1} at load 0.5 and 1.0 "
+        f"({len(ratios)} traces): p95 of RAM-only placement over spill-aware, geometric mean "
+        f"{mean:.2f}x, worst {min(ratios):.2f}x, best {max(ratios):.2f}x; errors, summed: "
+        f"spill-aware {errors}, RAM-only {ram_errors}"
     )
 
 

@@ -1,12 +1,13 @@
 """``herd demo``: a router with a simulated fleet, so herd can be seen working without Ollama.
 
-Three simulated Ollama servers (one big machine, two small ones, different models, realistic
-load times and token rates) join a real router over real sockets, each through its own node
-agent. With ``--traffic`` a steady mixed load (chat in both API families, embeddings, a few
-cold loads) runs through the router, so ``/fleet/status``, ``herd status`` and the traces show
-routing as it happens. It prints each simulated node with the port its Ollama answers on (a real
-Ollama API: ``curl http://127.0.0.1:PORT/api/ps``). The demo router is not advertised by mDNS
-unless asked (``herd demo --mdns``): real nodes on the LAN would join it.
+Three simulated Ollama servers (one big Apple-silicon machine whose GPU working set is
+modelled, two small ones, different models, realistic load times and token rates) join a real
+router over real sockets, each through its own node agent. With ``--traffic`` a steady mixed
+load (chat in both API families, embeddings, a few cold loads) runs through the router, so
+``/fleet/status``, ``herd status`` and the traces show routing as it happens. It prints each
+simulated node with the port its Ollama answers on (a real Ollama API: ``curl
+http://127.0.0.1:PORT/api/ps``). The demo router is not advertised by mDNS unless asked
+(``herd demo --mdns``): real nodes on the LAN would join it.
 """
 
 from __future__ import annotations
@@ -70,6 +71,8 @@ DEMO_FLEET = (
         models=(LLAMA_70B, QWEN_7B, EMBED),
         loaded=("llama3.3:70b", "nomic-embed-text:latest"),
         memory_bytes=64 * GiB,
+        vram_bytes=48 * GiB,  # Apple silicon: Metal's working set, 3/4 of 64 GiB
+        unified_memory=True,
         parallel=4,
     ),
     SimConfig(
@@ -107,6 +110,7 @@ async def serve_simulated_node(
                 parallel_slots=spec.parallel,
             ),
             system=sim.system_reading,
+            accelerators=sim.read_accelerators,
         )
         await nursery.start(agent.run)
         task_status.started(sim)

@@ -1,7 +1,9 @@
 """``herd status``: a terminal summary of ``/fleet/status``.
 
 Each node's line carries its state in brackets, with the words ``draining`` (it is stopping and
-takes no new work) and ``paused`` (its owner ran ``herd node pause``) when they apply.
+takes no new work) and ``paused`` (its owner ran ``herd node pause``) when they apply. A node
+with an accelerator gets a line per device (memory free, utilisation, temperature), and a loaded
+model partly outside it says ``SPILLED``, with its share on the CPU.
 """
 
 from __future__ import annotations
@@ -42,11 +44,26 @@ def render_status(data: dict[str, Any]) -> str:
             f"mem {_gib(memory.get('available_bytes'))}/{_gib(memory.get('total_bytes'))} GiB free"
             f"  backend {backend.get('kind', '?')} {backend.get('version', '')} {health}"
         )
+        for gpu in node.get("gpus", []):
+            total, used = gpu.get("memory_total_bytes") or 0, gpu.get("memory_used_bytes") or 0
+            extra = ""
+            if gpu.get("utilization_percent") is not None:
+                extra += f"  util {gpu['utilization_percent']:.0f}%"
+            if gpu.get("temperature_c") is not None:
+                extra += f"  {gpu['temperature_c']:.0f}°C"
+            label = "working set" if gpu.get("unified") else "VRAM"
+            lines.append(
+                f"    gpu{gpu.get('index', 0)} {gpu.get('name', '?')}  {label} "
+                f"{_gib(total - used)}/{_gib(total)} GiB free{extra}"
+            )
         loaded = {m["name"]: m for m in node.get("models_loaded", [])}
         for name, model in loaded.items():
+            spill = ""
+            if model.get("spilled"):
+                spill = f"  SPILLED: {model.get('offload', 0):.0%} on the CPU"
             lines.append(
                 f"    hot   {name}  ctx {model.get('context_length', 0)}  "
-                f"{_gib(model.get('size_bytes'))} GiB"
+                f"{_gib(model.get('size_bytes'))} GiB{spill}"
             )
         for model in node.get("models_available", []):
             if model["name"] not in loaded:

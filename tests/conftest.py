@@ -91,6 +91,7 @@ async def running_fleet(
                     **(agent_options or {}).get(spec.name, {}),
                 ),
                 system=sims[spec.name].system_reading,  # the simulated machine's memory
+                accelerators=sims[spec.name].read_accelerators,  # and its GPU, if any
             )
             agents[spec.name] = agent
             await nursery.start(agent.run)

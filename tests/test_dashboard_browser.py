@@ -177,7 +177,7 @@ async def test_every_tab_renders_with_real_data(tmp_path: Path, browser: str) ->
             expect(page.locator("#bench-table")).to_contain_text("nightly")
             shot(page, "benchmarks")
             page.click('a[data-tab="health"]')
-            expect(page.locator(".check")).to_have_count(18)
+            expect(page.locator(".check")).to_have_count(19)
             expect(page.locator('.check[data-check="offline_nodes"]')).to_contain_text("connected")
             shot(page, "health")
             page.click('a[data-tab="recommendations"]')
@@ -194,7 +194,7 @@ async def test_every_tab_renders_with_real_data(tmp_path: Path, browser: str) ->
             browser,
             fleet.url + "/dashboard#health",
             lambda page: (
-                expect(page.locator(".check")).to_have_count(18),
+                expect(page.locator(".check")).to_have_count(19),
                 shot(page, "health-dark"),
             ),
             dark=True,

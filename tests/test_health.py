@@ -6,6 +6,7 @@ from herd.core.health import CRITICAL, INFO, OK, WARNING, HealthInput, evaluate,
 from herd.core.models import (
     BackendInfo,
     FleetSnapshot,
+    GpuInfo,
     LoadedModel,
     MemoryInfo,
     MemoryPressure,
@@ -50,7 +51,7 @@ def run(
             traces_lost=traces_lost,
         )
     )
-    assert len(checks) == 18 and sum(summary(checks).values()) == 18
+    assert len(checks) == 19 and sum(summary(checks).values()) == 19
     return {c.id: c.severity for c in checks}
 
 
@@ -71,6 +72,11 @@ def test_every_check_fires() -> None:
         node("old", backend=BackendInfo(healthy=True, version="0.5.0"), agent_version="0.0.9"),
         node("down", backend=BackendInfo(healthy=False, error="connection refused")),
         node("idle"),
+        node(
+            "spilling",
+            gpus=(GpuInfo("RTX 4090", 24 * GiB, 24 * GiB, vendor="nvidia"),),
+            loaded_models=(LoadedModel("llama3.3:70b", 42 * GiB, 24 * GiB),),
+        ),
     )
     figures = {
         "requests": 100,
@@ -79,7 +85,7 @@ def test_every_check_fires() -> None:
         "client_disconnected": 15,
         "retries": 20,
         "timeouts": 2,
-        "requests_per_node": {"tight": 50, "bloat": 50, "old": 1, "late": 1},
+        "requests_per_node": {"tight": 50, "bloat": 50, "old": 1, "late": 1, "spilling": 1},
     }
     events = {"vram_fallbacks": 30, "context_passthrough": 2, "reaped": 1}
     severity = run(nodes, figures, events, {("tight", "big:latest"): 4}, host="0.0.0.0")
@@ -89,6 +95,7 @@ def test_every_check_fires() -> None:
         "memory_pressure": CRITICAL,
         "underutilized_nodes": INFO,
         "vram_fallbacks": CRITICAL,  # 30% of requests got a model they did not name
+        "spilled_models": WARNING,
         "kv_cache_bloat": WARNING,
         "version_mismatch": WARNING,
         "context_protection": WARNING,
@@ -122,3 +129,24 @@ def test_substitution_share_and_storage() -> None:
     full = run((node("a"),), storage_error="could not write 3 traces: database or disk is full")
     assert full["storage"] == CRITICAL
     assert run((node("a"),), traces_lost=7)["storage"] == WARNING
+
+
+def test_a_spilled_model_is_named_with_the_fix() -> None:
+    gpu = GpuInfo("RTX 4090", 24 * GiB, 24 * GiB, vendor="nvidia")
+    spilling = node(
+        "gpu-box", gpus=(gpu,), loaded_models=(LoadedModel("llama3.3:70b", 42 * GiB, 24 * GiB),)
+    )
+    # A CPU-only node's models have size_vram 0: not a spill.
+    cpu = node("nuc", loaded_models=(LoadedModel("llama3.2:3b", 2 * GiB, 0),))
+    checks = {
+        c.id: c
+        for c in evaluate(HealthInput(FleetSnapshot((spilling, cpu)), {}, {}, {}, "::1", False, 24))
+    }
+    check = checks["spilled_models"]
+    assert check.severity == WARNING
+    assert check.evidence == (
+        "gpu-box:llama3.3:70b has 43% outside the accelerator (18.0 of 42.0 GiB)"
+    )
+    for fix in ("smaller quantisation", "more VRAM", "fewer models together"):
+        assert fix in check.fix
+    assert run((cpu,))["spilled_models"] == OK

@@ -180,7 +180,7 @@ async def test_health_checks(seeded: Any) -> None:
     _fleet, client, _ = seeded
     report = await get(client, "/dashboard/api/health")
     checks = {c["id"]: c for c in report["checks"]}
-    assert len(checks) == 18
+    assert len(checks) == 19
     for check in checks.values():
         assert check["severity"] in {"ok", "info", "warning", "critical"}
         assert check["evidence"] and check["fix"]
@@ -188,7 +188,7 @@ async def test_health_checks(seeded: Any) -> None:
     assert checks["client_disconnects"]["severity"] in {"info", "warning"}
     assert "1 clients" in checks["client_disconnects"]["evidence"]
     assert checks["unauthenticated_router"]["severity"] == "ok"  # loopback
-    assert sum(report["summary"].values()) == 18
+    assert sum(report["summary"].values()) == 19
 
 
 async def test_recommendations_fit_each_node(seeded: Any) -> None:
@@ -358,3 +358,50 @@ async def test_traces_survive_a_restart_and_warm_the_scorer(tmp_path: Path) -> N
     config = RouterConfig(host="127.0.0.1", port=0, data_dir=str(tmp_path))
     async with Router(config) as again:
         assert ("alpha", "llama3.2:3b") in again.state.history.latency_p75_ms
+
+
+def test_a_database_from_before_the_offload_column_gets_it(tmp_path: Path) -> None:
+    """The trace store's columns only grow: an older database is migrated on open, its rows
+    read NULL, and new traces keep the served copy's offload share."""
+    path = tmp_path / "latency.db"
+    old_schema = db.SCHEMA.replace(",\n    offload REAL", "")
+    assert old_schema != db.SCHEMA
+    connection = sqlite3.connect(path)
+    connection.executescript(old_schema)
+    connection.execute(
+        "INSERT INTO request_traces (request_id, model, original_model, status, latency_ms, "
+        "original_format, kind, timestamp) VALUES ('before', 'm', 'm', 'completed', 1, "
+        "'ollama', 'text', 1)"
+    )
+    connection.commit()
+    connection.close()
+    db.initialise(path)
+    db.initialise(path)  # twice: nothing to add the second time
+    connection = db.connect(path)
+    trace = TraceRecord(
+        request_id="after",
+        model="m",
+        original_model="m",
+        node_id="gpu-box",
+        score=1.0,
+        scores_breakdown={"spill": -30.0},
+        status="completed",
+        latency_ms=5.0,
+        time_to_first_token_ms=1.0,
+        prompt_tokens=1,
+        completion_tokens=1,
+        retry_count=0,
+        fallback_used=False,
+        excluded_nodes=(),
+        original_format="ollama",
+        kind="text",
+        error_message=None,
+        timestamp=2.0,
+        tags=(),
+        offload=0.43,
+    )
+    db.write_traces(connection, [trace])
+    rows = dict(connection.execute("SELECT request_id, offload FROM request_traces").fetchall())
+    connection.close()
+    assert rows == {"before": None, "after": 0.43}
+    assert trace.as_dict()["offload"] == 0.43

@@ -60,6 +60,7 @@ def test_fleet_status_counts() -> None:
         "nodes_online": 2,
         "nodes_degraded": 0,
         "models_loaded": 1,
+        "models_spilled": 0,
         "requests_active": 3,
         "requests_pending": 1,
         "requests_in_flight": 2,

@@ -11,6 +11,7 @@ from collections.abc import Mapping
 
 import attrs
 
+from herd.core import memory
 from herd.core.models import FleetSnapshot, MemoryPressure, NodeStatus
 
 OK, INFO, WARNING, CRITICAL = "ok", "info", "warning", "critical"
@@ -141,6 +142,28 @@ def evaluate(data: HealthInput, t: Thresholds | None = None) -> list[HealthCheck
         "If the exact model matters, turn vram_fallback off (it is off by default), keep that "
         "model loaded (more memory, or OLLAMA_MAX_LOADED_MODELS), or have clients send "
         "allow_substitution: false.",
+    )
+
+    spilled = [
+        (n.node_id, m, share)
+        for n in nodes
+        if n.status is not NodeStatus.OFFLINE
+        for m, share in memory.spilled(n.report)
+    ]
+    add(
+        "spilled_models",
+        "Models spilled out of VRAM (partly on the CPU)",
+        WARNING if spilled else OK,
+        ", ".join(
+            f"{node}:{m.name} has {share:.0%} outside the accelerator "
+            f"({(m.size_bytes - m.vram_bytes) / 2**30:.1f} of {m.size_bytes / 2**30:.1f} GiB)"
+            for node, m, share in spilled
+        )
+        or "every loaded model is wholly on its node's accelerator (or the node has none)",
+        "A spilled model runs several times slower, and herd routes around it where it can. "
+        "Use a smaller quantisation of it (e.g. q4_K_M instead of q8_0) or a smaller context "
+        "(num_ctx), put it on a node with more VRAM, or load fewer models together there "
+        "(OLLAMA_MAX_LOADED_MODELS=1, a shorter keep_alive for the others).",
     )
 
     bloated = [

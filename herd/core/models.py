@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import enum
 import functools
+from typing import NamedTuple
 
 import attrs
 
@@ -110,9 +111,36 @@ class DiskInfo:
 
 @attrs.frozen
 class GpuInfo:
+    """One accelerator, as the node agent read it (:mod:`herd.node.accelerators`).
+
+    On a discrete GPU (``unified`` False) the memory is its VRAM, as the device reports it. On
+    unified memory (Apple silicon) ``memory_total_bytes`` is the GPU's working-set limit within
+    system RAM and ``memory_used_bytes`` what the loaded models hold of it. Utilisation and
+    temperature are None where the device can't say. Every field has a default, so a report
+    from an agent that sends fewer of them still reads.
+    """
+
     name: str = ""
     memory_total_bytes: int = 0
     memory_used_bytes: int = 0
+    index: int = 0
+    vendor: str = ""  # "nvidia" | "amd" | "apple"
+    unified: bool = False  # shares system RAM (Apple silicon)
+    utilization_percent: float | None = None
+    temperature_c: float | None = None
+    source: str = ""  # how it was read: "nvml", "nvidia-smi", "rocm-smi", "apple"
+
+
+class ModelMemory(NamedTuple):
+    """The memory models run in on one node, as its report says it: see
+    :mod:`herd.core.memory`, which works it out (``NodeReport.memory_where``)."""
+
+    kind: str  # "ram", "vram" or "unified"
+    total: int  # bytes where models run: RAM, VRAM summed over devices, or the working set
+    free: int  # free there for a cold load now (RAM: capped by the capacity ceiling)
+    held: int  # held there by loaded models (unloading them frees it)
+    ram_free: int  # RAM a cold load may use (the capacity ceiling applied)
+    ram_held: int  # RAM held by loaded models (on VRAM nodes: the parts outside VRAM)
 
 
 @attrs.frozen
@@ -173,6 +201,14 @@ class NodeReport:
     @functools.cached_property
     def available_index(self) -> dict[str, AvailableModel]:
         return {m.name: m for m in reversed(self.available_models)}
+
+    @functools.cached_property
+    def memory_where(self) -> ModelMemory:
+        """The memory models run in on this node (:func:`herd.core.memory.where_models_run`),
+        worked out once per report."""
+        from herd.core.memory import where_models_run  # (that module reads this one)
+
+        return where_models_run(self)
 
 
 @attrs.frozen

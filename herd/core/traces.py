@@ -40,6 +40,11 @@ class TraceRecord:
     # context protection: None, "stripped", "upgraded" or "passthrough".
     substitution: str | None = None
     context_action: str | None = None
+    # Share of the served copy outside the node's accelerator, as the scorer judged it when it
+    # chose the node (Candidate.offload: Ollama's size_vram for a loaded copy, the prediction
+    # for a cold load): 0.0 = all in VRAM (or a node without one), above 0 = spilled, running
+    # partly on the CPU; None = not routed by the scorer.
+    offload: float | None = None
 
     def as_dict(self) -> dict[str, Any]:
         data = attrs.asdict(self)

@@ -9,9 +9,12 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any
 
+from herd.core import memory
 from herd.core.models import (
     AvailableModel,
     FleetSnapshot,
+    LoadedModel,
+    NodeReport,
     NodeSnapshot,
     NodeStatus,
     QueueStatistics,
@@ -26,7 +29,12 @@ def _iso(epoch: float | None) -> str | None:
 
 
 def node_view(node: NodeSnapshot, now: float) -> dict[str, Any]:
+    """One node as ``/fleet/status`` lists it. ``accelerator`` is the memory models run in
+    there (:mod:`herd.core.memory`: ``ram``, ``vram`` or ``unified``), ``gpus`` its devices
+    as read, and each loaded model's ``offload`` the share of it outside the accelerator
+    (``spilled`` from 1%)."""
     report = node.report
+    where = report.memory_where
     data: dict[str, Any] = {
         "node_id": node.node_id,
         "status": node.status.value,
@@ -38,17 +46,14 @@ def node_view(node: NodeSnapshot, now: float) -> dict[str, Any]:
         "cpu": unstructure(report.cpu),
         "memory": unstructure(report.memory),
         "disk": unstructure(report.disk),
-        "gpus": unstructure(report.gpus),
-        "models_loaded": [
-            {
-                "name": m.name,
-                "size_bytes": m.size_bytes,
-                "vram_bytes": m.vram_bytes,
-                "context_length": m.context_length,
-                "expires_at": _iso(m.expires_at),
-            }
-            for m in report.loaded_models
-        ],
+        "gpus": unstructure(report.gpus[: memory.MAX_DEVICES]),
+        "accelerator": {
+            "kind": where.kind,
+            "total_bytes": where.total,
+            "free_bytes": where.free,
+            "models_bytes": where.held,
+        },
+        "models_loaded": [_loaded_view(report, m) for m in report.loaded_models],
         "models_available": [unstructure(m) for m in report.available_models],
         "capabilities": unstructure(report.capabilities),
         "capacity": unstructure(report.capacity),
@@ -57,6 +62,19 @@ def node_view(node: NodeSnapshot, now: float) -> dict[str, Any]:
         "requests_pending": node.pending,
     }
     return data
+
+
+def _loaded_view(report: NodeReport, model: LoadedModel) -> dict[str, Any]:
+    share = memory.offload(report, model)
+    return {
+        "name": model.name,
+        "size_bytes": model.size_bytes,
+        "vram_bytes": model.vram_bytes,
+        "offload": round(share, 4),
+        "spilled": share >= memory.SPILL_SHARE,
+        "context_length": model.context_length,
+        "expires_at": _iso(model.expires_at),
+    }
 
 
 def fleet_status(
@@ -73,6 +91,7 @@ def fleet_status(
             "nodes_online": sum(1 for n in snapshot.nodes if n.status is NodeStatus.ONLINE),
             "nodes_degraded": sum(1 for n in snapshot.nodes if n.status is NodeStatus.DEGRADED),
             "models_loaded": sum(len(n.report.loaded_models) for n in online),
+            "models_spilled": sum(len(memory.spilled(n.report)) for n in online),
             "requests_active": queues.pending + queues.in_flight,
             "requests_pending": queues.pending,
             "requests_in_flight": queues.in_flight,

@@ -181,6 +181,7 @@ class FleetSession:
                 continue
             log_backend_change(state.registry.get(self.node_id), report)
             state.registry.apply_report(report, trio.current_time(), self)
+            state.history.observe(report)  # spilled copies: their slowness is theirs
             state.queues.set_limit(self.node_id, report.parallel_slots)
             record = state.registry.get(self.node_id)
             if record is not None:

@@ -341,6 +341,7 @@ class ProxyASGI:
                 node_id=opened.node_id if opened is not None else attempts.last_node,
                 score=winner.score if winner is not None else None,
                 scores_breakdown=dict(winner.breakdown) if winner is not None else {},
+                offload=winner.offload if winner is not None else None,
                 status=status,
                 latency_ms=latency_ms,
                 time_to_first_token_ms=(

@@ -75,10 +75,12 @@ from herd.core.models import (
     Capacity,
     CpuInfo,
     DiskInfo,
+    GpuInfo,
     MemoryInfo,
     NodeReport,
 )
 from herd.core.wire import report_to_json
+from herd.node.accelerators import with_loaded
 from herd.node.backend import BackendState, OllamaBackend, carry_over
 from herd.node.media import MediaCapabilities, whisper_model_path
 from herd.node.media import detect as media_capabilities
@@ -87,6 +89,9 @@ from herd.node.metrics import read_system
 log = logging.getLogger("herd.node")
 
 SystemReader = Callable[[], tuple[CpuInfo, MemoryInfo, DiskInfo]]
+# The machine's accelerators (herd.node.accelerators.AcceleratorReader.read): read off the
+# event loop and cached there, so a heartbeat never waits on a device.
+AcceleratorSource = Callable[[], Awaitable[tuple[GpuInfo, ...]]]
 
 
 class Probe(Protocol):
@@ -248,6 +253,8 @@ class NodeAgent:
     locate: Callable[[], Awaitable[str | None]] | None = None
     # Adaptive capacity (--learn-capacity): what the fleet may use of this machine now.
     capacity: Callable[[CpuInfo, MemoryInfo], Capacity] | None = None
+    # The accelerators to report; None: report none (the router then judges memory by RAM).
+    accelerators: AcceleratorSource | None = None
 
     draining: bool = attrs.field(default=False, init=False)
     last_report: NodeReport | None = attrs.field(default=None, init=False)
@@ -290,9 +297,12 @@ class NodeAgent:
         while not self.connected:
             await self._up.wait()
 
-    def build_report(self, state: BackendState, now_wall: float) -> NodeReport:
-        """Assemble one heartbeat: this machine's metrics, the backend's state, our flags.
-        ``now_wall`` is wall-clock epoch seconds (it crosses machines)."""
+    def build_report(
+        self, state: BackendState, now_wall: float, gpus: tuple[GpuInfo, ...] = ()
+    ) -> NodeReport:
+        """Assemble one heartbeat: this machine's metrics and accelerators (``gpus``), the
+        backend's state, our flags. ``now_wall`` is wall-clock epoch seconds (it crosses
+        machines). A unified-memory device's use is what the loaded models hold of it."""
         cpu, memory, disk = self.system()
         media = (
             media_capabilities(
@@ -316,7 +326,7 @@ class NodeAgent:
             cpu=cpu,
             memory=memory,
             disk=disk,
-            gpus=(),
+            gpus=with_loaded(gpus, state.loaded),
             loaded_models=state.loaded,
             available_models=state.available,
             in_flight=0,
@@ -486,7 +496,8 @@ class NodeAgent:
             # A wake-up asked for before this point is answered by the report we now build.
             self._wake = trio.Event()
             state = self.backend_state(await backend.probe())
-            report = self.build_report(state, time.time())
+            gpus = await self.accelerators() if self.accelerators is not None else ()
+            report = self.build_report(state, time.time(), gpus)
             self.last_report = report
             await ws.send_message(report_to_json(report))
             self.heartbeats_sent += 1

@@ -61,6 +61,7 @@ from herd.core.models import Capacity, CpuInfo, MemoryInfo
 from herd.core.wire import unstructure
 from herd.discovery import SERVICE_TYPE, discover
 from herd.node import openai_backend as oa
+from herd.node.accelerators import AcceleratorReader
 from herd.node.agent import AgentConfig, NodeAgent
 from herd.node.capacity import CapacityLearner, in_meeting
 from herd.node.media import Transcriber, generate_image, whisper_model_path
@@ -534,6 +535,7 @@ class Node:
                 backend=self.openai,
                 locate=locate,
                 capacity=self.capacity_now,
+                accelerators=AcceleratorReader().read,
             )
             await nursery.start(self.agent.run)
             task_status.started()

@@ -28,7 +28,8 @@ import attrs
 import trio
 import trio.testing
 
-from herd.core.models import KIND_TEXT, FleetSnapshot
+from herd.core.memory import SPILL_SHARE
+from herd.core.models import KIND_TEXT, FleetSnapshot, NodeReport
 from herd.core.policy.conversation import continuation_keys, prefix_keys
 from herd.core.scoring import RouteDecision, RouteRequest, ScoringSettings, score
 from herd.core.scoring.baselines import RoundRobin, least_connections, uniform
@@ -70,6 +71,7 @@ class Outcome:
     cold: bool
     cached_tokens: int
     error: str | None = None
+    offload: float = 0.0  # share of the serving copy outside its node's accelerator
 
 
 @attrs.frozen
@@ -86,6 +88,7 @@ class Summary:
     cached_share: float  # share of prompt tokens the prompt caches saved
     share: dict[str, float]  # node -> share of the requests it served
     conversation_share: float  # worst node's share of continuing conversation turns
+    spilled: int = 0  # requests served by a copy partly outside its node's accelerator
 
     @property
     def worst_share(self) -> float:
@@ -106,6 +109,7 @@ class _Harness:
     outcomes: list[Outcome] = attrs.field(factory=list)
     continuing: collections.Counter[str] = attrs.field(factory=collections.Counter)
     prompt_tokens: int = 0
+    ram_only: bool = False  # hide the accelerators from the router (see as_ram_only())
     _changed: trio.Event = attrs.field(factory=trio.Event)
 
     def changed(self) -> None:
@@ -116,7 +120,10 @@ class _Harness:
         now = trio.current_time()
         for name, node in self.nodes.items():
             report = node.report(now)
+            if self.ram_only:
+                report = as_ram_only(report)
             self.registry.apply_report(report, now)
+            self.history.observe(report)
             self.queues.set_limit(name, report.parallel_slots)
         self.changed()
 
@@ -177,6 +184,7 @@ class _Harness:
                     queued + served.ttft,
                     served.cold,
                     served.cached_tokens,
+                    offload=served.offload,
                 )
         self.outcomes.append(outcome or self._failed(turn, node_id, arrival, "client timeout"))
 
@@ -196,6 +204,16 @@ class _Harness:
                 return None
             with trio.move_on_after(remaining):
                 await self._changed.wait()
+
+
+def as_ram_only(report: NodeReport) -> NodeReport:
+    """``report`` as a router that judges memory by RAM alone would read it (herd before it
+    read accelerators): no devices, and every loaded model taken to be wholly where it runs."""
+    return attrs.evolve(
+        report,
+        gpus=(),
+        loaded_models=tuple(attrs.evolve(m, vram_bytes=m.size_bytes) for m in report.loaded_models),
+    )
 
 
 def picker(policy: str, history: LatencyHistory, settings: ScoringSettings, seed: int) -> Picker:
@@ -227,8 +245,10 @@ async def replay(
     heartbeat: float = 5.0,
     queue_timeout: float = 30.0,
     client_timeout: float = 300.0,
+    ram_only: bool = False,
 ) -> Summary:
-    """Replay ``trace`` on a fresh virtual ``fleet`` under ``policy``; see the module doc."""
+    """Replay ``trace`` on a fresh virtual ``fleet`` under ``policy``; see the module doc.
+    ``ram_only``: the router is not told of the nodes' accelerators (:func:`as_ram_only`)."""
     nodes = {config.name: VirtualNode(config) for config in fleet}
     history = LatencyHistory()
     harness = _Harness(
@@ -239,6 +259,7 @@ async def replay(
         queue_timeout=queue_timeout,
         client_timeout=client_timeout,
         history=history,
+        ram_only=ram_only,
     )
     harness.queues.on_release = harness.changed
     async with trio.open_nursery() as nursery:
@@ -271,6 +292,7 @@ def summarize(policy: str, harness: _Harness) -> Summary:
         cached_share=sum(o.cached_tokens for o in done) / max(1, harness.prompt_tokens),
         share={name: served[name] / total for name in harness.nodes},
         conversation_share=max(harness.continuing.values(), default=0) / max(1, turns),
+        spilled=sum(1 for o in done if o.offload >= SPILL_SHARE),
     )
 
 
@@ -278,7 +300,7 @@ def run(
     fleet: Sequence[SimConfig],
     trace: Sequence[Session],
     policy: str,
-    **options: float | int | ScoringSettings | None,
+    **options: float | int | bool | ScoringSettings | None,
 ) -> Summary:
     """:func:`replay` from synchronous code, on a virtual clock that jumps when all is idle."""
     clock = trio.testing.MockClock(autojump_threshold=0)

@@ -8,8 +8,11 @@ exact load, prefill, decode, pull and keep-alive times.
 
 What it does the way Ollama does it:
 
-- **Loads and keep-alive.** A request loads its model (the model's ``load_seconds``; least
-  recently used models that don't fit beside it are evicted) and keeps it resident for the
+- **Loads and keep-alive** follow :mod:`herd.sim.residency` (the same rules as the virtual
+  fleet's, :mod:`herd.sim.virtual`). A request loads its model (the model's ``load_seconds``;
+  idle models that don't fit beside it are evicted first, least recently used first, and a
+  load that only busy models stand in the way of waits for one to go idle; 10% of the memory
+  is the OS's) and keeps it resident for the
   request's ``keep_alive`` after the last request on it ends: a number of seconds, a Go duration
   string (``"30s"``, ``"5m"``, ``"1h30m"``), negative for ever, 0 to unload it as soon as the
   request ends. A malformed value is a 400 worded as Go words it (so the *string* ``"-1"`` is
@@ -19,6 +22,10 @@ What it does the way Ollama does it:
   the next request or reading, so ``/api/ps`` is right whenever it is asked; its ``expires_at``
   is an RFC 3339 wall-clock time, ``time.time()`` plus the virtual time left ("for ever" is now
   plus Go's longest duration, about 292 years, as Ollama prints it).
+- **GPUs** (``SimConfig.vram_bytes``, ``unified_memory``; :mod:`herd.sim.residency`): what
+  fits goes to VRAM; a model bigger than the empty GPU is split, ``/api/ps`` reports its
+  ``size_vram`` below its ``size``, and it prefills and decodes slower (the part outside runs
+  8x slower). :meth:`SimOllama.accelerator_reading` is the device a node agent would read.
 - **Load and unload requests.** ``/api/generate`` without a ``prompt`` and ``/api/chat`` without
   ``messages`` load the model and answer one object with ``"done_reason": "load"``; with
   ``keep_alive: 0`` they unload it instead (``"unload"``; nothing is loaded if it wasn't).
@@ -60,7 +67,6 @@ Counters (plain attributes) tell a test what happened: ``cold_loads``, ``load_re
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import datetime as dt
 import hashlib
@@ -70,17 +76,19 @@ import math
 import random
 import re
 import time
-from collections import OrderedDict, deque
+from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from typing import Any
 
 import attrs
 import trio
 
-from herd.core.models import CpuInfo, DiskInfo, MemoryInfo
+from herd.core.models import CpuInfo, DiskInfo, GpuInfo, MemoryInfo
 from herd.core.policy.conversation import continuation_keys, prefix_keys
 from herd.server import serve_app
 from herd.sim.costs import PromptCache, prefill_seconds, pull_seconds
+from herd.sim.loader import Loader
+from herd.sim.residency import FOREVER, Residency
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -115,7 +123,6 @@ PROBE_ROUTES = frozenset(
     {("GET", "/api/version"), ("GET", "/api/ps"), ("GET", "/api/tags"), ("POST", "/api/show")}
 )
 DEFAULT_REGISTRY = "registry.ollama.ai"
-FOREVER = math.inf
 # Go's longest time.Duration (2**63 - 1 ns, about 292 years): what Ollama adds to "now" for a
 # model kept for ever, so its /api/ps shows a date some 292 years ahead.
 GO_MAX_DURATION_SECONDS = (2**63 - 1) / 1e9
@@ -177,6 +184,47 @@ class SimConfig:
     # How long the models in ``loaded`` stay resident from the start, unless used: for ever.
     loaded_keep_alive: float | str = -1
     pull_bytes_per_second: float = 0.0  # the link to the registry; 0 = pulls are instant
+    # The accelerator (herd.sim.residency): None = memory not split (every model reported all
+    # in VRAM, no device read); 0 = CPU only; else a GPU with this much VRAM, or with
+    # ``unified_memory`` the GPU's working-set limit within ``memory_bytes`` (Apple silicon).
+    vram_bytes: int | None = None
+    unified_memory: bool = False
+
+
+def residency_for(config: SimConfig, prompts: PromptCache | None = None) -> Residency:
+    """The residency model of the machine ``config`` describes (shared by the HTTP simulator
+    and the virtual fleet)."""
+    return Residency(
+        config.memory_bytes,
+        vram_bytes=config.vram_bytes,
+        unified=config.unified_memory,
+        default_keep=keep_alive_seconds(config.keep_alive),
+        loaded_keep=keep_alive_seconds(config.loaded_keep_alive),
+        prompts=prompts if prompts is not None else PromptCache(),
+    )
+
+
+def accelerator_reading(
+    config: SimConfig, memory: Residency, busy_percent: float
+) -> tuple[GpuInfo, ...]:
+    """The device a node agent would read on the machine ``config`` describes: none without a
+    sized accelerator; on a discrete GPU its VRAM in use (loads under way too); on unified
+    memory, what the loaded models hold of the working set (as the agent reports a Mac)."""
+    if not config.vram_bytes:
+        return ()
+    unified = config.unified_memory
+    return (
+        GpuInfo(
+            name="Apple M-series GPU (simulated)" if unified else "Simulated GPU",
+            memory_total_bytes=config.vram_bytes,
+            memory_used_bytes=memory.used_vram(reserved=not unified),
+            vendor="apple" if unified else "nvidia",
+            unified=unified,
+            utilization_percent=busy_percent,
+            temperature_c=None if unified else 40.0 + 0.4 * busy_percent,
+            source="sim",
+        ),
+    )
 
 
 class _Abort(Exception):
@@ -362,13 +410,10 @@ class SimOllama:
     url: str = ""
     open_streams: int = 0
     disconnects: int = 0
-    cold_loads: int = 0
     pulls: int = 0
     prompt_cache_hits: int = 0
     load_requests: int = 0  # answered with done_reason "load"
     unload_requests: int = 0  # answered with done_reason "unload"
-    expirations: int = 0  # models that left memory because their keep_alive ran out
-    evictions: int = 0  # models unloaded to make room for another
     probes: int = 0  # requests to /api/version, /api/ps, /api/tags and /api/show
     pulls_cancelled: int = 0  # pulls whose client went away before the end
     prompts: PromptCache = attrs.field(factory=PromptCache)
@@ -378,7 +423,6 @@ class SimOllama:
     # Every request's (method, path, headers), as a real server would log them.
     seen: deque[tuple[str, str, dict[str, str]]] = attrs.field(factory=lambda: deque(maxlen=1000))
     _models: dict[str, SimModel] = attrs.field(factory=dict)
-    _resident: OrderedDict[str, None] = attrs.field(factory=OrderedDict)
     _failure: str | None = None
     _failures_left: int | None = None
     _after_chunks: int = 2
@@ -389,31 +433,42 @@ class SimOllama:
     _pull_failure: str | None = None
     _pull_failures_left: int | None = None
     _slots: trio.Semaphore | None = None
-    _loading: dict[str, trio.Event] = attrs.field(factory=dict)
     _listener: trio.CancelScope | None = None
     _reopen: trio.Event = attrs.field(factory=trio.Event)
     # Set once "refuse" has closed the listener and every connection (until cleared).
     closed: trio.Event = attrs.field(factory=trio.Event)
     # Set while the server accepts connections; replaced by a fresh event when it stops.
     listening: trio.Event = attrs.field(factory=trio.Event)
-    # Per resident model: when it leaves memory (virtual time; FOREVER), the keep-alive its
-    # latest request asked for, and how many requests are using it (it never expires in use).
-    _expires: dict[str, float] = attrs.field(factory=dict)
-    _session: dict[str, float] = attrs.field(factory=dict)
-    _busy: collections.Counter[str] = attrs.field(factory=collections.Counter)
-    _default_keep: float = attrs.field(init=False, default=300.0)
-    _loaded_keep: float = attrs.field(init=False, default=FOREVER)
+    # What is in memory (herd.sim.residency, shared with the virtual fleet), and its loads.
+    memory: Residency = attrs.field(init=False)
+    loads: Loader = attrs.field(init=False)
     _downloads: dict[str, _Download] = attrs.field(factory=dict)
     _partial: dict[str, int] = attrs.field(factory=dict)  # bytes kept from interrupted pulls
 
     def __attrs_post_init__(self) -> None:
-        self._default_keep = keep_alive_seconds(self.config.keep_alive)
-        self._loaded_keep = keep_alive_seconds(self.config.loaded_keep_alive)
+        self.memory = residency_for(self.config, self.prompts)
+        self.loads = Loader(self.memory)
         for model in self.config.models:
             self._models[model.name] = model
-        for name in self.config.loaded:
-            self._resident[name] = None
-            self._expires[name] = FOREVER  # counted from the start by serve()
+        self.memory.start(self._resident_at_start(), None)  # timed from serve()
+
+    def _resident_at_start(self) -> list[tuple[str, int]]:
+        sizes = {m.name: m.size_bytes for m in self.config.models}
+        return [(name, sizes.get(name, 0)) for name in self.config.loaded]
+
+    @property
+    def cold_loads(self) -> int:
+        return self.memory.cold_loads
+
+    @property
+    def evictions(self) -> int:
+        """Models unloaded to make room for another."""
+        return self.memory.evictions
+
+    @property
+    def expirations(self) -> int:
+        """Models that left memory because their keep_alive ran out."""
+        return self.memory.expirations
 
     # --- control ----------------------------------------------------------------------
     def fail(
@@ -502,70 +557,48 @@ class SimOllama:
     @property
     def loaded_models(self) -> list[str]:
         self._expire()
-        return list(self._resident)
+        return self.memory.names()
 
     def used_bytes(self) -> int:
         self._expire()
-        return sum(self._models[n].size_bytes for n in self._resident if n in self._models)
+        return self.memory.used_bytes()
 
     def system_reading(self) -> tuple[CpuInfo, MemoryInfo, DiskInfo]:
         """The simulated machine's metrics, for a node agent reporting this sim."""
-        total = self.config.memory_bytes
-        # The OS and apps take a share, as on a real machine.
-        available = max(0, int(total * 0.9) - self.used_bytes())
+        self._expire()
         busy = min(100.0, 100.0 * self.open_streams / max(1, self.config.parallel))
         return (
             CpuInfo(cores=8, percent=busy),
-            MemoryInfo(total_bytes=total, available_bytes=available),
+            # The OS and apps take a share, as on a real machine (see herd.sim.residency).
+            MemoryInfo(
+                total_bytes=self.config.memory_bytes, available_bytes=self.memory.available_bytes()
+            ),
             DiskInfo(total_bytes=1024 * GiB, free_bytes=512 * GiB),
         )
+
+    def accelerator_reading(self) -> tuple[GpuInfo, ...]:
+        """The simulated machine's accelerator as the node agent would read it (none unless
+        ``SimConfig.vram_bytes`` is set above 0), for a node agent reporting this sim."""
+        self._expire()
+        busy = min(100.0, 100.0 * self.open_streams / max(1, self.config.parallel))
+        return accelerator_reading(self.config, self.memory, busy)
+
+    async def read_accelerators(self) -> tuple[GpuInfo, ...]:
+        """:meth:`accelerator_reading` as a node agent's accelerator source."""
+        return self.accelerator_reading()
 
     # --- residency ----------------------------------------------------------------------
     def _expire(self) -> None:
         """Unload the models whose keep-alive ran out (lazily: before every answer)."""
-        if not self._expires:
-            return
         try:
             now = trio.current_time()
         except RuntimeError:  # outside trio.run: no clock to read
             return
-        for name, at in list(self._expires.items()):
-            if at <= now and not self._busy[name]:
-                self._unload(name)
-                self.expirations += 1
-
-    def _unload(self, name: str) -> None:
-        self._resident.pop(name, None)
-        self._expires.pop(name, None)
-        self._session.pop(name, None)
-        self.prompts.drop(name)
-
-    def _acquire(self, name: str, keep: float) -> None:
-        """A request starts using resident ``name``; its keep-alive becomes the model's."""
-        self._busy[name] += 1
-        self._session[name] = keep
-
-    def _release(self, name: str) -> None:
-        """A request on ``name`` ended: the last one out starts the keep-alive timer."""
-        self._busy[name] -= 1
-        if self._busy[name] > 0:
-            return
-        del self._busy[name]
-        if name not in self._resident:
-            return
-        keep = self._session.get(name, self._default_keep)
-        if keep <= 0:
-            self._unload(name)
-            self.expirations += 1
-        else:
-            self._expires[name] = trio.current_time() + keep
+        self.loads.expire(now)
 
     def _expires_at(self, name: str, now: float, wall: float) -> str:
         """When ``name`` leaves memory, as /api/ps says it: an RFC 3339 wall-clock time."""
-        if self._busy[name]:
-            at = now + self._session.get(name, self._default_keep)
-        else:
-            at = self._expires.get(name, FOREVER)
+        at = self.memory.expires_at(name, now)
         left = GO_MAX_DURATION_SECONDS if at == FOREVER else at - now
         return _rfc3339(wall + min(left, GO_MAX_DURATION_SECONDS))
 
@@ -578,10 +611,10 @@ class SimOllama:
         task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         self._slots = trio.Semaphore(max(1, self.config.parallel))
-        now = trio.current_time()
-        for name in self.config.loaded:
-            if self._expires.get(name) == FOREVER and not self._busy[name]:
-                self._expires[name] = now + self._loaded_keep
+        self.memory.start(
+            [(n, s) for n, s in self._resident_at_start() if self.memory.resident(n)],
+            trio.current_time(),
+        )
         started = False
         while True:
             with trio.CancelScope() as self._listener:
@@ -769,7 +802,7 @@ class SimOllama:
     async def _ps(self, body: bytes, send: Send) -> None:
         now, wall = trio.current_time(), time.time()
         models = []
-        for name in self._resident:
+        for name in self.memory.names():
             m = self._models[name]
             models.append(
                 {
@@ -779,7 +812,7 @@ class SimOllama:
                     "digest": m.digest,
                     "details": self._details(m),
                     "expires_at": self._expires_at(name, now, wall),
-                    "size_vram": m.size_bytes,
+                    "size_vram": self.memory.size_vram(name),
                     "context_length": m.context_length,
                 }
             )
@@ -941,7 +974,7 @@ class SimOllama:
         if model is None:
             return
         del self._models[model.name]
-        self._unload(model.name)
+        self.loads.unload(model.name)
         await send({"type": "http.response.start", "status": 200, "headers": []})
         await send({"type": "http.response.body", "body": b""})
 
@@ -1045,7 +1078,7 @@ class SimOllama:
             return
         try:  # fields Ollama refuses while reading the request
             raw_keep = data.get("keep_alive")
-            keep = self._default_keep if raw_keep is None else keep_alive_seconds(raw_keep)
+            keep = self.memory.default_keep if raw_keep is None else keep_alive_seconds(raw_keep)
             think = _think(data.get("think"))
         except ValueError as exc:
             await self._json(send, 400, {"error": str(exc)})
@@ -1083,42 +1116,13 @@ class SimOllama:
         self, path: str, data: dict[str, Any], model: SimModel, send: Send
     ) -> None:
         self.unload_requests += 1
-        if model.name in self._resident:
-            if self._busy[model.name]:
-                self._session[model.name] = 0.0  # it goes when its last request ends
-            else:
-                self._unload(model.name)
+        self.loads.unload_when_idle(model.name)  # (if busy: when its last request ends)
         await self._json(send, 200, _load_answer(path, data, "unload"))
 
     async def _ensure_loaded(self, model: SimModel) -> float:
-        """Make ``model`` resident (evicting least recently used ones). Returns the seconds
-        this request waited for a load."""
-        if model.name in self._resident:
-            self._resident.move_to_end(model.name)
-            return 0.0
-        start = trio.current_time()
-        while (pending := self._loading.get(model.name)) is not None:
-            await pending.wait()  # another request is loading it
-            if model.name in self._resident:
-                self._resident.move_to_end(model.name)
-                return trio.current_time() - start
-        # (nobody else is loading it, or that load was cancelled: load it here)
-        done = self._loading[model.name] = trio.Event()
-        try:
-            await trio.sleep(model.load_seconds)
-            while (
-                self._resident and self.used_bytes() + model.size_bytes > self.config.memory_bytes
-            ):
-                evicted = next(iter(self._resident))
-                self._unload(evicted)
-                self.evictions += 1
-            self._resident[model.name] = None
-            self._expires[model.name] = FOREVER  # until its request ends (see _release)
-            self.cold_loads += 1
-        finally:
-            del self._loading[model.name]
-            done.set()
-        return model.load_seconds
+        """Make ``model`` resident (evicting least recently used idle ones, waiting for busy
+        ones). Returns the seconds this request waited for a load."""
+        return await self.loads.ensure(model.name, model.size_bytes, model.load_seconds)
 
     async def _respond(
         self,
@@ -1135,14 +1139,14 @@ class SimOllama:
             await trio.sleep_forever()
         if path in ("/api/chat", "/api/generate") and _is_load_request(path, data):
             await self._ensure_loaded(model)  # a load takes no parallel slot
-            self._acquire(model.name, keep)
-            self._release(model.name)
+            self.memory.acquire(model.name, keep)
+            self.loads.release(model.name)
             self.load_requests += 1
             await self._json(send, 200, _load_answer(path, data, "load"))
             return
         async with self._slots:
             load = await self._ensure_loaded(model)
-            self._acquire(model.name, keep)
+            self.memory.acquire(model.name, keep)
             try:
                 if path == "/api/embed":
                     await self._embed(data, model, load, send)
@@ -1156,7 +1160,7 @@ class SimOllama:
                     thinks = model.thinking if think is None else bool(think)
                     await self._generate(path, data, model, load, thinks, failure, send)
             finally:
-                self._release(model.name)
+                self.loads.release(model.name)
 
     def _vector(self, text: str, model: SimModel) -> list[float]:
         """A unit vector for ``text``, the same every time."""
@@ -1228,7 +1232,9 @@ class SimOllama:
         if cached:
             self.prompt_cache_hits += 1
         seconds = prefill_seconds(
-            prompt_tokens - cached, model.prefill_tokens_per_second, self.config.speed
+            prompt_tokens - cached,
+            model.prefill_tokens_per_second,
+            self.config.speed * self.memory.speed(model.name),
         )
         if seconds:
             await trio.sleep(seconds)
@@ -1278,7 +1284,7 @@ class SimOllama:
         stream = data.get("stream", True) is not False
         created = _now_iso()
         prompt_tokens = self._prompt_tokens(data)
-        rate = model.tokens_per_second * self.config.speed
+        rate = model.tokens_per_second * self.config.speed * self.memory.speed(model.name)
         delay = 1.0 / rate if rate > 0 else 0.0
         eval_count = produced + call_tokens
         prefill = await self._prefill(data, model, prompt_tokens)

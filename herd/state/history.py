@@ -4,6 +4,14 @@ Bounded: the last :data:`WINDOW` completed requests per node:model. The scorer r
 ``latency_p75_ms``, ``node_speed`` and ``model_p75_ms`` through a :class:`herd.core.scoring.History`
 built from the live maps (no copy per request); they are recomputed only when a request
 completes, and only for the model it used.
+
+Spilled copies: a model running partly outside the accelerator (:mod:`herd.core.memory`,
+seen in the node's heartbeats through :meth:`LatencyHistory.observe`) is slow because of where
+it sits, not because of the node. Its requests count for that node:model (its latency p75 and
+decode rate, which the scorer and the deadlines read), but not for the node's speed nor the
+model's typical time, so the node's other models and the model's other nodes are not judged
+by it. When a copy moves in or out of VRAM (a reload placed it differently) the samples of the
+old placement are dropped: they describe another copy.
 """
 
 from __future__ import annotations
@@ -14,6 +22,8 @@ from collections import deque
 
 import attrs
 
+from herd.core.memory import SPILL_SHARE, offload
+from herd.core.models import NodeReport
 from herd.core.scoring import History
 
 WINDOW = 100
@@ -34,6 +44,8 @@ class LatencyHistory:
     # second, per node model bytes loaded per second.
     _prefill: dict[tuple[str, str], deque[float]] = attrs.field(factory=dict)
     _loads: dict[str, deque[float]] = attrs.field(factory=dict)
+    # (node, model) pairs whose copy, as last seen in a heartbeat, is spilled.
+    _spilled: set[tuple[str, str]] = attrs.field(factory=set)
     latency_p75_ms: dict[tuple[str, str], float] = attrs.field(factory=dict)
     node_speed: dict[str, float] = attrs.field(factory=dict)
     model_p75_ms: dict[str, float] = attrs.field(factory=dict)
@@ -50,8 +62,29 @@ class LatencyHistory:
         self._served.setdefault(model, set()).add(node_id)
         if tokens_per_second and tokens_per_second > 0:
             self._rates.setdefault((node_id, model), deque(maxlen=WINDOW)).append(tokens_per_second)
-            self._recompute_speed(node_id, model)
+            if (node_id, model) not in self._spilled:  # a spill is not the node's speed
+                self._recompute_speed(node_id, model)
         self._recompute_typical(model)
+
+    def observe(self, report: NodeReport) -> None:
+        """A heartbeat: note which of the node's loaded models are spilled (see the module
+        docstring); a copy whose placement changed loses its samples."""
+        node_id = report.node_id
+        for model in report.loaded_models:
+            key = (node_id, model.name)
+            spilled = offload(report, model) >= SPILL_SHARE
+            if spilled == (key in self._spilled):
+                continue
+            if spilled:
+                self._spilled.add(key)
+            else:
+                self._spilled.discard(key)
+            if key in self._latency or key in self._rates:
+                self._drop([key])
+
+    def spilled(self, node_id: str, model: str) -> bool:
+        """Was this node's copy of ``model`` spilled when last seen?"""
+        return (node_id, model) in self._spilled
 
     def _recompute_speed(self, node: str, model: str) -> None:
         """A node's speed is the geometric mean, over the models it ran, of its rate for the
@@ -85,9 +118,12 @@ class LatencyHistory:
     def _recompute_typical(self, model: str) -> None:
         """The model's p75 on a node of speed 1.0: the median over the nodes that served it of
         their p75 times their speed. The scorer's estimate for a node that hasn't served it."""
+        nodes = self._served.get(model, set())
+        # Spilled copies say what a spill costs, not what the model takes: leave them out,
+        # unless no other copy has run it.
+        whole = [n for n in nodes if (n, model) not in self._spilled] or list(nodes)
         normalized = [
-            self.latency_p75_ms[(node, model)] * self.node_speed.get(node, 1.0)
-            for node in self._served.get(model, ())
+            self.latency_p75_ms[(node, model)] * self.node_speed.get(node, 1.0) for node in whole
         ]
         self.model_p75_ms[model] = statistics.median(normalized)
 
@@ -129,22 +165,28 @@ class LatencyHistory:
     def forget(self, node_id: str) -> None:
         """Drop everything learned of ``node_id`` and recompute what depended on it (the
         fleet's medians, the other nodes' speeds, each model's typical time)."""
-        for key in [k for k in self._latency if k[0] == node_id]:
-            del self._latency[key]
-            self.latency_p75_ms.pop(key, None)
-        for key in [k for k in self._rates if k[0] == node_id]:
-            del self._rates[key]
-        for key in [k for k in self._prefill if k[0] == node_id]:
-            del self._prefill[key]
         self._loads.pop(node_id, None)
-        for nodes in self._served.values():
-            nodes.discard(node_id)
+        self._spilled = {k for k in self._spilled if k[0] != node_id}
+        keys = {k for k in (*self._latency, *self._rates, *self._prefill) if k[0] == node_id}
+        self._drop(list(keys))
+
+    def _drop(self, keys: list[tuple[str, str]]) -> None:
+        """Forget the samples of these node:model pairs and recompute what depended on them."""
+        for key in keys:
+            self._latency.pop(key, None)
+            self.latency_p75_ms.pop(key, None)
+            self._rates.pop(key, None)
+            self._prefill.pop(key, None)
+            nodes = self._served.get(key[1])
+            if nodes is not None:
+                nodes.discard(key[0])
         self._model_rates.clear()
         self._fleet_log.clear()
         self._speed_sums.clear()
         self.node_speed.clear()
         for node, model in self._rates:
-            self._recompute_speed(node, model)
+            if (node, model) not in self._spilled:
+                self._recompute_speed(node, model)
         for model, nodes in list(self._served.items()):
             if nodes:
                 self._recompute_typical(model)

@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterable, Mapping
 
 import attrs
 
+from herd.core import memory
 from herd.core.models import FleetSnapshot, NodeStatus, QueueStatistics
 from herd.core.traces import TraceRecord
 
@@ -166,4 +167,51 @@ class Metrics:
                 f"herd_models_loaded{_labels({'node': node.node_id})} "
                 f"{len(node.report.loaded_models)}"
             )
+        self._accelerators(fleet, family, out)
         return "\n".join(out) + "\n"
+
+    def _accelerators(
+        self, fleet: FleetSnapshot, family: Callable[[str, str, str], None], out: list[str]
+    ) -> None:
+        """Per device (the first :data:`~herd.core.memory.MAX_DEVICES` a node reports):
+        memory, utilisation and temperature where the device gives them; per loaded model, the
+        share of it outside the accelerator."""
+        rows: dict[str, list[str]] = {
+            "herd_gpu_memory_total_bytes": [],
+            "herd_gpu_memory_used_bytes": [],
+            "herd_gpu_utilization_ratio": [],
+            "herd_gpu_temperature_celsius": [],
+        }
+        for node in fleet.nodes:
+            for gpu in node.report.gpus[: memory.MAX_DEVICES]:
+                labels = _labels(
+                    {"node": node.node_id, "gpu": str(gpu.index), "name": gpu.name[:120]}
+                )
+                rows["herd_gpu_memory_total_bytes"].append(f"{labels} {gpu.memory_total_bytes}")
+                rows["herd_gpu_memory_used_bytes"].append(f"{labels} {gpu.memory_used_bytes}")
+                if gpu.utilization_percent is not None:
+                    ratio = gpu.utilization_percent / 100
+                    rows["herd_gpu_utilization_ratio"].append(f"{labels} {ratio}")
+                if gpu.temperature_c is not None:
+                    rows["herd_gpu_temperature_celsius"].append(f"{labels} {gpu.temperature_c}")
+        helps = {
+            "herd_gpu_memory_total_bytes": "Accelerator memory per device (on unified memory: "
+            "the GPU's working-set limit).",
+            "herd_gpu_memory_used_bytes": "Accelerator memory in use per device.",
+            "herd_gpu_utilization_ratio": "Accelerator busy share per device, 0..1.",
+            "herd_gpu_temperature_celsius": "Accelerator temperature per device.",
+        }
+        for name, lines in rows.items():
+            family(name, "gauge", helps[name])
+            out.extend(name + line for line in lines)
+        family(
+            "herd_model_offload_ratio",
+            "gauge",
+            "Share of each loaded model outside the accelerator (0 = all in VRAM; above 0 on a "
+            "GPU node: spilled, running partly on the CPU).",
+        )
+        for node in fleet.nodes:
+            for model in node.report.loaded_models:
+                share = memory.offload(node.report, model)
+                labels = _labels({"node": node.node_id, "model": model.name})
+                out.append(f"herd_model_offload_ratio{labels} {round(share, 4)}")

@@ -39,7 +39,8 @@ CREATE TABLE IF NOT EXISTS request_traces (
     timestamp REAL NOT NULL,
     tags TEXT NOT NULL DEFAULT '[]',
     substitution TEXT,
-    context_action TEXT
+    context_action TEXT,
+    offload REAL
 );
 CREATE INDEX IF NOT EXISTS request_traces_timestamp ON request_traces (timestamp);
 CREATE INDEX IF NOT EXISTS request_traces_node_model ON request_traces (node_id, model, timestamp);
@@ -73,7 +74,11 @@ COLUMNS = (
     "tags",
     "substitution",
     "context_action",
+    "offload",
 )
+# Columns added after the first release, with their types: a database made before them gets
+# them added on open (additive: older rows read NULL).
+ADDED_COLUMNS = (("offload", "REAL"),)
 INSERT = (
     f"INSERT OR REPLACE INTO request_traces ({', '.join(COLUMNS)}) "
     f"VALUES ({', '.join('?' for _ in COLUMNS)})"
@@ -124,6 +129,10 @@ def initialise(path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with connect(path) as connection:
         connection.executescript(SCHEMA)
+        present = {row["name"] for row in connection.execute("PRAGMA table_info(request_traces)")}
+        for name, kind in ADDED_COLUMNS:
+            if name not in present:
+                connection.execute(f"ALTER TABLE request_traces ADD COLUMN {name} {kind}")
     connection.close()
 
 
@@ -150,6 +159,7 @@ def trace_row(trace: TraceRecord) -> tuple[Any, ...]:
         json.dumps(list(trace.tags)),
         trace.substitution,
         trace.context_action,
+        trace.offload,
     )
 
 

@@ -16,28 +16,45 @@ Theory of operation
 A decision has three stages.
 
 1. **Eliminate** nodes that cannot serve at all: offline, draining, backend down, capacity
-   paused, already failed this request, model absent, a cold load that doesn't fit in free
-   memory (capped by the node's capacity ceiling), a cold load under critical memory pressure.
-   Each elimination keeps a reason that names the value that failed.
-2. **Score** the survivors on seven signals (points; positive is better):
+   paused, already failed this request, model absent, a cold load under critical memory
+   pressure, a cold load that doesn't fit where models run on that node (RAM, VRAM, or the
+   unified working set; see :mod:`herd.core.memory`), even once the loaded models are
+   unloaded (a partial offload fits if the part outside VRAM fits in RAM; RAM is capped by the
+   node's capacity ceiling). Each elimination keeps a reason that names the value that failed.
+2. **Score** the survivors on ten signals (points; positive is better). "log" marks a
+   penalty whose full scale is not a cap: past it, it grows as ``1 + ln x`` (``_saturate``):
 
-   =============  ===========  ====================================================
-   signal         range        meaning
-   =============  ===========  ====================================================
-   thermal        -30 .. +50   loaded +50; unloaded recently +30; only on disk +10;
-                               image jobs -30 where they would evict hot models
-   memory_fit     0 .. +20     headroom left after serving (cold loads use memory)
-   queue_depth    -30 .. 0     requests running or queued per slot, eased by speed
-   wait_time      -25 .. 0     p75 latency of this node:model from history (log)
-   role_affinity  0 .. +15     big models to big machines, small models to small
-   availability   -20 .. +10   learned availability ±10; a degraded node -10 more
-   context_fit    -15 .. +15   loaded context window vs the tokens the request needs
-   =============  ===========  ====================================================
+   =============  ===============  ==================================================
+   signal         range            meaning
+   =============  ===============  ==================================================
+   thermal        -30 .. +50       loaded +50; a cold load loses with its size (the
+                                   whole gap at 32 GiB): unloaded recently 30 .. 50,
+                                   only on disk 10 .. 50; image jobs -30 where they
+                                   would push hot models out of a crowded node
+   memory_fit     0 .. +6          headroom left after serving, where models run
+   queue_depth    -40 .. 0, log    requests running or queued per slot, over speed
+   wait_time      -60 .. 0, log    expected time to an answer (service x queue) in
+                                   units of the model's typical time
+   role_affinity  0 .. +4          big models to big nodes, small to small (x 0.4)
+   availability   -20 .. +10       learned availability +-10; a degraded node -10
+   context_fit    -15 .. +15       loaded context window vs the tokens needed; a
+                                   cold load +15 (it loads with the window asked)
+   affinity       0 .. +10         this conversation's earlier turn ran here and
+                                   the model is still loaded (its prompt cache)
+   eviction       -40 .. 0         the loaded models a cold load would push out,
+                                   each by how much it is still wanted
+   spill          -45 .. 0, log    the share of the copy outside the accelerator
+                                   (loaded, or a cold partial offload): that part
+                                   runs ~8x slower
+   =============  ===============  ==================================================
 
-   Thermal dominates on purpose: a cold load of a large model costs seconds to minutes, far
-   more than any queue. A queue alone (capped at 30) never takes the work from a hot node whose
-   window fits; a queue that has made the node *slow* does, through ``wait_time``. The cap keeps
-   a busy node in the ranking, so nothing starves, and its load still spreads ties.
+   Thermal dominates on purpose: a cold load of a large model costs seconds to minutes. A
+   queue alone costs a hot node 17 points per full round of its slots, so a second copy gets
+   loaded once about one round is queued; a queue that has made the node *slow* costs more,
+   through ``wait_time``. No penalty is capped: a busy node stays in the ranking (nothing
+   starves) but keeps losing ground as it gets busier. A spilled copy loses more than a cold
+   load's whole thermal gap once it runs about 3x slower, so, other things equal, a copy fully
+   in VRAM elsewhere wins, hot or cold.
 3. **Rank** by total score; exact ties are broken by the caller's ``rng``; the decision keeps the
    winner, the runners-up and every elimination.
 
@@ -64,6 +81,7 @@ from typing import NamedTuple
 
 import attrs
 
+import herd.core.memory as memory
 from herd.core.models import (
     KIND_EMBED,
     KIND_IMAGE,
@@ -92,6 +110,7 @@ SIGNALS = (
     "context_fit",
     "affinity",
     "eviction",
+    "spill",
 )
 
 
@@ -185,6 +204,16 @@ class ScoringSettings:
     eviction_busy: float = 15.0  # serving now: the load waits for it, then its queue reloads
     eviction_recent_s: float = 300.0  # Ollama's default keep-alive: "recent" means still wanted
     eviction_max: float = 40.0
+    # Spill: a copy partly outside the accelerator (Ollama's size_vram < size, or a cold load
+    # bigger than the accelerator memory it could have) runs from RAM on the CPU for that part;
+    # system RAM has a fraction of VRAM's bandwidth, so each token takes about
+    # 1 + share x (spill_cpu_slowdown - 1) times as long. herd.sim.residency.CPU_SLOWDOWN is
+    # the same figure, so the bench's simulated spills cost what the scorer expects.
+    spill_cpu_slowdown: float = 8.0  # the CPU part runs ~8x slower (DDR5 ~80 GB/s, VRAM ~700)
+    spill_full_slowdown: float = 3.0  # three times slower is the full penalty (and beyond, log)
+    spill_penalty_max: float = 45.0  # more than thermal's whole gap (40): a copy 3x slower,
+    # hot, is worth less than a cold full-VRAM load elsewhere, and a cold partial offload
+    # ranks below a cold full load, so the pre-warmer warms the copy that will run fast
 
     def __attrs_post_init__(self) -> None:
         for field in attrs.fields(type(self)):
@@ -204,6 +233,9 @@ class ScoringSettings:
         ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"scoring setting {name} must be > 0, got {getattr(self, name)!r}")
+        for name in ("spill_cpu_slowdown", "spill_full_slowdown"):
+            if getattr(self, name) <= 1.0:
+                raise ValueError(f"scoring setting {name} must be > 1, got {getattr(self, name)!r}")
         if self.context_comfort_ratio < 1.0:
             raise ValueError(
                 f"scoring setting context_comfort_ratio must be >= 1.0, "
@@ -220,6 +252,9 @@ class Candidate:
     score: float  # sum of the points
     points: tuple[float, ...]  # one per signal, in the order of SIGNALS
     hot: bool  # the model is loaded on the node: no cold load
+    # Share of the model outside the accelerator there (Ollama's size_vram for a loaded copy,
+    # the prediction for a cold load): 0.0 = all on the GPU, or a node without one.
+    offload: float = 0.0
 
     @property
     def breakdown(self) -> dict[str, float]:
@@ -282,15 +317,10 @@ def _saturate(x: float, s: ScoringSettings) -> float:
 
 
 def free_memory(node: NodeSnapshot) -> int:
-    """Memory a cold load may use: available memory, capped by the capacity ceiling (the ceiling
-    minus what is in use). Never negative. Raises nothing."""
-    memory = node.report.memory
-    free = memory.available_bytes
-    ceiling = node.report.capacity.ceiling_bytes
-    if ceiling is not None:
-        used = memory.total_bytes - memory.available_bytes
-        free = min(free, ceiling - used)
-    return max(0, free)
+    """RAM a cold load may use: available memory, capped by the capacity ceiling (the ceiling
+    minus what is in use). Never negative. Raises nothing. (Where the model runs, see
+    :func:`herd.core.memory.where_models_run`.)"""
+    return memory.ram_free(node.report)
 
 
 def model_size(node: NodeSnapshot, model: str) -> int:
@@ -339,14 +369,7 @@ def eliminate(request: RouteRequest, node: NodeSnapshot) -> str | None:
         return None  # hot: needs no new memory, whatever the pressure
     if report.memory.pressure is _CRITICAL:
         return "critical memory pressure (cold load refused)"
-    need = model_size(node, request.model)
-    free = free_memory(node)
-    if need > free:
-        reclaimable = sum(max(0, m.size_bytes) for m in report.loaded_models)
-        if need > free + reclaimable:
-            held = f" (+{_gib(reclaimable)} in loaded models)" if reclaimable else ""
-            return f"needs {_gib(need)} free, has {_gib(free)}{held}"
-    return None
+    return memory.cold_load(report.memory_where, model_size(node, request.model)).reason
 
 
 class Facts(NamedTuple):
@@ -354,61 +377,92 @@ class Facts(NamedTuple):
 
     loaded: LoadedModel | None  # the model's entry if it is in the node's memory
     size: int  # bytes the model takes there (0 = unknown)
-    free: int  # memory a cold load may use (see free_memory)
+    free: int  # free memory where models run there (see herd.core.memory.where_models_run)
     ahead: int  # requests running or waiting on the node, all models
     slots: int  # parallel slots, at least 1
     speed: float  # relative speed (see _speed)
+    total: int  # memory where models run there: RAM, VRAM or the unified working set
+    load: memory.ColdLoad | None  # what a cold load would do (None: hot)
+    offload: float  # share of the model outside the accelerator, loaded or predicted
+
+
+_HOT_LOAD = memory.ColdLoad(True, 0.0, 0, 0)
 
 
 def facts(request: RouteRequest, node: NodeSnapshot, history: History, s: ScoringSettings) -> Facts:
     """Look up, once, what the signals need of ``node``. Raises nothing."""
-    loaded = node.report.loaded_index.get(request.model)
+    report = node.report
+    loaded = report.loaded_index.get(request.model)
     size = model_size(node, request.model)
     ahead = 0
     for load in node.load.values():
         ahead += load.in_flight + load.pending
-    slots = max(1, node.report.parallel_slots)
+    slots = max(1, report.parallel_slots)
     # A model with its own, smaller limit waits on its own queue when that is the longer one.
     own = node.load.get(request.model)
     if own is not None and own.slots > 0:
         mine = own.in_flight + own.pending
         if mine * slots > ahead * own.slots:
             ahead, slots = mine, own.slots
+    where = report.memory_where
+    if loaded is not None:
+        cold, share = None, memory.offload(report, loaded)
+    else:
+        cold = memory.cold_load(where, size)
+        share = cold.offload
     # Positional: built once per candidate, on the hot path. The order of Facts' fields.
     return Facts(
         loaded,
         size,
-        free_memory(node),
+        where.free,
         max(0, ahead),
         slots,
         _speed(node, history, s),
+        where.total,
+        cold,
+        share,
     )
 
 
 def evictions(request: RouteRequest, node: NodeSnapshot) -> tuple[str, ...]:
     """The loaded models a cold load of ``request.model`` would push out of ``node``, in the
     order the backend would drop them: idle before busy, least recently used first (router
-    recency, then the backend's keep-alive expiry). Empty when it fits or is hot. Raises
-    nothing."""
+    recency, then the backend's keep-alive expiry), until both the memory models run in and
+    RAM have room (see :func:`herd.core.memory.cold_load`). Empty when it fits or is hot.
+    Raises nothing."""
     if node.loaded(request.model) is not None:
         return ()
-    need = model_size(node, request.model) - free_memory(node)
-    if need <= 0:
+    where = node.report.memory_where
+    load = memory.cold_load(where, model_size(node, request.model))
+    return _evicted(node, where.kind, load)
+
+
+def _evicted(node: NodeSnapshot, where: str, load: memory.ColdLoad) -> tuple[str, ...]:
+    need, need_ram = load.evict, load.evict_ram
+    if need <= 0 and need_ram <= 0:
         return ()
 
     def order(model: LoadedModel) -> tuple[bool, float, float]:
-        load = node.load.get(model.name)
-        busy = load is not None and (load.in_flight > 0 or load.pending > 0)
-        used = load.last_used if load is not None and load.last_used is not None else -math.inf
+        used_load = node.load.get(model.name)
+        busy = used_load is not None and (used_load.in_flight > 0 or used_load.pending > 0)
+        used = (
+            used_load.last_used
+            if used_load is not None and used_load.last_used is not None
+            else -math.inf
+        )
         expires = _number(model.expires_at, -math.inf)
         return busy, used, expires
 
     out = []
     for model in sorted(node.report.loaded_models, key=order):
-        if need <= 0:
+        if need <= 0 and need_ram <= 0:
             break
-        out.append(model.name)
-        need -= max(0, model.size_bytes)
+        freed = memory.held_where(where, model)
+        freed_ram = memory.held_ram(where, model)
+        if (need > 0 and freed > 0) or (need_ram > 0 and freed_ram > 0):
+            out.append(model.name)
+            need -= freed
+            need_ram -= freed_ram
     return tuple(out)
 
 
@@ -433,13 +487,14 @@ def thermal(
 
 
 def memory_fit(node: NodeSnapshot, f: Facts, s: ScoringSettings) -> float:
-    """Headroom after serving, as a share of total memory: a cold load spends the model's size,
-    a hot model only what is free now. Full points at ``memory_comfort_share``. Raises nothing."""
-    total = node.report.memory.total_bytes
-    if total <= 0:
+    """Headroom after serving, as a share of the memory models run in there (RAM, VRAM or the
+    unified working set): a cold load spends the model's size (a partial offload leaves
+    none), a hot model only what is free now. Full points at ``memory_comfort_share``. Raises
+    nothing."""
+    if f.total <= 0:
         return 0.0
     free = f.free if f.loaded is not None else f.free - f.size
-    share = max(0.0, free / total)
+    share = max(0.0, free / f.total)
     return s.memory_fit_max * min(1.0, share / s.memory_comfort_share)
 
 
@@ -481,10 +536,10 @@ def wait_time(
 
 
 def role_affinity(node: NodeSnapshot, f: Facts, s: ScoringSettings) -> float:
-    """Large models (>= ``large_model_bytes``) score by how big the node is, up to
-    ``big_node_bytes``; small ones by how small it is, at ``small_model_affinity_share`` of the
-    weight. 0 when a size is unknown. Raises nothing."""
-    total = node.report.memory.total_bytes
+    """Large models (>= ``large_model_bytes``) score by how big the node is (the memory
+    models run in there), up to ``big_node_bytes``; small ones by how small it is, at
+    ``small_model_affinity_share`` of the weight. 0 when a size is unknown. Raises nothing."""
+    total = f.total
     if total <= 0 or f.size <= 0:
         return 0.0
     node_bigness = min(1.0, total / s.big_node_bytes)
@@ -542,10 +597,10 @@ def eviction(
     """Cost of the models a cold load would push out (see :func:`evictions`): each costs
     ``eviction_busy`` if requests use it now, ``eviction_recent`` if one did within
     ``eviction_recent_s``, else ``eviction_idle``; capped at ``eviction_max``. Raises nothing."""
-    if f.loaded is not None or f.size <= f.free:
+    if f.load is None or (f.load.evict <= 0 and f.load.evict_ram <= 0):
         return 0.0  # hot, or it fits: nothing leaves
     cost = 0.0
-    for name in evictions(request, node):
+    for name in _evicted(node, node.report.memory_where.kind, f.load):
         load = node.load.get(name)
         if load is not None and (load.in_flight > 0 or load.pending > 0):
             cost += s.eviction_busy
@@ -560,12 +615,26 @@ def eviction(
     return -min(s.eviction_max, cost)
 
 
-def points(
-    request: RouteRequest, node: NodeSnapshot, history: History, now: float, s: ScoringSettings
+def spill(f: Facts, s: ScoringSettings) -> float:
+    """A copy partly outside the accelerator (``f.offload``: Ollama's size_vram for a loaded
+    one, the prediction for a cold partial offload) runs about ``1 + share x
+    (spill_cpu_slowdown - 1)`` times slower; the penalty is full at ``spill_full_slowdown``
+    and only slowly beyond. 0 for a copy all in VRAM and on nodes without an accelerator.
+    Raises nothing."""
+    if f.offload <= 0:
+        return 0.0
+    slowdown = 1.0 + f.offload * (s.spill_cpu_slowdown - 1.0)
+    return -s.spill_penalty_max * _saturate((slowdown - 1.0) / (s.spill_full_slowdown - 1.0), s)
+
+
+def _signals(
+    request: RouteRequest,
+    node: NodeSnapshot,
+    f: Facts,
+    history: History,
+    now: float,
+    s: ScoringSettings,
 ) -> tuple[float, ...]:
-    """Every signal's points for one eligible node, in the order of ``SIGNALS``. Raises
-    nothing."""
-    f = facts(request, node, history, s)
     return (
         thermal(request, node, f, now, s),
         memory_fit(node, f, s),
@@ -576,7 +645,16 @@ def points(
         context_fit(request, f, s),
         affinity(request, node, f, s),
         eviction(request, node, f, now, s),
+        spill(f, s),
     )
+
+
+def points(
+    request: RouteRequest, node: NodeSnapshot, history: History, now: float, s: ScoringSettings
+) -> tuple[float, ...]:
+    """Every signal's points for one eligible node, in the order of ``SIGNALS``. Raises
+    nothing."""
+    return _signals(request, node, facts(request, node, history, s), history, now, s)
 
 
 def breakdown(
@@ -608,14 +686,16 @@ def score(
         if reason is not None:
             eliminated.append(Elimination(node.report.node_id, reason))
             continue
-        values = points(request, node, history, now, settings)
+        f = facts(request, node, history, settings)
+        values = _signals(request, node, f, history, now, settings)
         candidates.append(
             Candidate(  # positional: a decision builds one per node
                 node.report.node_id,
                 request.model,
                 round(sum(values), 3),
                 values,
-                request.model in node.report.loaded_index,
+                f.loaded is not None,
+                f.offload,
             )
         )
     # Shuffle first, then a stable sort: equal scores end up in random (seeded) order.

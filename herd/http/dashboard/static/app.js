@@ -88,6 +88,14 @@ function meter(label, used, total, text) {
     `<div class="track"><div class="fill ${cls}" style="width:${(share * 100).toFixed(1)}%"></div></div></div>`;
 }
 
+// The memory models run in on a GPU node (VRAM, or a Mac's GPU working set); none on CPU nodes.
+function acceleratorMeter(acc) {
+  if (!acc || acc.kind === "ram" || !(acc.total_bytes > 0)) return "";
+  const used = acc.total_bytes - acc.free_bytes;
+  return meter(acc.kind === "vram" ? "VRAM" : "GPU working set", used, acc.total_bytes,
+    `${gib(used)} / ${gib(acc.total_bytes)} GiB`);
+}
+
 function renderFleet(status) {
   const f = status.fleet;
   $("#warnings").innerHTML = (status.warnings || []).map(w => `<div class="warning">${esc(w)}</div>`).join("");
@@ -105,17 +113,22 @@ function renderFleet(status) {
     cards.innerHTML = status.nodes.map(n => {
       const mem = n.memory, used = mem.total_bytes - mem.available_bytes;
       const hot = new Set(n.models_loaded.map(m => m.name));
+      const spill = m => m.spilled
+        ? ` <span class="badge sev-warning spill">${Math.round(m.offload * 100)}% CPU</span>` : "";
       const chips = n.models_loaded.map(m =>
-        `<span class="chip hot" title="loaded, context ${m.context_length}">${esc(m.name)}</span>`).join("") +
+        `<span class="chip hot" title="loaded, context ${m.context_length}` +
+        `${m.spilled ? ", spilled out of VRAM: part of it runs on the CPU" : ""}">${esc(m.name)}${spill(m)}</span>`).join("") +
         n.models_available.filter(m => !hot.has(m.name)).map(m =>
           `<span class="chip" title="on disk">${esc(m.name)}</span>`).join("");
       const backend = n.backend.healthy ? `${esc(n.backend.kind)} ${esc(n.backend.version)}`
         : `<span class="s-offline">backend down</span>`;
       return `<div class="card node" data-node="${esc(n.node_id)}">` +
         `<h3>${esc(n.node_id)} <span class="badge s-${esc(n.status)}">${esc(n.status)}</span>` +
-        `${n.draining ? ' <span class="badge sev-warning">draining</span>' : ""}</h3>` +
+        `${n.draining ? ' <span class="badge sev-warning">draining</span>' : ""}` +
+        `${n.models_loaded.some(m => m.spilled) ? ' <span class="badge sev-warning spilled">spilled</span>' : ""}</h3>` +
         `<div class="sub">${esc(n.host)} · ${backend} · ${n.requests_in_flight} in flight, ${n.requests_pending} pending</div>` +
         meter("memory", used, mem.total_bytes, `${gib(used)} / ${gib(mem.total_bytes)} GiB`) +
+        acceleratorMeter(n.accelerator) +
         meter("cpu", n.cpu.percent, 100, `${num(n.cpu.percent)}%`) +
         `<div class="models">${chips || '<span class="hint">no models</span>'}</div></div>`;
     }).join("");
