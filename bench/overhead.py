@@ -88,7 +88,6 @@ ROWS = (
     Row("anthropic /v1/messages", "/v1/messages", False, True),
     Row("openai /v1/responses", "/v1/responses", False, True),
 )
-PROXIES = ("bare httpx", "bare httpcore", "herd")
 
 
 def request_body(path: str, stream: bool, tokens: int) -> dict[str, object]:
@@ -202,6 +201,7 @@ class Proxy:
     name: str
     port: int
     pid: int
+    herd: bool = False
     connections: list[Connection] = field(default_factory=list)
 
     async def connect(self, count: int) -> None:
@@ -300,7 +300,7 @@ def spread(values: Sequence[float]) -> str:
     return f"{statistics.median(values):>7,.0f} ({min(values):,.0f}-{max(values):,.0f})"
 
 
-def report(result: Result, settings: Settings, node_cpu: float, seconds: float) -> str:
+def report(result: Result, names: Sequence[str], node_cpu: float, seconds: float) -> str:
     lines = []
     header = (
         f"{'path':<28} {'proxy':<14} {'us/request (min-max)':>24} {'x bare':>7} "
@@ -310,7 +310,7 @@ def report(result: Result, settings: Settings, node_cpu: float, seconds: float) 
     for row in ROWS:
         base_request = statistics.median(result.per_request[(row.name, "bare httpx")])
         base_chunk = statistics.median(result.per_chunk[(row.name, "bare httpx")])
-        for proxy in PROXIES:
+        for proxy in names:
             request = result.per_request[(row.name, proxy)]
             chunk = result.per_chunk[(row.name, proxy)]
             chunk_ratio = (
@@ -319,7 +319,7 @@ def report(result: Result, settings: Settings, node_cpu: float, seconds: float) 
                 else f"{'-':>7}"
             )
             lines.append(
-                f"{row.name if proxy == PROXIES[0] else '':<28} {proxy:<14} "
+                f"{row.name if proxy == names[0] else '':<28} {proxy:<14} "
                 f"{spread(request):>24} {statistics.median(request) / base_request:>7.2f} "
                 f"{spread(chunk):>22} {chunk_ratio}"
             )
@@ -339,21 +339,24 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def processes(tokens_per_write: int, gap_ms: float) -> Iterator[tuple[list[Proxy], int]]:
-    """Start the fake, the bare proxies, herd's router and node agent; stop them after."""
+def processes(
+    tokens_per_write: int, gap_ms: float, herds: Sequence[tuple[str, Path]]
+) -> Iterator[tuple[list[Proxy], list[int]]]:
+    """Start the fake, the bare proxies, and a router and node agent of each herd checkout
+    (label, directory); stop them all after. Yields the proxies and the node agents' pids."""
     children: list[subprocess.Popen[bytes]] = []
     with tempfile.TemporaryDirectory() as tmp:
-        env = {
-            **os.environ,
-            "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-            "FLEET_MDNS": "false",
-        }
 
-        def start(*argv: str) -> subprocess.Popen[bytes]:
+        def start(*argv: str, tree: Path = ROOT) -> subprocess.Popen[bytes]:
+            env = {
+                **os.environ,
+                "PYTHONPATH": str(tree) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+                "FLEET_MDNS": "false",
+            }
             child = subprocess.Popen(
                 [sys.executable, *argv],
                 env=env,
-                cwd=ROOT,
+                cwd=tree,
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,
             )
@@ -390,40 +393,46 @@ def processes(tokens_per_write: int, gap_ms: float) -> Iterator[tuple[list[Proxy
                     fake,
                 )
                 proxies.append(Proxy(f"bare {client}", port, child.pid))
-            port = free_port()
-            router = start(
-                "-m",
-                "herd",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-                "--data-dir",
-                str(Path(tmp) / "router"),
-            )
-            proxies.append(Proxy("herd", port, router.pid))
-            node = start(
-                "-m",
-                "herd",
-                "serve",
-                "--role",
-                "node",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(free_port()),
-                "--router-url",
-                f"http://127.0.0.1:{port}",
-                "--ollama-url",
-                fake,
-                "--node-id",
-                "bench",
-                "--parallel-slots",
-                "64",
-                "--data-dir",
-                str(Path(tmp) / "node"),
-            )
-            yield proxies, node.pid
+            nodes = []
+            for index, (label, tree) in enumerate(herds):
+                port = free_port()
+                data = Path(tmp) / f"herd-{index}"
+                router = start(
+                    "-m",
+                    "herd",
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(port),
+                    "--data-dir",
+                    str(data / "router"),
+                    tree=tree,
+                )
+                proxies.append(Proxy(label, port, router.pid, herd=True))
+                node = start(
+                    "-m",
+                    "herd",
+                    "serve",
+                    "--role",
+                    "node",
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(free_port()),
+                    "--router-url",
+                    f"http://127.0.0.1:{port}",
+                    "--ollama-url",
+                    fake,
+                    "--node-id",
+                    "bench",
+                    "--parallel-slots",
+                    "64",
+                    "--data-dir",
+                    str(data / "node"),
+                    tree=tree,
+                )
+                nodes.append(node.pid)
+            yield proxies, nodes
         finally:
             for child in reversed(children):
                 child.terminate()
@@ -440,7 +449,7 @@ async def wait_ready(proxies: list[Proxy]) -> None:
             for proxy in proxies:
                 while True:
                     try:
-                        if proxy.name == "herd":
+                        if proxy.herd:
                             status = (
                                 await client.get(f"http://127.0.0.1:{proxy.port}/fleet/status")
                             ).json()
@@ -456,14 +465,20 @@ async def wait_ready(proxies: list[Proxy]) -> None:
                     await trio.sleep(0.1)
 
 
-async def run(settings: Settings, tokens_per_write: int, gap_ms: float, out: str | None) -> None:
-    with processes(tokens_per_write, gap_ms) as (proxies, node_pid):
+async def run(
+    settings: Settings,
+    tokens_per_write: int,
+    gap_ms: float,
+    herds: Sequence[tuple[str, Path]],
+    out: str | None,
+) -> None:
+    with processes(tokens_per_write, gap_ms, herds) as (proxies, node_pids):
         await wait_ready(proxies)
         started = time.monotonic()
-        node_before = cpu_seconds(node_pid)
+        node_before = sum(cpu_seconds(pid) for pid in node_pids)
         result = Result()
         await bench(proxies, settings, result)
-        node_cpu = cpu_seconds(node_pid) - node_before
+        node_cpu = (sum(cpu_seconds(pid) for pid in node_pids) - node_before) / len(node_pids)
         seconds = time.monotonic() - started
         for proxy in proxies:
             for connection in proxy.connections:
@@ -474,7 +489,7 @@ async def run(settings: Settings, tokens_per_write: int, gap_ms: float, out: str
         f"at c={settings.stream_concurrency}, {settings.chunks} tokens vs 1, "
         f"{tokens_per_write} per write, {gap_ms:g} ms apart; {settings.repeats} repeats"
     )
-    print(report(result, settings, node_cpu, seconds))
+    print(report(result, [p.name for p in proxies], node_cpu, seconds))
     if out:
         data = {
             "settings": {**settings.__dict__, "tokens_per_write": tokens_per_write},
@@ -499,6 +514,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--tokens-per-write", type=int, default=1)
     parser.add_argument("--gap-ms", type=float, default=2.0, help="between the fake's writes")
     parser.add_argument("--json", help="also write the raw figures to this file")
+    parser.add_argument(
+        "--compare",
+        action="append",
+        default=[],
+        metavar="LABEL=DIR",
+        help="also run the herd of another checkout (e.g. a git worktree of an older commit)",
+    )
     args = parser.parse_args(argv)
     settings = Settings(
         requests=args.requests or (60 if args.quick else 600),
@@ -509,7 +531,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         repeats=args.repeats or (1 if args.quick else 3),
         settle=0.2 if args.quick else SETTLE,
     )
-    trio.run(run, settings, args.tokens_per_write, args.gap_ms, args.json)
+    herds = [("herd", ROOT)]
+    for item in args.compare:
+        label, _, tree = item.rpartition("=")
+        herds.append((label or f"herd {Path(tree).name}", Path(tree).resolve()))
+    trio.run(run, settings, args.tokens_per_write, args.gap_ms, herds, args.json)
 
 
 if __name__ == "__main__":

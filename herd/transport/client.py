@@ -12,6 +12,8 @@ Policy, and why:
 - **No environment.** Proxies and ``.netrc`` from the environment are ignored: nodes are on
   the LAN.
 - **Redirects** are never followed (httpx's default): a node can't send the router elsewhere.
+- **Connections**: herd's own transport (:class:`herd.transport.upstream.NodeTransport`): a
+  keep-alive pool per node, one send per request, one chunk per socket read.
 - **The fleet token** (``Authorization: Bearer``) goes only to herd's own node agents: a
   node's app (``agent_url``) and its LAN proxy or OpenAI facade (a backend URL the node marks
   ``proxied``). An inference server (Ollama) behind a node never sees it.
@@ -22,10 +24,11 @@ from __future__ import annotations
 import httpx
 
 from herd.core.models import NodeReport
+from herd.transport.upstream import KEEPALIVE_TOTAL, NodeTransport
 
 CONNECT_TIMEOUT = 10.0
 WRITE_TIMEOUT = 60.0
-KEEPALIVE_CONNECTIONS = 256
+KEEPALIVE_CONNECTIONS = KEEPALIVE_TOTAL
 
 
 def upstream_client() -> httpx.AsyncClient:
@@ -33,7 +36,7 @@ def upstream_client() -> httpx.AsyncClient:
     return httpx.AsyncClient(
         headers={"Accept-Encoding": "identity"},
         timeout=httpx.Timeout(connect=CONNECT_TIMEOUT, read=None, write=WRITE_TIMEOUT, pool=None),
-        limits=httpx.Limits(max_connections=None, max_keepalive_connections=KEEPALIVE_CONNECTIONS),
+        transport=NodeTransport(),
         trust_env=False,
         follow_redirects=False,
     )
