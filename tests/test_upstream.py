@@ -244,3 +244,20 @@ async def test_head_and_no_content_answers_have_no_body(client: httpx.AsyncClien
             response = await client.head(server.url + "/api/blobs/sha256:1")
             assert server.connections == 1
             nursery.cancel_scope.cancel()
+
+
+async def test_a_node_cookie_is_never_kept(client: httpx.AsyncClient) -> None:
+    async def with_cookie(stream: trio.SocketStream, head: bytes) -> bool:
+        await stream.send_all(
+            b"HTTP/1.1 200 OK\r\nset-cookie: session=abc; Path=/\r\ncontent-length: 2\r\n\r\nok"
+        )
+        return True
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            server = await start(nursery, with_cookie)
+            await client.get(server.url + "/")
+            await client.get(server.url + "/", follow_redirects=True)  # httpx's own way
+            await client.get(server.url + "/")
+            assert not any(b"cookie:" in r.lower() for r in server.requests)
+            nursery.cancel_scope.cancel()
