@@ -12,9 +12,12 @@ Processes on 127.0.0.1, all started by this script and all running for the whole
   rendered once. Its CPU and the fake's are not counted.
 
 What is measured is the CPU time (``utime + stime`` from ``/proc/<pid>/stat``, every thread)
-a proxy process spends on a batch of requests, read before the batch and after it has
-settled. Wall-clock latency on a shared machine says little; CPU per request says what a
-router core can carry. Per path:
+each proxy process spends on a phase of the run, read before it and after it has settled
+(:data:`SETTLE`, longer than herd's trace batches take to be written). Within a phase the
+proxies take turns, :data:`ROUND` requests at a time, so all of them see the same load from
+whatever else the machine runs; the CPU a proxy spends idle meanwhile (herd: heartbeats, its
+timers) is counted too, and is small. Wall-clock latency on a shared machine says little; CPU
+per request says what a router core can carry. Per path:
 
 - **µs per request**: short answers (one token), non-streamed (streamed on the Ollama stream
   row), ``--requests`` of them at ``--concurrency``;
@@ -59,6 +62,7 @@ READ = 65536
 CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 # Seconds after a batch before its CPU is read (herd's trace batches flush within 0.5 s).
 SETTLE = 0.8
+ROUND = 50  # requests (or streams) a proxy gets before the next one takes its turn
 
 SYSTEM = (
     "You are a helpful assistant for a small engineering team. Answer briefly and precisely, "
@@ -242,14 +246,24 @@ async def check(proxy: Proxy, path: str, stream: bool, tokens: int) -> None:
 
 
 async def measure(
-    proxy: Proxy, request: bytes, total: int, concurrency: int, settle: float
-) -> float:
-    """CPU seconds ``proxy`` spends on ``total`` requests."""
-    await trio.sleep(settle)
-    before = cpu_seconds(proxy.pid)
-    await run_batch(proxy, request, total, concurrency)
-    await trio.sleep(settle)
-    return cpu_seconds(proxy.pid) - before
+    proxies: Sequence[Proxy],
+    requests: dict[str, bytes],
+    total: int,
+    concurrency: int,
+    settings: Settings,
+) -> dict[str, float]:
+    """CPU seconds each proxy spends on ``total`` requests (``requests[proxy.name]``), the
+    proxies taking turns in rounds of :data:`ROUND` so that all of them run under the same
+    load from whatever else the machine is doing; read after everything has settled."""
+    before = {proxy.name: cpu_seconds(proxy.pid) for proxy in proxies}
+    done = 0
+    while done < total:
+        batch = min(ROUND if settings.rounds else total, total - done)
+        for proxy in proxies:
+            await run_batch(proxy, requests[proxy.name], batch, concurrency)
+        done += batch
+    await trio.sleep(settings.settle)
+    return {proxy.name: cpu_seconds(proxy.pid) - before[proxy.name] for proxy in proxies}
 
 
 @dataclass
@@ -261,12 +275,17 @@ class Settings:
     chunks: int
     repeats: int
     settle: float = SETTLE
+    rounds: bool = True  # proxies take turns (see measure)
 
 
 @dataclass
 class Result:
     per_request: dict[tuple[str, str], list[float]] = field(default_factory=dict)
     per_chunk: dict[tuple[str, str], list[float]] = field(default_factory=dict)
+
+
+def rendered(proxies: Sequence[Proxy], path: str, stream: bool, tokens: int) -> dict[str, bytes]:
+    return {p.name: render(p.port, path, stream, tokens) for p in proxies}
 
 
 async def bench(proxies: list[Proxy], settings: Settings, result: Result) -> None:
@@ -280,18 +299,25 @@ async def bench(proxies: list[Proxy], settings: Settings, result: Result) -> Non
     for repeat in range(s.repeats):
         for row in ROWS:
             order = proxies if repeat % 2 == 0 else proxies[::-1]
-            for proxy in order:
-                short = render(proxy.port, row.path, row.request_stream, 1)
-                cpu = await measure(proxy, short, s.requests, s.concurrency, s.settle)
-                result.per_request.setdefault((row.name, proxy.name), []).append(
-                    cpu / s.requests * 1e6
+
+            cpu = await measure(
+                order,
+                rendered(order, row.path, row.request_stream, 1),
+                s.requests,
+                s.concurrency,
+                s,
+            )
+            for name, seconds in cpu.items():
+                result.per_request.setdefault((row.name, name), []).append(
+                    seconds / s.requests * 1e6
                 )
-                one = render(proxy.port, row.path, row.chunk_stream, 1)
-                many = render(proxy.port, row.path, row.chunk_stream, s.chunks)
-                base = await measure(proxy, one, s.streams, s.stream_concurrency, s.settle)
-                long = await measure(proxy, many, s.streams, s.stream_concurrency, s.settle)
-                result.per_chunk.setdefault((row.name, proxy.name), []).append(
-                    (long - base) / s.streams / (s.chunks - 1) * 1e6
+            one = rendered(order, row.path, row.chunk_stream, 1)
+            many = rendered(order, row.path, row.chunk_stream, s.chunks)
+            base = await measure(order, one, s.streams, s.stream_concurrency, s)
+            long = await measure(order, many, s.streams, s.stream_concurrency, s)
+            for name in base:
+                result.per_chunk.setdefault((row.name, name), []).append(
+                    (long[name] - base[name]) / s.streams / (s.chunks - 1) * 1e6
                 )
             print(f"  repeat {repeat + 1}/{s.repeats}: {row.name} done", file=sys.stderr)
 
