@@ -249,18 +249,26 @@ class OrderedSends(trio.abc.HalfCloseableStream):
         self._sending = trio.Lock()
         self._held = b""
 
+    async def _lock(self) -> None:
+        """Take the send lock; without a pass through the scheduler when it is free (the
+        socket send that follows has one of its own)."""
+        try:
+            self._sending.acquire_nowait()
+        except trio.WouldBlock:
+            await self._sending.acquire()
+
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        async with self._sending:
+        await self._lock()
+        try:
             if self._held:
                 data, self._held = self._held + bytes(data), b""
             elif _head_waits_for_body(data):
                 self._held = bytes(data)
-                await trio.lowlevel.checkpoint()
                 return
             if data:
                 await self.stream.send_all(data)
-            else:
-                await trio.lowlevel.checkpoint()
+        finally:
+            self._sending.release()
 
     async def wait_send_all_might_not_block(self) -> None:
         await self.stream.wait_send_all_might_not_block()
