@@ -20,10 +20,16 @@ each part, and the soak's peak.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import random
+import socket
+import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import attrs
@@ -34,7 +40,51 @@ import trio
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from overhead import router_and_backend, wait_ready
+
+async def wait_ready(url: str, nodes: int) -> None:
+    async with httpx.AsyncClient(trust_env=False) as client:
+        with trio.fail_after(30):
+            while True:
+                try:
+                    status = (await client.get(url + "/fleet/status")).json()
+                    if status["fleet"]["nodes_online"] >= nodes:
+                        return
+                except (httpx.HTTPError, KeyError, ValueError):
+                    pass
+                await trio.sleep(0.1)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@contextlib.contextmanager
+def router_and_backend(script: str, flag: str, *extra: str) -> Iterator[tuple[str, int]]:
+    """Start a router (``herd``) on a free loopback port and ``script flag ROUTER_URL extra...``
+    (the simulated nodes) beside it, both with a throwaway data directory and no mDNS; yield
+    (router URL, router pid); stop both on the way out."""
+    port = free_port()
+    router_url = f"http://127.0.0.1:{port}"
+    with tempfile.TemporaryDirectory() as tmp:
+        env = {
+            **os.environ,
+            "FLEET_DATA_DIR": tmp,
+            "FLEET_LOG_LEVEL": "WARNING",
+            "FLEET_MDNS": "false",
+        }
+        router = subprocess.Popen(
+            [sys.executable, "-m", "herd", "--host", "127.0.0.1", "--port", str(port)], env=env
+        )
+        backend = subprocess.Popen([sys.executable, script, flag, router_url, *extra], env=env)
+        try:
+            yield router_url, router.pid
+        finally:
+            for process in (backend, router):
+                process.terminate()
+                process.wait(timeout=10)
+
 
 MODEL = "load:latest"
 EMBED = "load-embed:latest"
@@ -109,7 +159,7 @@ async def one_stream(client: httpx.AsyncClient, tally: Tally, tokens: int = 20) 
 
 
 def rss_mib(pid: int) -> float:
-    return psutil.Process(pid).memory_info().rss / 2**20
+    return float(psutil.Process(pid).memory_info().rss) / 2**20
 
 
 async def streams_part(url: str, router_pid: int, count: int) -> None:

@@ -1,22 +1,33 @@
-"""Scale: scoring time per decision at 100 nodes x 50 models, and router memory at 1,000
+"""Scale: the routing decision's time at 100 nodes x 50 models, and router memory at 1,000
 concurrent streams.
 
     python bench/scale.py [--nodes 100] [--models 50] [--streams 1000]
 
-Part 1 times :func:`herd.core.scoring.score` on a synthetic fleet snapshot (every node has every
-model on disk, a few loaded, queues and history everywhere: the worst case, no node is
-eliminated early). Part 2 starts a router in a subprocess with simulated nodes, holds
-``--streams`` streaming chat requests open through it at once and reports the router process's
-resident memory before and during. Only 127.0.0.1 is used.
+Part 1 times one routing decision **from the router's state**, as a request makes it: the
+fleet snapshot built from a :class:`~herd.state.registry.NodeRegistry` fed one heartbeat
+report per node, the :class:`~herd.state.queues.QueueBook`'s load (leases held across the
+nodes) and the :class:`~herd.state.history.LatencyHistory`, then
+:func:`herd.core.scoring.score` over it. Fleets of a quarter, half, all and twice ``--nodes``
+nodes show how the time grows: it should be linear in nodes (the queue book is indexed by node,
+the snapshot's node lookups by id), not nodes times queues. Two shapes of fleet: every model on
+every node's disk (the worst case, no node is eliminated early) and 10 models per node (as
+disks are). Part 2 times :func:`score` alone on a prebuilt snapshot, and a latency-history
+record. Part 3 starts a router in a subprocess with simulated nodes, holds ``--streams``
+streaming chat requests open through it at once and reports the router process's resident
+memory before and during. Only 127.0.0.1 is used.
 """
 
 from __future__ import annotations
 
 import argparse
 import random
+import statistics
 import sys
 import time
+from contextlib import AsyncExitStack
 from pathlib import Path
+
+import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -32,6 +43,9 @@ from herd.core.models import (
     NodeStatus,
 )
 from herd.core.scoring import History, RouteRequest, ScoringSettings, score
+from herd.state.history import LatencyHistory
+from herd.state.queues import QueueBook
+from herd.state.registry import NodeRegistry
 
 GiB = 2**30
 
@@ -103,8 +117,6 @@ def time_scoring(
 def time_history(nodes: int, models: int, records: int = 20_000) -> float:
     """Median microseconds to record one completed request in the router's latency history,
     once it holds every node:model."""
-    from herd.state.history import LatencyHistory
-
     rng = random.Random(2)
     history = LatencyHistory()
     pairs = [(f"node-{n}", f"model-{m}") for n in range(nodes) for m in range(models)]
@@ -120,16 +132,105 @@ def time_history(nodes: int, models: int, records: int = 20_000) -> float:
     return samples[len(samples) // 2]
 
 
+def fleet_state(
+    nodes: int, models: int, rng: random.Random, per_node: int | None
+) -> tuple[NodeRegistry, QueueBook, LatencyHistory, list[str]]:
+    """A registry fed one report per node of :func:`synthetic_fleet`, a history with a few
+    requests per node:model, and the model names. The queue book is filled by
+    :func:`hold_leases` (it needs trio)."""
+    registry = NodeRegistry()
+    for node in synthetic_fleet(nodes, models, rng, per_node).nodes:
+        registry.apply_report(node.report, 0.0)
+    history = LatencyHistory()
+    names: set[str] = set()
+    for record in registry.records():
+        report = record.report
+        names.update(report.available_index)
+        for model in list(report.available_index)[:5]:
+            for _ in range(3):
+                history.record(report.node_id, model, rng.uniform(500, 20_000), rng.uniform(5, 80))
+    return registry, QueueBook(), history, sorted(names)
+
+
+async def hold_leases(
+    registry: NodeRegistry, queues: QueueBook, rng: random.Random, stack: AsyncExitStack
+) -> int:
+    """Leases on every node's loaded models (up to its slots) and a request waiting on some
+    nodes, as a busy fleet has. Returns the number of leases held."""
+    held = 0
+    for record in registry.records():
+        report = record.report
+        queues.set_limit(report.node_id, report.parallel_slots)
+        for model in report.loaded_index:
+            for _ in range(rng.randint(0, 2)):
+                if queues.counters(report.node_id, model).in_flight < report.parallel_slots:
+                    await stack.enter_async_context(queues.lease(report.node_id, model))
+                    held += 1
+        # A few other models used before, now idle: queues that stay in the book.
+        for model in list(report.available_index)[:4]:
+            queues.counters(report.node_id, model).last_used = 1.0
+    return held
+
+
+def time_decisions(
+    nodes: int, models: int, per_node: int | None, decisions: int = 1000
+) -> tuple[float, float, float, int]:
+    """Median µs per decision made from the router's state (snapshot + score), its p95, the
+    median of the snapshot alone, and the leases held."""
+
+    async def run() -> tuple[float, float, float, int]:
+        rng = random.Random(3)
+        registry, queues, history, names = fleet_state(nodes, models, rng, per_node)
+        settings = ScoringSettings()
+        async with AsyncExitStack() as stack:
+            held = await hold_leases(registry, queues, rng, stack)
+            samples, snapshots = [], []
+            for i in range(decisions):
+                request = RouteRequest(
+                    model=names[i % len(names)],
+                    estimated_prompt_tokens=rng.randint(10, 4000),
+                    affinity_node=f"node-{rng.randrange(nodes)}",
+                    affinity_tokens=1000,
+                )
+                start = time.perf_counter_ns()
+                fleet = registry.snapshot(queues.load_for)
+                built = time.perf_counter_ns()
+                score(request, fleet, history.view(), 100.0, settings, rng)
+                samples.append((time.perf_counter_ns() - start) / 1000)
+                snapshots.append((built - start) / 1000)
+        samples.sort()
+        return (
+            samples[len(samples) // 2],
+            samples[int(len(samples) * 0.95)],
+            statistics.median(snapshots),
+            held,
+        )
+
+    return trio.run(run)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--nodes", type=int, default=100)
     parser.add_argument("--models", type=int, default=50)
-    parser.add_argument("--streams", type=int, default=1000)
+    parser.add_argument("--streams", type=int, default=1000, help="0: skip part 3")
     args = parser.parse_args()
+    print(
+        f"routing decision from the router's state (snapshot + score), {args.models} models, "
+        "median (p95) us per decision; snapshot alone; us per node"
+    )
+    for per_node, label in ((None, "every model on every node"), (10, "10 models per node")):
+        for nodes in (args.nodes // 4, args.nodes // 2, args.nodes, args.nodes * 2):
+            median, p95, snapshot, held = time_decisions(nodes, args.models, per_node)
+            print(
+                f"  {label}, {nodes:>4} nodes, {held:>4} leases held: {median:6.0f} us "
+                f"({p95:.0f}); snapshot {snapshot:5.0f} us; {median / nodes:5.2f} us per node"
+            )
     for per_node, label in ((None, "every model on every node"), (10, "10 models per node")):
         median, p95 = time_scoring(args.nodes, args.models, per_node)
         print(
-            f"scoring, {args.nodes} nodes x {args.models} models, {label}: "
+            f"scoring alone (a prebuilt snapshot), {args.nodes} nodes x {args.models} models, "
+            f"{label}: "
             f"{median:.0f} us per decision (median), {p95:.0f} us (p95)"
         )
     print(

@@ -222,26 +222,62 @@ async def _accept_loop(
         nursery.start_soon(_serve_counted, serve_one, stream, client, doors)
 
 
+def _head_waits_for_body(data: bytes | bytearray | memoryview) -> bool:
+    """Is ``data`` a whole response head announcing a body of known, non-zero length? Its body
+    is the next thing the app sends (or, for HEAD, the end of the response)."""
+    if data[:9] != b"HTTP/1.1 " or data[-4:] != b"\r\n\r\n" or data[9:10] == b"1":
+        return False
+    head = bytes(data).lower()
+    return b"\r\ncontent-length: " in head and b"\r\ncontent-length: 0\r\n" not in head
+
+
 class OrderedSends(trio.abc.HalfCloseableStream):
     """A socket stream whose ``send_all`` and ``send_eof`` wait for each other. hypercorn
     closes a connection (``send_eof``) without waiting for a send another of its tasks has
     under way (an error answer to pipelined data, say); trio refuses the overlap with
-    BusyResourceError, and the answer in flight is lost."""
+    BusyResourceError, and the answer in flight is lost.
+
+    It also saves a send per answer of known length: hypercorn writes a response's head, its
+    body and its end in separate sends. A head that announces a body (``Content-Length`` > 0)
+    is held and goes out with the next send (the body, or the empty end of a HEAD answer; at
+    the latest with ``send_eof``); an empty send (the end of a body of known length) costs
+    nothing."""
 
     def __init__(self, stream: trio.SocketStream) -> None:
         self.stream = stream
         self.socket = stream.socket
         self._sending = trio.Lock()
+        self._held = b""
+
+    async def _lock(self) -> None:
+        """Take the send lock; without a pass through the scheduler when it is free (the
+        socket send that follows has one of its own)."""
+        try:
+            self._sending.acquire_nowait()
+        except trio.WouldBlock:
+            await self._sending.acquire()
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        async with self._sending:
-            await self.stream.send_all(data)
+        await self._lock()
+        try:
+            if self._held:
+                data, self._held = self._held + bytes(data), b""
+            elif _head_waits_for_body(data):
+                self._held = bytes(data)
+                return
+            if data:
+                await self.stream.send_all(data)
+        finally:
+            self._sending.release()
 
     async def wait_send_all_might_not_block(self) -> None:
         await self.stream.wait_send_all_might_not_block()
 
     async def send_eof(self) -> None:
         async with self._sending:
+            if self._held:
+                data, self._held = self._held, b""
+                await self.stream.send_all(data)
             await self.stream.send_eof()
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:

@@ -261,11 +261,16 @@ class NodeSnapshot:
 class FleetSnapshot:
     nodes: tuple[NodeSnapshot, ...] = ()
 
-    def node(self, node_id: str) -> NodeSnapshot | None:
+    # By node id, built on first use (a snapshot is read by one decision, often many times).
+    @functools.cached_property
+    def _by_id(self) -> dict[str, NodeSnapshot]:
+        index: dict[str, NodeSnapshot] = {}
         for n in self.nodes:
-            if n.node_id == node_id:
-                return n
-        return None
+            index.setdefault(n.node_id, n)  # the first of an id wins, as a scan would find
+        return index
+
+    def node(self, node_id: str) -> NodeSnapshot | None:
+        return self._by_id.get(node_id)
 
 
 def normalize_model_name(name: str) -> str:

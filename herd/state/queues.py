@@ -155,6 +155,8 @@ class QueueBook:
     # Called whenever a slot is released (the router wakes waiting requests with it).
     on_release: Callable[[], None] | None = None
     _queues: dict[tuple[str, str], QueueCounters] = attrs.field(factory=dict)
+    # node -> model -> the same counters: a node's queues without scanning every node's.
+    _by_node: dict[str, dict[str, QueueCounters]] = attrs.field(factory=dict)
     _limiters: dict[tuple[str, str], trio.CapacityLimiter] = attrs.field(factory=dict)
     # (node, model) -> that model's own limiter on that node, where it has a limit.
     _model_limiters: dict[tuple[str, str], trio.CapacityLimiter] = attrs.field(factory=dict)
@@ -166,6 +168,7 @@ class QueueBook:
         counters = self._queues.get(key)
         if counters is None:
             counters = self._queues[key] = QueueCounters(kind=kind)
+            self._by_node.setdefault(node_id, {})[model] = counters
         return counters
 
     def limiter(self, node_id: str, kind: str = KIND_TEXT) -> trio.CapacityLimiter:
@@ -219,24 +222,30 @@ class QueueBook:
     def load_for(self, node_id: str) -> dict[str, ModelLoad]:
         """Every model the router has sent to ``node_id``: its queue and when it was last used
         (the scorer's eviction cost reads the recency)."""
+        queues = self._by_node.get(node_id)
+        if not queues:
+            return {}
+        limiters = self._model_limiters
         loads = {}
-        for (node, model), c in self._queues.items():
-            if node == node_id:
-                own = self._model_limiters.get((node, model))
-                loads[model] = ModelLoad(
-                    pending=c.pending,
-                    in_flight=c.in_flight,
-                    last_used=c.last_used,
-                    slots=int(own.total_tokens) if own is not None else 0,
-                )
+        for model, c in queues.items():
+            own = limiters.get((node_id, model)) if limiters else None
+            loads[model] = ModelLoad(
+                pending=c.pending,
+                in_flight=c.in_flight,
+                last_used=c.last_used,
+                slots=int(own.total_tokens) if own is not None else 0,
+            )
         return loads
 
     def forget(self, node_id: str) -> None:
         """Drop an idle node's queues and limiters (the registry forgot it)."""
-        for key in [k for k in self._queues if k[0] == node_id]:
-            counters = self._queues[key]
+        queues = self._by_node.get(node_id, {})
+        for model, counters in list(queues.items()):
             if not counters.pending and not counters.in_flight:
-                del self._queues[key]
+                del self._queues[(node_id, model)]
+                del queues[model]
+        if not queues:
+            self._by_node.pop(node_id, None)
         if not self.busy(node_id):
             for key in [k for k in self._limiters if k[0] == node_id]:
                 del self._limiters[key]
@@ -245,9 +254,7 @@ class QueueBook:
 
     def busy(self, node_id: str) -> bool:
         """Does any request wait for or hold a slot on ``node_id``?"""
-        return any(
-            c.pending or c.in_flight for (node, _), c in self._queues.items() if node == node_id
-        )
+        return any(c.pending or c.in_flight for c in self._by_node.get(node_id, {}).values())
 
     def items(self) -> Iterator[tuple[str, str, QueueCounters]]:
         for (node, model), counters in self._queues.items():

@@ -2,10 +2,12 @@
 
 Requests hand their finished :class:`TraceRecord` to :meth:`TraceWriter.submit` (synchronous,
 never blocks: a bounded channel; when it is full the trace is dropped and counted). The writer
-takes whatever has queued up — one trace when traffic is light, a batch when it isn't — and writes
-it in a worker thread. Readers call :meth:`flush` first, so an endpoint read right after a
-request sees it. When the router stops, what is queued is written before the writer exits.
-Retention: traces older than ``retention_days`` are pruned once an hour.
+collects traces for up to :data:`BATCH_INTERVAL` after the first one, or until it has
+:data:`BATCH_MAX`, and writes them in one transaction in a worker thread: one thread hop and one
+commit per batch, not per request. Readers call :meth:`flush` first, which has the batch being
+collected written at once, so an endpoint read right after a request sees it. When the router
+stops, what is collected or queued is written before the writer exits. Retention: traces older
+than ``retention_days`` are pruned once an hour.
 
 A write that fails (disk full, database read-only) loses that batch, counted as ``failed``,
 and routing goes on: requests never wait on the store. The failure is logged once per
@@ -17,6 +19,7 @@ waits longer than :data:`FLUSH_TIMEOUT`: a broken store can't wedge the dashboar
 from __future__ import annotations
 
 import logging
+import math
 import sqlite3
 import time
 from pathlib import Path
@@ -31,6 +34,7 @@ log = logging.getLogger("herd.store")
 
 QUEUE_SIZE = 10_000
 BATCH_MAX = 500
+BATCH_INTERVAL = 0.5  # seconds a batch collects traces after its first
 PRUNE_EVERY = 3600.0
 SHUTDOWN_FLUSH_TIMEOUT = 5.0
 FLUSH_TIMEOUT = 2.0
@@ -68,6 +72,10 @@ class TraceWriter:
     _logged_at: float = -1e18  # router clock of the last failure logged
     _unlogged: int = 0  # failures since then
     _applied_max: int | None = None
+    # The batch being collected, and the scope that waits for more (flush cuts it short).
+    _batch: list[TraceRecord] = attrs.field(factory=list)
+    _collecting: trio.CancelScope | None = None
+    _flush_target: int = 0  # traces submitted before the last flush: written without waiting
 
     def submit(self, trace: TraceRecord) -> None:
         if self._send is None:
@@ -85,6 +93,9 @@ class TraceWriter:
         """Wait until every trace submitted so far is written or has failed, for at most
         :data:`FLUSH_TIMEOUT` seconds."""
         target = self.submitted
+        self._flush_target = max(self._flush_target, target)
+        if self._collecting is not None:
+            self._collecting.cancel()
         with trio.move_on_after(FLUSH_TIMEOUT):
             while self.written + self.failed < target and self._send is not None:
                 await self._progress.wait()
@@ -123,7 +134,7 @@ class TraceWriter:
                 await self._write_loop(connection, receive)
         finally:
             with trio.CancelScope(shield=True), trio.move_on_after(SHUTDOWN_FLUSH_TIMEOUT):
-                rest = []
+                rest, self._batch = self._batch, []
                 while True:
                     try:
                         rest.append(receive.receive_nowait())
@@ -169,12 +180,25 @@ class TraceWriter:
         self, connection: sqlite3.Connection, receive: trio.MemoryReceiveChannel[TraceRecord]
     ) -> None:
         async for first in receive:
-            batch = [first]
+            batch = self._batch = [first]
+            # Collect for BATCH_INTERVAL, unless a reader is waiting for what is queued.
+            urgent = self.written + self.failed < self._flush_target
+            with trio.CancelScope(
+                deadline=-math.inf if urgent else trio.current_time() + BATCH_INTERVAL
+            ) as collecting:
+                self._collecting = collecting
+                try:
+                    while len(batch) < BATCH_MAX:
+                        batch.append(await receive.receive())
+                except trio.EndOfChannel:
+                    pass
+            self._collecting = None
             while len(batch) < BATCH_MAX:
                 try:
                     batch.append(receive.receive_nowait())
-                except trio.WouldBlock:
+                except (trio.WouldBlock, trio.EndOfChannel):
                     break
+            self._batch = []
             await self._write(connection, batch)
 
     async def _prune_loop(self, connection: sqlite3.Connection) -> None:

@@ -69,6 +69,7 @@ from typing import Any
 import attrs
 
 from herd.core.api import chat
+from herd.core.api.templates import Template, hole
 from herd.core.errors import BadRequest, require_str
 
 _DUMP = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
@@ -570,6 +571,20 @@ def sse(kind: str, payload: Mapping[str, Any]) -> bytes:
     return b"event: " + kind.encode() + b"\ndata: " + _DUMP(payload).encode() + b"\n\n"
 
 
+# A text delta, the event of every token: index and text filled in (see templates).
+_TEXT_DELTA = Template.of(
+    {
+        "type": "content_block_delta",
+        "index": hole(0),
+        "delta": {"type": "text_delta", "text": hole(1)},
+    },
+    _DUMP,
+    2,
+    head=b"event: content_block_delta\ndata: ",
+    tail=b"\n\n",
+)
+
+
 def stream_error(message: str) -> bytes:
     """The end of this API's stream when it fails mid-way (after its first event)."""
     return sse("error", {"type": "error", "error": {"type": "api_error", "message": message}})
@@ -639,7 +654,8 @@ class MessageStream:
         if not text:
             return b""
         out = b"" if self._open == "text" else self._open_block({"type": "text", "text": ""})
-        return out + self._delta({"type": "text_delta", "text": text})
+        # _delta({"type": "text_delta", "text": text}), from its template
+        return out + _TEXT_DELTA.render(self._blocks - 1, text)
 
     def _thinking(self, text: str) -> bytes:
         out = self._text(self._scanner.flush())

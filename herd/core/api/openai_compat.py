@@ -18,6 +18,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from herd.core.api import chat
+from herd.core.api.templates import Template, hole
 from herd.core.errors import BadRequest, require_str
 
 _DUMP = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
@@ -502,11 +503,27 @@ class ChatStreamTranslator(_StreamTranslator):
             request_id=request_id, created=created, model=model, include_usage=include_usage
         )
         self._reader = chat.ChatReader(request_id)
+        self._texts: dict[str, Template] = {}  # a text delta's event, per delta field
 
     def _delta(self, delta: dict[str, Any], finish: str | None = None) -> bytes:
         return _event(
             self._chunk({"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None})
         )
+
+    def _text(self, field: str, text: str) -> bytes:
+        """``_delta({field: text})``, from a template made on first use."""
+        template = self._texts.get(field)
+        if template is None:
+            choice = {
+                "index": 0,
+                "delta": {field: hole(0)},
+                "finish_reason": None,
+                "logprobs": None,
+            }
+            template = self._texts[field] = Template.of(
+                self._chunk(choice), _DUMP, 1, head=b"data: ", tail=b"\n\n"
+            )
+        return template.render(text)
 
     def feed(self, chunk: Mapping[str, Any]) -> bytes:
         out = b""
@@ -515,9 +532,9 @@ class ChatStreamTranslator(_StreamTranslator):
             out += self._delta({"role": "assistant", "content": ""})
         for event in self._reader.feed(chunk):
             if isinstance(event, chat.TextDelta):
-                out += self._delta({"content": event.text})
+                out += self._text("content", event.text)
             elif isinstance(event, chat.ThinkingDelta):
-                out += self._delta({"reasoning": event.text})
+                out += self._text("reasoning", event.text)
             elif isinstance(event, chat.ToolCallDelta):
                 out += self._delta(
                     {"tool_calls": [{"index": event.index, **_openai_call(event.call)}]}

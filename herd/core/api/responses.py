@@ -65,6 +65,7 @@ from typing import Any
 import attrs
 
 from herd.core.api import chat, openai_compat
+from herd.core.api.templates import Template, hole
 from herd.core.errors import BadRequest, require_str
 from herd.core.responses_store import MAX_BYTES, MAX_RESPONSES, StoredResponse
 
@@ -652,6 +653,7 @@ class _Open:
     item_id: str
     index: int
     texts: list[str] = attrs.field(factory=list)
+    template: Template | None = None  # its delta event (made on its first delta)
 
 
 class ResponsesStreamTranslator:
@@ -770,15 +772,26 @@ class ResponsesStreamTranslator:
         opened = self._open
         assert opened is not None
         opened.texts.append(text)
-        fields: dict[str, Any] = {
-            "item_id": opened.item_id,
-            "output_index": opened.index,
-            "content_index": 0,
-            "delta": text,
-        }
-        if kind == "message":
-            return out + self._event("response.output_text.delta", **fields, logprobs=[])
-        return out + self._event("response.reasoning_text.delta", **fields)
+        if opened.template is None:  # the item's delta event, sequence number and text to fill
+            fields: dict[str, Any] = {
+                "item_id": opened.item_id,
+                "output_index": opened.index,
+                "content_index": 0,
+                "delta": hole(1),
+            }
+            if kind == "message":
+                kind_name, fields["logprobs"] = "response.output_text.delta", []
+            else:
+                kind_name = "response.reasoning_text.delta"
+            opened.template = Template.of(
+                {"type": kind_name, "sequence_number": hole(0), **fields},
+                _DUMP,
+                2,
+                head=b"event: " + kind_name.encode() + b"\ndata: ",
+                tail=b"\n\n",
+            )
+        self._sequence += 1
+        return out + opened.template.render(self._sequence - 1, text)
 
     def _close(self, status: str) -> bytes:
         opened = self._open
