@@ -161,6 +161,7 @@ class FleetSession:
                     admission.stale.retire()
                 self.node_id = report.node_id
                 log.info("node %s joined (%s)", self.node_id, report.backend.url)
+                state.timeline.record("node_joined", self.node_id, detail=report.backend.url)
                 state.node_commands[self.node_id] = self.outgoing
                 self.reply(
                     {
@@ -201,6 +202,7 @@ class FleetSession:
                 and not state.queues.busy(self.node_id)
             ):
                 log.info("node %s drained", self.node_id)
+                state.timeline.record("node_drained", self.node_id)
                 self.reply({"type": "drained"})
                 return
             await state.wait_fleet_changed()
@@ -219,6 +221,7 @@ class FleetSession:
             del state.node_commands[self.node_id]
         if state.registry.disconnected(self.node_id, trio.current_time(), self):
             log.info("node %s left", self.node_id)
+            state.timeline.record("node_left", self.node_id, detail="its socket closed")
         state.fleet_changed()
 
 

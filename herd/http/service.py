@@ -27,6 +27,7 @@ from herd.core.policy import virtual
 from herd.core.policy.deadlines import STALL_FLOOR
 from herd.discovery import advertise
 from herd.http.app import create_app
+from herd.http.dashboard.bench import BenchmarkRunner
 from herd.http.handler import ProxyASGI
 from herd.http.security import ApiKeyGate, FrontGuard, Origins
 from herd.server import ConnectionLimits, FinishResponses, serve_app
@@ -135,6 +136,7 @@ class Router:
             await nursery.start(state.pulls.run)
             state.store = TraceWriter(self.config.data_path / DB_NAME)
             await nursery.start(state.store.run)
+            await nursery.start(state.timeline.run, state, state.store.path)  # #19: events
             for node_id, model, latency, rate in await trio.to_thread.run_sync(
                 recent_latencies, state.store.path
             ):
@@ -155,6 +157,8 @@ class Router:
             self._url = await nursery.start(
                 serve_app, app, self.config.host, self.config.port, limits
             )
+            state.benchmarks = BenchmarkRunner(state, self._url)  # #19: dashboard benchmarks
+            await nursery.start(state.benchmarks.run)
             if self.config.mdns:
                 port = int(self._url.rsplit(":", 1)[1])
                 await nursery.start(advertise, self.config.host, port)

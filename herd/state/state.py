@@ -23,6 +23,7 @@ from herd.core.responses_store import ResponseStore
 from herd.core.scoring import ScoringSettings
 from herd.core.traces import TraceRecord
 from herd.state.affinity import AffinityTable
+from herd.state.events import EventLog
 from herd.state.history import LatencyHistory
 from herd.state.metrics import Metrics
 from herd.state.queues import QueueBook
@@ -31,6 +32,7 @@ from herd.state.settings import RuntimeSettings
 from herd.store.writer import TraceWriter
 
 if TYPE_CHECKING:
+    from herd.http.dashboard.bench import BenchmarkRunner
     from herd.transport.pulls import PullService
 
 TRACE_MEMORY = 1000
@@ -82,6 +84,10 @@ class RouterState:
     in_progress_by_client: dict[str, int] = attrs.field(factory=dict)
     # Stored OpenAI Responses (previous_response_id, GET /v1/responses/{id}), bounded.
     responses: ResponseStore = attrs.field(factory=ResponseStore)
+    # The fleet's events for the dashboard's timeline (#19); written to the store while the
+    # router runs. The dashboard's benchmark runner, set while the router runs.
+    timeline: EventLog = attrs.field(factory=EventLog)
+    benchmarks: BenchmarkRunner | None = None
     _fleet_changed: trio.Event = attrs.field(factory=trio.Event)
     _settings_changed: trio.Event = attrs.field(factory=trio.Event)
 

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
+from herd.core.timeline import CATEGORIES
 from herd.store.db import connect
 
 T = TypeVar("T")
@@ -152,12 +153,75 @@ def apps_daily(
     )
 
 
+def _decoded(row: dict[str, Any]) -> dict[str, Any]:
+    for key in ("scores_breakdown", "excluded_nodes", "tags"):
+        row[key] = json.loads(row[key])
+    row["runners_up"] = [{"node_id": n, "score": s} for n, s in json.loads(row["runners_up"])]
+    row["fallback_used"] = bool(row["fallback_used"])
+    return row
+
+
 def traces(connection: sqlite3.Connection, limit: int) -> list[dict[str, Any]]:
     rows = _rows(connection, "SELECT * FROM request_traces ORDER BY timestamp DESC LIMIT ?", limit)
+    return [_decoded(row) for row in rows]
+
+
+def trace(connection: sqlite3.Connection, request_id: str) -> dict[str, Any] | None:
+    """One stored trace by its request id, or None."""
+    rows = _rows(connection, "SELECT * FROM request_traces WHERE request_id = ?", request_id)
+    return _decoded(rows[0]) if rows else None
+
+
+# What herd.core.instruments.series folds, in its Row order; answered from the window index.
+SERIES_SQL = """
+    SELECT CAST(timestamp / ? AS INTEGER), status, node_id, model, latency_ms,
+        time_to_first_token_ms, completion_tokens, retry_count, fallback_used, substitution, {tags}
+    FROM request_traces WHERE timestamp >= ? AND timestamp < ? {where}"""
+
+
+def series_rows(
+    connection: sqlite3.Connection,
+    start: float,
+    end: float,
+    bucket_seconds: int,
+    model: str | None = None,
+    node: str | None = None,
+    with_tags: bool = False,
+) -> list[tuple[Any, ...]]:
+    """The rows :func:`herd.core.instruments.series` folds, for ``start <= timestamp < end``
+    (as plain tuples: millions of them may come back)."""
+    where = ""
+    args: list[Any] = [bucket_seconds, start, end]
+    if model is not None:
+        where += " AND model = ?"
+        args.append(model)
+    if node is not None:
+        where += " AND node_id = ?"
+        args.append(node)
+    cursor = connection.cursor()
+    cursor.row_factory = None
+    sql = SERIES_SQL.format(tags="tags" if with_tags else "NULL", where=where)
+    return cursor.execute(sql, args).fetchall()
+
+
+def events(
+    connection: sqlite3.Connection, start: float, end: float, limit: int = 2000
+) -> list[dict[str, Any]]:
+    """Fleet events with ``start <= timestamp < end``, oldest first; the newest ``limit`` when
+    there are more."""
+    rows = _rows(
+        connection,
+        """
+        SELECT * FROM (
+            SELECT id, timestamp, kind, node_id, model, detail FROM fleet_events
+            WHERE timestamp >= ? AND timestamp < ? ORDER BY timestamp DESC LIMIT ?
+        ) ORDER BY timestamp""",
+        start,
+        end,
+        limit,
+    )
     for row in rows:
-        for key in ("scores_breakdown", "excluded_nodes", "tags"):
-            row[key] = json.loads(row[key])
-        row["fallback_used"] = bool(row["fallback_used"])
+        row["category"] = CATEGORIES.get(row["kind"], "other")
     return rows
 
 

@@ -191,6 +191,7 @@ def _route_request(
         excluded_nodes=frozenset(attempts.excluded),
         affinity_node=earlier.node_id if earlier is not None else None,
         affinity_tokens=earlier.tokens if earlier is not None else 0,
+        only_node=request.node,  # #19: metadata.node (benchmarks)
     )
 
 

@@ -16,7 +16,8 @@ Theory of operation
 A decision has three stages.
 
 1. **Eliminate** nodes that cannot serve at all: offline, draining, backend down, capacity
-   paused, already failed this request, model absent, a cold load that doesn't fit in free
+   paused, already failed this request, not the node the request named (``only_node``), model
+   absent, a cold load that doesn't fit in free
    memory (capped by the node's capacity ceiling), a cold load under critical memory pressure.
    Each elimination keeps a reason that names the value that failed.
 2. **Score** the survivors on seven signals (points; positive is better):
@@ -108,6 +109,8 @@ class RouteRequest:
     # cache holds the prefix) and how many tokens that prefix is. None = a new conversation.
     affinity_node: str | None = None
     affinity_tokens: int = 0
+    # The one node allowed to serve (the request's ``metadata.node``); None = any.
+    only_node: str | None = None
 
 
 @attrs.frozen
@@ -317,6 +320,8 @@ def eliminate(request: RouteRequest, node: NodeSnapshot) -> str | None:
         return "offline"
     if node.report.node_id in request.excluded_nodes:
         return "failed earlier in this request"
+    if request.only_node is not None and node.report.node_id != request.only_node:
+        return f"not the node the request named ({request.only_node})"
     if report.draining:
         return "draining"
     if not report.backend.healthy:
