@@ -246,10 +246,10 @@ def why(trace: Mapping[str, Any]) -> str:
         ((v, k) for k, v in breakdown.items() if v > 0), key=lambda item: item[0], reverse=True
     )
     if strongest:
-        parts.append(", ".join(f"{k} {v:+g}" for v, k in strongest[:2]))
+        parts.append(", ".join(f"{k} {round(v, 1):+g}" for v, k in strongest[:2]))
     weakest = min(((v, k) for k, v in breakdown.items()), default=None)
     if weakest is not None and weakest[0] <= -5:
-        parts.append(f"{weakest[1]} {weakest[0]:+g}")
+        parts.append(f"{weakest[1]} {round(weakest[0], 1):+g}")
     runners = trace.get("runners_up") or []
     score = trace.get("score")
     if runners and score is not None:

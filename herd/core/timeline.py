@@ -21,6 +21,7 @@ Where each kind comes from:
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from typing import Any
 
@@ -132,5 +133,9 @@ def diff(
 
 def settings_changes(old: Mapping[str, Any], new: Mapping[str, Any]) -> str:
     """``name: old → new`` for each setting that changed, joined; "" if none did."""
-    changed = [f"{k}: {old.get(k)!r} → {v!r}" for k, v in new.items() if old.get(k) != v]
+    changed = [
+        f"{k}: {json.dumps(old.get(k))} → {json.dumps(v)}"
+        for k, v in new.items()
+        if old.get(k) != v
+    ]
     return "; ".join(changed)[:MAX_DETAIL]

@@ -10,7 +10,7 @@ serialises it with the trace writer's; WAL lets readers in meanwhile). The table
 than ``retention_days`` (pruned hourly). A write that fails loses that batch (counted as
 ``failed``, logged once a minute): no request ever waits on it.
 
-A second task looks at the registry after each fleet change (at most every
+A second task looks at the registry after each fleet change (at most twice every
 :data:`WATCH_GAP` seconds) and records what :func:`herd.core.timeline.diff` finds: nodes
 degrading, models loading and leaving, drains, pauses, backends going down. Everything else
 is recorded where it happens (the fleet socket, the pull service, the dashboard's settings and
@@ -82,6 +82,9 @@ class EventLog:
     _send: trio.MemorySendChannel[FleetEvent] | None = None
     _progress: trio.Event = attrs.field(factory=trio.Event)
     _logged_at: float = -1e18
+    # Each node's facts when its socket joined, until the watcher next looks: later changes
+    # are compared with these (a node that loads a model a moment after joining shows it).
+    _joined: dict[str, NodeFacts] = attrs.field(factory=dict)
 
     def record(
         self, kind: str, node_id: str | None = None, model: str | None = None, detail: str = ""
@@ -100,6 +103,11 @@ class EventLog:
             self._send.send_nowait(event)
         except trio.WouldBlock:
             self.dropped += 1
+
+    def joined(self, record: NodeRecord) -> None:
+        """A node's socket joined with this first report (the fleet socket calls this)."""
+        if len(self._joined) < 10_000:  # bounded, whatever happens to the watcher
+            self._joined[record.report.node_id] = node_facts(record)
 
     def recent(self, since: float = 0.0) -> list[FleetEvent]:
         """The events in memory at or after ``since`` (wall clock), oldest first."""
@@ -202,12 +210,22 @@ class EventLog:
             await trio.sleep(PRUNE_EVERY)
 
     async def _watch(self, state: RouterState) -> None:
-        """Record what changed in the registry, after each fleet change (throttled)."""
+        """Record what changed in the registry: at once after a fleet change, then once more
+        :data:`WATCH_GAP` later for what changed meanwhile (a busy fleet changes many times a
+        second: this looks twice per gap at most)."""
         before = {r.report.node_id: node_facts(r) for r in state.registry.records()}
-        while True:
-            await state.wait_fleet_changed()
-            await trio.sleep(WATCH_GAP)
+
+        def look() -> None:
+            nonlocal before
             after = {r.report.node_id: node_facts(r) for r in state.registry.records()}
+            before.update(self._joined)
+            self._joined.clear()
             for event in diff(before, after, time.time()):
                 self._add(event)
             before = after
+
+        while True:
+            await state.wait_fleet_changed()
+            look()
+            await trio.sleep(WATCH_GAP)
+            look()

@@ -1,7 +1,12 @@
 """Read-side queries for the dashboard API. Synchronous; run them in a worker thread.
 
 Every time-ranged query takes ``since`` (epoch seconds). Figures come straight from
-``request_traces``; nothing here keeps state.
+``request_traces``; nothing here keeps state. Every windowed query is answered by a search of
+an index on its time range (``tests/test_instruments.py`` checks the plans): mostly the
+covering ``request_traces_window``. ``+node_id IS NOT NULL`` (the unary plus) keeps SQLite
+from scanning the node index for that term instead of searching the time range, and
+``INDEXED BY`` keeps it from scanning that index for its order where a query groups by node
+and model.
 """
 
 from __future__ import annotations
@@ -118,7 +123,7 @@ def usage(connection: sqlite3.Connection, since: float) -> list[dict[str, Any]]:
         connection,
         f"""
         SELECT date(timestamp, 'unixepoch') AS day, node_id, model, {_TOTALS}
-        FROM request_traces WHERE timestamp >= ? AND node_id IS NOT NULL
+        FROM request_traces WHERE timestamp >= ? AND +node_id IS NOT NULL
         GROUP BY day, node_id, model ORDER BY day, node_id, model""",
         since,
     )
@@ -232,7 +237,8 @@ def model_node_usage(
         connection,
         """
         SELECT node_id, model, COUNT(*) AS requests, MAX(timestamp) AS last_used
-        FROM request_traces WHERE timestamp >= ? AND node_id IS NOT NULL
+        FROM request_traces INDEXED BY request_traces_window
+        WHERE timestamp >= ? AND +node_id IS NOT NULL
         GROUP BY node_id, model""",
         since,
     )
@@ -253,7 +259,7 @@ def health_figures(connection: sqlite3.Connection, since: float) -> dict[str, An
         connection,
         """
         SELECT node_id, COUNT(*) AS requests FROM request_traces
-        WHERE timestamp >= ? AND node_id IS NOT NULL GROUP BY node_id""",
+        WHERE timestamp >= ? AND +node_id IS NOT NULL GROUP BY node_id""",
         since,
     )
     row["requests_per_node"] = {r["node_id"]: r["requests"] for r in per_node}
