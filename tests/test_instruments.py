@@ -5,19 +5,21 @@ router with simulated nodes."""
 from __future__ import annotations
 
 import json
+import random
 import re
 import sqlite3
 import time
 from pathlib import Path
 from typing import Any
 
+import attrs
 import httpx
 import pytest
 import trio
 
 from herd.config import RouterConfig
 from herd.core import instruments
-from herd.core.instruments import OTHER, UNTAGGED, percentile, series, why
+from herd.core.instruments import OTHER, UNTAGGED, fold, percentile, why
 from herd.core.timeline import FleetEvent, NodeFacts, diff, settings_changes
 from herd.core.traces import TraceRecord
 from herd.state.state import RouterState
@@ -53,6 +55,19 @@ def row(
         substitution,
         json.dumps(tags or []),
     )
+
+
+def series(
+    rows: list[tuple[Any, ...]],
+    win: instruments.Window,
+    start: float,
+    by: str = "none",
+    tag: str | None = None,
+    max_groups: int = instruments.MAX_GROUPS,
+) -> dict[str, Any]:
+    """The instruments' series of raw rows (folded as the store's SQL does)."""
+    counts, values = fold(rows, by if by in instruments.BREAKDOWNS else "none", tag)
+    return instruments.series(counts, values, win, start, by, max_groups)
 
 
 def test_every_window_has_a_bucket_that_fits() -> None:
@@ -94,6 +109,7 @@ def test_empty_buckets_are_absent_and_latency_counts_completed_requests_only() -
         row(first + 3, substitution="fallback_models"),
     ]
     out = series(rows, win, start)
+    assert out["groups"] == ["all"]
     (only,) = out["series"]
     assert [b["t"] for b in only["buckets"]] == [first * 60, (first + 3) * 60]
     one, two = only["buckets"]
@@ -239,7 +255,9 @@ def test_the_fleet_diff_finds_each_kind_once() -> None:
 # ---------------------------------------------------------------------------- store
 
 WINDOWED = {
-    "series_rows": lambda c: queries.series_rows(c, 0.0, 1e12, 60, "m", "a", True),
+    "series": lambda c: queries.series_data(c, 0.0, 1e12, 60, "node"),
+    "series by tag": lambda c: queries.series_data(c, 0.0, 1e12, 60, "tag", tag="x"),
+    "series of a node's model": lambda c: queries.series_data(c, 0.0, 1e12, 60, "none", "m", "a"),
     "overview": lambda c: queries.overview(c, 0.0),
     "trends": lambda c: queries.trends(c, 0.0),
     "models": lambda c: queries.models(c, 0.0),
@@ -299,6 +317,74 @@ def test_windowed_queries_use_the_window_index_never_a_full_scan(tmp_path: Path)
                 r"SEARCH request_traces USING (COVERING )?INDEX request_traces_", joined
             )
             assert "timestamp>?" in joined, joined
+
+
+def test_the_store_folds_as_the_pure_code_does(tmp_path: Path) -> None:
+    """The SQL behind the series (counts per bucket and group, values of completed requests)
+    gives exactly the figures folding the raw rows in Python gives."""
+    rng = random.Random(7)
+    now = 10_000_000.0
+    traces = []
+    for index in range(600):
+        status = rng.choice(["completed"] * 6 + ["failed", "incomplete", "client_disconnected"])
+        done = status == "completed"
+        ttft = rng.choice([None, rng.uniform(1, 500)]) if done else None
+        traces.append(
+            attrs.evolve(
+                trace_record(f"r{index}", rng.choice(["a", "b", "c"]), now - rng.uniform(0, 3600)),
+                node_id=rng.choice(["a", "b", "c", None]),
+                model=rng.choice(["m1", "m2"]),
+                status=status,
+                latency_ms=rng.uniform(1, 5000),
+                time_to_first_token_ms=ttft,
+                completion_tokens=rng.choice([None, 0, rng.randint(1, 300)]),
+                retry_count=rng.randint(0, 2),
+                fallback_used=rng.random() < 0.1,
+                substitution=rng.choice([None, None, "vram", "context", "fallback_models"]),
+                tags=tuple(rng.sample(["x", "y", "z"], rng.randint(0, 2))),
+            )
+        )
+    path = tmp_path / "latency.db"
+    db.initialise(path)
+    connection = db.connect(path)
+    try:
+        db.write_traces(connection, traces)
+        win = instruments.window("1h")
+        start, end = win.span(now)
+        for by, tag, model, node in (
+            ("none", None, None, None),
+            ("node", None, None, None),
+            ("model", None, None, "b"),
+            ("tag", None, None, None),
+            ("node", "y", "m2", None),
+        ):
+            counts, values = queries.series_data(
+                connection, start, end, win.bucket_seconds, by, model, node, tag
+            )
+            from_sql = instruments.series(counts, values, win, start, by)
+            raw = [
+                (
+                    int(t.timestamp // win.bucket_seconds),
+                    t.status,
+                    t.node_id,
+                    t.model,
+                    t.latency_ms,
+                    t.time_to_first_token_ms,
+                    t.completion_tokens,
+                    t.retry_count,
+                    int(t.fallback_used),
+                    t.substitution,
+                    json.dumps(list(t.tags)),
+                )
+                for t in traces
+                if start <= t.timestamp < end
+                and (model is None or t.model == model)
+                and (node is None or t.node_id == node)
+            ]
+            assert from_sql == series(raw, win, start, by, tag), (by, tag, model, node)
+            assert sum(t["requests"] for t in from_sql["totals"]) >= 1
+    finally:
+        connection.close()
 
 
 # The trace table as herd 0.x made it (before #19): no runners_up, a plain timestamp index.

@@ -96,43 +96,19 @@ def percentile(ordered: Sequence[float], p: int) -> float | None:
     return ordered[rank - 1]
 
 
-# The columns of one row, in this order (see herd.store.queries.series_rows):
-# (bucket index, status, node_id, model, latency_ms, ttft_ms, completion_tokens,
-#  retry_count, fallback_used, substitution, tags JSON or None)
+# What the store hands over (see herd.store.queries.series_data), two kinds of rows, each
+# keyed by bucket index and group:
+# - a Counts row per (bucket, group): requests, completed, errors, disconnects, retries,
+#   fallbacks, substitutions;
+# - a Value row per completed request: latency and TTFT (ms; TTFT may be None) and completion
+#   tokens (may be None), for the percentiles, the token total and tokens/s.
+# fold() computes both from raw trace rows exactly as the SQL does (tests compare them).
+COUNTS = ("requests", "completed", "errors", "disconnects", "retries", "fallbacks", "substitutions")
+Counts = tuple[Any, ...]  # (bucket, group, *COUNTS)
+Value = tuple[Any, ...]  # (bucket, group, latency_ms, ttft_ms, completion_tokens)
+# A raw trace row, for fold(): (bucket index, status, node_id, model, latency_ms, ttft_ms,
+# completion_tokens, retry_count, fallback_used, substitution, tags JSON)
 Row = tuple[Any, ...]
-_BUCKET, _STATUS, _NODE, _MODEL, _LATENCY, _TTFT, _TOKENS, _RETRIES, _FALLBACK, _SUBST, _TAGS = (
-    range(11)
-)
-
-
-def figures(rows: Sequence[Row]) -> dict[str, Any]:
-    """Every figure of one bucket (or one whole window) of rows."""
-    done = [r for r in rows if r[_STATUS] == COMPLETED]
-    latencies = sorted(r[_LATENCY] for r in done if r[_LATENCY] is not None)
-    ttfts = sorted(r[_TTFT] for r in done if r[_TTFT] is not None)
-    generating = [
-        (r[_TOKENS], r[_LATENCY] - r[_TTFT])
-        for r in done
-        if r[_TOKENS] and r[_TTFT] is not None and r[_LATENCY] > r[_TTFT]
-    ]
-    gen_tokens = sum(t for t, _ in generating)
-    gen_ms = sum(ms for _, ms in generating)
-    out: dict[str, Any] = {
-        "requests": len(rows),
-        "completed": len(done),
-        "errors": sum(1 for r in rows if r[_STATUS] in ERROR_STATUSES),
-        "disconnects": sum(1 for r in rows if r[_STATUS] == "client_disconnected"),
-        "retries": sum(r[_RETRIES] or 0 for r in rows),
-        "fallbacks": sum(1 for r in rows if r[_FALLBACK]),
-        "substitutions": sum(1 for r in rows if r[_SUBST] in SUBSTITUTIONS),
-        "completion_tokens": sum(r[_TOKENS] or 0 for r in done),
-        "tokens_per_second": round(gen_tokens / (gen_ms / 1000), 2) if gen_ms > 0 else None,
-    }
-    for p in PERCENTILES:
-        lat, first = percentile(latencies, p), percentile(ttfts, p)
-        out[f"latency_p{p}"] = round(lat, 1) if lat is not None else None
-        out[f"ttft_p{p}"] = round(first, 1) if first is not None else None
-    return out
 
 
 def _tags(raw: Any) -> list[str]:
@@ -144,70 +120,135 @@ def _tags(raw: Any) -> list[str]:
     return clean or [UNTAGGED]
 
 
-def _keyed(rows: Iterable[Row], by: str, tag: str | None) -> Iterable[tuple[str, Row]]:
-    """Each row with its group (a row with several tags once per tag); with ``tag``, only the
-    rows carrying it."""
-    if by == "none" and tag is None:
-        return ((ALL, r) for r in rows)
+def group_of(row: Row, by: str) -> list[str]:
+    """The groups a raw row falls in under breakdown ``by`` (several for several tags)."""
     if by == "node":
-        pairs: Iterable[tuple[str, Row]] = ((r[_NODE] or NO_NODE, r) for r in rows)
-    elif by == "model":
-        pairs = ((r[_MODEL], r) for r in rows)
-    elif by == "tag":
-        pairs = ((t, r) for r in rows for t in _tags(r[_TAGS]))
-    else:
-        pairs = ((ALL, r) for r in rows)
-    if tag is not None:
-        pairs = ((g, r) for g, r in pairs if tag in _tags(r[_TAGS]))
-    return pairs
+        return [row[2] or NO_NODE]
+    if by == "model":
+        return [row[3]]
+    if by == "tag":
+        return _tags(row[10])
+    return [ALL]
+
+
+def fold(
+    rows: Iterable[Row], by: str = "none", tag: str | None = None
+) -> tuple[list[Counts], list[Value]]:
+    """Counts and values from raw rows (what the store's SQL computes), for ``by`` and only the
+    rows tagged ``tag`` if given."""
+    counts: dict[tuple[int, str], list[int]] = {}
+    values: list[Value] = []
+    for row in rows:
+        if tag is not None and tag not in _tags(row[10]):
+            continue
+        bucket, status, _, _, latency, ttft, tokens, retries, fallback, substitution, _ = row
+        done = status == COMPLETED
+        for group in group_of(row, by):
+            entry = counts.setdefault((bucket, group), [0] * len(COUNTS))
+            for index, add in enumerate(
+                (
+                    1,
+                    done,
+                    status in ERROR_STATUSES,
+                    status == "client_disconnected",
+                    retries or 0,
+                    bool(fallback),
+                    substitution in SUBSTITUTIONS,
+                )
+            ):
+                entry[index] += add
+            if done:
+                values.append((bucket, group, latency, ttft, tokens))
+    return [(b, g, *entry) for (b, g), entry in counts.items()], values
+
+
+@attrs.define
+class _Cell:
+    """One bucket of one group (or a whole group, merged)."""
+
+    counts: list[int] = attrs.field(factory=lambda: [0] * len(COUNTS))
+    latencies: list[float] = attrs.field(factory=list)
+    ttfts: list[float] = attrs.field(factory=list)
+    tokens: int = 0
+    gen_tokens: int = 0
+    gen_ms: float = 0.0
+
+    def merge(self, other: _Cell) -> None:
+        self.counts = [a + b for a, b in zip(self.counts, other.counts, strict=True)]
+        self.latencies += other.latencies
+        self.ttfts += other.ttfts
+        self.tokens += other.tokens
+        self.gen_tokens += other.gen_tokens
+        self.gen_ms += other.gen_ms
+
+    def figures(self) -> dict[str, Any]:
+        out: dict[str, Any] = dict(zip(COUNTS, self.counts, strict=True))
+        out["completion_tokens"] = self.tokens
+        ms = self.gen_ms
+        out["tokens_per_second"] = round(self.gen_tokens / (ms / 1000), 2) if ms > 0 else None
+        self.latencies.sort()
+        self.ttfts.sort()
+        for p in PERCENTILES:
+            lat, first = percentile(self.latencies, p), percentile(self.ttfts, p)
+            out[f"latency_p{p}"] = round(lat, 1) if lat is not None else None
+            out[f"ttft_p{p}"] = round(first, 1) if first is not None else None
+        return out
 
 
 def series(
-    rows: Iterable[Row],
+    counts: Iterable[Counts],
+    values: Iterable[Value],
     win: Window,
     start: float,
     by: str = "none",
-    tag: str | None = None,
     max_groups: int = MAX_GROUPS,
 ) -> dict[str, Any]:
-    """Fold rows (bucket index first, see :data:`Row`) into per-group series and per-group
-    totals for the window starting at ``start``. Raises ValueError for an unknown ``by``."""
+    """Per-group series (one entry per bucket that had requests) and per-group totals for the
+    window starting at ``start``. Raises ValueError for an unknown ``by``."""
     if by not in BREAKDOWNS:
         raise ValueError(f"unknown breakdown {by!r}; choose one of {', '.join(BREAKDOWNS)}")
-    grouped: dict[str, dict[int, list[Row]]] = {}
-    for group, row in _keyed(rows, by, tag):
-        buckets = grouped.get(group)
-        if buckets is None:
-            buckets = grouped[group] = {}
-        bucket = buckets.get(row[_BUCKET])
-        if bucket is None:
-            buckets[row[_BUCKET]] = [row]
-        else:
-            bucket.append(row)
-    ranked = sorted(grouped, key=lambda g: (-sum(map(len, grouped[g].values())), g))
+    cells: dict[str, dict[int, _Cell]] = {}
+    requests: dict[str, int] = {}
+    for bucket, group, *numbers in counts:
+        cell = cells.setdefault(group, {}).setdefault(bucket, _Cell())
+        cell.counts = [int(n or 0) for n in numbers]
+        requests[group] = requests.get(group, 0) + cell.counts[0]
+    for bucket, group, latency, ttft, tokens in values:
+        cell = cells[group][bucket]
+        cell.latencies.append(latency)
+        if tokens:
+            cell.tokens += tokens
+        if ttft is not None:
+            cell.ttfts.append(ttft)
+            if tokens and latency > ttft:
+                cell.gen_tokens += tokens
+                cell.gen_ms += latency - ttft
+    ranked = sorted(cells, key=lambda g: (-requests[g], g))
     if len(ranked) > max_groups:
-        merged: dict[int, list[Row]] = {}
+        merged: dict[int, _Cell] = {}
         for group in ranked[max_groups:]:
-            for index, bucket_rows in grouped.pop(group).items():
-                merged.setdefault(index, []).extend(bucket_rows)
-        grouped[OTHER] = merged
+            for bucket, cell in cells.pop(group).items():
+                merged.setdefault(bucket, _Cell()).merge(cell)
+        cells[OTHER] = merged
         ranked = [*ranked[:max_groups], OTHER]
     first = int(start) // win.bucket_seconds
-    out_series = []
-    totals = []
+    out_series, totals = [], []
     for group in ranked:
-        buckets = grouped[group]
+        buckets = cells[group]
+        whole = _Cell()
+        for cell in buckets.values():
+            whole.merge(cell)
         out_series.append(
             {
                 "group": group,
                 "buckets": [
-                    {"t": index * win.bucket_seconds, **figures(buckets[index])}
+                    {"t": index * win.bucket_seconds, **buckets[index].figures()}
                     for index in sorted(buckets)
                     if index >= first
                 ],
             }
         )
-        totals.append({"group": group, **figures([r for b in buckets.values() for r in b])})
+        totals.append({"group": group, **whole.figures()})
     return {
         "window": win.name,
         "seconds": win.seconds,
@@ -270,7 +311,10 @@ def why(trace: Mapping[str, Any]) -> str:
         parts.append(f"substituted ({trace['substitution']})")
     if trace.get("context_action") in ("stripped", "upgraded"):
         parts.append(f"context {trace['context_action']}")
-    return "; ".join(parts) or "scored"
+    error = trace.get("error_message")
+    if error and trace.get("status") != COMPLETED:
+        parts.append(f"then: {error}"[:200])
+    return "; ".join(parts) or "no score kept"
 
 
 def feed_row(trace: Mapping[str, Any]) -> dict[str, Any]:

@@ -94,6 +94,10 @@ class EventLog:
         self._add(event)
         return event
 
+    def add(self, event: FleetEvent) -> None:
+        """Record an event that carries its own time (an import, a test's history)."""
+        self._add(event)
+
     def _add(self, event: FleetEvent) -> None:
         self.ring.append(event)
         self.recorded += 1

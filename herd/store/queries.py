@@ -177,36 +177,61 @@ def trace(connection: sqlite3.Connection, request_id: str) -> dict[str, Any] | N
     return _decoded(rows[0]) if rows else None
 
 
-# What herd.core.instruments.series folds, in its Row order; answered from the window index.
-SERIES_SQL = """
-    SELECT CAST(timestamp / ? AS INTEGER), status, node_id, model, latency_ms,
-        time_to_first_token_ms, completion_tokens, retry_count, fallback_used, substitution, {tags}
-    FROM request_traces WHERE timestamp >= ? AND timestamp < ? {where}"""
+# The instruments' series (herd.core.instruments.series): counts per bucket and group, and
+# each completed request's latency and TTFT, both answered from the window index.
+_GROUPS = {
+    "none": "'all'",
+    "node": "COALESCE(node_id, '(no node)')",
+    "model": "model",
+    "tag": "COALESCE(tag.value, '(untagged)')",
+}
+_SERIES_COUNTS = """
+    SELECT CAST(timestamp / :bucket AS INTEGER) AS b, {group} AS g, COUNT(*),
+        SUM(status = 'completed'), SUM(status IN ('failed', 'incomplete')),
+        SUM(status = 'client_disconnected'), SUM(retry_count), SUM(fallback_used),
+        SUM(substitution IN ('vram', 'context'))
+    FROM request_traces {join} WHERE {where} GROUP BY b, g"""
+_SERIES_VALUES = """
+    SELECT CAST(timestamp / :bucket AS INTEGER), {group}, latency_ms, time_to_first_token_ms,
+        completion_tokens
+    FROM request_traces {join} WHERE {where} AND status = 'completed'"""
 
 
-def series_rows(
+def series_data(
     connection: sqlite3.Connection,
     start: float,
     end: float,
     bucket_seconds: int,
+    by: str = "none",
     model: str | None = None,
     node: str | None = None,
-    with_tags: bool = False,
-) -> list[tuple[Any, ...]]:
-    """The rows :func:`herd.core.instruments.series` folds, for ``start <= timestamp < end``
-    (as plain tuples: millions of them may come back)."""
-    where = ""
-    args: list[Any] = [bucket_seconds, start, end]
+    tag: str | None = None,
+) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]:
+    """Counts and values (see :mod:`herd.core.instruments`) for ``start <= timestamp < end``,
+    grouped by ``by`` ("none", "node", "model" or "tag"), narrowed to a model, a node or a
+    tag. Values come back as plain tuples: a week may hold hundreds of thousands."""
+    where = "timestamp >= :start AND timestamp < :end"
     if model is not None:
-        where += " AND model = ?"
-        args.append(model)
+        where += " AND model = :model"
     if node is not None:
-        where += " AND node_id = ?"
-        args.append(node)
+        where += " AND node_id = :node"
+    if tag is not None:
+        where += " AND EXISTS (SELECT 1 FROM json_each(request_traces.tags) WHERE value = :tag)"
+    join = "LEFT JOIN json_each(request_traces.tags) AS tag" if by == "tag" else ""
+    shape = {"group": _GROUPS[by], "join": join, "where": where}
+    args = {
+        "bucket": bucket_seconds,
+        "start": start,
+        "end": end,
+        "model": model,
+        "node": node,
+        "tag": tag,
+    }
     cursor = connection.cursor()
     cursor.row_factory = None
-    sql = SERIES_SQL.format(tags="tags" if with_tags else "NULL", where=where)
-    return cursor.execute(sql, args).fetchall()
+    counts = cursor.execute(_SERIES_COUNTS.format(**shape), args).fetchall()
+    values = cursor.execute(_SERIES_VALUES.format(**shape), args).fetchall()
+    return counts, values
 
 
 def events(

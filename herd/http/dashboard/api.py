@@ -184,16 +184,10 @@ def create_blueprint(state: RouterState) -> Blueprint:
         cached = series_cache.get(key)
         if cached is None or now - cached.at > win.bucket_seconds / 60:
             start, end = win.span(time.time())
-            rows = await query(
-                queries.series_rows,
-                start,
-                end,
-                win.bucket_seconds,
-                model,
-                node,
-                by == "tag" or tag is not None,
+            counts, values = await query(
+                queries.series_data, start, end, win.bucket_seconds, by, model, node, tag
             )
-            value = instruments.series(rows, win, start, by, tag)
+            value = instruments.series(counts, values, win, start, by)
             value["filters"] = {"model": model, "node": node, "tag": tag}
             while len(series_cache) >= SERIES_CACHE:
                 del series_cache[next(iter(series_cache))]

@@ -96,9 +96,11 @@ function showTab() {
 window.addEventListener("hashchange", showTab);
 
 // ---------------------------------------------------------------- fleet overview (live)
-function meter(label, used, total, text) {
+// A bar of `used` out of `total`; a resource meter turns amber then red as it fills, a
+// progress bar (`progress`) doesn't.
+function meter(label, used, total, text, progress = false) {
   const share = total > 0 ? Math.min(1, used / total) : 0;
-  const cls = share > 0.92 ? "crit" : share > 0.8 ? "warn" : "";
+  const cls = progress ? "" : share > 0.92 ? "crit" : share > 0.8 ? "warn" : "";
   return `<div class="meter"><div class="label"><span>${label}</span><span>${text}</span></div>` +
     `<div class="track"><div class="fill ${cls}" style="width:${(share * 100).toFixed(1)}%"></div></div></div>`;
 }
@@ -147,7 +149,7 @@ function pullProgress(r) {
   const parts = [`${gib(r.completed_bytes)} / ${gib(r.total_bytes)} GiB`];
   if (r.rate_bytes_per_second != null) parts.push(`${(r.rate_bytes_per_second / MiB).toFixed(1)} MiB/s`);
   if (r.eta_seconds != null) parts.push(`${duration(r.eta_seconds)} left`);
-  return meter(r.percent != null ? `${r.percent}%` : "", r.completed_bytes, r.total_bytes, parts.join(" · ")) +
+  return meter(r.percent != null ? `${r.percent}%` : "", r.completed_bytes, r.total_bytes, parts.join(" · "), true) +
     (r.error ? `<div class="hint">${esc(r.error)}</div>` : "");
 }
 

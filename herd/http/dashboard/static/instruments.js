@@ -183,7 +183,7 @@ async function showTrace(requestId) {
     `<div class="signal"><span>${esc(k)}</span><span class="bar-track">` +
     `<span class="bar-fill ${v < 0 ? "neg" : "pos"}" style="width:${(50 * Math.abs(v) / widest).toFixed(1)}%;` +
     `${v < 0 ? "right:50%" : "left:50%"}"></span></span><span class="v">${v > 0 ? "+" : ""}${num(v)}</span></div>`).join("");
-  const runners = (t.runners_up || []).map(r => ({ ...r, gap: t.score != null ? r.score - t.score : null }));
+  const runners = (t.runners_up || []).map(r => ({ ...r, gap: t.score != null ? t.score - r.score : null }));
   const fact = (k, v) => v == null || v === "" || (Array.isArray(v) && !v.length) ? ""
     : `<dt>${esc(k)}</dt><dd>${esc(Array.isArray(v) ? v.join(", ") : v)}</dd>`;
   panel.hidden = false;
@@ -260,7 +260,7 @@ function renderBenchProgress(view) {
   $("#bench-status").textContent = running ? `running: ${run.current || "starting"}`
     : `${run.name}: ${run.status}${run.error ? " (" + run.error + ")" : ""}`;
   $("#bench-progress").innerHTML = meter(`${run.name} #${run.number}`, run.done, run.total,
-    `${run.done} / ${run.total} requests`) + (run.summary.length ? benchSummaryTable(run.summary) : "");
+    `${run.done} / ${run.total} requests`, true) + (run.summary.length ? benchSummaryTable(run.summary) : "");
 }
 
 function benchSummaryTable(summary, previous) {
