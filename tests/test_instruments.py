@@ -4,6 +4,7 @@ router with simulated nodes."""
 
 from __future__ import annotations
 
+import ast
 import json
 import random
 import re
@@ -16,9 +17,10 @@ import attrs
 import httpx
 import pytest
 import trio
+import trio.testing
 
 from herd.config import RouterConfig
-from herd.core import instruments
+from herd.core import instruments, timeline
 from herd.core.instruments import OTHER, UNTAGGED, fold, percentile, why
 from herd.core.timeline import FleetEvent, NodeFacts, diff, settings_changes
 from herd.core.traces import TraceRecord
@@ -250,6 +252,21 @@ def test_the_fleet_diff_finds_each_kind_once() -> None:
     back = diff({"b": after["b"]}, {"b": facts()}, 6.0)
     assert [(e.kind, e.timestamp) for e in back] == [("node_recovered", 6.0), ("backend_up", 6.0)]
     assert settings_changes({"a": True, "b": 1}, {"a": False, "b": 1}) == "a: true → false"
+
+
+def test_the_instruments_and_the_timeline_are_pure() -> None:
+    allowed = {"__future__", "json", "collections.abc", "typing", "attrs", "herd.core.traces"}
+    banned = {"time", "trio", "datetime", "httpx", "quart", "sqlite3", "os", "random"}
+    for module in (instruments, timeline):
+        tree = ast.parse(Path(module.__file__ or "").read_text())
+        for item in ast.walk(tree):
+            if isinstance(item, ast.Import | ast.ImportFrom):
+                names = (
+                    [a.name for a in item.names] if isinstance(item, ast.Import) else [item.module]
+                )
+                assert set(names) <= allowed, (module.__name__, names)
+            if isinstance(item, ast.Name):
+                assert item.id not in banned, (module.__name__, item.id, item.lineno)
 
 
 # ---------------------------------------------------------------------------- store
@@ -616,3 +633,18 @@ async def test_the_live_stream_carries_throughput_per_node(
     assert flow["tokens_per_second"] > 0
     assert status["last_request_id"] == fleet.router.state.traces[-1].request_id
     assert time.time() - fleet.router.state.traces[-1].timestamp < 60
+
+
+async def test_a_request_naming_a_node_that_cannot_serve_waits_then_says_why(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    async with (
+        running_fleet(tmp_path, two_node_specs(), queue_timeout=5.0) as fleet,
+        httpx.AsyncClient(base_url=fleet.url, timeout=None, trust_env=False) as client,
+    ):
+        start = trio.current_time()
+        reply = await chat(client, "llama3.2:3b", metadata={"node": "gamma"})
+        assert reply.status_code == 503
+        assert "not the node the request named (gamma)" in reply.json()["error"]
+        assert 5 <= trio.current_time() - start < 6
+        await wait_until(fleet.counters_idle)

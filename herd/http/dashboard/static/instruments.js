@@ -4,7 +4,8 @@
 "use strict";
 
 // ---------------------------------------------------------------- trends
-const trend = { window: localStorage.getItem("herd-window") || "24h", filters: {}, hidden: new Set() };
+const trend = { window: localStorage.getItem("herd-window") || "24h", filters: {}, hidden: new Set(),
+  timer: null };
 const CATEGORY_NAMES = { node: "nodes", model: "models", drain: "drains & pauses", pull: "pulls",
   settings: "settings", benchmark: "benchmarks" };
 const EVENT_WORDS = {
@@ -118,6 +119,11 @@ loaders.trends = async () => {
       loaders.trends();
     });
   }
+  // Kept fresh while it is showing: every 15 s for minute buckets, every minute for longer.
+  clearTimeout(trend.timer);
+  trend.timer = setTimeout(() => {
+    if (!$("#tab-trends").hidden) loaders.trends().catch(console.error);
+  }, data.bucket_seconds >= 900 ? 60_000 : 15_000);
   const shown = timeline.events.slice().reverse().slice(0, 200);
   $("#trend-timeline").innerHTML = shown.length ? table([
     { title: "when", get: e => when(e.timestamp) },
