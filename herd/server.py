@@ -312,6 +312,9 @@ class FinishResponses:
     timer there; meanwhile it tells the app the exchange is over, and Quart-Trio cancels its
     request nursery. Unshielded, the cancellation lands half-way through hypercorn's work: the
     socket stays open (a client that asked to close waits; idle sockets pile up with no timer).
+    The router wraps its inference paths in it too: a router stopping just as the last bytes go
+    out would otherwise cancel the request after the client has its whole answer, and record
+    it as failed.
     """
 
     def __init__(self, app: Any) -> None:

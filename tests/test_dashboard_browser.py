@@ -3,7 +3,8 @@
 Every tab is opened with data from real traffic through a test router; the overview updates by
 itself when a node joins and leaves; a settings toggle round-trips; a pull started from
 Recommendations completes; a router that wants an API key gets one asked for, and the live
-overview follows. With HERD_SCREENSHOTS=1 the tests refresh docs/screenshots/.
+overview follows. With HERD_SCREENSHOTS=1 the tests (these and
+tests/test_dashboard_instruments_browser.py) refresh docs/screenshots/.
 """
 
 from __future__ import annotations
@@ -155,14 +156,17 @@ async def test_every_tab_renders_with_real_data(tmp_path: Path, browser: str) ->
 
         def visit(page: Page) -> None:
             expect(page.locator(".card.node")).to_have_count(2)
-            expect(page.locator('.card[data-node="studio"] .chip.hot')).to_have_text("qwen2.5:7b")
+            hot = page.locator('.card[data-node="studio"] .chip.hot', has_text="qwen2.5:7b")
+            expect(hot).to_have_text("qwen2.5:7b 4k ctx")  # with its context window
             expect(page.locator("#queues")).to_contain_text("[EMBED]")
             expect(page.locator("#live")).to_have_text("live")
-            shot(page, "overview")
             page.click('a[data-tab="trends"]')
-            expect(page.locator("#chart-requests svg rect.bar")).to_have_count(24)
-            expect(page.locator("#chart-latency svg circle.dot")).to_have_count(1)
-            shot(page, "trends")
+            page.click('#trend-window button[data-window="24h"]')
+            expect(page.locator("#trend-charts figure")).to_have_count(8)
+            expect(page.locator('figure[data-chart="requests"] rect.bar')).to_have_count(1)
+            expect(page.locator("#trend-totals")).to_contain_text("4")
+            page.click('a[data-tab="requests"]')
+            expect(page.locator("#feed tr.click")).to_have_count(4)
             page.click('a[data-tab="models"]')
             expect(page.locator("#models-table")).to_contain_text("llama3.2:3b")
             page.locator("#models-table tr.click", has_text="qwen2.5:7b").click()
@@ -175,7 +179,6 @@ async def test_every_tab_renders_with_real_data(tmp_path: Path, browser: str) ->
             shot(page, "apps")
             page.click('a[data-tab="benchmarks"]')
             expect(page.locator("#bench-table")).to_contain_text("nightly")
-            shot(page, "benchmarks")
             page.click('a[data-tab="health"]')
             expect(page.locator(".check")).to_have_count(19)
             expect(page.locator('.check[data-check="offline_nodes"]')).to_contain_text("connected")

@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import httpx
+import pytest
 import trio
 import trio.testing
 
@@ -173,3 +174,70 @@ async def test_pulls_from_hosts_the_operator_has_not_allowed_are_refused(
         allowed = await client.post("/api/pull", json={"model": ok_host, "stream": False})
         assert allowed.status_code == 200, allowed.text
         assert fleet.sims["alpha"].pulls == 1
+
+
+async def test_a_pull_shows_its_rate_and_time_left_and_an_operator_can_cancel_it(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    settings = RuntimeSettings(auto_pull=True)
+    async with (
+        running_fleet(tmp_path, specs(), settings, queue_timeout=300.0) as fleet,
+        httpx.AsyncClient(base_url=fleet.url, timeout=None, trust_env=False) as client,
+    ):
+        state = fleet.router.state
+        started = await client.post(
+            "/dashboard/api/pulls", json={"model": "gemma3:1b", "node_id": "beta"}
+        )
+        assert started.status_code == 202, started.text
+        assert (started.json()["node"], started.json()["origin"]) == ("beta", "dashboard")
+        # The same model onto another node while that runs: refused, saying where it goes.
+        elsewhere = await client.post(
+            "/dashboard/api/pulls", json={"model": "gemma3:1b", "node_id": "alpha"}
+        )
+        assert elsewhere.status_code == 409
+        assert "being pulled onto beta" in elsewhere.json()["error"]
+        answers: list[httpx.Response] = []
+
+        async def wait_for_it() -> None:  # auto-pull joins the running pull
+            answers.append(await client.post("/api/generate", json=generate("gemma3:1b")))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(wait_for_it)
+            await trio.sleep(30)
+            (job,) = (await client.get("/dashboard/api/pulls")).json()["pulls"]
+            assert job["status"] == "pulling"
+            assert job["rate_bytes_per_second"] == pytest.approx(RATE, rel=0.05)
+            left = (job["total_bytes"] - job["completed_bytes"]) / RATE
+            assert job["eta_seconds"] == pytest.approx(left, abs=2)
+            cancelled = await client.post(
+                "/dashboard/api/pulls/cancel", json={"model": "gemma3:1b", "node_id": "beta"}
+            )
+            assert cancelled.status_code == 200, cancelled.text
+            view = cancelled.json()
+            assert (view["status"], view["error"]) == ("cancelled", "cancelled by an operator")
+            assert view["rate_bytes_per_second"] is None and view["ended_at"] is not None
+        (answer,) = answers
+        assert answer.status_code == 404
+        assert "cancelled by an operator" in answer.json()["error"]
+        await wait_until(lambda: fleet.sims["beta"].pulls_cancelled == 1)
+        pulls = fleet.router.link.pulls
+        assert pulls is not None and pulls.running == {}
+        stats = pulls.statistics()
+        assert (stats.started, stats.succeeded, stats.failed, stats.cancelled) == (1, 0, 0, 1)
+        kinds = [(e.kind, e.node_id, e.model) for e in state.timeline.ring if "pull" in e.kind]
+        assert kinds == [
+            ("pull_started", "beta", "gemma3:1b"),
+            ("pull_cancelled", "beta", "gemma3:1b"),
+        ]
+        # Nothing is running now: a cancel says so.
+        again = await client.post("/dashboard/api/pulls/cancel", json={"model": "gemma3:1b"})
+        assert again.status_code == 404 and "no pull of gemma3:1b" in again.json()["error"]
+        # A cancelled pull is not a remembered failure: the next request pulls again.
+        resumed = await client.post(
+            "/dashboard/api/pulls", json={"model": "gemma3:1b", "node_id": "beta"}
+        )
+        assert resumed.status_code == 202
+        with trio.fail_after(200):
+            await pulls.running["gemma3:1b"].done.wait()
+        assert pulls.statistics().succeeded == 1
+        await wait_until(fleet.counters_idle)

@@ -10,6 +10,8 @@ caller's API expects.
     │   ├── NotFound               404  unknown path
     │   ├── ModelNotFound          404  no node has the model (naming the closest ones)
     │   ├── RequestTimeout         408  the body did not arrive in time (a slow client)
+    │   ├── Conflict               409  the operator's request clashes with work in progress
+    │   │                               (a benchmark already running, a pull elsewhere)
     │   ├── PayloadTooLarge        413  body over the limit
     │   └── TooManyRequests        429  one client has too many requests in progress
     ├── NodeError                  a node failed; the router may retry elsewhere
@@ -137,6 +139,11 @@ class RequestTimeout(ClientError):
 
     def headers(self) -> dict[str, str]:
         return {"Connection": "close"}  # the rest of the body may still be on its way
+
+
+class Conflict(ClientError):
+    status = 409
+    code = "conflict"
 
 
 class PayloadTooLarge(ClientError):

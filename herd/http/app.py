@@ -25,6 +25,7 @@ from herd.core.errors import BadRequest, HerdError, ModelNotFound, NotFound, par
 from herd.core.models import NodeSnapshot, NodeStatus, normalize_model_name
 from herd.core.policy import virtual
 from herd.http.dashboard.api import create_blueprint
+from herd.http.dashboard.bench import BenchmarkRunner
 from herd.http.dashboard.pages import create_pages
 from herd.http.fleet_socket import serve_fleet_socket
 from herd.http.media import create_media_blueprint
@@ -61,7 +62,9 @@ async def request_bytes() -> bytes:
     return data if isinstance(data, bytes) else data.encode()
 
 
-def create_app(link: Link, store: TraceWriter | None = None) -> QuartTrio:
+def create_app(
+    link: Link, store: TraceWriter | None = None, benchmarks: BenchmarkRunner | None = None
+) -> QuartTrio:
     """The router's Quart app over ``link`` (its state, client and configuration) and
     ``store`` (the trace writer, when traces are persisted)."""
     state, config = link.state, link.config
@@ -81,7 +84,7 @@ def create_app(link: Link, store: TraceWriter | None = None) -> QuartTrio:
             herd_error = NotFound(f"no such endpoint: {request.method} {request.path}")
         return error_response(herd_error, request.path)
 
-    app.register_blueprint(create_blueprint(link, store))
+    app.register_blueprint(create_blueprint(link, store, benchmarks))
     app.register_blueprint(create_pages())
     app.register_blueprint(create_media_blueprint(link))
 

@@ -8,7 +8,8 @@ One session per connected node, three tasks in the session's nursery:
 - drain watch: when the node is draining and nothing of its is pending or in flight, tell it
   ``drained`` so it can exit.
 A closed socket marks the node offline at once (unless it has already reconnected). The router
-logs a node's backend going down and coming back (as its heartbeats say), one line each.
+logs a node's backend going down and coming back (as its heartbeats say), one line each. Joins,
+leaves and drains go to the event log (:mod:`herd.state.events`, the dashboard's timeline).
 
 Who may connect: with a fleet token, the handshake must carry it or it is refused with HTTP 401
 before the socket is accepted. Whoever connects, one node id has one live session: a socket
@@ -138,6 +139,7 @@ class FleetSession:
             except (ValueError, WireError, RecursionError) as exc:
                 self.reply({"type": "error", "message": str(exc)[:500]})
                 continue
+            first = self.node_id is None
             problem = await self.check_urls(report)
             if problem is not None:
                 log.warning(
@@ -161,6 +163,7 @@ class FleetSession:
                     admission.stale.retire()
                 self.node_id = report.node_id
                 log.info("node %s joined (%s)", self.node_id, report.backend.url)
+                state.timeline.record("node_joined", self.node_id, detail=report.backend.url)
                 state.node_commands[self.node_id] = self.outgoing
                 self.reply(
                     {
@@ -184,6 +187,8 @@ class FleetSession:
             state.history.observe(report)  # spilled copies: their slowness is theirs
             state.queues.set_limit(self.node_id, report.parallel_slots)
             record = state.registry.get(self.node_id)
+            if record is not None and first:
+                state.timeline.joined(record)  # what later changes are compared with
             if record is not None:
                 snapshot = NodeSnapshot(record.report, record.status, record.last_seen)
                 state.queues.set_model_limits(self.node_id, model_limits(snapshot))
@@ -202,6 +207,7 @@ class FleetSession:
                 and not state.queues.busy(self.node_id)
             ):
                 log.info("node %s drained", self.node_id)
+                state.timeline.record("node_drained", self.node_id)
                 self.reply({"type": "drained"})
                 return
             await state.wait_fleet_changed()
@@ -220,6 +226,7 @@ class FleetSession:
             del state.node_commands[self.node_id]
         if state.registry.disconnected(self.node_id, trio.current_time(), self):
             log.info("node %s left", self.node_id)
+            state.timeline.record("node_left", self.node_id, detail="its socket closed")
         state.fleet_changed()
 
 

@@ -25,6 +25,7 @@ from herd.core.models import FleetSnapshot, NodeStatus
 from herd.core.policy import virtual
 from herd.discovery import advertise
 from herd.http.app import create_app
+from herd.http.dashboard.bench import BenchmarkRunner
 from herd.http.handler import ProxyASGI
 from herd.http.security import ApiKeyGate, FrontGuard, Origins
 from herd.server import ConnectionLimits, FinishResponses, serve_app
@@ -33,6 +34,7 @@ from herd.state.registry import NodeRegistry
 from herd.state.settings import RuntimeSettings, load_settings, updated
 from herd.state.state import RouterState
 from herd.store.db import DB_NAME, recent_latencies
+from herd.store.events import open_events
 from herd.store.writer import TraceWriter
 from herd.transport.client import upstream_client
 from herd.transport.link import Link
@@ -74,6 +76,7 @@ class Router:
     _state: RouterState | None = None
     _link: Link | None = None
     _store: TraceWriter | None = None
+    _benchmarks: BenchmarkRunner | None = None
     _url: str | None = None
     _stack: contextlib.AsyncExitStack | None = None
     _nursery: trio.Nursery | None = None
@@ -104,6 +107,13 @@ class Router:
         if self._store is None:
             raise RuntimeError("the router is not running")
         return self._store
+
+    @property
+    def benchmarks(self) -> BenchmarkRunner:
+        """The runner of the dashboard's benchmarks."""
+        if self._benchmarks is None:
+            raise RuntimeError("the router is not running")
+        return self._benchmarks
 
     @property
     def fleet(self) -> FleetSnapshot:
@@ -146,7 +156,11 @@ class Router:
         self, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED
     ) -> None:
         config = self.config
-        async with upstream_client() as client, trio.open_nursery() as nursery:
+        async with (
+            upstream_client() as client,
+            open_events(config.data_path / DB_NAME) as events,
+            trio.open_nursery() as nursery,
+        ):
             state = RouterState(
                 registry=NodeRegistry(
                     heartbeat_timeout=config.heartbeat_timeout,
@@ -162,13 +176,17 @@ class Router:
             store = self._store = TraceWriter(config.data_path / DB_NAME)
             await nursery.start(store.run)
             state.trace_sink = store.submit
+            await nursery.start(state.timeline.run, state, events)
+            benchmarks = self._benchmarks = BenchmarkRunner(link, store)
+            await nursery.start(benchmarks.run)
             for node_id, model, latency, rate in await trio.to_thread.run_sync(
                 recent_latencies, store.path
             ):
                 state.history.record(node_id, model, latency, rate)
             app = FrontGuard(
                 ApiKeyGate(
-                    config.api_keys, ProxyASGI(link, FinishResponses(create_app(link, store)))
+                    config.api_keys,
+                    FinishResponses(ProxyASGI(link, create_app(link, store, benchmarks))),
                 ),
                 Origins(config.origins),
             )
@@ -180,6 +198,7 @@ class Router:
                 idle_timeout=config.idle_timeout,
             )
             self._url = await nursery.start(serve_app, app, config.host, config.port, limits)
+            benchmarks.url = self._url  # it measures through the router itself
             if config.mdns:
                 port = int(self._url.rsplit(":", 1)[1])
                 await nursery.start(advertise, config.host, port)

@@ -24,6 +24,7 @@ from herd.core.responses_store import ResponseStore
 from herd.core.scoring import ScoringSettings
 from herd.core.traces import TraceRecord
 from herd.state.affinity import AffinityTable
+from herd.state.events import EventLog
 from herd.state.history import LatencyHistory
 from herd.state.metrics import Metrics
 from herd.state.queues import QueueBook
@@ -75,6 +76,9 @@ class RouterState:
     in_progress_by_client: dict[str, int] = attrs.field(factory=dict)
     # Stored OpenAI Responses (previous_response_id, GET /v1/responses/{id}), bounded.
     responses: ResponseStore = attrs.field(factory=ResponseStore)
+    # The fleet's events for the dashboard's timeline; written to the store while the router
+    # runs (see herd.state.events).
+    timeline: EventLog = attrs.field(factory=EventLog)
     _fleet_changed: trio.Event = attrs.field(factory=trio.Event)
     _settings_changed: trio.Event = attrs.field(factory=trio.Event)
 

@@ -13,6 +13,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from herd.core.timeline import FleetEvent
 from herd.core.traces import TraceRecord
 
 DB_NAME = "latency.db"
@@ -40,9 +41,9 @@ CREATE TABLE IF NOT EXISTS request_traces (
     tags TEXT NOT NULL DEFAULT '[]',
     substitution TEXT,
     context_action TEXT,
-    offload REAL
+    offload REAL,
+    runners_up TEXT NOT NULL DEFAULT '[]'
 );
-CREATE INDEX IF NOT EXISTS request_traces_timestamp ON request_traces (timestamp);
 CREATE INDEX IF NOT EXISTS request_traces_node_model ON request_traces (node_id, model, timestamp);
 CREATE TABLE IF NOT EXISTS benchmark_runs (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -50,7 +51,36 @@ CREATE TABLE IF NOT EXISTS benchmark_runs (
     name TEXT NOT NULL,
     data TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS fleet_events (
+    id INTEGER PRIMARY KEY,
+    timestamp REAL NOT NULL,
+    kind TEXT NOT NULL,
+    node_id TEXT,
+    model TEXT,
+    detail TEXT NOT NULL DEFAULT ''
+);
+CREATE INDEX IF NOT EXISTS fleet_events_timestamp ON fleet_events (timestamp);
 """
+
+# The dashboard's windowed queries read only these columns, so the index alone answers them
+# (SQLite's "covering index": no lookup into the table per row). Time first: every dashboard
+# query is a time range. It replaces the plain timestamp index of earlier versions.
+WINDOW_INDEX = """
+CREATE INDEX IF NOT EXISTS request_traces_window ON request_traces (
+    timestamp, status, node_id, model, latency_ms, time_to_first_token_ms, prompt_tokens,
+    completion_tokens, retry_count, fallback_used, substitution, tags
+);
+DROP INDEX IF EXISTS request_traces_timestamp;
+"""
+# Columns added since the first schema, with their definitions (added to older databases).
+ADDED_COLUMNS = {
+    "substitution": "TEXT",
+    "context_action": "TEXT",
+    "runners_up": "TEXT NOT NULL DEFAULT '[]'",
+    "offload": "REAL",
+}
+# Events kept at most (the oldest go first), whatever their age.
+MAX_EVENTS = 100_000
 
 COLUMNS = (
     "request_id",
@@ -75,10 +105,8 @@ COLUMNS = (
     "substitution",
     "context_action",
     "offload",
+    "runners_up",
 )
-# Columns added after the first release, with their types: a database made before them gets
-# them added on open (additive: older rows read NULL).
-ADDED_COLUMNS = (("offload", "REAL"),)
 INSERT = (
     f"INSERT OR REPLACE INTO request_traces ({', '.join(COLUMNS)}) "
     f"VALUES ({', '.join('?' for _ in COLUMNS)})"
@@ -126,13 +154,16 @@ def connect(path: Path) -> sqlite3.Connection:
 
 
 def initialise(path: Path) -> None:
+    """Create the tables and indexes, and bring an older database up to this schema (columns
+    added, the window index built: a minute or so for millions of rows, once)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with connect(path) as connection:
         connection.executescript(SCHEMA)
-        present = {row["name"] for row in connection.execute("PRAGMA table_info(request_traces)")}
-        for name, kind in ADDED_COLUMNS:
-            if name not in present:
-                connection.execute(f"ALTER TABLE request_traces ADD COLUMN {name} {kind}")
+        have = {row["name"] for row in connection.execute("PRAGMA table_info(request_traces)")}
+        for name, definition in ADDED_COLUMNS.items():
+            if name not in have:
+                connection.execute(f"ALTER TABLE request_traces ADD COLUMN {name} {definition}")
+        connection.executescript(WINDOW_INDEX)
     connection.close()
 
 
@@ -160,6 +191,7 @@ def trace_row(trace: TraceRecord) -> tuple[Any, ...]:
         trace.substitution,
         trace.context_action,
         trace.offload,
+        json.dumps([[node, score] for node, score in trace.runners_up]),
     )
 
 
@@ -172,6 +204,26 @@ def prune(connection: sqlite3.Connection, before: float) -> int:
     """Delete traces older than ``before`` (epoch seconds). Returns how many went."""
     with connection:
         cursor = connection.execute("DELETE FROM request_traces WHERE timestamp < ?", (before,))
+    return cursor.rowcount
+
+
+def write_events(connection: sqlite3.Connection, events: Iterable[FleetEvent]) -> None:
+    """Append events, then drop the oldest beyond :data:`MAX_EVENTS` (by id: cheap)."""
+    with connection:
+        connection.executemany(
+            "INSERT INTO fleet_events (timestamp, kind, node_id, model, detail) "
+            "VALUES (?, ?, ?, ?, ?)",
+            [(e.timestamp, e.kind, e.node_id, e.model, e.detail) for e in events],
+        )
+        last = connection.execute("SELECT MAX(id) FROM fleet_events").fetchone()[0]
+        if last is not None and last > MAX_EVENTS:
+            connection.execute("DELETE FROM fleet_events WHERE id <= ?", (last - MAX_EVENTS,))
+
+
+def prune_events(connection: sqlite3.Connection, before: float) -> int:
+    """Delete events older than ``before`` (epoch seconds). Returns how many went."""
+    with connection:
+        cursor = connection.execute("DELETE FROM fleet_events WHERE timestamp < ?", (before,))
     return cursor.rowcount
 
 

@@ -1,7 +1,12 @@
 """Read-side queries for the dashboard API. Synchronous; run them in a worker thread.
 
 Every time-ranged query takes ``since`` (epoch seconds). Figures come straight from
-``request_traces``; nothing here keeps state.
+``request_traces``; nothing here keeps state. Every windowed query is answered by a search of
+an index on its time range (``tests/test_instruments.py`` checks the plans): mostly the
+covering ``request_traces_window``. ``+node_id IS NOT NULL`` (the unary plus) keeps SQLite
+from scanning the node index for that term instead of searching the time range, and
+``INDEXED BY`` keeps it from scanning that index for its order where a query groups by node
+and model.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
+from herd.core.timeline import CATEGORIES
 from herd.store.db import connect
 
 T = TypeVar("T")
@@ -117,7 +123,7 @@ def usage(connection: sqlite3.Connection, since: float) -> list[dict[str, Any]]:
         connection,
         f"""
         SELECT date(timestamp, 'unixepoch') AS day, node_id, model, {_TOTALS}
-        FROM request_traces WHERE timestamp >= ? AND node_id IS NOT NULL
+        FROM request_traces WHERE timestamp >= ? AND +node_id IS NOT NULL
         GROUP BY day, node_id, model ORDER BY day, node_id, model""",
         since,
     )
@@ -152,12 +158,100 @@ def apps_daily(
     )
 
 
+def _decoded(row: dict[str, Any]) -> dict[str, Any]:
+    for key in ("scores_breakdown", "excluded_nodes", "tags"):
+        row[key] = json.loads(row[key])
+    row["runners_up"] = [{"node_id": n, "score": s} for n, s in json.loads(row["runners_up"])]
+    row["fallback_used"] = bool(row["fallback_used"])
+    return row
+
+
 def traces(connection: sqlite3.Connection, limit: int) -> list[dict[str, Any]]:
     rows = _rows(connection, "SELECT * FROM request_traces ORDER BY timestamp DESC LIMIT ?", limit)
+    return [_decoded(row) for row in rows]
+
+
+def trace(connection: sqlite3.Connection, request_id: str) -> dict[str, Any] | None:
+    """One stored trace by its request id, or None."""
+    rows = _rows(connection, "SELECT * FROM request_traces WHERE request_id = ?", request_id)
+    return _decoded(rows[0]) if rows else None
+
+
+# The instruments' series (herd.core.instruments.series): counts per bucket and group, and
+# each completed request's latency and TTFT, both answered from the window index.
+_GROUPS = {
+    "none": "'all'",
+    "node": "COALESCE(node_id, '(no node)')",
+    "model": "model",
+    "tag": "COALESCE(tag.value, '(untagged)')",
+}
+_SERIES_COUNTS = """
+    SELECT CAST(timestamp / :bucket AS INTEGER) AS b, {group} AS g, COUNT(*),
+        SUM(status = 'completed'), SUM(status IN ('failed', 'incomplete')),
+        SUM(status = 'client_disconnected'), SUM(retry_count), SUM(fallback_used),
+        SUM(substitution IN ('vram', 'context'))
+    FROM request_traces {join} WHERE {where} GROUP BY b, g"""
+_SERIES_VALUES = """
+    SELECT CAST(timestamp / :bucket AS INTEGER), {group}, latency_ms, time_to_first_token_ms,
+        completion_tokens
+    FROM request_traces {join} WHERE {where} AND status = 'completed'"""
+
+
+def series_data(
+    connection: sqlite3.Connection,
+    start: float,
+    end: float,
+    bucket_seconds: int,
+    by: str = "none",
+    model: str | None = None,
+    node: str | None = None,
+    tag: str | None = None,
+) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]:
+    """Counts and values (see :mod:`herd.core.instruments`) for ``start <= timestamp < end``,
+    grouped by ``by`` ("none", "node", "model" or "tag"), narrowed to a model, a node or a
+    tag. Values come back as plain tuples: a week may hold hundreds of thousands."""
+    where = "timestamp >= :start AND timestamp < :end"
+    if model is not None:
+        where += " AND model = :model"
+    if node is not None:
+        where += " AND node_id = :node"
+    if tag is not None:
+        where += " AND EXISTS (SELECT 1 FROM json_each(request_traces.tags) WHERE value = :tag)"
+    join = "LEFT JOIN json_each(request_traces.tags) AS tag" if by == "tag" else ""
+    shape = {"group": _GROUPS[by], "join": join, "where": where}
+    args = {
+        "bucket": bucket_seconds,
+        "start": start,
+        "end": end,
+        "model": model,
+        "node": node,
+        "tag": tag,
+    }
+    cursor = connection.cursor()
+    cursor.row_factory = None
+    counts = cursor.execute(_SERIES_COUNTS.format(**shape), args).fetchall()
+    values = cursor.execute(_SERIES_VALUES.format(**shape), args).fetchall()
+    return counts, values
+
+
+def events(
+    connection: sqlite3.Connection, start: float, end: float, limit: int = 2000
+) -> list[dict[str, Any]]:
+    """Fleet events with ``start <= timestamp < end``, oldest first; the newest ``limit`` when
+    there are more."""
+    rows = _rows(
+        connection,
+        """
+        SELECT * FROM (
+            SELECT id, timestamp, kind, node_id, model, detail FROM fleet_events
+            WHERE timestamp >= ? AND timestamp < ? ORDER BY timestamp DESC LIMIT ?
+        ) ORDER BY timestamp""",
+        start,
+        end,
+        limit,
+    )
     for row in rows:
-        for key in ("scores_breakdown", "excluded_nodes", "tags"):
-            row[key] = json.loads(row[key])
-        row["fallback_used"] = bool(row["fallback_used"])
+        row["category"] = CATEGORIES.get(row["kind"], "other")
     return rows
 
 
@@ -168,7 +262,8 @@ def model_node_usage(
         connection,
         """
         SELECT node_id, model, COUNT(*) AS requests, MAX(timestamp) AS last_used
-        FROM request_traces WHERE timestamp >= ? AND node_id IS NOT NULL
+        FROM request_traces INDEXED BY request_traces_window
+        WHERE timestamp >= ? AND +node_id IS NOT NULL
         GROUP BY node_id, model""",
         since,
     )
@@ -189,7 +284,7 @@ def health_figures(connection: sqlite3.Connection, since: float) -> dict[str, An
         connection,
         """
         SELECT node_id, COUNT(*) AS requests FROM request_traces
-        WHERE timestamp >= ? AND node_id IS NOT NULL GROUP BY node_id""",
+        WHERE timestamp >= ? AND +node_id IS NOT NULL GROUP BY node_id""",
         since,
     )
     row["requests_per_node"] = {r["node_id"]: r["requests"] for r in per_node}

@@ -99,9 +99,24 @@ def _line(data: dict[str, Any]) -> bytes:
 
 
 async def pull_progress(link: Link, node: NodeSnapshot, model: str) -> AsyncIterator[bytes]:
-    """Stream the backend's pull progress (NDJSON lines) through, each tagged with the node."""
-    async for line in progress(link, node, "/api/pull", {"model": model, "stream": True}):
-        yield line
+    """Stream the backend's pull progress (NDJSON lines) through, each tagged with the node.
+    Its start and end go to the event log (a client leaving ends the pull: ``cancelled``)."""
+    link.state.timeline.record(
+        "pull_started", node.node_id, model, detail="by a client (/api/pull)"
+    )
+    kind, detail = "pull_cancelled", "the client left before the pull finished"
+    try:
+        async for line in progress(link, node, "/api/pull", {"model": model, "stream": True}):
+            data = json.loads(line)
+            if "error" in data:
+                kind, detail = "pull_failed", str(data["error"])
+            elif data.get("status") == "success":
+                kind, detail = "pull_done", ""
+            yield line
+        if kind == "pull_cancelled":
+            kind, detail = "pull_failed", f"node {node.node_id} ended the pull without success"
+    finally:
+        link.state.timeline.record(kind, node.node_id, model, detail=detail)
 
 
 async def progress(
@@ -178,6 +193,8 @@ async def delete(link: Link, model: str, node_id: str | None = None) -> dict[str
                     deleted.append(node.node_id)
         except httpx.TransportError as exc:
             failed[node.node_id] = describe(exc)
+    for done in deleted:
+        link.state.timeline.record("model_deleted", done, model)
     for done in deleted:
         await wait_for_model(link, done, model, present=False)
     return {"model": model, "deleted": deleted, "failed": failed}

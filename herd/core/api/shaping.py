@@ -11,7 +11,9 @@ the router judges a node by its first byte, and a non-streamed answer's first by
 only at its end. The relay assembles the one object a non-streaming client expects.
 
 A request may refuse substitution (another model than the ones it named) with
-``"allow_substitution": false`` in the body or ``X-Herd-Allow-Substitution: false``.
+``"allow_substitution": false`` in the body or ``X-Herd-Allow-Substitution: false``, and may
+name the one node allowed to serve it with ``"metadata": {"node": "<node id>"}`` (the
+dashboard's benchmarks do; so can an operator checking one machine).
 """
 
 from __future__ import annotations
@@ -98,6 +100,8 @@ class InferenceRequest:
     # whether it offers tools (tool-capable models are preferred where there is a choice).
     needs: frozenset[str] = frozenset()
     uses_tools: bool = False
+    # ``metadata.node``: the one node allowed to serve this request (None: any).
+    node: str | None = None
 
     @property
     def models(self) -> tuple[str, ...]:
@@ -138,6 +142,17 @@ def parse_tags(body: Mapping[str, Any], header: str | None) -> tuple[str, ...]:
         if tag:
             cleaned.setdefault(tag, None)
     return tuple(cleaned)[:MAX_TAGS]
+
+
+def parse_node(body: Mapping[str, Any]) -> str | None:
+    """``metadata.node``: the one node allowed to serve the request, or None."""
+    metadata = body.get("metadata")
+    if not isinstance(metadata, dict) or metadata.get("node") is None:
+        return None
+    node = metadata["node"]
+    if not isinstance(node, str) or not node.strip():
+        raise BadRequest("field 'metadata.node' must be a node id", param="metadata.node")
+    return node.strip()
 
 
 def _fallbacks(body: Mapping[str, Any]) -> tuple[str, ...]:
@@ -243,6 +258,7 @@ def shape(
     model = normalize_model_name(require_str(body, "model"))
     fallbacks = _fallbacks(body)
     tags = parse_tags(body, tags_header)
+    node = parse_node(body)
     stream = _stream_flag(body, route.default_stream)
     allow_substitution = _allow_substitution(body, substitution_header)
     include_usage = False
@@ -301,6 +317,7 @@ def shape(
         native=native,
         prompt_key=keys[-1] if keys else None,
         earlier_keys=tuple(continuation_keys(messages, keys)) if keys else (),
+        node=node,
     )
 
 

@@ -103,6 +103,7 @@ def route_request(
         excluded_nodes=excluded,
         affinity_node=earlier[0] if earlier is not None else None,
         affinity_tokens=earlier[1] if earlier is not None else 0,
+        only_node=request.node,  # metadata.node: the one node the request allows
     )
 
 

@@ -16,7 +16,8 @@ Theory of operation
 A decision has three stages.
 
 1. **Eliminate** nodes that cannot serve at all: offline, draining, backend down, capacity
-   paused, already failed this request, model absent, a cold load under critical memory
+   paused, already failed this request, not the node the request named (``only_node``),
+   model absent, a cold load under critical memory
    pressure, a cold load that doesn't fit where models run on that node (RAM, VRAM, or the
    unified working set; see :mod:`herd.core.memory`), even once the loaded models are
    unloaded (a partial offload fits if the part outside VRAM fits in RAM; RAM is capped by the
@@ -127,6 +128,8 @@ class RouteRequest:
     # cache holds the prefix) and how many tokens that prefix is. None = a new conversation.
     affinity_node: str | None = None
     affinity_tokens: int = 0
+    # The one node allowed to serve (the request's ``metadata.node``); None = any.
+    only_node: str | None = None
 
 
 @attrs.frozen
@@ -347,6 +350,8 @@ def eliminate(request: RouteRequest, node: NodeSnapshot) -> str | None:
         return "offline"
     if node.report.node_id in request.excluded_nodes:
         return "failed earlier in this request"
+    if request.only_node is not None and node.report.node_id != request.only_node:
+        return f"not the node the request named ({request.only_node})"
     if report.draining:
         return "draining"
     if not report.backend.healthy:

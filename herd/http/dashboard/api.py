@@ -2,7 +2,12 @@
 
 Reads go to the trace store in a worker thread after a flush, so what a request did is visible
 as soon as it has finished. Health is cached for a few seconds and recommendations for five
-minutes, so a dashboard polling them costs little.
+minutes, so a dashboard polling them costs little. The instruments' series are cached for a
+sixtieth of their bucket (1 s for 1-minute buckets, a minute for hourly ones): a week's chart
+over a million traces is computed once a minute at most, however many dashboards are open.
+
+The live request feed and the node cards' throughput come from the router's memory (its last
+:data:`herd.state.state.TRACE_MEMORY` traces), not the store.
 """
 
 from __future__ import annotations
@@ -22,8 +27,11 @@ from quart import Blueprint, Response, request
 from herd import __version__
 from herd.config import OPTIONS_BY_NAME, redacted
 from herd.core import health as health
-from herd.core.errors import BadRequest, NoEligibleNode, parse_json_body
+from herd.core import instruments
+from herd.core.errors import BadRequest, NoEligibleNode, NotFound, parse_json_body
 from herd.core.recommend import recommend
+from herd.core.timeline import settings_changes
+from herd.http.dashboard.bench import BenchmarkRunner
 from herd.state.settings import save_settings, updated
 from herd.store import queries
 from herd.store.writer import TraceWriter
@@ -38,6 +46,9 @@ EVENTS_INTERVAL = 2.0
 EVENTS_MIN_GAP = 0.25
 MAX_EVENT_SUBSCRIBERS = 64
 MAX_TRACES = 1000
+SERIES_CACHE = 64  # entries
+CANCEL_WAIT = 5.0  # seconds a cancel waits for the pull to end
+THROUGHPUT_WINDOW = 300.0  # seconds of traces behind a node card's throughput
 
 
 def _json(data: Any, status: int = 200) -> Response:
@@ -55,6 +66,19 @@ def hours_arg() -> int:
     if not 1 <= hours <= 168:
         raise BadRequest(f"'hours' must be between 1 and 168, got {hours}", param="hours")
     return hours
+
+
+def window_arg() -> instruments.Window:
+    raw = request.args.get("window", "24h")
+    try:
+        return instruments.window(raw)
+    except ValueError as exc:
+        raise BadRequest(str(exc), param="window") from exc
+
+
+def text_arg(name: str) -> str | None:
+    value = request.args.get(name)
+    return value if value else None
 
 
 def limit_arg(default: int = 50) -> int:
@@ -87,13 +111,17 @@ def catalog() -> list[dict[str, Any]]:
     return models
 
 
-def create_blueprint(link: Link, store: TraceWriter | None = None) -> Blueprint:
-    """The dashboard's API over ``link`` (the router's state, client and configuration) and
-    ``store`` (the trace writer: the records and statistics come from its database)."""
+def create_blueprint(
+    link: Link, store: TraceWriter | None = None, runner: BenchmarkRunner | None = None
+) -> Blueprint:
+    """The dashboard's API over ``link`` (the router's state, client and configuration),
+    ``store`` (the trace writer: the records and statistics come from its database) and
+    ``runner`` (the runner of the dashboard's benchmarks, while the router runs)."""
     state, config = link.state, link.config
     bp = Blueprint("dashboard_api", __name__)
     health_cache = Cached()
     recommendations_cache = Cached()
+    series_cache: dict[tuple[Any, ...], Cached] = {}
     subscribers = 0
 
     async def query(fn: Callable[..., T], *args: Any) -> T:
@@ -157,6 +185,101 @@ def create_blueprint(link: Link, store: TraceWriter | None = None) -> Blueprint:
     async def traces() -> Response:
         limit = limit_arg()
         return _json({"traces": await query(queries.traces, limit)})
+
+    # ------------------------------------------------------------ instruments (#19)
+    @bp.get("/dashboard/api/series")
+    async def series() -> Response:
+        win = window_arg()
+        by = request.args.get("by", "none")
+        if by not in instruments.BREAKDOWNS:
+            raise BadRequest(
+                f"'by' must be one of {', '.join(instruments.BREAKDOWNS)}, got {by!r}", param="by"
+            )
+        model, node, tag = text_arg("model"), text_arg("node"), text_arg("tag")
+        key = (win.name, by, model, node, tag)
+        now = trio.current_time()
+        cached = series_cache.get(key)
+        if cached is None or now - cached.at > win.bucket_seconds / 60:
+            start, end = win.span(time.time())
+            counts, values = await query(
+                queries.series_data, start, end, win.bucket_seconds, by, model, node, tag
+            )
+            value = instruments.series(counts, values, win, start, by)
+            value["filters"] = {"model": model, "node": node, "tag": tag}
+            while len(series_cache) >= SERIES_CACHE:
+                del series_cache[next(iter(series_cache))]
+            series_cache[key] = cached = Cached(value, now)
+        return _json(cached.value)
+
+    @bp.get("/dashboard/api/timeline")
+    async def timeline() -> Response:
+        win = window_arg()
+        start, end = win.span(time.time())
+        await state.timeline.flush()
+        found = await query(queries.events, start, end)
+        return _json({"window": win.name, "start": start, "end": end, "events": found})
+
+    @bp.get("/dashboard/api/requests")
+    async def request_feed() -> Response:
+        limit = limit_arg()
+        recent = list(state.traces)[-limit:]
+        rows = [instruments.feed_row(t.as_dict()) for t in reversed(recent)]
+        return _json({"requests": rows, "kept": state.traces.maxlen})
+
+    @bp.get("/dashboard/api/requests/<request_id>")
+    async def request_detail(request_id: str) -> Response:
+        found = next((t.as_dict() for t in state.traces if t.request_id == request_id), None)
+        if found is None:
+            found = await query(queries.trace, request_id)
+        if found is None:
+            raise NotFound(f"no trace of request '{request_id}' (in memory or in the store)")
+        return _json({**found, **instruments.feed_row(found)})
+
+    @bp.get("/dashboard/api/pulls")
+    async def pulls_view() -> Response:
+        return _json({"pulls": link.pulls.views() if link.pulls is not None else []})
+
+    @bp.post("/dashboard/api/pulls")
+    async def start_pull() -> Response:
+        body = await body_json()
+        model = model_admin.requested_model(body)
+        node_id = model_admin.requested_node(body)
+        node = model_admin.pull_checked(link, model, node_id)
+        assert link.pulls is not None
+        job = link.pulls.start(model, node, "dashboard", exact=node_id is not None)
+        return _json(job.view(), status=202)
+
+    @bp.post("/dashboard/api/pulls/cancel")
+    async def cancel_pull() -> Response:
+        body = await body_json()
+        assert link.pulls is not None
+        job = link.pulls.cancel(model_admin.requested_model(body), model_admin.requested_node(body))
+        with trio.move_on_after(CANCEL_WAIT):
+            await job.done.wait()
+        return _json(job.view())
+
+    def benchmark_runner() -> BenchmarkRunner:
+        if runner is None:
+            raise NoEligibleNode("the benchmark runner is not running")
+        return runner
+
+    @bp.get("/dashboard/api/benchmarks/current")
+    async def benchmark_current() -> Response:
+        return _json(benchmark_runner().view())
+
+    @bp.post("/dashboard/api/benchmarks/run")
+    async def benchmark_start() -> Response:
+        runner = benchmark_runner()
+        run = runner.start(*runner.checked(await body_json()))
+        return _json(run.view(), status=202)
+
+    @bp.post("/dashboard/api/benchmarks/cancel")
+    async def benchmark_cancel() -> Response:
+        run = benchmark_runner().cancel()
+        # Bounded by the run itself: cancelled, it only saves what it measured, and that write
+        # waits at most SQLite's busy timeout (a timer here would race the worker thread).
+        await run.finished.wait()
+        return _json(run.view())
 
     @bp.get("/dashboard/api/benchmarks")
     async def benchmarks() -> Response:
@@ -248,7 +371,11 @@ def create_blueprint(link: Link, store: TraceWriter | None = None) -> Blueprint:
 
     @bp.post("/dashboard/api/settings")
     async def post_settings() -> Response:
+        before = attrs.asdict(state.settings)
         state.change_settings(updated(state.settings, await body_json()))
+        changed = settings_changes(before, attrs.asdict(state.settings))
+        if changed:
+            state.timeline.record("settings_changed", detail=changed)
         await trio.to_thread.run_sync(save_settings, config.data_path, state.settings)
         health_cache.at = -1e18
         return _json(settings_view())
@@ -319,6 +446,14 @@ def create_blueprint(link: Link, store: TraceWriter | None = None) -> Blueprint:
             try:
                 while True:
                     status = link.status_view()
+                    recent = state.traces
+                    status["throughput"] = instruments.node_throughput(
+                        recent,
+                        time.time(),
+                        THROUGHPUT_WINDOW,
+                        truncated=len(recent) == recent.maxlen,
+                    )
+                    status["last_request_id"] = recent[-1].request_id if recent else None
                     yield b"event: fleet\ndata: " + json.dumps(status).encode() + b"\n\n"
                     await trio.sleep(EVENTS_MIN_GAP)  # throttle: at most 4 a second
                     with trio.move_on_after(EVENTS_INTERVAL - EVENTS_MIN_GAP):

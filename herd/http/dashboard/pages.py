@@ -19,6 +19,7 @@ TYPES = {
 TABS = (
     "overview",
     "trends",
+    "requests",
     "models",
     "apps",
     "benchmarks",

@@ -1,4 +1,7 @@
-// herd dashboard: eight tabs over /dashboard/api and the live /dashboard/events stream.
+// herd dashboard, the shell: helpers, tabs, the live /dashboard/events stream, and the tabs
+// that need little code (overview, models, apps, health, recommendations, settings). Other
+// scripts (instruments.js, ...) add their tabs by setting loaders.<tab> = async () => {...}
+// (and statusListeners for the live stream); the page starts once every script has loaded.
 "use strict";
 
 const $ = sel => document.querySelector(sel);
@@ -9,6 +12,18 @@ const gib = b => ((b || 0) / GiB).toFixed(1);
 const num = v => v == null ? "–" : (Math.round(v * 10) / 10).toLocaleString();
 const pct = v => v == null ? "–" : (v * 100).toFixed(1) + "%";
 const when = ts => ts ? new Date(ts * 1000).toLocaleString() : "–";
+const MiB = 1024 ** 2;
+const ms = v => v == null ? "–" : v >= 10000 ? `${(v / 1000).toFixed(1)} s` : `${Math.round(v)} ms`;
+const kTokens = n => !n ? "" : n >= 1024 ? `${Math.round(n / 1024)}k` : String(n);
+function duration(seconds) {
+  if (seconds == null) return "–";
+  const s = Math.round(seconds);
+  if (s < 60) return `${s} s`;
+  const join = (a, ua, b, ub) => b ? `${a} ${ua} ${b} ${ub}` : `${a} ${ua}`;
+  if (s < 3600) return join(Math.floor(s / 60), "min", s % 60, "s");
+  return join(Math.floor(s / 3600), "h", Math.floor((s % 3600) / 60), "min");
+}
+const badge = (text, cls) => `<span class="badge ${cls}">${esc(text)}</span>`;
 
 // With API keys configured on the router, the dashboard asks for one once and keeps it here.
 const keyHeader = () => {
@@ -81,9 +96,11 @@ function showTab() {
 window.addEventListener("hashchange", showTab);
 
 // ---------------------------------------------------------------- fleet overview (live)
-function meter(label, used, total, text) {
+// A bar of `used` out of `total`; a resource meter turns amber then red as it fills, a
+// progress bar (`progress`) doesn't.
+function meter(label, used, total, text, progress = false) {
   const share = total > 0 ? Math.min(1, used / total) : 0;
-  const cls = share > 0.92 ? "crit" : share > 0.8 ? "warn" : "";
+  const cls = progress ? "" : share > 0.92 ? "crit" : share > 0.8 ? "warn" : "";
   return `<div class="meter"><div class="label"><span>${label}</span><span>${text}</span></div>` +
     `<div class="track"><div class="fill ${cls}" style="width:${(share * 100).toFixed(1)}%"></div></div></div>`;
 }
@@ -94,6 +111,71 @@ function acceleratorMeter(acc) {
   const used = acc.total_bytes - acc.free_bytes;
   return meter(acc.kind === "vram" ? "VRAM" : "GPU working set", used, acc.total_bytes,
     `${gib(used)} / ${gib(acc.total_bytes)} GiB`);
+}
+
+// What a node card shows beyond the basics. Badges follow the node's status; sections come
+// after the memory and CPU meters. Other views add theirs here, each a function of the node's
+// /fleet/status entry and the whole status, returning HTML ("" for nothing).
+const nodeBadges = [
+  n => n.draining ? badge("draining", "sev-warning") : "",
+  n => n.capacity && n.capacity.paused ? badge("paused", "sev-warning") : "",
+  n => n.models_loaded.some(m => m.spilled) ? badge("spilled", "sev-warning spilled") : "",
+];
+const nodeSections = [];
+
+function nodeCard(n, status) {
+  const mem = n.memory, used = mem.total_bytes - mem.available_bytes;
+  const hot = new Set(n.models_loaded.map(m => m.name));
+  const spill = m => m.spilled
+    ? ` <span class="badge sev-warning spill">${Math.round(m.offload * 100)}% CPU</span>` : "";
+  const chips = n.models_loaded.map(m =>
+    `<span class="chip hot" title="loaded, context window ${m.context_length || "?"} tokens` +
+    `${m.spilled ? ", spilled out of VRAM: part of it runs on the CPU" : ""}">${esc(m.name)}` +
+    (m.context_length ? ` <small>${kTokens(m.context_length)} ctx</small>` : "") + spill(m) + "</span>").join("") +
+    n.models_available.filter(m => !hot.has(m.name)).map(m =>
+      `<span class="chip" title="on disk">${esc(m.name)}</span>`).join("");
+  const backend = n.backend.healthy ? `${esc(n.backend.kind)} ${esc(n.backend.version)}`
+    : `<span class="s-offline">backend down</span>`;
+  const flow = (status.throughput || {})[n.node_id];
+  const throughput = flow
+    ? `<b>${num(flow.tokens_per_second)}</b> tok/s · <b>${num(flow.requests_per_minute)}</b> req/min`
+    : `<span class="hint">idle</span>`;
+  const span = flow ? duration(flow.seconds) : "5 min";
+  return `<div class="card node" data-node="${esc(n.node_id)}">` +
+    `<h3>${esc(n.node_id)} ${badge(n.status, `s-${esc(n.status)}`)}` +
+    nodeBadges.map(f => f(n, status)).filter(Boolean).join(" ") + `</h3>` +
+    `<div class="sub">${esc(n.host)} · ${backend}</div>` +
+    `<div class="figures">` +
+    `<div class="figure throughput" title="over the last ${span}"><span class="k">throughput</span>${throughput}</div>` +
+    `<div class="figure queue"><span class="k">queue</span><b>${n.requests_in_flight}</b> / ${n.parallel_slots} slots busy` +
+    (n.requests_pending ? ` · <b>${n.requests_pending}</b> waiting` : "") + `</div></div>` +
+    meter("memory", used, mem.total_bytes, `${gib(used)} / ${gib(mem.total_bytes)} GiB`) +
+    acceleratorMeter(n.accelerator) +
+    meter("cpu", n.cpu.percent, 100, `${num(n.cpu.percent)}%`) +
+    nodeSections.map(f => f(n, status)).join("") +
+    `<div class="models">${chips || '<span class="hint">no models</span>'}</div></div>`;
+}
+
+function pullProgress(r) {
+  if (!r.total_bytes) return esc(r.error || (r.status === "pulling" ? "starting…" : ""));
+  const parts = [`${gib(r.completed_bytes)} / ${gib(r.total_bytes)} GiB`];
+  if (r.rate_bytes_per_second != null) parts.push(`${(r.rate_bytes_per_second / MiB).toFixed(1)} MiB/s`);
+  if (r.eta_seconds != null) parts.push(`${duration(r.eta_seconds)} left`);
+  return meter(r.percent != null ? `${r.percent}%` : "", r.completed_bytes, r.total_bytes, parts.join(" · "), true) +
+    (r.error ? `<div class="hint">${esc(r.error)}</div>` : "");
+}
+
+function renderPulls(pulls) {
+  const sev = { failed: "sev-critical", done: "sev-ok", cancelled: "sev-warning" };
+  $("#pulls").innerHTML = pulls.length ? table([
+    { title: "model", get: r => r.model },
+    { title: "node", get: r => r.node },
+    { title: "by", get: r => r.origin },
+    { title: "status", html: r => badge(r.status, sev[r.status] || "sev-info") },
+    { title: "progress", html: pullProgress },
+    { title: "", html: r => r.status === "pulling"
+      ? `<button class="cancel-pull" data-model="${esc(r.model)}" data-node="${esc(r.node)}">Cancel</button>` : "" },
+  ], pulls) : `<p class="hint">No pulls yet. Pull a model above, or from Recommendations.</p>`;
 }
 
 function renderFleet(status) {
@@ -110,39 +192,13 @@ function renderFleet(status) {
     cards.innerHTML = emptyState("No nodes yet",
       `On each machine with Ollama, run <code>herd-node --router-url ${esc(location.origin)}</code>.`);
   } else {
-    cards.innerHTML = status.nodes.map(n => {
-      const mem = n.memory, used = mem.total_bytes - mem.available_bytes;
-      const hot = new Set(n.models_loaded.map(m => m.name));
-      const spill = m => m.spilled
-        ? ` <span class="badge sev-warning spill">${Math.round(m.offload * 100)}% CPU</span>` : "";
-      const chips = n.models_loaded.map(m =>
-        `<span class="chip hot" title="loaded, context ${m.context_length}` +
-        `${m.spilled ? ", spilled out of VRAM: part of it runs on the CPU" : ""}">${esc(m.name)}${spill(m)}</span>`).join("") +
-        n.models_available.filter(m => !hot.has(m.name)).map(m =>
-          `<span class="chip" title="on disk">${esc(m.name)}</span>`).join("");
-      const backend = n.backend.healthy ? `${esc(n.backend.kind)} ${esc(n.backend.version)}`
-        : `<span class="s-offline">backend down</span>`;
-      return `<div class="card node" data-node="${esc(n.node_id)}">` +
-        `<h3>${esc(n.node_id)} <span class="badge s-${esc(n.status)}">${esc(n.status)}</span>` +
-        `${n.draining ? ' <span class="badge sev-warning">draining</span>' : ""}` +
-        `${n.models_loaded.some(m => m.spilled) ? ' <span class="badge sev-warning spilled">spilled</span>' : ""}</h3>` +
-        `<div class="sub">${esc(n.host)} · ${backend} · ${n.requests_in_flight} in flight, ${n.requests_pending} pending</div>` +
-        meter("memory", used, mem.total_bytes, `${gib(used)} / ${gib(mem.total_bytes)} GiB`) +
-        acceleratorMeter(n.accelerator) +
-        meter("cpu", n.cpu.percent, 100, `${num(n.cpu.percent)}%`) +
-        `<div class="models">${chips || '<span class="hint">no models</span>'}</div></div>`;
-    }).join("");
+    cards.innerHTML = status.nodes.map(n => nodeCard(n, status)).join("");
   }
-  const pulls = status.pulls || [];
-  $("#pulls").innerHTML = pulls.length ? "<h2>Pulls</h2>" + table([
-    { title: "model", get: r => r.model },
-    { title: "node", get: r => r.node },
-    { title: "by", get: r => r.origin },
-    { title: "status", html: r => `<span class="badge ${r.status === "failed" ? "sev-critical" : r.status === "done" ? "sev-ok" : "sev-info"}">${esc(r.status)}</span>` },
-    { title: "progress", html: r => r.total_bytes
-      ? meter("", r.completed_bytes, r.total_bytes, `${gib(r.completed_bytes)} / ${gib(r.total_bytes)} GiB`)
-      : esc(r.error || "") },
-  ], pulls) : "";
+  renderPulls(status.pulls || []);
+  const select = $("#pull-node"), chosen = select.value;
+  select.innerHTML = `<option value="">best node</option>` + status.nodes.map(n =>
+    `<option value="${esc(n.node_id)}">${esc(n.node_id)}</option>`).join("");
+  select.value = status.nodes.some(n => n.node_id === chosen) ? chosen : "";
   const queues = Object.entries(status.queues);
   $("#queues").innerHTML = queues.length ? table([
     { title: "class", html: r => `<span class="kind">[${esc(String(r[1].kind).toUpperCase())}]</span>` },
@@ -155,7 +211,50 @@ function renderFleet(status) {
     `Point a client at <code>${esc(location.origin)}</code> (Ollama API) or <code>${esc(location.origin)}/v1</code> (OpenAI).`);
 }
 
+const postJSON = (path, body) => api(path, {
+  method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(body),
+});
+
+// Pulls: started here or from Recommendations, owned by the router (a closed page doesn't
+// stop them), cancelled from their row.
+$("#pulls").addEventListener("click", async event => {
+  const button = event.target.closest("button.cancel-pull");
+  if (!button) return;
+  button.disabled = true;
+  try {
+    await postJSON("/dashboard/api/pulls/cancel", { model: button.dataset.model, node_id: button.dataset.node });
+  } catch (err) {
+    $("#pull-status").textContent = err.message;
+  }
+});
+$("#pull-form").addEventListener("submit", async event => {
+  event.preventDefault();
+  const model = $("#pull-model").value.trim(), node = $("#pull-node").value;
+  try {
+    const job = await postJSON("/dashboard/api/pulls", { model, ...(node ? { node_id: node } : {}) });
+    $("#pull-status").textContent = `pulling ${job.model} onto ${job.node}`;
+  } catch (err) {
+    $("#pull-status").textContent = err.message;
+  }
+});
+
+// Follow a router-owned pull (started at `started` onto `node`) until it ends; `onProgress`
+// gets its view as it goes. Returns the final view.
+async function followPull(model, node, started, onProgress) {
+  for (;;) {
+    const { pulls } = await api("/dashboard/api/pulls");
+    const job = pulls.find(p => p.model === model && p.node === node && p.started_at >= started);
+    if (job) {
+      onProgress(job);
+      if (job.status !== "pulling") return job;
+    }
+    await new Promise(resolve => setTimeout(resolve, 1000));
+  }
+}
+
 let lastStatus = null;
+// Called with every status the live stream brings (after the overview has rendered it).
+const statusListeners = [];
 // The live stream. EventSource retries a dropped connection by itself, but an HTTP error
 // (a 401 when the router wants an API key) closes it for good and says nothing of the status:
 // then ask the router once what the matter is, ask for the key on a 401, and connect again.
@@ -167,6 +266,7 @@ function connectEvents() {
     lastStatus = JSON.parse(event.data);
     live.textContent = "live"; live.className = "live on";
     renderFleet(lastStatus);
+    statusListeners.forEach(listener => listener(lastStatus));
   });
   source.onerror = () => {
     live.textContent = "reconnecting…"; live.className = "live off";
@@ -194,27 +294,6 @@ async function eventsRefused(tried) {
   setTimeout(connectEvents, 3000);
 }
 loaders.overview = async () => { if (lastStatus) renderFleet(lastStatus); };
-
-// ---------------------------------------------------------------- trends
-loaders.trends = async () => {
-  const hours = $("#trend-hours").value;
-  const data = await api(`/dashboard/api/trends?hours=${hours}`);
-  const label = b => {
-    const d = new Date(b.hour * 1000);
-    return Number(hours) > 24 ? `${d.getMonth() + 1}/${d.getDate()} ${d.getHours()}h`
-      : d.toLocaleTimeString([], { hour: "2-digit", minute: "2-digit" });
-  };
-  // One bucket per hour across the whole range, zero where nothing happened.
-  const byHour = new Map(data.buckets.map(x => [x.hour, x]));
-  const last = Math.floor(Date.now() / 3600000) * 3600, b = [];
-  for (let h = last - (Number(hours) - 1) * 3600; h <= last; h += 3600) {
-    b.push(byHour.get(h) || { hour: h, requests: 0, avg_latency_ms: 0, prompt_tokens: 0, completion_tokens: 0 });
-  }
-  $("#chart-requests").innerHTML = Charts.bars(b.map(x => ({ label: label(x), y: x.requests })), "requests");
-  $("#chart-latency").innerHTML = Charts.line(b.map(x => ({ label: label(x), y: x.avg_latency_ms || 0 })), "latency");
-  $("#chart-tokens").innerHTML = Charts.line(b.map(x => ({ label: label(x), y: x.prompt_tokens + x.completion_tokens })), "tokens");
-};
-$("#trend-hours").addEventListener("change", () => loaders.trends());
 
 // ---------------------------------------------------------------- model insights
 const statColumns = [
@@ -258,29 +337,6 @@ loaders.apps = async () => {
   });
 };
 
-// ---------------------------------------------------------------- benchmarks
-loaders.benchmarks = async () => {
-  const data = await api("/dashboard/api/benchmarks?hours=168");
-  if (!data.runs.length) {
-    $("#bench-chart").innerHTML = "";
-    $("#bench-table").innerHTML = emptyState("No benchmark runs yet",
-      "Save a run with <code>POST /dashboard/api/benchmarks</code> " +
-      "(<code>{\"name\": \"...\", \"results\": {\"requests_per_second\": ...}}</code>).");
-    return;
-  }
-  const figure = r => {
-    const d = r.data || {};
-    return d.requests_per_second ?? d.rps ?? d.throughput ?? null;
-  };
-  $("#bench-chart").innerHTML = `<figure><figcaption>Throughput per run (requests/s)</figcaption>` +
-    Charts.line(data.runs.map(r => ({ label: `#${r.id}`, y: figure(r) || 0 })), "throughput") + "</figure>";
-  $("#bench-table").innerHTML = table([
-    { title: "run", get: r => `#${r.id}` }, { title: "name", get: r => r.name },
-    { title: "when", get: r => when(r.timestamp) },
-    { title: "results", html: r => `<code>${esc(JSON.stringify(r.data)).slice(0, 200)}</code>` },
-  ], data.runs.slice().reverse());
-};
-
 // ---------------------------------------------------------------- health
 loaders.health = async () => {
   const data = await api("/dashboard/api/health");
@@ -319,29 +375,17 @@ loaders.recommendations = async () => {
     const models = [...section.querySelectorAll("input.pick:checked")].map(i => i.dataset.model);
     if (!models.length) { progress.textContent = "tick at least one model"; return; }
     button.disabled = true;
+    const node = button.dataset.node;
     try {
       for (const model of models) {
         progress.textContent = `${model}: starting…`;
-        const response = await fetch("/dashboard/api/pull", {
-          method: "POST", headers: { "Content-Type": "application/json", ...keyHeader() },
-          body: JSON.stringify({ model, node_id: button.dataset.node }),
+        const started = await postJSON("/dashboard/api/pulls", { model, node_id: node });
+        const job = await followPull(model, node, started.started_at, view => {
+          const share = view.percent != null ? ` ${Math.round(view.percent)}%` : "";
+          const eta = view.eta_seconds != null ? `, ${duration(view.eta_seconds)} left` : "";
+          progress.textContent = `${model}: ${view.status}${share}${eta}`;
         });
-        const reader = response.body.getReader();
-        const decoder = new TextDecoder();
-        let buffer = "", last = {};
-        for (;;) {
-          const { value, done } = await reader.read();
-          if (done) break;
-          buffer += decoder.decode(value, { stream: true });
-          const lines = buffer.split("\n"); buffer = lines.pop();
-          for (const line of lines) {
-            if (!line.trim()) continue;
-            last = JSON.parse(line);
-            const share = last.total ? ` ${Math.round(100 * (last.completed || 0) / last.total)}%` : "";
-            progress.textContent = `${model}: ${last.error || last.status}${share}`;
-          }
-        }
-        if (last.error) throw new Error(last.error);
+        if (job.status !== "done") throw new Error(`${model}: ${job.error || job.status}`);
       }
       progress.textContent = `pulled: ${models.join(", ")}`;
       progress.dataset.done = "true";
@@ -410,5 +454,8 @@ loaders.settings = async () => {
     "</div>").join("") + "</div>";
 };
 
-connectEvents();
-showTab();
+// Every script has registered its tabs by the time the document is parsed.
+document.addEventListener("DOMContentLoaded", () => {
+  connectEvents();
+  showTab();
+});
