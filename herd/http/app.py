@@ -26,6 +26,7 @@ from herd.core.models import NodeSnapshot, NodeStatus, normalize_model_name
 from herd.core.policy import virtual
 from herd.http.dashboard.api import create_blueprint
 from herd.http.dashboard.pages import create_pages
+from herd.http.dashboard.plan_api import create_plan_blueprint
 from herd.http.fleet_socket import serve_fleet_socket
 from herd.http.media import create_media_blueprint
 from herd.state.state import RouterState
@@ -81,6 +82,7 @@ def create_app(state: RouterState) -> QuartTrio:
     app.register_blueprint(create_blueprint(state))
     app.register_blueprint(create_pages())
     app.register_blueprint(create_media_blueprint(state))
+    app.register_blueprint(create_plan_blueprint(state))  # the what-if planner (#19)
 
     def virtual_names() -> views.Virtual:
         settings = state.settings

@@ -56,6 +56,7 @@ import bisect
 import collections
 import math
 import statistics
+import textwrap
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -85,7 +86,10 @@ DEFAULT_PROMPT_TOKENS = 200
 DEFAULT_COMPLETION_TOKENS = 200
 MAX_RATE = 1e6  # tokens/s: faster than this is "instant" in the recording
 MIN_PREFILL_TOKENS = 32  # shorter prompts say nothing reliable of a prefill rate
-FOLLOW_WINDOW_S = 3600.0  # a continuation is looked for among turns that ended this recently
+FOLLOW_WINDOW_S = 3600.0
+WIDTH = (
+    96  # of the text rendering  # a continuation is looked for among turns that ended this recently
+)
 
 LIMITS = (
     "A virtual node is a set of request slots with, per model, a decoding rate, a prefill rate "
@@ -1168,9 +1172,8 @@ class Fidelity:
 
 
 FIDELITY_RULE = (
-    f"the no-change replay matches the recording when its p50 and p95 latency and time to "
-    f"first token are each within {FIDELITY_SHARE:.0%} or {FIDELITY_SLACK_S:g} s of the "
-    f"recorded figure"
+    f"p50 and p95 latency and time to first token each within {FIDELITY_SHARE:.0%} or "
+    f"{FIDELITY_SLACK_S:g} s of the recorded figures"
 )
 
 
@@ -1391,13 +1394,19 @@ def render(result: Plan) -> str:
     for name, get in rows:
         lines.append(f"{name:<16}" + "".join(f"{get(f):>{width}}" for f in columns))
     lines.append("")
-    verdict = "matches" if result.fidelity.matches else "does NOT match"
-    lines.append(f"The no-change replay {verdict} the recording ({result.fidelity.rule}).")
+    verdict = (
+        "reproduces the recording"
+        if result.fidelity.matches
+        else "does NOT reproduce the recording: treat the predictions with care"
+    )
+    text = f"The no-change replay {verdict} (it should have {result.fidelity.rule})."
+    lines.extend(textwrap.wrap(text, WIDTH))
     for note in result.notes:
-        lines.append(f"note: {note}")
+        lines.extend(textwrap.wrap(note, WIDTH, initial_indent="note: ", subsequent_indent="  "))
     lines.append("")
     lines.append("What the model of a node leaves out:")
-    lines.extend(f"  - {text}" for text in LIMITS)
+    for text in LIMITS:
+        lines.extend(textwrap.wrap(text, WIDTH, initial_indent="  - ", subsequent_indent="    "))
     return "\n".join(lines)
 
 

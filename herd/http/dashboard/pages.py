@@ -25,6 +25,7 @@ TABS = (
     "health",
     "recommendations",
     "settings",
+    "planner",
 )
 
 
