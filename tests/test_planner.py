@@ -792,3 +792,12 @@ async def test_one_plan_at_a_time_and_within_its_budget(
     over = await client.post("/dashboard/api/plan", json={"hours": 1})
     assert over.status_code == 503
     assert "took more than its budget of -1 s" in over.json()["error"]
+
+
+def test_the_docs_name_every_preset_and_the_rule() -> None:
+    text = (Path(__file__).parent.parent / "docs" / "planner.md").read_text()
+    for preset in planner.PRESETS.values():
+        assert f"`{preset.name}` | {preset.title} |" in text
+        assert f"{preset.bandwidth / 1e9:g} GB/s" in text and f"| {preset.slots} |" in text
+    assert "within 25% or 0.25 s" in text and planner.FIDELITY_SHARE == 0.25
+    assert f"{plan_api.MAX_REQUESTS:,}" in text and f"{plan_api.BUDGET_SECONDS:g} seconds" in text

@@ -146,8 +146,10 @@
     const diff = value - base;
     if (Math.abs(diff) < (unit === "s" ? 0.005 : 0.5)) return `<span class="delta same">±0</span>`;
     const better = LOWER_IS_BETTER.has(name) ? diff < 0 : diff > 0;
-    const text = unit === "s" && base > 0 ? `${diff > 0 ? "+" : ""}${Math.round(100 * diff / base)}%`
-      : `${diff > 0 ? "+" : ""}${unit === "s" ? diff.toFixed(2) + " s" : diff}`;
+    // Seconds as a share of the no-change figure, unless that is too small to divide by.
+    const sign = diff > 0 ? "+" : "";
+    const text = unit === "s" && base >= 0.1 ? `${sign}${Math.round(100 * diff / base)}%`
+      : `${sign}${unit === "s" ? diff.toFixed(2) + " s" : diff}`;
     return `<span class="delta ${better ? "better" : "worse"}">${text}</span>`;
   }
 
