@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from herd.core.models import NodeStatus
-from herd.plan.planner import NodeFacts, PlanError, RecordedRequest
+from herd.plan.inputs import NodeFacts, PlanError, RecordedRequest
 from herd.state.registry import NodeRecord
 from herd.store.db import connect
 
