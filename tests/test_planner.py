@@ -801,3 +801,21 @@ def test_the_docs_name_every_preset_and_the_rule() -> None:
         assert f"{preset.bandwidth / 1e9:g} GB/s" in text and f"| {preset.slots} |" in text
     assert "within 25% or 0.25 s" in text and planner.FIDELITY_SHARE == 0.25
     assert f"{plan_api.MAX_REQUESTS:,}" in text and f"{plan_api.BUDGET_SECONDS:g} seconds" in text
+
+
+async def test_the_cli_reads_a_live_routers_reports(
+    small_router: tuple[Fleet, httpx.AsyncClient],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    fleet, client = small_router
+    assert fleet.router.state.store is not None
+    await fleet.router.state.store.flush()
+    argv = ["plan", "--data-dir", str(tmp_path), "--router", fleet.url, "--hours", "1", "--json"]
+    assert await trio.to_thread.run_sync(cli.main, [*argv, "--add-node", "mac-mini-16"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["window"]["requests_replayed"] == 6
+    assert [n["node_id"] for n in shown["scenarios"][0]["fleet"]] == ["fast", "slow", "mac-mini-16"]
+    # The Planner tab has its own address, as the other tabs do.
+    moved = await client.get("/dashboard/planner")
+    assert moved.status_code == 302 and moved.headers["location"].endswith("/dashboard#planner")

@@ -3,6 +3,7 @@ are turns of one conversation, when each is sent, with how many tokens."""
 
 from __future__ import annotations
 
+import bisect
 import collections
 import statistics
 from collections.abc import Sequence
@@ -17,6 +18,7 @@ REPLAYED_KINDS = (KIND_TEXT, KIND_EMBED)
 DEFAULT_PROMPT_TOKENS = 200
 DEFAULT_COMPLETION_TOKENS = 200
 FOLLOW_WINDOW_S = 3600.0  # a continuation is looked for among turns that ended this recently
+FOLLOW_CANDIDATES = 256  # ... the most recent of them
 
 
 @attrs.frozen
@@ -51,9 +53,12 @@ def build_trace(requests: Sequence[RecordedRequest]) -> TraceBuild:
         return TraceBuild((), (), 0, dict(skipped), {})
     prompts, completions = _token_medians(kept)
     start = kept[0].arrival
-    # Per session: its turns' requests. Tails: (node, model, tags) -> open sessions.
+    # Per session: its turns' requests. Tails: (node, model, tags) -> (end of the session's
+    # last turn, session), sorted by end; at most the last FOLLOW_CANDIDATES are looked at.
     members: list[list[int]] = []
-    tails: dict[tuple[str, str, tuple[str, ...]], list[int]] = collections.defaultdict(list)
+    tails: dict[tuple[str, str, tuple[str, ...]], list[tuple[float, int]]] = (
+        collections.defaultdict(list)
+    )
     cached: dict[int, int] = {}
 
     def tokens(r: RecordedRequest) -> int:
@@ -61,36 +66,29 @@ def build_trace(requests: Sequence[RecordedRequest]) -> TraceBuild:
 
     for index, request in enumerate(kept):
         session: int | None = None
-        if request.affinity > 0 and request.node_id is not None and request.kind == KIND_TEXT:
-            key = (request.node_id, request.model, request.tags)
-            open_sessions = tails[key]
+        text = request.node_id is not None and request.kind == KIND_TEXT
+        key = (str(request.node_id), request.model, request.tags)
+        if text and request.affinity > 0:
+            ends = tails[key]
+            del ends[: bisect.bisect_left(ends, (request.arrival - FOLLOW_WINDOW_S, -1))]
             # Best: the latest whose prompt and answer this prompt holds; failing that (a
             # backend that counts only uncached tokens), the latest.
-            best: tuple[int, float] = (2, 0.0)
-            chosen = -1
-            for position, candidate in enumerate(open_sessions):
-                last = kept[members[candidate][-1]]
-                end = last.arrival + last.latency
-                grown = tokens(request) - tokens(last) - (last.completion_tokens or 0)
-                fit = (0 if grown >= 0 else 1, -end)
-                if end <= request.arrival + 1e-6 and fit < best:
-                    session, best, chosen = candidate, fit, position
-            if session is not None:
-                del open_sessions[chosen]
+            newest = bisect.bisect_right(ends, (request.arrival + 1e-6, len(members)))
+            chosen = newest - 1 if newest else None
+            for position in range(newest - 1, max(-1, newest - 1 - FOLLOW_CANDIDATES), -1):
+                last = kept[members[ends[position][1]][-1]]
+                if tokens(request) - tokens(last) - (last.completion_tokens or 0) >= 0:
+                    chosen = position
+                    break
+            if chosen is not None:
+                session = ends.pop(chosen)[1]
                 cached[index] = tokens(kept[members[session][-1]])
-            # Drop sessions that can no longer be continued.
-            tails[key] = [
-                s
-                for s in open_sessions
-                if kept[members[s][-1]].arrival + kept[members[s][-1]].latency
-                >= request.arrival - FOLLOW_WINDOW_S
-            ]
         if session is None:
             session = len(members)
             members.append([])
         members[session].append(index)
-        if request.node_id is not None and request.kind == KIND_TEXT:
-            tails[(request.node_id, request.model, request.tags)].append(session)
+        if text:
+            bisect.insort(tails[key], (request.arrival + request.latency, session))
 
     sessions = []
     for number, indices in enumerate(members):
