@@ -1,5 +1,5 @@
 """Command line: ``herd`` (router), ``herd-node`` (node), ``herd serve``, ``herd status``,
-``herd demo``, ``herd node pause|resume``.
+``herd demo``, ``herd plan``, ``herd node pause|resume``.
 
 Every option of :data:`herd.config.OPTIONS` is a flag whose argparse default is SUPPRESS, so
 only flags actually typed reach :func:`herd.config.resolve`, which applies the precedence
@@ -39,7 +39,7 @@ from herd.config import (
     resolve,
 )
 
-COMMANDS = ("serve", "status", "demo")
+COMMANDS = ("serve", "status", "demo", "plan")
 
 DESCRIPTION = """\
 herd: one endpoint for a fleet of Ollama servers.
@@ -50,6 +50,7 @@ herd: one endpoint for a fleet of Ollama servers.
   herd-node [options]                run a node agent (same as: herd serve --role node)
   herd status [--url URL]            print the fleet's state
   herd demo [--traffic]              a router with a simulated fleet, no Ollama needed
+  herd plan --hours 24 --add-node rtx-4090   what if: replay your traffic on a changed fleet
   herd node pause|resume             stop / restart fleet work on this machine
 
 Every option: flag > environment > <data-dir>/env file > default."""
@@ -372,6 +373,178 @@ def run_status(argv: Sequence[str]) -> int:
     return 0
 
 
+class PlanChange(argparse.Action):
+    """Collects ``--add-node``, ``--remove-node``, ... as (kind, value) in the order typed:
+    changes apply in that order."""
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: str | Sequence[Any] | None,
+        option_string: str | None = None,
+    ) -> None:
+        changes = list(getattr(namespace, "changes", None) or [])
+        changes.append((self.metavar_kind, str(values)))
+        namespace.changes = changes
+
+    @property
+    def metavar_kind(self) -> str:
+        return self.dest.replace("_", "-").removeprefix("change-")
+
+
+PLAN_EPILOG = (
+    "The fleet comes from the router's /fleet/status (--router; default this machine's router)\n"
+    "or from a saved copy of it (--fleet FILE: curl http://ROUTER:11435/fleet/status > f.json).\n"
+    "The traffic comes from latency.db in the data directory. docs/planner.md says what the\n"
+    "replay leaves out."
+)
+
+
+def plan_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="herd plan",
+        description="What if: replay the last hours of this router's traffic on a virtual copy "
+        "of the fleet, as it is and with changes, and compare latency, time to first token, "
+        "cold loads and errors.",
+        epilog=PLAN_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--hours", type=float, default=24.0, help="the window (24 h; at most 168)")
+    parser.add_argument(
+        "--data-dir",
+        default=None,
+        help="the router's data directory ($FLEET_DATA_DIR or "
+        "~/.fleet-manager): its latency.db and settings.json are read",
+    )
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument(
+        "--router",
+        default=None,
+        help=f"router URL for the nodes' reports (default http://127.0.0.1:$FLEET_PORT or "
+        f"{DEFAULT_PORT})",
+    )
+    source.add_argument("--fleet", default=None, help="a saved /fleet/status JSON file instead")
+    parser.add_argument(
+        "--api-key",
+        default=None,
+        help="API key, if the router requires one (default: the first of $FLEET_API_KEYS)",
+    )
+    from herd.plan.planner import MAX_REQUESTS, PRESETS
+
+    changes = parser.add_argument_group("changes (repeatable; applied in the order given)")
+    for flag, metavar, text in (
+        (
+            "--add-node",
+            "PRESET|copy:NODE",
+            f"add a node: a preset ({', '.join(PRESETS)}) or a copy of one of yours",
+        ),
+        ("--remove-node", "NODE", "remove a node"),
+        ("--pin", "NODE:MODEL", "put MODEL on NODE, loaded from the start"),
+        ("--unload", "NODE:MODEL", "NODE no longer serves MODEL (not loaded, not on its disk)"),
+        ("--slots", "NODE=N", "parallel request slots on NODE (*=N: every node)"),
+        ("--set", "NAME=VALUE", "a setting: vram_fallback=true|false, slots=N"),
+    ):
+        changes.add_argument(
+            flag,
+            action=PlanChange,
+            dest="change_" + flag.removeprefix("--").replace("-", "_"),
+            metavar=metavar,
+            help=text,
+        )
+    parser.add_argument(
+        "--max-requests",
+        type=int,
+        default=MAX_REQUESTS,
+        help=f"replay at most this many of the window's most recent requests ({MAX_REQUESTS})",
+    )
+    parser.add_argument("--json", action="store_true", help="print the plan as JSON")
+    parser.set_defaults(changes=[])
+    return parser
+
+
+def plan_fleet(args: argparse.Namespace) -> dict[str, Any]:
+    """The /fleet/status the plan starts from: a saved file, or the router's. Raises
+    ValueError with a message for the user."""
+    if args.fleet:
+        try:
+            data = json.loads(Path(args.fleet).read_text())
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"cannot read the fleet file {args.fleet}: {exc}") from exc
+        if not isinstance(data, dict):
+            raise ValueError(f"{args.fleet} is not a /fleet/status answer")
+        return data
+    url = args.router or f"http://127.0.0.1:{os.environ.get('FLEET_PORT', DEFAULT_PORT)}"
+    key = args.api_key or os.environ.get("FLEET_API_KEYS", "").split(",")[0].strip()
+    try:
+        response = httpx.get(
+            url.rstrip("/") + "/fleet/status",
+            timeout=10,
+            trust_env=False,
+            headers={"Authorization": f"Bearer {key}"} if key else None,
+        )
+    except httpx.HTTPError as exc:
+        raise ValueError(
+            f"cannot read the nodes' reports from {url}/fleet/status: {exc}. Start the router, "
+            "give its address with --router, or plan on a saved copy with --fleet FILE"
+        ) from exc
+    if response.status_code == 401:
+        raise ValueError(f"{url} requires an API key: pass --api-key or set FLEET_API_KEYS")
+    if response.status_code != 200:
+        raise ValueError(
+            f"{url}/fleet/status answered {response.status_code}: {response.text:.200}"
+        )
+    data = response.json()
+    if not isinstance(data, dict):
+        raise ValueError(f"{url}/fleet/status did not answer a fleet status")
+    return data
+
+
+def run_plan(argv: Sequence[str]) -> int:
+    parser = plan_parser()
+    args = parser.parse_args(argv)
+    import time
+
+    import attrs
+
+    from herd.config import RouterConfig
+    from herd.plan import planner, sources
+    from herd.state.settings import RuntimeSettings, load_settings
+    from herd.store.db import DB_NAME
+
+    if not 0 < args.hours <= 168:
+        parser.error(f"--hours must be more than 0 and at most 168, got {args.hours:g}")
+    if not 1 <= args.max_requests <= 1_000_000:
+        parser.error(f"--max-requests must be 1..1000000, got {args.max_requests}")
+    default_dir = str(attrs.fields(RouterConfig).data_dir.default)
+    data_dir = Path(
+        os.path.expanduser(args.data_dir or os.environ.get("FLEET_DATA_DIR") or default_dir)
+    )
+    try:
+        changes = [planner.parse_change(kind, value) for kind, value in args.changes]
+        status = plan_fleet(args)
+        nodes = sources.nodes_from_status(status)
+        since = time.time() - args.hours * 3600
+        requests, in_window = sources.read_window(data_dir / DB_NAME, since, args.max_requests)
+        settings = load_settings(data_dir, RuntimeSettings())
+        inputs = planner.PlanInputs(
+            requests=requests,
+            nodes=nodes,
+            hours=args.hours,
+            in_window=in_window,
+            substitution=settings.vram_fallback,
+        )
+        result = planner.plan(inputs, [changes] if changes else [])
+    except planner.PlanError as exc:
+        print(f"herd plan: {exc}", file=sys.stderr)
+        return 2
+    except ValueError as exc:
+        print(f"herd plan: {exc}", file=sys.stderr)
+        return 1
+    print_out(json.dumps(result.as_dict(), indent=2) if args.json else planner.render(result))
+    return 0
+
+
 def argument_type(parse: Callable[[str], Any]) -> Callable[[str], Any]:
     """An option's parser as an argparse type: its ValueError's text becomes argparse's own
     message (``argument --port: must be 0..65535, got 70000``), not a function's name."""
@@ -482,6 +655,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run_status(argv[1:])
     if argv and argv[0] == "demo":
         return run_demo(argv[1:])
+    if argv and argv[0] == "plan":
+        return run_plan(argv[1:])
     return run_serve(argv, "herd", "router")
 
 

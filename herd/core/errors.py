@@ -19,7 +19,9 @@ caller's API expects.
     │   ├── NodeTimeout            no first byte in time
     │   └── NodeBadStatus          the backend answered 5xx (4xx is passed through to the client)
     └── RouterError                the router can't serve now
-        └── NoEligibleNode         503 with Retry-After: nothing can take the request
+        ├── NoEligibleNode         503 with Retry-After: nothing can take the request
+        └── Unavailable            503 with Retry-After: a router service is busy or gave up
+                                        (a what-if plan already running, or over its budget)
 
 API shapes: Ollama ``{"error": "..."}``; OpenAI ``{"error": {"message", "type", "param", "code"}}``;
 Anthropic ``{"type": "error", "error": {"type", "message"}}`` with Anthropic's status codes (its
@@ -195,6 +197,19 @@ class NoEligibleNode(RouterError):
     status = 503
     openai_type = "server_error"
     code = "no_eligible_node"
+
+    def __init__(self, message: str, *, retry_after: int = 5) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(self.retry_after)}
+
+
+class Unavailable(RouterError):
+    status = 503
+    openai_type = "server_error"
+    code = "unavailable"
 
     def __init__(self, message: str, *, retry_after: int = 5) -> None:
         super().__init__(message)

@@ -27,6 +27,7 @@ from herd.core.policy import virtual
 from herd.http.dashboard.api import create_blueprint
 from herd.http.dashboard.bench import BenchmarkRunner
 from herd.http.dashboard.pages import create_pages
+from herd.http.dashboard.plan_api import create_plan_blueprint
 from herd.http.fleet_socket import serve_fleet_socket
 from herd.http.media import create_media_blueprint
 from herd.store.writer import TraceWriter
@@ -87,6 +88,7 @@ def create_app(
     app.register_blueprint(create_blueprint(link, store, benchmarks))
     app.register_blueprint(create_pages())
     app.register_blueprint(create_media_blueprint(link))
+    app.register_blueprint(create_plan_blueprint(link, store))  # the what-if planner
 
     def virtual_names() -> views.Virtual:
         settings = state.settings

@@ -13,7 +13,23 @@ seconds after the previous one finished (a single request is a session of one tu
 start at fixed times; turns follow the answers, as people do.
 
 Run :func:`run` from synchronous code (it owns a ``trio.run`` on a ``MockClock``); a trace of
-hours takes seconds.
+hours takes seconds. :func:`run_detailed` also returns every request's :class:`Outcome` (the
+what-if planner, :mod:`herd.plan.planner`, reads those).
+
+Options the planner uses, each off by default (the bench runs without them):
+
+- ``keep_alive``: how long an idle model stays resident on a virtual node (None: each node's
+  own ``SimConfig.keep_alive``). herd asks Ollama to
+  keep every model it routes loaded (``keep_alive: -1``), so the planner passes ``math.inf``:
+  models then leave memory only when a load needs the room.
+- ``substitution``: the router's ``vram_fallback`` setting, under the ``herd`` policy. When the
+  chosen node would cold-load the model and a model of its category is loaded somewhere, the
+  best node holding one of those serves instead, as :mod:`herd.transport.dispatch` does.
+- ``abandon``: called before each request; when it returns True the replay stops and raises
+  :class:`ReplayAbandoned` (a time budget, a client that went away).
+
+A request for a model no virtual node has fails at once (the router answers 404), without
+waiting for the queue timeout.
 """
 
 from __future__ import annotations
@@ -31,6 +47,7 @@ import trio.testing
 from herd.core.memory import SPILL_SHARE
 from herd.core.models import KIND_TEXT, FleetSnapshot, NodeReport
 from herd.core.policy.conversation import continuation_keys, prefix_keys
+from herd.core.policy.substitutes import loaded_alternatives
 from herd.core.scoring import RouteDecision, RouteRequest, ScoringSettings, score
 from herd.core.scoring.baselines import RoundRobin, least_connections, uniform
 from herd.sim.server import SimConfig
@@ -43,6 +60,12 @@ from herd.state.registry import NodeRegistry
 POLICIES = ("herd", "least-connections", "round-robin", "random")
 
 Picker = Callable[[RouteRequest, FleetSnapshot, float], str | None]
+# (request, fleet, now) -> (node, model) of a loaded stand-in, or None
+StandIn = Callable[[RouteRequest, FleetSnapshot, float], tuple[str, str] | None]
+
+
+class ReplayAbandoned(Exception):
+    """The caller's ``abandon`` callback asked the replay to stop."""
 
 
 @attrs.frozen
@@ -72,6 +95,7 @@ class Outcome:
     cached_tokens: int
     error: str | None = None
     offload: float = 0.0  # share of the serving copy outside its node's accelerator
+    served_model: str | None = None  # the model that served, when another stood in for it
 
 
 @attrs.frozen
@@ -95,6 +119,17 @@ class Summary:
         return max(self.share.values(), default=0.0)
 
 
+@attrs.frozen
+class Replayed:
+    """A replay in full: the summary, every request's outcome (in the order they finished)
+    and per node the cold loads and evictions."""
+
+    summary: Summary
+    outcomes: tuple[Outcome, ...]
+    cold_loads: dict[str, int]
+    evictions: dict[str, int]
+
+
 @attrs.define(eq=False)
 class _Harness:
     nodes: dict[str, VirtualNode]
@@ -110,6 +145,10 @@ class _Harness:
     continuing: collections.Counter[str] = attrs.field(factory=collections.Counter)
     prompt_tokens: int = 0
     ram_only: bool = False  # hide the accelerators from the router (see as_ram_only())
+    stand_in: StandIn | None = None
+    abandon: Callable[[], bool] | None = None
+    abandoned: bool = False
+    stop: trio.CancelScope = attrs.field(factory=trio.CancelScope)
     _changed: trio.Event = attrs.field(factory=trio.Event)
 
     def changed(self) -> None:
@@ -140,6 +179,13 @@ class _Harness:
 
     async def request(self, turn: Turn) -> None:
         arrival = trio.current_time()
+        if self.abandon is not None and self.abandon():
+            self.abandoned = True
+            self.stop.cancel()
+            return
+        if not any(node.has(turn.model) for node in self.nodes.values()):
+            self.outcomes.append(self._failed(turn, None, arrival, f"no node has {turn.model}"))
+            return
         keys = prefix_keys(turn.messages)
         earlier = continuation_keys(turn.messages, keys)
         served_before = self.affinity.find(earlier, turn.model) if self.affinity else None
@@ -154,25 +200,26 @@ class _Harness:
         node_id: str | None = None
         outcome: Outcome | None = None
         with trio.move_on_after(self.client_timeout):
-            node_id = await self._place(route, arrival)
-            if node_id is None:
+            placed = await self._place(route, arrival)
+            if placed is None:
                 outcome = self._failed(turn, None, arrival, "no node could take it in time")
             else:
+                node_id, model = placed
                 if self.affinity is not None and keys:
-                    self.affinity.remember(keys[-1], node_id, turn.model, turn.prompt_tokens)
+                    self.affinity.remember(keys[-1], node_id, model, turn.prompt_tokens)
                 if len(turn.messages) > 2:
                     self.continuing[node_id] += 1
-                async with self.queues.lease(node_id, turn.model, turn.kind) as lease:
+                async with self.queues.lease(node_id, model, turn.kind) as lease:
                     queued = trio.current_time() - arrival
                     served = await self.nodes[node_id].serve(
-                        turn.model, turn.prompt_tokens, earlier, turn.output_tokens
+                        model, turn.prompt_tokens, earlier, turn.output_tokens
                     )
                     lease.succeeded()
                 latency = trio.current_time() - arrival
                 # As the router does: service time, from the slot to the last token.
                 self.history.record(
                     node_id,
-                    turn.model,
+                    model,
                     (latency - queued) * 1000,
                     served.tokens_per_second or None,
                 )
@@ -185,6 +232,7 @@ class _Harness:
                     served.cold,
                     served.cached_tokens,
                     offload=served.offload,
+                    served_model=model if model != turn.model else None,
                 )
         self.outcomes.append(outcome or self._failed(turn, node_id, arrival, "client timeout"))
 
@@ -192,13 +240,18 @@ class _Harness:
         waited = trio.current_time() - arrival
         return Outcome(node_id, turn.model, turn.kind, waited, waited, False, 0, why)
 
-    async def _place(self, route: RouteRequest, arrival: float) -> str | None:
-        """The policy's node, waiting for the fleet to change while none is eligible."""
+    async def _place(self, route: RouteRequest, arrival: float) -> tuple[str, str] | None:
+        """The policy's node and the model it serves (the one asked for unless a stand-in
+        takes a cold load's place), waiting for the fleet to change while none is eligible."""
         while True:
             fleet = self.registry.snapshot(self.queues.load_for)
-            node_id = self.pick(route, fleet, trio.current_time())
+            now = trio.current_time()
+            node_id = self.pick(route, fleet, now)
             if node_id is not None:
-                return node_id
+                node = fleet.node(node_id)
+                if self.stand_in is not None and node is not None and not node.loaded(route.model):
+                    return self.stand_in(route, fleet, now) or (node_id, route.model)
+                return node_id, route.model
             remaining = arrival + self.queue_timeout - trio.current_time()
             if remaining <= 0:
                 return None
@@ -235,6 +288,24 @@ def _winner(decision: RouteDecision) -> str | None:
     return decision.winner.node_id if decision.winner is not None else None
 
 
+def stand_in(history: LatencyHistory, settings: ScoringSettings, seed: int) -> StandIn:
+    """VRAM-aware substitution as the router does it: the models of the request's category
+    loaded somewhere, closest in size first; the best-scored node holding the first of them."""
+    rng = random.Random(seed)
+
+    def find(route: RouteRequest, fleet: FleetSnapshot, now: float) -> tuple[str, str] | None:
+        for model in loaded_alternatives(fleet, route.model):
+            asked = attrs.evolve(route, model=model, affinity_node=None, affinity_tokens=0)
+            decision = score(asked, fleet, history.view(), now, settings, rng)
+            for candidate in decision.ranked:
+                node = fleet.node(candidate.node_id)
+                if node is not None and node.loaded(model) is not None:
+                    return candidate.node_id, model
+        return None
+
+    return find
+
+
 async def replay(
     fleet: Sequence[SimConfig],
     trace: Sequence[Session],
@@ -246,30 +317,80 @@ async def replay(
     queue_timeout: float = 30.0,
     client_timeout: float = 300.0,
     ram_only: bool = False,
+    keep_alive: float | None = None,
+    substitution: bool = False,
+    abandon: Callable[[], bool] | None = None,
 ) -> Summary:
     """Replay ``trace`` on a fresh virtual ``fleet`` under ``policy``; see the module doc.
     ``ram_only``: the router is not told of the nodes' accelerators (:func:`as_ram_only`)."""
+    replayed = await replay_detailed(
+        fleet,
+        trace,
+        policy,
+        seed=seed,
+        settings=settings,
+        heartbeat=heartbeat,
+        queue_timeout=queue_timeout,
+        client_timeout=client_timeout,
+        ram_only=ram_only,
+        keep_alive=keep_alive,
+        substitution=substitution,
+        abandon=abandon,
+    )
+    return replayed.summary
+
+
+async def replay_detailed(
+    fleet: Sequence[SimConfig],
+    trace: Sequence[Session],
+    policy: str,
+    *,
+    seed: int = 1,
+    settings: ScoringSettings | None = None,
+    heartbeat: float = 5.0,
+    queue_timeout: float = 30.0,
+    client_timeout: float = 300.0,
+    ram_only: bool = False,
+    keep_alive: float | None = None,
+    substitution: bool = False,
+    abandon: Callable[[], bool] | None = None,
+) -> Replayed:
+    """:func:`replay`, returning every outcome too. Raises :class:`ReplayAbandoned` when
+    ``abandon`` returned True."""
+    if keep_alive is not None:
+        fleet = [attrs.evolve(config, keep_alive=keep_alive) for config in fleet]
     nodes = {config.name: VirtualNode(config) for config in fleet}
     history = LatencyHistory()
+    scoring = settings or ScoringSettings()
     harness = _Harness(
         nodes=nodes,
-        pick=picker(policy, history, settings or ScoringSettings(), seed),
+        pick=picker(policy, history, scoring, seed),
         affinity=AffinityTable() if policy == "herd" else None,
         heartbeat=heartbeat,
         queue_timeout=queue_timeout,
         client_timeout=client_timeout,
         history=history,
         ram_only=ram_only,
+        stand_in=stand_in(history, scoring, seed) if substitution and policy == "herd" else None,
+        abandon=abandon,
     )
     harness.queues.on_release = harness.changed
-    async with trio.open_nursery() as nursery:
-        harness.beat()
-        nursery.start_soon(harness.heartbeats)
-        async with trio.open_nursery() as clients:
-            for session in trace:
-                clients.start_soon(harness.session, session)
-        nursery.cancel_scope.cancel()
-    return summarize(policy, harness)
+    with harness.stop:
+        async with trio.open_nursery() as nursery:
+            harness.beat()
+            nursery.start_soon(harness.heartbeats)
+            async with trio.open_nursery() as clients:
+                for session in trace:
+                    clients.start_soon(harness.session, session)
+            nursery.cancel_scope.cancel()
+    if harness.abandoned:
+        raise ReplayAbandoned(f"replay stopped after {len(harness.outcomes)} requests")
+    return Replayed(
+        summary=summarize(policy, harness),
+        outcomes=tuple(harness.outcomes),
+        cold_loads={name: node.cold_loads for name, node in nodes.items()},
+        evictions={name: node.evictions for name, node in nodes.items()},
+    )
 
 
 def summarize(policy: str, harness: _Harness) -> Summary:
@@ -309,3 +430,19 @@ def run(
         clock=clock,
     )
     return summary
+
+
+def run_detailed(
+    fleet: Sequence[SimConfig],
+    trace: Sequence[Session],
+    policy: str,
+    **options: float | int | bool | ScoringSettings | Callable[[], bool] | None,
+) -> Replayed:
+    """:func:`replay_detailed` from synchronous code, on a virtual clock (see :func:`run`).
+    Raises :class:`ReplayAbandoned` when the ``abandon`` option returned True."""
+    clock = trio.testing.MockClock(autojump_threshold=0)
+    replayed: Replayed = trio.run(
+        lambda: replay_detailed(fleet, trace, policy, **options),  # type: ignore[arg-type]
+        clock=clock,
+    )
+    return replayed

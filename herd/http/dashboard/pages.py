@@ -26,6 +26,7 @@ TABS = (
     "health",
     "recommendations",
     "settings",
+    "planner",
 )
 
 
