@@ -241,6 +241,8 @@ def test_config_defaults_are_written_once_in_the_options_table() -> None:
                 assert default == role_ports[key]
             elif key == ("NodeConfig", "model_slots"):  # the option unset: no per-model limits
                 assert OPTIONS_BY_NAME["model_slots"].default is None and default == {}
+            elif key == ("NodeConfig", "more_router_urls"):  # --router-url's second and on
+                assert OPTIONS_BY_NAME["router_url"].default is None and default == ()
             elif key not in embedded:
                 assert default == OPTIONS_BY_NAME[field.name].default, key
 
