@@ -88,6 +88,7 @@ class SharedState:
     _writes: trio.MemorySendChannel[tuple[str, Any]] = attrs.field(init=False)
     _write_queue: trio.MemoryReceiveChannel[tuple[str, Any]] = attrs.field(init=False)
     _reconnected: trio.Event = attrs.field(factory=trio.Event)
+    unwritten: int = 0  # queued writes not yet tried
 
     def __attrs_post_init__(self) -> None:
         self.slots = SharedSlots(self.client, self.router_id, ttl=self.ttl)
@@ -151,23 +152,23 @@ class SharedState:
     async def take(
         self, node_id: str, model: str, kind: str, node_limit: int, model_limit: int | None
     ) -> object | None:
-        if not self._available:
-            return None
         key = node_id if kind not in OWN_LIMITS else f"{node_id}#{kind}"
-        try:
-            return await self.slots.take(key, model, node_limit, model_limit)
-        except trio.Cancelled:
-            raise
-        except Exception as exc:  # the store went away while we waited: local counts decide
-            self._lost(exc)
-            return None
+        if self._available:
+            try:
+                return await self.slots.take(key, model, node_limit, model_limit)
+            except trio.Cancelled:
+                raise
+            except Exception as exc:  # the store went away while we waited
+                self._lost(exc)
+        # Local counts decide; the slot is put in the store when it is back (reconciling).
+        return self.slots.hold_unshared(key, model, model_limit)
 
     def release(self, held: object) -> None:
         assert isinstance(held, Held)
         if self._available:
             self.slots.release_soon(held)
         else:
-            self.slots.forget(held)  # it expires there
+            self.slots.forget(held)  # if it is there, it expires there
 
     # --- herd.state.sharing.SharedFleet ------------------------------------------------------
     async def find_affinity(self, keys: Sequence[str]) -> dict[str, tuple[str, str, int]]:
@@ -190,6 +191,7 @@ class SharedState:
             return
         try:
             self._writes.send_nowait((kind, item))
+            self.unwritten += 1
         except trio.WouldBlock:
             self.writes_dropped += 1
 
@@ -310,6 +312,8 @@ class SharedState:
             except Exception as exc:
                 self.writes_dropped += len(batch)
                 self._lost(exc)
+            finally:
+                self.unwritten -= len(batch)
 
     async def _follow(self, channel: str, handle: Any) -> None:
         """Messages on ``channel`` while the store is there (resubscribing after a loss)."""

@@ -150,6 +150,15 @@ class SharedSlots:
         self.held[lease_id] = held
         return held
 
+    def hold_unshared(self, node_id: str, model: str, model_limit: int | None = None) -> Held:
+        """A slot taken on local counts while the server is away: held (and renewed) as if
+        taken there, so :meth:`restore` puts it there when the server is back."""
+        lease_id = f"{self.router_id}:{next(self._sequence)}"
+        keys = (self.node_key(node_id), self.model_key(node_id, model))
+        held = Held(lease_id, node_id, model, keys if model_limit else keys[:1])
+        self.held[lease_id] = held
+        return held
+
     async def take(
         self, node_id: str, model: str, node_limit: int, model_limit: int | None = None
     ) -> Held:

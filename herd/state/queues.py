@@ -39,8 +39,8 @@ OWN_LIMITS = {KIND_IMAGE: 1, KIND_STT: 2}
 
 class SlotGate(Protocol):
     """Shared slots across routers (see the module docstring). ``take`` waits for a slot
-    and returns what :meth:`release` gives back, or None when the lease goes ahead on local
-    counts alone (the store is away); a cancelled ``take`` leaves nothing held. ``release``
+    and returns what :meth:`release` gives back (None: nothing); a gate whose store is away
+    lets the lease go ahead on local counts. A cancelled ``take`` leaves nothing held. ``release``
     is synchronous (it may only queue the I/O), so an exit path can't be interrupted."""
 
     async def take(
