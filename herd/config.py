@@ -127,7 +127,7 @@ def _state_url(value: str) -> str:
             raise ValueError(f"has a bad port: {value!r}") from None
         db = parts.path.strip("/")
         if db and not db.isdigit():
-            raise ValueError(f"the database must be a number, got {db!r} in {value!r}")
+            raise ValueError(f"has a database that is not a number ({db!r}): {value!r}")
     return text
 
 

@@ -420,3 +420,76 @@ async def _online(client: httpx.AsyncClient, url: str) -> bool:
     except httpx.HTTPError:
         return False
     return bool(status["fleet"]["nodes_online"])
+
+
+def test_the_scorers_load_is_ours_plus_the_other_routers() -> None:
+    state = RouterState()
+    state.queues.counters("n", MODEL).in_flight = 1
+    state.queues.counters("n", MODEL).pending = 1
+    state.set_remote_load({("n", MODEL): (2, 3), ("n", "other:1b"): (1, 0)})
+    load = state._load_with_others("n")  # what the snapshot gives the scorer for node n
+    assert (load[MODEL].in_flight, load[MODEL].pending) == (3, 4)
+    assert (load["other:1b"].in_flight, load["other:1b"].pending) == (1, 0)
+    assert state.queues.counters("n", MODEL).in_flight == 1  # ours stay ours
+    assert state.remote_load() == {("n", MODEL): (2, 3), ("n", "other:1b"): (1, 0)}
+    state.set_remote_load({})  # the store away: our own counts alone
+    assert state._load_with_others("n")[MODEL].in_flight == 1
+
+
+async def test_samples_one_router_learns_reach_the_other_and_a_starting_one(
+    tmp_path: Path, flushed: str
+) -> None:
+    spec = SimConfig(name="solo", models=(SLOW,), loaded=(MODEL,))
+    with trio.fail_after(30):
+        async with (
+            fleet_of_routers(tmp_path, flushed, [spec]) as (routers, _),
+            httpx.AsyncClient(timeout=10, trust_env=False) as client,
+        ):
+            a, b = routers
+            assert ("solo", MODEL) not in b.state.history.latency_p75_ms
+            assert (await generate(client, a.url)).status_code == 200
+            await eventually(lambda: _true(("solo", MODEL) in b.state.history.latency_p75_ms))
+            learned = b.state.history.latency_p75_ms[("solo", MODEL)]
+            assert learned == a.state.history.latency_p75_ms[("solo", MODEL)]
+            await eventually(lambda: _written(a))
+            async with Router(router_config(tmp_path, "late", flushed)) as late:
+                assert late.state.history.latency_p75_ms[("solo", MODEL)] == learned
+
+
+async def test_a_drain_asked_by_one_router_is_done_once_towards_both(
+    tmp_path: Path, flushed: str
+) -> None:
+    spec = SimConfig(name="sim", models=(SLOW,), loaded=(MODEL,))
+    with trio.fail_after(30):
+        async with (
+            Router(router_config(tmp_path, "a", flushed)) as a,
+            Router(router_config(tmp_path, "b", flushed)) as b,
+            run_sim(spec) as sim,
+            trio.open_nursery() as nursery,
+        ):
+            node = Node(
+                NodeConfig(
+                    router_url=a.url,
+                    more_router_urls=(b.url,),
+                    ollama_url=sim.url,
+                    node_id="both",
+                    data_dir=str(tmp_path / "node"),
+                ),
+                serve_http=False,
+            )
+            await nursery.start(node.run)
+            await a.wait_nodes(1)
+            await b.wait_nodes(1)
+            drain = {"type": "command", "command": "drain"}
+            assert a.state.command("both", drain) and a.state.command("both", drain)
+            await eventually(lambda: _true(all(agent.draining for agent in node.agents)))
+            for router in (a, b):  # both hear it in a heartbeat
+                await eventually(lambda r=router: _true(_draining(r)))
+            with trio.fail_after(5):
+                assert await node.drain()  # nothing in flight: both routers say drained
+            nursery.cancel_scope.cancel()
+
+
+def _draining(router: Router) -> bool:
+    record = router.state.registry.get("both")
+    return record is not None and record.report.draining

@@ -34,6 +34,7 @@ from typing import Any
 import attrs
 import trio
 
+from herd.core.health import StateStoreHealth
 from herd.shared.fleetstate import LOAD_EVERY, FleetStateStore, Sample
 from herd.shared.resp import RespClient
 from herd.shared.slots import LEASE_TTL, RETRY_EVERY, Held, SharedSlots
@@ -206,6 +207,19 @@ class SharedState:
             routers=self.routers,
             writes_dropped=self.writes_dropped,
             releases_dropped=self.slots.releases_dropped,
+        )
+
+    def health(self) -> StateStoreHealth:
+        """What the Health tab's ``state_store`` check reads (herd.core.health)."""
+        return StateStoreHealth(
+            url=self.url,
+            available=self._available,
+            last_error=self.last_error,
+            unavailable_for_s=(
+                trio.current_time() - self.lost_at if self.lost_at is not None else None
+            ),
+            outages=self.outages,
+            routers=self.routers,
         )
 
     def view(self) -> dict[str, Any]:
