@@ -102,6 +102,35 @@ def _non_negative_int(value: str) -> int:
     return number
 
 
+STATE_SCHEMES = ("valkey", "redis", "unix")
+
+
+def _state_url(value: str) -> str:
+    """``valkey://[:password@]host[:port][/db]``, ``redis://...`` or ``unix:///path[?db=N]``
+    (checked fully when the router connects, by herd.shared.resp.Address)."""
+    import urllib.parse
+
+    text = value.strip()
+    parts = urllib.parse.urlsplit(text)
+    if parts.scheme not in STATE_SCHEMES:
+        raise ValueError(
+            f"must be valkey://HOST[:PORT][/DB], redis://... or unix:///PATH, got {value!r}"
+        )
+    if parts.scheme == "unix" and not parts.path:
+        raise ValueError(f"names no socket path: {value!r}")
+    if parts.scheme != "unix":
+        if not parts.hostname:
+            raise ValueError(f"names no host: {value!r}")
+        try:
+            parts.port  # noqa: B018 (it raises for a bad port)
+        except ValueError:
+            raise ValueError(f"has a bad port: {value!r}") from None
+        db = parts.path.strip("/")
+        if db and not db.isdigit():
+            raise ValueError(f"has a database that is not a number ({db!r}): {value!r}")
+    return text
+
+
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
@@ -465,14 +494,41 @@ OPTIONS: tuple[Option, ...] = (
         category="logging",
     ),
     Option(
+        "state",
+        "--state",
+        "FLEET_STATE",
+        None,
+        _state_url,
+        "a Valkey or Redis server several routers share one fleet through (slots, load, "
+        "conversation affinity, learned history, settings): valkey://HOST[:PORT][/DB], "
+        "redis://... or unix:///PATH. Unset: this router alone, all in memory",
+        roles=("router",),
+        category="scale-out",
+        shown_default="none",
+    ),
+    Option(
+        "state_lease_ttl",
+        "--state-lease-ttl",
+        "FLEET_STATE_LEASE_TTL",
+        10.0,
+        _positive_float,
+        "with --state: seconds a router's slot leases outlive it if it dies (it renews them "
+        "every third of this while it runs)",
+        roles=("router",),
+        category="scale-out",
+    ),
+    Option(
         "router_url",
         "--router-url",
         "FLEET_NODE_ROUTER_URL",
         None,
-        str,
-        "router URL, e.g. http://10.0.0.5:11435",
+        _str_list,
+        "router URL, e.g. http://10.0.0.5:11435; repeatable (env: comma list): the node "
+        "connects and heartbeats to every router given. Unset: found by mDNS",
         roles=("node",),
         category="node",
+        repeatable=True,
+        shown_default="none",
     ),
     Option(
         "ollama_url",
@@ -740,6 +796,9 @@ class RouterConfig:
     origins: tuple[str, ...] = _default("origins")
     # Hosts nodes may name besides their own address (herd.core.policy.node_urls).
     allow_backend_hosts: tuple[str, ...] = _default("allow_backend_hosts")
+    # The shared state store several routers use (herd.shared); None: this router alone.
+    state: str | None = _default("state")
+    state_lease_ttl: float = _default("state_lease_ttl")
 
     def __attrs_post_init__(self) -> None:
         """Relations between options (each option's own range is checked where it is read).
@@ -769,9 +828,11 @@ class RouterConfig:
 
 @attrs.frozen
 class NodeConfig:
-    """The node agent's options; defaults are :data:`OPTIONS`'."""
+    """The node agent's options; defaults are :data:`OPTIONS`'. ``--router-url`` may be
+    given several times: the first is ``router_url``, the others ``more_router_urls``."""
 
     router_url: str | None = _default("router_url")
+    more_router_urls: tuple[str, ...] = ()
     ollama_url: str = _default("ollama_url")
     backend: str = _default("backend")
     node_id: str | None = _default("node_id")
@@ -791,10 +852,22 @@ class NodeConfig:
     learn_capacity: bool = _default("learn_capacity")
     log_level: str = _default("log_level")
 
+    @property
+    def router_urls(self) -> tuple[str, ...]:
+        """Every router this node connects to, in order, each once."""
+        urls = (self.router_url, *self.more_router_urls) if self.router_url else ()
+        return tuple(dict.fromkeys(url.rstrip("/") for url in urls))
+
     @classmethod
     def from_options(cls, values: Mapping[str, Any]) -> NodeConfig:
         fields = {f.name for f in attrs.fields(cls)}
+        values = dict(values)
+        urls = values.pop("router_url", None)
+        if isinstance(urls, str):
+            urls = (urls,)
         kwargs = {k: v for k, v in values.items() if k in fields and v is not None}
+        if urls:
+            kwargs["router_url"], kwargs["more_router_urls"] = urls[0], tuple(urls[1:])
         return cls(**kwargs)
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import socket
 import threading
+import time
 from typing import Any
 
 import psutil
@@ -69,7 +70,9 @@ async def advertise(
         zeroconf.close()
 
 
-def _browse(timeout: float, interfaces: list[str] | None) -> str | None:
+def _browse(timeout: float, interfaces: list[str] | None, settle: float = 0.0) -> list[str]:
+    """Routers found within ``timeout``: the first, and those found within ``settle`` seconds
+    after it."""
     found: list[str] = []
     done = threading.Event()
     zeroconf = Zeroconf(interfaces=interfaces) if interfaces else Zeroconf()
@@ -82,17 +85,32 @@ def _browse(timeout: float, interfaces: list[str] | None) -> str | None:
         info = zeroconf.get_service_info(service_type, name, timeout=3000)
         if info is None or not info.parsed_addresses():
             return
-        found.append(f"http://{info.parsed_addresses()[0]}:{info.port}")
+        url = f"http://{info.parsed_addresses()[0]}:{info.port}"
+        if url not in found:
+            found.append(url)
         done.set()
 
     try:
         ServiceBrowser(zeroconf, SERVICE_TYPE, handlers=[on_change])
-        done.wait(timeout)
+        if done.wait(timeout) and settle > 0:
+            time.sleep(settle)  # (a worker thread: the others answer meanwhile)
     finally:
         zeroconf.close()
-    return found[0] if found else None
+    return list(found)
 
 
 async def discover(within: float = 5.0, interfaces: list[str] | None = None) -> str | None:
     """The URL of a router advertising itself, or None after ``within`` seconds."""
-    return await trio.to_thread.run_sync(_browse, within, interfaces, abandon_on_cancel=True)
+    found = await trio.to_thread.run_sync(_browse, within, interfaces, abandon_on_cancel=True)
+    return found[0] if found else None
+
+
+SETTLE = 1.0  # seconds to keep listening for more routers after the first answers
+
+
+async def discover_all(within: float = 5.0, interfaces: list[str] | None = None) -> list[str]:
+    """Every router advertising itself: those answering within :data:`SETTLE` seconds of the
+    first (empty after ``within`` seconds with none)."""
+    return await trio.to_thread.run_sync(
+        _browse, within, interfaces, SETTLE, abandon_on_cancel=True
+    )

@@ -73,9 +73,10 @@ def redis_binary() -> str:
 
 
 @contextlib.contextmanager
-def redis_server(directory: Path, *extra: str) -> Iterator[str]:
-    """A private server; yields its ``valkey://127.0.0.1:PORT/0`` URL."""
-    port = free_port()
+def redis_server(directory: Path, *extra: str, port: int | None = None) -> Iterator[str]:
+    """A private server (on ``port``, else a free one); yields its ``valkey://127.0.0.1:PORT/0``
+    URL. A test that stops it can start another on the same port: the store came back."""
+    port = port or free_port()
     argv = [
         redis_binary(),
         "--port", str(port),

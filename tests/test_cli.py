@@ -515,7 +515,6 @@ async def test_a_node_from_ollama_host_pauses_and_resumes_without_capacity_learn
 
     spec = SimConfig(name="n", models=(SimModel("llama3.2:3b"),), loaded=("llama3.2:3b",))
     config = RouterConfig(host="127.0.0.1", port=0, data_dir=str(tmp_path), queue_timeout=1.0)
-    node_url = f"http://127.0.0.1:{free_port()}"
     async with Router(config) as router, run_sim(spec) as sim:
         sim_port = sim.url.rsplit(":", 1)[1]
         env = clean_env(tmp_path / "node") | {"OLLAMA_HOST": f"0.0.0.0:{sim_port}"}
@@ -529,7 +528,7 @@ async def test_a_node_from_ollama_host_pauses_and_resumes_without_capacity_learn
                 "--host",
                 "127.0.0.1",
                 "--port",
-                node_url.rsplit(":", 1)[1],
+                "0",  # its own choice; the router learns the address from its heartbeat
                 "--log-level",
                 "WARNING",
             ],
@@ -557,6 +556,8 @@ async def test_a_node_from_ollama_host_pauses_and_resumes_without_capacity_learn
         try:
             with trio.fail_after(60):
                 await router.wait_nodes(1)
+                node_url = node().agent_url
+                assert node_url.startswith("http://127.0.0.1:")
                 assert node().backend.url == f"http://127.0.0.1:{sim_port}"
                 assert node().backend.healthy and node().capacity.mode == "full"
                 paused = await herd("node", "pause", "--url", node_url)

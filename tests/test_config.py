@@ -241,6 +241,8 @@ def test_config_defaults_are_written_once_in_the_options_table() -> None:
                 assert default == role_ports[key]
             elif key == ("NodeConfig", "model_slots"):  # the option unset: no per-model limits
                 assert OPTIONS_BY_NAME["model_slots"].default is None and default == {}
+            elif key == ("NodeConfig", "more_router_urls"):  # --router-url's second and on
+                assert OPTIONS_BY_NAME["router_url"].default is None and default == ()
             elif key not in embedded:
                 assert default == OPTIONS_BY_NAME[field.name].default, key
 
@@ -249,3 +251,42 @@ def test_the_registry_ages_nodes_by_the_options_defaults() -> None:
     registry = NodeRegistry()
     for name in ("heartbeat_timeout", "heartbeat_offline", "forget_after"):
         assert getattr(registry, name) == OPTIONS_BY_NAME[name].default, name
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["valkey://10.0.0.7:6379/2", "redis://:secret@cache", "unix:///run/valkey.sock?db=1"],
+)
+def test_the_state_store_url(tmp_path: Path, url: str) -> None:
+    values = resolve("router", {"state": url}, {"FLEET_DATA_DIR": str(tmp_path)})
+    assert RouterConfig.from_options(values).state == url
+    assert RouterConfig().state is None  # embedded: one router, all in memory
+
+
+@pytest.mark.parametrize(
+    ("url", "said"),
+    [
+        ("http://cache:6379", "must be valkey://"),
+        ("valkey://", "names no host"),
+        ("valkey://cache/zero", "has a database that is not a number"),
+        ("valkey://cache:port", "has a bad port"),
+    ],
+)
+def test_a_bad_state_store_url_is_named(tmp_path: Path, url: str, said: str) -> None:
+    with pytest.raises(ConfigError, match=f"--state {said}"):
+        resolve("router", {"state": url}, {"FLEET_DATA_DIR": str(tmp_path)})
+    with pytest.raises(ConfigError, match="FLEET_STATE="):
+        resolve("router", {}, {"FLEET_STATE": url, "FLEET_DATA_DIR": str(tmp_path)})
+
+
+def test_router_url_is_repeatable(tmp_path: Path) -> None:
+    env = {"FLEET_DATA_DIR": str(tmp_path)}
+    flags = {"router_url": ["http://a:11435", "http://b:11435/", "http://a:11435"]}
+    config = NodeConfig.from_options(resolve("node", flags, env))
+    assert config.router_url == "http://a:11435"
+    assert config.router_urls == ("http://a:11435", "http://b:11435")  # each once
+    from_env = NodeConfig.from_options(
+        resolve("node", {}, env | {"FLEET_NODE_ROUTER_URL": "http://a:1, http://b:2"})
+    )
+    assert from_env.router_urls == ("http://a:1", "http://b:2")
+    assert NodeConfig().router_urls == ()  # none: found by mDNS

@@ -150,3 +150,26 @@ def test_a_spilled_model_is_named_with_the_fix() -> None:
     for fix in ("smaller quantisation", "more VRAM", "fewer models together"):
         assert fix in check.fix
     assert run((cpu,))["spilled_models"] == OK
+
+
+def test_the_shared_state_store_check_appears_only_with_a_store() -> None:
+    import attrs
+
+    from herd.core.health import StateStoreHealth
+
+    base = HealthInput(FleetSnapshot((node("a"),)), {}, {}, {}, "127.0.0.1", False, 24)
+    assert "state_store" not in {c.id for c in evaluate(base)}  # one router, no store
+    up = StateStoreHealth("127.0.0.1:6379/0", available=True, routers=2)
+    (check,) = [c for c in evaluate(attrs.evolve(base, state_store=up)) if c.id == "state_store"]
+    assert check.severity == OK and "2 router(s)" in check.evidence
+    down = StateStoreHealth(
+        "127.0.0.1:6379/0",
+        available=False,
+        last_error="connection refused",
+        unavailable_for_s=12.0,
+        outages=1,
+    )
+    (check,) = [c for c in evaluate(attrs.evolve(base, state_store=down)) if c.id == "state_store"]
+    assert check.severity == CRITICAL
+    assert "unreachable for 12 s: connection refused" in check.evidence
+    assert "own counts" in check.evidence and "Valkey" in check.fix

@@ -29,7 +29,7 @@ ALLOWED_HERD = {
     # wrapper and finds the router with herd's mDNS module, but knows nothing of the router.
     "herd.node": {"herd.core", "herd.config", "herd.server", "herd.discovery", "herd.node"},
     "herd.sim": {"herd.core", "herd.server", "herd.sim"},
-    "herd.plan": {"herd.core", "herd.state", "herd.sim", "herd.plan"},
+    "herd.plan": {"herd.core", "herd.state", "herd.store", "herd.sim", "herd.plan"},
     # Several routers, one fleet: shared counts and records over Valkey / PostgreSQL.
     "herd.shared": {"herd.core", "herd.config", "herd.state", "herd.store", "herd.shared"},
 }

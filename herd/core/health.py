@@ -41,6 +41,18 @@ class HealthCheck:
 
 
 @attrs.frozen
+class StateStoreHealth:
+    """The shared state store as the router last found it (herd.shared.service)."""
+
+    url: str
+    available: bool
+    last_error: str | None = None
+    unavailable_for_s: float | None = None
+    outages: int = 0
+    routers: int = 0
+
+
+@attrs.frozen
 class HealthInput:
     fleet: FleetSnapshot
     figures: Mapping[str, object]  # herd.store.queries.health_figures over the window
@@ -53,6 +65,8 @@ class HealthInput:
     storage_error: str | None = None
     traces_lost: int = 0
     data_dir: str = ""
+    # The shared state store (--state), when the router has one.
+    state_store: StateStoreHealth | None = None
 
 
 def _n(figures: Mapping[str, object], key: str) -> int:
@@ -322,6 +336,33 @@ def evaluate(data: HealthInput, t: Thresholds | None = None) -> list[HealthCheck
         if not data.traces_lost
         else "Check the disk and the router's log.",
     )
+
+    store = data.state_store
+    if store is not None:
+        add(
+            "state_store",
+            "Shared state store",
+            OK if store.available else CRITICAL,
+            f"{store.url}: {store.routers} router(s) share the fleet"
+            + (
+                f"; it was away {store.outages} time(s) since this router started"
+                if store.outages
+                else ""
+            )
+            if store.available
+            else f"{store.url} unreachable"
+            + (
+                f" for {store.unavailable_for_s:.0f} s"
+                if store.unavailable_for_s is not None
+                else ""
+            )
+            + f": {store.last_error or 'no answer'}. This router routes on its own counts: the "
+            "other routers' requests are not counted, so a node may get more than its slots",
+            "Nothing to do."
+            if store.available
+            else "Start the Valkey/Redis server (or fix --state); the router reconciles by itself "
+            "when it answers again.",
+        )
 
     exposed = data.listen_host not in ("127.0.0.1", "localhost", "::1")
     add(

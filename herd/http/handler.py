@@ -318,12 +318,11 @@ class ProxyASGI:
             # Service time: from the slot to the last byte. The scorer adds the queue itself.
             slot_at = opened.lease.acquired_at or ctx.started
             history = self.state.history
-            history.record(
-                opened.node_id,
-                opened.model,
-                (now - slot_at) * 1000,
-                result.tokens_per_second if result is not None else None,
-            )
+            service_ms = (now - slot_at) * 1000
+            rate = result.tokens_per_second if result is not None else None
+            history.record(opened.node_id, opened.model, service_ms, rate)
+            if self.state.shared is not None:  # the other routers learn from it too
+                self.state.shared.publish_sample(opened.node_id, opened.model, service_ms, rate)
             if result is not None:
                 history.record_timings(
                     opened.node_id,

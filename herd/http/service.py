@@ -1,7 +1,8 @@
 """The router as a service, and the composition root: :class:`Router` builds the state, the link
 to the nodes, the trace writer and the HTTP app, and owns in one nursery the server, the pull
 service, the state's upkeep (node monitor, zombie reaper), the pre-warmer and (with
-``--local-node``) a node agent for this machine.
+``--local-node``) a node agent for this machine. With ``--state``, the shared state store's
+tasks too (:mod:`herd.shared.service`): the router is then one of several in front of a fleet.
 
 Embeddable::
 
@@ -29,6 +30,7 @@ from herd.http.dashboard.bench import BenchmarkRunner
 from herd.http.handler import ProxyASGI
 from herd.http.security import ApiKeyGate, FrontGuard, Origins
 from herd.server import ConnectionLimits, FinishResponses, serve_app
+from herd.shared.service import SharedState
 from herd.state import upkeep
 from herd.state.registry import NodeRegistry
 from herd.state.settings import RuntimeSettings, load_settings, updated
@@ -156,19 +158,20 @@ class Router:
         self, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED
     ) -> None:
         config = self.config
+        state = RouterState(
+            registry=NodeRegistry(
+                heartbeat_timeout=config.heartbeat_timeout,
+                heartbeat_offline=config.heartbeat_offline,
+                forget_after=config.forget_after,
+            ),
+            settings=self._start_settings(),
+        )
         async with (
             upstream_client() as client,
             open_events(config.data_path / DB_NAME) as events,
+            contextlib.AsyncExitStack() as resources,
             trio.open_nursery() as nursery,
         ):
-            state = RouterState(
-                registry=NodeRegistry(
-                    heartbeat_timeout=config.heartbeat_timeout,
-                    heartbeat_offline=config.heartbeat_offline,
-                    forget_after=config.forget_after,
-                ),
-                settings=self._start_settings(),
-            )
             link = Link(state, client, config)
             self._state, self._link = state, link
             link.pulls = PullService(link)
@@ -183,6 +186,15 @@ class Router:
                 recent_latencies, store.path
             ):
                 state.history.record(node_id, model, latency, rate)
+            if config.state:
+                # Several routers, one fleet: slots, load, affinity, history and settings are
+                # shared through the store (its recent samples join the history just read).
+                shared = await resources.enter_async_context(
+                    SharedState.open(config.state, state, ttl=config.state_lease_ttl)
+                )
+                await nursery.start(shared.run)
+                state.shared = shared
+                state.queues.gate = shared
             app = FrontGuard(
                 ApiKeyGate(
                     config.api_keys,

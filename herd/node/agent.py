@@ -1,5 +1,10 @@
 """The node agent: one persistent WebSocket to the router, heartbeats on it, commands back.
 
+A node given several routers (``--router-url`` repeated, or several found by mDNS) runs one
+agent per router (:class:`herd.node.service.Node`), each with its own session and heartbeats;
+a command is done once for the node: ``drain`` from any router drains it towards all of them
+(``on_drain``), a second ``drain`` changes nothing, and ``heartbeat`` only wakes that agent.
+
 Theory of operation
 -------------------
 :meth:`NodeAgent.run` loops forever: open a session, and when it ends (it only ends by failing),
@@ -255,6 +260,9 @@ class NodeAgent:
     capacity: Callable[[CpuInfo, MemoryInfo], Capacity] | None = None
     # The accelerators to report; None: report none (the router then judges memory by RAM).
     accelerators: AcceleratorSource | None = None
+    # A router asked this node to drain: with several routers, the node's owner drains it
+    # towards all of them, once (None: this agent drains alone).
+    on_drain: Callable[[], None] | None = None
 
     draining: bool = attrs.field(default=False, init=False)
     last_report: NodeReport | None = attrs.field(default=None, init=False)
@@ -538,8 +546,12 @@ class NodeAgent:
         elif kind == "command":
             command = message.get("command")
             if command == "drain":
-                log.info("router asked this node to drain")
-                self._start_draining()
+                if not self.draining:
+                    log.info("router asked this node to drain")
+                if self.on_drain is not None:
+                    self.on_drain()
+                else:
+                    self._start_draining()
             elif command == "heartbeat":
                 self._wake.set()  # the router wants fresh news (after a pull, a delete)
             else:

@@ -59,7 +59,7 @@ from herd.core.errors import (
 )
 from herd.core.models import Capacity, CpuInfo, MemoryInfo
 from herd.core.wire import unstructure
-from herd.discovery import SERVICE_TYPE, discover
+from herd.discovery import SERVICE_TYPE, discover, discover_all
 from herd.node import openai_backend as oa
 from herd.node.accelerators import AcceleratorReader
 from herd.node.agent import AgentConfig, NodeAgent
@@ -429,11 +429,17 @@ async def find_router() -> str | None:
     return await discover(within=DISCOVERY_TIMEOUT)
 
 
+async def find_routers() -> list[str]:
+    return await discover_all(within=DISCOVERY_TIMEOUT)
+
+
 @attrs.define(eq=False)
 class Node:
     config: NodeConfig
     serve_http: bool = True
-    agent: NodeAgent | None = None
+    agent: NodeAgent | None = None  # the first router's (every router's: ``agents``)
+    # One agent per router (--router-url repeatable, or every router mDNS found).
+    agents: list[NodeAgent] = attrs.field(factory=list)
     url: str | None = None
     openai: OpenAIBackend | None = None  # set when --backend openai
     learner: CapacityLearner | None = None  # set when --learn-capacity
@@ -452,8 +458,12 @@ class Node:
                 else "resumed: this machine takes fleet work again"
             )
         self.paused = paused
-        if self.agent is not None:
-            self.agent.wake()
+        self.wake()
+
+    def wake(self) -> None:
+        """A heartbeat now, to every router (something in the report changed)."""
+        for agent in self.agents:
+            agent.wake()
 
     def capacity_now(self, cpu: CpuInfo, memory: MemoryInfo) -> Capacity:
         """The capacity for a heartbeat: the learner's, else all of it unless paused."""
@@ -482,31 +492,40 @@ class Node:
     async def drain(self) -> bool:
         """Stop taking work: announce draining and wait (up to ``drain_timeout``) until the
         router says none of this node's requests are in flight. Returns True if drained."""
-        agent = self.agent
-        if agent is None:
-            return True
-        await agent.drain()
-        if not agent.connected:
+        self._drain_all()
+        connected = [agent for agent in self.agents if agent.connected]
+        if not connected:
             return True
         with trio.move_on_after(self.config.drain_timeout):
-            await agent.drained.wait()
+            for agent in connected:  # every router must have let its requests finish
+                await agent.drained.wait()
             log.info("drained: no requests left in flight")
             return True
         log.warning("drain timed out after %.0f s; stopping anyway", self.config.drain_timeout)
         return False
 
+    def _drain_all(self) -> None:
+        """Drain once, towards every router: whichever router asked, or the node stopping."""
+        for agent in self.agents:
+            if not agent.draining:
+                agent._start_draining()
+
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Run until cancelled. Started once the node's HTTP app (if any) is listening and the
-        agent is running (it connects, and reconnects, on its own)."""
+        agents are running (one per router; each connects, and reconnects, on its own)."""
         locate = None
         if not self.config.router_url:
-            locate = find_router
-            log.info("no --router-url: looking for a router on the LAN (mDNS %s)", SERVICE_TYPE)
-            url = None
-            while url is None:
-                url = await find_router()
-            log.info("found the router at %s", url)
-            self.config = attrs.evolve(self.config, router_url=url)
+            log.info("no --router-url: looking for routers on the LAN (mDNS %s)", SERVICE_TYPE)
+            found: list[str] = []
+            while not found:
+                found = await find_routers()
+            log.info("found %s at %s", "the router" if len(found) == 1 else "routers", found)
+            # One router found: look again after losing it, in case it moved. Several: each
+            # agent keeps its own (another lookup could hand it a router already served).
+            locate = find_router if len(found) == 1 else None
+            self.config = attrs.evolve(
+                self.config, router_url=found[0], more_router_urls=tuple(found[1:])
+            )
         agent_config(self.config)  # fail early, naming the problem
         async with backend_client() as client, trio.open_nursery() as nursery:
             agent_url = ""
@@ -530,12 +549,17 @@ class Node:
                 self.paused = self.learner.paused
                 if self.paused:
                     log.info("paused (since before the restart): herd node resume to undo")
-            self.agent = NodeAgent(
-                agent_config(self.config, agent_url),
-                backend=self.openai,
-                locate=locate,
-                capacity=self.capacity_now,
-                accelerators=AcceleratorReader().read,
-            )
-            await nursery.start(self.agent.run)
+            accelerators = AcceleratorReader()  # one reader (and its cache) for every agent
+            for url in self.config.router_urls:
+                agent = NodeAgent(
+                    agent_config(attrs.evolve(self.config, router_url=url), agent_url),
+                    backend=self.openai,
+                    locate=locate,
+                    capacity=self.capacity_now,
+                    accelerators=accelerators.read,
+                    on_drain=self._drain_all,
+                )
+                self.agents.append(agent)
+                await nursery.start(agent.run)
+            self.agent = self.agents[0]
             task_status.started()

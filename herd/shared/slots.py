@@ -11,6 +11,11 @@ stops renewing, and its slots come free within the lease's expiry, with nothing 
 Releasing removes the lease and publishes the node's id on ``<prefix>released``, which wakes
 the routers waiting for that node's slots (they also retry every :data:`RETRY_EVERY`, as a
 published message is only a hint: one lost to a reconnect must not strand a waiter).
+:meth:`SharedSlots.release_soon` is the synchronous form a request's exit path uses: the lease
+stops being renewed at once and the release runs on :meth:`SharedSlots.run_releases` (a full
+queue, or a store that is away, leaves the lease to expire). A take whose reply never came
+(cancelled, timed out) may still have been taken on the server, so it is released the same
+way: a cancelled waiter leaves no lease behind.
 
 The server's clock (``TIME``) is the only clock used for expiries, so routers' clocks need not
 agree. Lease ids are ``<router id>:<sequence>``.
@@ -31,6 +36,7 @@ log = logging.getLogger("herd.shared")
 LEASE_TTL = 10.0  # seconds a lease lives without renewal
 RENEW_EVERY = 1 / 3  # of LEASE_TTL
 RETRY_EVERY = 0.5  # seconds between tries while a node's slots are full
+RELEASE_BUFFER = 1024  # releases queued for the store; beyond, leases are left to expire
 
 TAKE = Script(
     """
@@ -106,6 +112,12 @@ class SharedSlots:
     held: dict[str, Held] = attrs.field(factory=dict)
     _sequence: itertools.count[int] = attrs.field(factory=itertools.count)
     _released: trio.Event = attrs.field(factory=trio.Event)
+    _releases: trio.MemorySendChannel[Held] = attrs.field(init=False)
+    _release_queue: trio.MemoryReceiveChannel[Held] = attrs.field(init=False)
+    releases_dropped: int = 0
+
+    def __attrs_post_init__(self) -> None:
+        self._releases, self._release_queue = trio.open_memory_channel[Held](RELEASE_BUFFER)
 
     @property
     def channel(self) -> str:
@@ -124,11 +136,25 @@ class SharedSlots:
         Raises :class:`~herd.shared.resp.StoreUnavailable` when the server is away."""
         lease_id = f"{self.router_id}:{next(self._sequence)}"
         keys = (self.node_key(node_id), self.model_key(node_id, model))
-        taken = await self.client.run_script(
-            TAKE, keys, [lease_id, int(self.ttl * 1000), node_limit, model_limit or 0]
-        )
+        try:
+            taken = await self.client.run_script(
+                TAKE, keys, [lease_id, int(self.ttl * 1000), node_limit, model_limit or 0]
+            )
+        except BaseException:
+            # The script may have run before its reply was lost: give it back (see above).
+            self.release_soon(Held(lease_id, node_id, model, keys))
+            raise
         if taken != 1:
             return None
+        held = Held(lease_id, node_id, model, keys if model_limit else keys[:1])
+        self.held[lease_id] = held
+        return held
+
+    def hold_unshared(self, node_id: str, model: str, model_limit: int | None = None) -> Held:
+        """A slot taken on local counts while the server is away: held (and renewed) as if
+        taken there, so :meth:`restore` puts it there when the server is back."""
+        lease_id = f"{self.router_id}:{next(self._sequence)}"
+        keys = (self.node_key(node_id), self.model_key(node_id, model))
         held = Held(lease_id, node_id, model, keys if model_limit else keys[:1])
         self.held[lease_id] = held
         return held
@@ -153,6 +179,27 @@ class SharedSlots:
         for reply in await self.client.pipeline(commands):
             if isinstance(reply, RespError):
                 raise reply
+
+    def release_soon(self, held: Held) -> None:
+        """Stop renewing the lease now and release it on :meth:`run_releases`."""
+        self.held.pop(held.lease_id, None)
+        try:
+            self._releases.send_nowait(held)
+        except trio.WouldBlock:
+            self.releases_dropped += 1  # it expires within the ttl
+
+    async def run_releases(self) -> None:
+        """Release the leases :meth:`release_soon` queued, for as long as the router runs."""
+        async for held in self._release_queue:
+            try:
+                await self.release(held)
+            except Exception as exc:  # the store is away: the lease expires there
+                log.debug("releasing slot lease %s failed: %s", held.lease_id, exc)
+
+    def next_release(self) -> Held:
+        """A queued release, taken off the queue (a stopping router does them itself).
+        Raises trio.WouldBlock when none is queued."""
+        return self._release_queue.receive_nowait()
 
     def forget(self, held: Held) -> None:
         """Stop renewing a lease (the server is away; it will expire there)."""

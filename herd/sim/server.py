@@ -62,7 +62,8 @@ Failures on demand, each for ``times`` requests or until cleared:
 
 Counters (plain attributes) tell a test what happened: ``cold_loads``, ``load_requests``,
 ``unload_requests``, ``expirations``, ``evictions``, ``probes``, ``pulls``, ``pulls_cancelled``,
-``open_streams``, ``disconnects``, ``prompt_cache_hits`` and the last ``requests``.
+``open_streams`` (and ``peak_open_streams``), ``disconnects``, ``prompt_cache_hits`` and the
+last ``requests``.
 """
 
 from __future__ import annotations
@@ -409,6 +410,7 @@ class SimOllama:
     config: SimConfig
     url: str = ""
     open_streams: int = 0
+    peak_open_streams: int = 0  # the most inference requests it held at once
     disconnects: int = 0
     pulls: int = 0
     prompt_cache_hits: int = 0
@@ -1105,6 +1107,7 @@ class SimOllama:
             await self._respond(path, data, model, keep, think, failure, out)
 
         self.open_streams += 1
+        self.peak_open_streams = max(self.peak_open_streams, self.open_streams)
         try:
             gone = await self._watched(receive, send, respond)
         finally:

@@ -12,12 +12,19 @@ Rules:
 - Some models have a limit of their own within the node's (Ollama runs embedding-only models
   one request at a time; an operator can set others with ``--model-slots``): such a request
   takes its model's slot first, then one of the node's, always in that order.
+- With several routers in front of one fleet (``--state``), the book is given a
+  :class:`SlotGate`: after the local slots, a lease also takes a shared slot (a lease in the
+  state store, counted against the same limits across every router) before it counts as in
+  flight, and gives it back on every exit path. The local limiters still apply, so one router
+  alone behaves as without a gate. A gate that can't reach its store lets the lease through on
+  the local counts alone.
 """
 
 from __future__ import annotations
 
 import types
 from collections.abc import Callable, Iterator, Mapping
+from typing import Protocol
 
 import attrs
 import trio
@@ -28,6 +35,19 @@ from herd.state.cancellation import is_cancellation
 # Per-node limits of the queue classes that don't share the LLM's parallel slots: one image at
 # a time (it takes the GPU whole), two transcriptions (CPU-bound).
 OWN_LIMITS = {KIND_IMAGE: 1, KIND_STT: 2}
+
+
+class SlotGate(Protocol):
+    """Shared slots across routers (see the module docstring). ``take`` waits for a slot
+    and returns what :meth:`release` gives back (None: nothing); a gate whose store is away
+    lets the lease go ahead on local counts. A cancelled ``take`` leaves nothing held. ``release``
+    is synchronous (it may only queue the I/O), so an exit path can't be interrupted."""
+
+    async def take(
+        self, node_id: str, model: str, kind: str, node_limit: int, model_limit: int | None
+    ) -> object | None: ...
+
+    def release(self, held: object) -> None: ...
 
 
 @attrs.define
@@ -63,6 +83,7 @@ class Lease:
     _holding: bool = False
     _token: object = attrs.field(factory=object)
     _own: trio.CapacityLimiter | None = None  # the model's own limiter, if it has one
+    _shared: object | None = None  # the gate's shared slot, if the book has a gate
     # Progress, for the zombie reaper: the relay counts chunks (an int, nothing more, on the
     # hot path); the reaper notes when the count last moved.
     acquired_at: float | None = None  # router clock: when it got its slot
@@ -106,6 +127,19 @@ class Lease:
                 self._own = own
             try:
                 await limiter.acquire_on_behalf_of(self._token)
+                gate = self.book.gate
+                if gate is not None:
+                    try:
+                        self._shared = await gate.take(
+                            self.node_id,
+                            self.model,
+                            self.kind,
+                            int(limiter.total_tokens),
+                            int(own.total_tokens) if own is not None else None,
+                        )
+                    except BaseException:
+                        limiter.release_on_behalf_of(self._token)
+                        raise
             except BaseException:
                 if self._own is not None:
                     self._own.release_on_behalf_of(self._token)
@@ -146,6 +180,9 @@ class Lease:
         if self._own is not None:
             self._own.release_on_behalf_of(self._token)
             self._own = None
+        if self._shared is not None and self.book.gate is not None:
+            self.book.gate.release(self._shared)
+            self._shared = None
         self.book.notify()
 
 
@@ -154,6 +191,8 @@ class QueueBook:
     default_limit: int = 4
     # Called whenever a slot is released (the router wakes waiting requests with it).
     on_release: Callable[[], None] | None = None
+    # Shared slots across routers (--state); None: this router's counts are the whole truth.
+    gate: SlotGate | None = None
     _queues: dict[tuple[str, str], QueueCounters] = attrs.field(factory=dict)
     # node -> model -> the same counters: a node's queues without scanning every node's.
     _by_node: dict[str, dict[str, QueueCounters]] = attrs.field(factory=dict)

@@ -5,6 +5,11 @@ latency history, the affinity table, the runtime settings, recent traces (bounde
 counters, and the fleet-change event that wakes requests waiting for a node. It holds no
 client and no configuration: how to reach nodes is :class:`herd.transport.link.Link`'s, and
 where traces go beyond memory is the ``trace_sink`` the router plugs in (its trace writer).
+
+With a shared state store (``--state``), ``shared`` is the router's handle on it
+(:class:`herd.state.sharing.SharedFleet`) and ``remote_load`` the other routers' counts, as
+the store's load task last read them (about every 0.5 s, never on a request's path): the
+scorer's view of a node:model is this router's own counts plus theirs.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ import attrs
 import trio
 
 from herd.core import views
-from herd.core.models import FleetSnapshot
+from herd.core.models import FleetSnapshot, ModelLoad
 from herd.core.responses_store import ResponseStore
 from herd.core.scoring import ScoringSettings
 from herd.core.traces import TraceRecord
@@ -30,6 +35,7 @@ from herd.state.metrics import Metrics
 from herd.state.queues import QueueBook
 from herd.state.registry import NodeRegistry, StateChange
 from herd.state.settings import RuntimeSettings
+from herd.state.sharing import RemoteLoad, SharedFleet
 
 TRACE_MEMORY = 1000
 
@@ -79,6 +85,9 @@ class RouterState:
     # The fleet's events for the dashboard's timeline; written to the store while the router
     # runs (see herd.state.events).
     timeline: EventLog = attrs.field(factory=EventLog)
+    # The shared state store (--state), and the other routers' load as last read from it.
+    shared: SharedFleet | None = None
+    _remote_load: dict[str, dict[str, tuple[int, int]]] = attrs.field(factory=dict)
     _fleet_changed: trio.Event = attrs.field(factory=trio.Event)
     _settings_changed: trio.Event = attrs.field(factory=trio.Event)
 
@@ -87,7 +96,39 @@ class RouterState:
         self.queues.on_release = self.fleet_changed
 
     def snapshot(self) -> FleetSnapshot:
-        return self.registry.snapshot(self.queues.load_for)
+        if not self._remote_load:
+            return self.registry.snapshot(self.queues.load_for)
+        return self.registry.snapshot(self._load_with_others)
+
+    def _load_with_others(self, node_id: str) -> dict[str, ModelLoad]:
+        """This router's counts on ``node_id`` plus the other routers' (see the docstring)."""
+        loads = self.queues.load_for(node_id)
+        for model, (in_flight, pending) in self._remote_load.get(node_id, {}).items():
+            own = loads.get(model)
+            if own is None:
+                loads[model] = ModelLoad(pending=pending, in_flight=in_flight)
+            else:
+                loads[model] = attrs.evolve(
+                    own, pending=own.pending + pending, in_flight=own.in_flight + in_flight
+                )
+        return loads
+
+    def set_remote_load(self, load: RemoteLoad) -> None:
+        """The other routers' counts, as just read from the store (empty: none, or the store
+        is away and this router goes on its own counts)."""
+        by_node: dict[str, dict[str, tuple[int, int]]] = {}
+        for (node_id, model), counts in load.items():
+            by_node.setdefault(node_id, {})[model] = counts
+        if by_node != self._remote_load:
+            self._remote_load = by_node
+            self.fleet_changed()  # capacity moved elsewhere: waiting requests re-score
+
+    def remote_load(self) -> RemoteLoad:
+        return {
+            (node_id, model): counts
+            for node_id, models in self._remote_load.items()
+            for model, counts in models.items()
+        }
 
     def fleet_changed(self, changes: list[StateChange] | None = None) -> None:
         """Wake everything waiting for the fleet to change (a node joined, left, reported)."""
@@ -99,7 +140,14 @@ class RouterState:
 
     def change_settings(self, settings: RuntimeSettings) -> None:
         """Apply new runtime settings (already checked) and wake whoever depends on them (the
-        reaper's sampling interval, waiting requests)."""
+        reaper's sampling interval, waiting requests). With a shared store, the other routers
+        get them too."""
+        self.adopt_settings(settings)
+        if self.shared is not None:
+            self.shared.settings_changed(settings)
+
+    def adopt_settings(self, settings: RuntimeSettings) -> None:
+        """Apply settings (already checked) without sharing them: another router's change."""
         self.settings = settings
         self._settings_changed.set()
         self._settings_changed = trio.Event()
@@ -132,6 +180,9 @@ class RouterState:
             self.snapshot(), self.queues.statistics(), trio.current_time(), self.all_events(), pulls
         )
         status["warnings"] = list(self.warnings)
+        status["state"] = (
+            self.shared.view() if self.shared is not None else {"mode": "this router only"}
+        )
         return status
 
     def model_known(self, model: str) -> bool:

@@ -24,6 +24,11 @@ operator turned on ``auto_pull``: then the router's pull service (:mod:`herd.tra
 pulls it and the request waits for the pull within its ``queue_timeout`` (503 with
 ``Retry-After`` while the pull goes on).
 
+With a shared state store (several routers, ``--state``), conversation affinity is the
+fleet's: before placement the router asks the store which node took the request's earlier
+prompts (within :data:`SHARED_AFFINITY_WAIT`; a slow or absent store leaves the router's own
+memory to decide) and after it shares the node it chose.
+
 Errors raised: :class:`ModelNotFound` (no node has any of the models), :class:`NoEligibleNode`
 (nothing could take it in time), :class:`Forbidden` (an auto-pull from a registry host the
 operator has not allowed), the last :class:`NodeError` when retries are exhausted.
@@ -71,6 +76,7 @@ log = logging.getLogger("herd.proxy")
 
 CLOSE_TIMEOUT = 0.1  # seconds allowed to close an upstream connection after cancellation
 SUGGESTIONS = 3  # closest model names named in a 404
+SHARED_AFFINITY_WAIT = 0.05  # seconds placement waits for the shared store's affinity
 
 
 @attrs.define(eq=False)
@@ -190,9 +196,29 @@ def decide(state: RouterState, request: InferenceRequest, attempts: Attempts) ->
 def remember_conversation(state: RouterState, request: InferenceRequest, opened: Opened) -> None:
     """The node that took this prompt now holds it in its cache: the next turn prefers it."""
     if request.prompt_key is not None:
-        state.affinity.remember(
-            request.prompt_key, opened.node_id, opened.model, request.estimated_prompt_tokens
-        )
+        tokens = request.estimated_prompt_tokens
+        state.affinity.remember(request.prompt_key, opened.node_id, opened.model, tokens)
+        if state.shared is not None:
+            state.shared.remember_affinity(request.prompt_key, opened.node_id, opened.model, tokens)
+
+
+async def recall_shared_conversation(state: RouterState, request: InferenceRequest) -> None:
+    """Learn from the shared store which nodes took this conversation's earlier prompts
+    (through another router, perhaps), into the router's own table, which placement reads.
+    Bounded by :data:`SHARED_AFFINITY_WAIT`; a store that is away or slow changes nothing."""
+    shared = state.shared
+    if shared is None or not shared.available or not request.earlier_keys:
+        return
+    found: dict[str, tuple[str, str, int]] = {}
+    with trio.move_on_after(SHARED_AFFINITY_WAIT):
+        try:
+            found = await shared.find_affinity(request.earlier_keys)
+        except trio.Cancelled:
+            raise
+        except Exception as exc:  # the store's failure is its health watch's to report
+            log.debug("shared affinity lookup failed: %s", exc)
+    for key, (node_id, model, tokens) in found.items():  # the store's word is the latest
+        state.affinity.remember(key, node_id, model, tokens)
 
 
 def maybe_prewarm(link: Link, choice: Choice) -> None:
@@ -226,6 +252,7 @@ async def open_upstream(
             attempts.virtual_rule = resolution.rule
             request = attrs.evolve(request, groups=resolution.groups)
     routed = request
+    await recall_shared_conversation(state, routed)
 
     def choose(attempts: Attempts) -> Target[Choice] | None:
         choice = decide(state, routed, attempts)

@@ -316,6 +316,7 @@ def create_blueprint(
                     storage_error=storage.last_error,
                     traces_lost=storage.dropped + storage.failed,
                     data_dir=str(config.data_path),
+                    state_store=state.shared.health() if state.shared is not None else None,
                 )
             )
             health_cache.value = {
