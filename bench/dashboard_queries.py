@@ -80,7 +80,8 @@ def fill(path: Path, rows: int, days: float, rng: random.Random) -> float:
                 at,
                 json.dumps(rng.choice(TAGS)),
                 "vram" if rng.random() < 0.005 else None,
-                None,
+                None,  # context_action
+                None,  # offload
                 '[["node-1", 41.5]]',
             )
         )
