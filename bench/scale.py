@@ -161,11 +161,13 @@ async def hold_leases(
     for record in registry.records():
         report = record.report
         queues.set_limit(report.node_id, report.parallel_slots)
+        on_node = 0  # the node's slots are shared by its models: never wait for one here
         for model in report.loaded_index:
             for _ in range(rng.randint(0, 2)):
-                if queues.counters(report.node_id, model).in_flight < report.parallel_slots:
+                if on_node < report.parallel_slots:
                     await stack.enter_async_context(queues.lease(report.node_id, model))
                     held += 1
+                    on_node += 1
         # A few other models used before, now idle: queues that stay in the book.
         for model in list(report.available_index)[:4]:
             queues.counters(report.node_id, model).last_used = 1.0
