@@ -128,7 +128,7 @@ def create_blueprint(
         assert store is not None
         await store.flush()
         return await trio.to_thread.run_sync(
-            lambda: queries.run(store.path, lambda connection: fn(connection, *args))
+            lambda: queries.run(store.target, lambda connection: fn(connection, *args))
         )
 
     def since(hours: int) -> float:
