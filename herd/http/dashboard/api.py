@@ -34,6 +34,7 @@ from herd.core.timeline import settings_changes
 from herd.http.dashboard.bench import BenchmarkRunner
 from herd.state.settings import save_settings, updated
 from herd.store import queries
+from herd.store.db import StoreError
 from herd.store.writer import TraceWriter
 from herd.transport import model_admin
 from herd.transport.link import Link
@@ -133,6 +134,11 @@ def create_blueprint(
 
     def since(hours: int) -> float:
         return time.time() - hours * 3600
+
+    @bp.errorhandler(StoreError)
+    async def store_unreadable(exc: StoreError) -> Response:
+        # The store is away (PostgreSQL down, a locked or broken file): say so, in JSON.
+        return _json({"error": f"the trace store can't be read now: {exc}"}, 503)
 
     @bp.get("/dashboard/api/overview")
     async def overview() -> Response:
