@@ -25,7 +25,7 @@ from herd.sim import SimConfig
 from herd.store import db, queries
 from herd.store.db import StorageError, StoreTarget
 from herd.store.writer import TraceWriter
-from tests.conftest import LLAMA_3B, QWEN_7B, GiB, postgres_schema, running_fleet
+from tests.conftest import LLAMA_3B, QWEN_7B, GiB, postgres_schema, running_fleet, wait_until
 from tests.engines import free_port
 
 DAY = 86400.0
@@ -260,6 +260,8 @@ async def test_two_routers_on_one_store_each_show_both_routers_traces(
             reply = await client.post("/api/chat", json=body)
             assert reply.status_code == 200
             served.append((reply.headers["x-herd-request-id"], reply.headers["x-herd-node"]))
+        await wait_until(lambda: one.router.store.submitted == 1)
+        await wait_until(lambda: two.router.store.submitted == 2)
         assert [node for _, node in served] == ["alpha", "beta", "beta"]
         # Each router writes its own traces (within a batch interval); each router's
         # dashboard then reads them all from the one database.
@@ -280,3 +282,48 @@ async def test_two_routers_on_one_store_each_show_both_routers_traces(
             joined = {e["node_id"] for e in events if e["kind"] == "node_joined"}
             assert joined == {"alpha", "beta"}
     assert one.router.store.statistics().failed == two.router.store.statistics().failed == 0
+
+
+async def test_a_store_that_goes_away_stops_nothing_and_comes_back(
+    tmp_path: Path, postgres: StoreTarget, postgres_url: str
+) -> None:
+    """The router's tables vanish under it (as a database restored from an old dump, or
+    dropped): requests route, the dashboard says why in JSON, health still answers, and once
+    the tables are back the next batches are written."""
+    import psycopg
+
+    assert postgres.url is not None
+    schema = postgres.url.rpartition("%3D")[2]
+    body = {
+        "model": "llama3.2:3b",
+        "stream": False,
+        "messages": [{"role": "user", "content": "hi"}],
+    }
+    async with (
+        running_fleet(tmp_path, specs("alpha"), store=postgres.url) as fleet,
+        httpx.AsyncClient(base_url=fleet.url, timeout=10, trust_env=False) as client,
+    ):
+        store = fleet.router.store
+        with psycopg.connect(postgres_url, autocommit=True) as admin:
+            admin.execute(f"DROP SCHEMA {schema} CASCADE")
+            admin.execute(f"CREATE SCHEMA {schema}")
+        assert (await client.post("/api/chat", json=body)).status_code == 200  # routing goes on
+        await wait_until(lambda: store.submitted == 1)
+        await store.flush()
+        assert store.failed == 1 and store.last_error is not None
+        shown = await client.get("/dashboard/api/traces")
+        assert shown.status_code == 503 and "can't be read" in shown.json()["error"]
+        health = await client.get("/dashboard/api/health")
+        assert health.status_code == 200
+        storage = next(c for c in health.json()["checks"] if c["id"] == "storage")
+        assert storage["severity"] == "critical" and "request_traces" in storage["evidence"]
+        # Back (here: the tables made again, as the next start would).
+        await trio.to_thread.run_sync(db.initialise, postgres)
+        reply = await client.post("/api/chat", json=body)
+        await wait_until(lambda: store.submitted == 2)
+        await store.flush()
+        assert (store.written, store.failed, store.last_error) == (1, 1, None)
+        shown = await client.get("/dashboard/api/traces")
+        assert [t["request_id"] for t in shown.json()["traces"]] == [
+            reply.headers["x-herd-request-id"]
+        ]

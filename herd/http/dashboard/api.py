@@ -309,7 +309,12 @@ def create_blueprint(
             hours = 24
             assert store is not None
             storage = store.statistics()
-            figures = await query(queries.health_figures, since(hours))
+            storage_error = storage.last_error
+            try:
+                figures = await query(queries.health_figures, since(hours))
+            except StoreError as exc:  # the checks from memory still stand; storage says why
+                figures = {}
+                storage_error = storage_error or f"the trace store can't be read: {exc}"
             result = health.evaluate(
                 health.HealthInput(
                     fleet=state.snapshot(),
@@ -319,7 +324,7 @@ def create_blueprint(
                     listen_host=config.host,
                     fleet_token_set=bool(config.auth_token),
                     window_hours=hours,
-                    storage_error=storage.last_error,
+                    storage_error=storage_error,
                     traces_lost=storage.dropped + storage.failed,
                     data_dir=str(config.data_path),
                 )
