@@ -86,11 +86,11 @@ def fill(path: Path, rows: int, days: float, rng: random.Random) -> float:
             )
         )
         if len(batch) == 50_000:
-            with connection:
+            with connection.transaction():
                 connection.executemany(db.INSERT, batch)
             batch = []
     if batch:
-        with connection:
+        with connection.transaction():
             connection.executemany(db.INSERT, batch)
     elapsed = time.perf_counter() - started
     events = [
@@ -145,9 +145,9 @@ def main() -> None:
             f"({args.rows / took:,.0f}/s), database {size:,.0f} MiB"
         )
         connection = db.connect(path)
-        in_week = connection.execute(
+        in_week = connection.value(
             "SELECT COUNT(*) FROM request_traces WHERE timestamp >= ?", (week,)
-        ).fetchone()[0]
+        )
         connection.close()
         print(f"{in_week:,} of them in the last 7 days\n")
         print(f"{'query':<28} {'median ms':>10}  plan (SQLite's EXPLAIN QUERY PLAN)")
@@ -157,15 +157,16 @@ def main() -> None:
             plan = ""
             for _ in range(args.repeat):
                 connection = db.connect(path)
+                raw = connection.raw  # SQLite's own connection, for its plans
                 seen: list[str] = []
-                connection.set_trace_callback(seen.append)
+                raw.set_trace_callback(seen.append)
                 started = time.perf_counter()
                 run(connection)
                 times.append((time.perf_counter() - started) * 1000)
-                connection.set_trace_callback(None)
+                raw.set_trace_callback(None)
                 selects = [s for s in seen if s.lstrip().upper().startswith("SELECT")]
                 if selects:
-                    rows = connection.execute("EXPLAIN QUERY PLAN " + selects[0]).fetchall()
+                    rows = raw.execute("EXPLAIN QUERY PLAN " + selects[0]).fetchall()
                     plan = next((r[3] for r in rows if r[3].startswith(("SEARCH", "SCAN"))), "")
                     plan = plan.replace(" USING", ":").replace("COVERING INDEX", "covering")
                 connection.close()

@@ -270,12 +270,14 @@ def run_serve(argv: Sequence[str], prog: str, role: str | None) -> int:
     role = role or args.role
     flags = flags_of(args)
     raise_open_file_limit()
-    from herd.store.db import check_data_dir
+    from herd.store.db import StoreTarget, check_data_dir
 
     try:
         if role == "router":
             config = router_config(flags, os.environ)
-            check_data_dir(config.data_path)
+            check_data_dir(
+                config.data_path, store=StoreTarget.parse(config.store, config.data_path)
+            )
             local = None
             if getattr(args, "local_node", False):
                 local = node_config(

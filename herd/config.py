@@ -21,6 +21,8 @@ from typing import Any
 
 import attrs
 
+from herd.core.store_url import check_store_url, redact_url
+
 DEFAULT_PORT = 11435
 DEFAULT_NODE_PORT = 11436
 MiB = 2**20
@@ -134,6 +136,11 @@ def _state_url(value: str) -> str:
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
+def _store_url(value: str) -> str | None:
+    """Empty: the SQLite file in the data dir; else a ``postgresql://`` URL."""
+    return check_store_url(value) if value.strip() else None
+
+
 def _log_level(value: str) -> str:
     level = value.strip().upper()
     if level not in LOG_LEVELS:
@@ -223,6 +230,8 @@ class Option:
     # Another program's variable read (from the environment only) when neither the flag, the
     # option's own variable nor the env file sets it, e.g. Ollama's OLLAMA_HOST.
     fallback_env: str | None = None
+    # How a set value is shown (dashboard, logs) when it may hold a secret part.
+    shown: Callable[[Any], Any] | None = None
 
 
 OPTIONS: tuple[Option, ...] = (
@@ -242,6 +251,18 @@ OPTIONS: tuple[Option, ...] = (
         "~/.fleet-manager",
         str,
         "directory for the database, logs, settings and the env file",
+    ),
+    Option(
+        "store",
+        "--store",
+        "FLEET_STORE",
+        None,
+        _store_url,
+        "where traces, benchmarks and fleet events are kept: a postgresql://USER@HOST:PORT/DB "
+        "URL that several routers share (see docs/scale-out.md); unset: latency.db in the data "
+        "dir",
+        roles=("router",),
+        shown=redact_url,
     ),
     Option(
         "heartbeat_interval",
@@ -727,7 +748,8 @@ def resolve(
             try:
                 resolved[option.name] = option.parse(raw)
             except ValueError as exc:
-                shown = "***" if option.secret else repr(raw)
+                plain = option.shown(raw) if option.shown else raw
+                shown = "***" if option.secret else repr(plain)
                 raise ConfigError(f"{variable}={shown} (from {source}) is invalid: {exc}") from exc
             break
         else:
@@ -766,6 +788,8 @@ class RouterConfig:
     host: str = "127.0.0.1"  # embedded: loopback (the command's default is every interface)
     port: int = DEFAULT_PORT  # (the option's default depends on the role)
     data_dir: str = _default("data_dir")
+    # A postgresql:// URL (traces, benchmarks, events there); None: latency.db in data_dir.
+    store: str | None = _default("store")
     heartbeat_interval: float = _default("heartbeat_interval")
     heartbeat_timeout: float = _default("heartbeat_timeout")
     heartbeat_offline: float = _default("heartbeat_offline")
@@ -878,6 +902,8 @@ def redacted(values: Mapping[str, Any]) -> dict[str, Any]:
         option = OPTIONS_BY_NAME.get(name)
         if option is not None and option.secret:
             shown[name] = "set" if value else "unset"
+        elif option is not None and option.shown is not None and value is not None:
+            shown[name] = option.shown(value)
         else:
             shown[name] = value
     return shown

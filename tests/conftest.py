@@ -7,7 +7,9 @@ Everything is real HTTP on loopback: the router's hypercorn server, each simulat
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator, Callable, Sequence
+import itertools
+import os
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -23,6 +25,7 @@ from herd.http.service import Router
 from herd.node.agent import AgentConfig, NodeAgent
 from herd.sim import SimConfig, SimModel, SimOllama, run_sim
 from herd.state.settings import RuntimeSettings
+from herd.store.db import StoreTarget
 
 T = TypeVar("T")
 
@@ -127,3 +130,44 @@ async def in_thread(fn: Callable[[], T]) -> T:
     """Run a blocking client (the OpenAI or Ollama SDK) without blocking the router's loop."""
     with trio.fail_after(20):
         return await trio.to_thread.run_sync(fn)
+
+
+# ---------------------------------------------------------------------------- trace stores
+
+
+@pytest.fixture(scope="session")
+def postgres_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A private PostgreSQL on loopback for the session (tests/engines.py)."""
+    from tests.engines import postgres_server
+
+    with postgres_server(tmp_path_factory.mktemp("postgres")) as url:
+        yield url
+
+
+_schemas = itertools.count()
+
+
+@contextlib.contextmanager
+def postgres_schema(admin_url: str) -> Iterator[str]:
+    """A fresh, empty schema in the session's PostgreSQL; yields a URL whose connections use it
+    (and drops it after)."""
+    import psycopg
+
+    name = f"t{os.getpid()}_{next(_schemas)}"
+    with psycopg.connect(admin_url, autocommit=True) as admin:
+        admin.execute(f"CREATE SCHEMA {name}")
+    try:
+        yield f"{admin_url}?options=-csearch_path%3D{name}"
+    finally:
+        with psycopg.connect(admin_url, autocommit=True) as admin:
+            admin.execute(f"DROP SCHEMA {name} CASCADE")
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_target(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[StoreTarget]:
+    """The trace store on each dialect: latency.db in tmp_path, or a fresh PostgreSQL schema."""
+    if request.param == "sqlite":
+        yield StoreTarget.sqlite(tmp_path / "latency.db")
+        return
+    with postgres_schema(request.getfixturevalue("postgres_url")) as url:
+        yield StoreTarget.postgres(url)

@@ -14,6 +14,7 @@ import os
 import shutil
 import socket
 import subprocess
+import tempfile
 import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -110,12 +111,30 @@ def _as_postgres(argv: Sequence[str]) -> list[str]:
 
 @contextlib.contextmanager
 def postgres_server(directory: Path) -> Iterator[str]:
-    """A private cluster with trust auth on loopback; yields a ``postgresql://`` URL."""
+    """A private cluster with trust auth on loopback; yields a ``postgresql://`` URL.
+
+    As root the cluster lives in a directory of its own under the system's temporary
+    directory (the ``postgres`` user can't enter pytest's, which only root may), removed
+    after."""
     binaries = postgres_bin()
+    if os.geteuid() == 0:
+        own = Path(tempfile.mkdtemp(prefix="herd-postgres-"))
+        try:
+            shutil.chown(own, "postgres")
+            with _postgres_in(binaries, own) as url:
+                yield url
+        finally:
+            shutil.rmtree(own, ignore_errors=True)
+    else:
+        with _postgres_in(binaries, directory) as url:
+            yield url
+
+
+@contextlib.contextmanager
+def _postgres_in(binaries: Path, directory: Path) -> Iterator[str]:
     data = directory / "pgdata"
     data.mkdir(parents=True)
     if os.geteuid() == 0:
-        shutil.chown(directory, "postgres")
         shutil.chown(data, "postgres")
     subprocess.run(
         _as_postgres(

@@ -294,21 +294,18 @@ def plans(path: Path) -> dict[str, list[str]]:
         connection = db.connect(path)
         seen: list[str] = []
 
-        def trace(
-            sql: str, seen: list[str] = seen, connection: sqlite3.Connection = connection
-        ) -> None:
+        def trace(sql: str, seen: list[str] = seen) -> None:
             if sql.lstrip().upper().startswith("SELECT"):
                 seen.append(sql)
 
-        connection.set_trace_callback(trace)
+        raw: sqlite3.Connection = connection.raw
+        raw.set_trace_callback(trace)
         try:
             run(connection)
-            connection.set_trace_callback(None)
+            raw.set_trace_callback(None)
             details = []
             for sql in seen:
-                details += [
-                    r[3] for r in connection.execute("EXPLAIN QUERY PLAN " + sql).fetchall()
-                ]
+                details += [r[3] for r in raw.execute("EXPLAIN QUERY PLAN " + sql).fetchall()]
         finally:
             connection.close()
         found[name] = details
@@ -336,7 +333,7 @@ def test_windowed_queries_use_the_window_index_never_a_full_scan(tmp_path: Path)
             assert "timestamp>?" in joined, joined
 
 
-def test_the_store_folds_as_the_pure_code_does(tmp_path: Path) -> None:
+def test_the_store_folds_as_the_pure_code_does(store_target: db.StoreTarget) -> None:
     """The SQL behind the series (counts per bucket and group, values of completed requests)
     gives exactly the figures folding the raw rows in Python gives."""
     rng = random.Random(7)
@@ -361,7 +358,7 @@ def test_the_store_folds_as_the_pure_code_does(tmp_path: Path) -> None:
                 tags=tuple(rng.sample(["x", "y", "z"], rng.randint(0, 2))),
             )
         )
-    path = tmp_path / "latency.db"
+    path = store_target
     db.initialise(path)
     connection = db.connect(path)
     try:
@@ -435,7 +432,7 @@ def test_an_older_database_is_brought_up_to_the_schema(tmp_path: Path) -> None:
     db.initialise(path)
     connection = db.connect(path)
     try:
-        indexes = {r[1] for r in connection.execute("PRAGMA index_list(request_traces)")}
+        indexes = {r[1] for r in connection.tuples("PRAGMA index_list(request_traces)")}
         assert "request_traces_window" in indexes and "request_traces_timestamp" not in indexes
         assert queries.trace(connection, "old")["runners_up"] == []  # type: ignore[index]
         db.write_traces(connection, [trace_record("new", "a", 2.0)])
@@ -446,9 +443,11 @@ def test_an_older_database_is_brought_up_to_the_schema(tmp_path: Path) -> None:
         connection.close()
 
 
-def test_the_event_table_keeps_the_newest(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_event_table_keeps_the_newest(
+    store_target: db.StoreTarget, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setattr(db, "MAX_EVENTS", 5)
-    path = tmp_path / "latency.db"
+    path = store_target
     db.initialise(path)
     connection = db.connect(path)
     try:
@@ -463,8 +462,10 @@ def test_the_event_table_keeps_the_newest(tmp_path: Path, monkeypatch: pytest.Mo
         connection.close()
 
 
-async def test_the_event_log_never_blocks_and_counts_what_it_loses(tmp_path: Path) -> None:
-    path = tmp_path / "latency.db"
+async def test_the_event_log_never_blocks_and_counts_what_it_loses(
+    store_target: db.StoreTarget,
+) -> None:
+    path = store_target
     state = RouterState()
     log = state.timeline
     log.record("settings_changed", detail="before the writer runs")
@@ -571,7 +572,7 @@ async def test_model_loads_evictions_and_leaving_nodes_reach_the_timeline(tmp_pa
                 await state.wait_fleet_changed()
         await state.timeline.flush()
         stored = await trio.to_thread.run_sync(
-            lambda: queries.run(fleet.router.store.path, lambda c: queries.events(c, 0, 1e12))
+            lambda: queries.run(fleet.router.store.target, lambda c: queries.events(c, 0, 1e12))
         )
         assert ("model_loaded", "beta", "llama3.2:3b") in [
             (e["kind"], e["node_id"], e["model"]) for e in stored

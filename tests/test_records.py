@@ -299,7 +299,8 @@ async def test_documented_sqlite_queries_work(seeded: Any) -> None:
     text = (DOCS / "operations.md").read_text()
     queries = re.findall(r'sqlite3 ~/\.fleet-manager/latency\.db "([^"]+)"', text)
     assert len(queries) >= 2
-    path = fleet.router.store.path
+    path = fleet.router.store.target.path
+    assert path is not None
     connection = sqlite3.connect(path)
     try:
         results = [connection.execute(q).fetchall() for q in queries]
@@ -309,8 +310,8 @@ async def test_documented_sqlite_queries_work(seeded: Any) -> None:
     assert results[0][0][2] == "failed"  # recent failures: request_id, model, status, error
 
 
-def test_retention_prunes_old_traces(tmp_path: Path) -> None:
-    path = tmp_path / "latency.db"
+def test_retention_prunes_old_traces(store_target: db.StoreTarget) -> None:
+    path = store_target
     db.initialise(path)
     connection = db.connect(path)
     now = time.time()
@@ -340,7 +341,7 @@ def test_retention_prunes_old_traces(tmp_path: Path) -> None:
 
     db.write_traces(connection, [trace("old", 31), trace("new", 1)])
     assert db.prune(connection, now - 30 * 86400) == 1
-    rows = [r[0] for r in connection.execute("SELECT request_id FROM request_traces")]
+    rows = [r[0] for r in connection.tuples("SELECT request_id FROM request_traces")]
     connection.close()
     assert rows == ["new"]
     assert db.recent_latencies(path) == [("n", "m", 5.0, 250.0)]
@@ -364,8 +365,8 @@ def test_a_database_from_before_the_offload_column_gets_it(tmp_path: Path) -> No
     """The trace store's columns only grow: an older database is migrated on open, its rows
     read NULL, and new traces keep the served copy's offload share."""
     path = tmp_path / "latency.db"
-    old_schema = db.SCHEMA.replace(",\n    offload REAL", "")
-    assert old_schema != db.SCHEMA
+    old_schema = db.schema(db.SQLITE).replace(",\n    offload REAL", "")
+    assert old_schema != db.schema(db.SQLITE)
     connection = sqlite3.connect(path)
     connection.executescript(old_schema)
     connection.execute(
@@ -401,7 +402,7 @@ def test_a_database_from_before_the_offload_column_gets_it(tmp_path: Path) -> No
         offload=0.43,
     )
     db.write_traces(connection, [trace])
-    rows = dict(connection.execute("SELECT request_id, offload FROM request_traces").fetchall())
+    rows = dict(connection.tuples("SELECT request_id, offload FROM request_traces"))
     connection.close()
     assert rows == {"before": None, "after": 0.43}
     assert trace.as_dict()["offload"] == 0.43

@@ -35,7 +35,7 @@ from herd.state import upkeep
 from herd.state.registry import NodeRegistry
 from herd.state.settings import RuntimeSettings, load_settings, updated
 from herd.state.state import RouterState
-from herd.store.db import DB_NAME, recent_latencies
+from herd.store.db import StoreTarget, recent_latencies
 from herd.store.events import open_events
 from herd.store.writer import TraceWriter
 from herd.transport.client import upstream_client
@@ -105,7 +105,7 @@ class Router:
 
     @property
     def store(self) -> TraceWriter:
-        """The trace writer (``latency.db`` in the data dir)."""
+        """The trace writer (``latency.db`` in the data dir, or the ``--store`` database)."""
         if self._store is None:
             raise RuntimeError("the router is not running")
         return self._store
@@ -158,6 +158,7 @@ class Router:
         self, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED
     ) -> None:
         config = self.config
+        target = StoreTarget.parse(config.store, config.data_path)
         state = RouterState(
             registry=NodeRegistry(
                 heartbeat_timeout=config.heartbeat_timeout,
@@ -168,7 +169,7 @@ class Router:
         )
         async with (
             upstream_client() as client,
-            open_events(config.data_path / DB_NAME) as events,
+            open_events(target) as events,
             contextlib.AsyncExitStack() as resources,
             trio.open_nursery() as nursery,
         ):
@@ -176,14 +177,14 @@ class Router:
             self._state, self._link = state, link
             link.pulls = PullService(link)
             await nursery.start(link.pulls.run)
-            store = self._store = TraceWriter(config.data_path / DB_NAME)
+            store = self._store = TraceWriter(target)
             await nursery.start(store.run)
             state.trace_sink = store.submit
             await nursery.start(state.timeline.run, state, events)
             benchmarks = self._benchmarks = BenchmarkRunner(link, store)
             await nursery.start(benchmarks.run)
             for node_id, model, latency, rate in await trio.to_thread.run_sync(
-                recent_latencies, store.path
+                recent_latencies, store.target
             ):
                 state.history.record(node_id, model, latency, rate)
             if config.state:

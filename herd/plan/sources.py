@@ -2,15 +2,15 @@
 ``/fleet/status``. Thin on purpose: each turns stored data into :mod:`herd.plan.planner` values
 and does nothing else.
 
-:func:`read_window` is synchronous SQLite: run it in a worker thread (the router does,
-through ``trio.to_thread``; the CLI runs it directly). It reads with its own short-lived
-connection, as every reader of ``latency.db`` does (WAL lets it read while the router writes).
+:func:`read_window` is synchronous: run it in a worker thread (the router does, through
+``trio.to_thread``; the CLI runs it directly). It reads with its own short-lived connection to
+the trace store (``latency.db``, where WAL lets it read while the router writes, or the
+router's PostgreSQL), as every reader of the store does.
 """
 
 from __future__ import annotations
 
 import json
-import sqlite3
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -18,7 +18,7 @@ from typing import Any
 from herd.core.models import NodeStatus
 from herd.plan.inputs import NodeFacts, PlanError, RecordedRequest
 from herd.state.registry import NodeRecord
-from herd.store.db import connect
+from herd.store.db import StoreError, StoreTarget, connected
 
 COLUMNS = (
     "model, original_model, node_id, scores_breakdown, status, latency_ms, "
@@ -26,27 +26,30 @@ COLUMNS = (
 )
 
 
-def read_window(path: Path, since: float, limit: int) -> tuple[tuple[RecordedRequest, ...], int]:
+def read_window(
+    target: StoreTarget | Path, since: float, limit: int
+) -> tuple[tuple[RecordedRequest, ...], int]:
     """The most recent ``limit`` requests recorded since ``since`` (epoch seconds), oldest
     first, and how many the window holds. Raises PlanError when the database is missing or
     can't be read."""
-    if not path.is_file():
-        raise PlanError(f"no trace database at {path} (is this the router's data directory?)")
+    if isinstance(target, Path):
+        target = StoreTarget.sqlite(target)
+    if target.path is not None and not target.path.is_file():
+        raise PlanError(
+            f"no trace database at {target.path} (is this the router's data directory?)"
+        )
     try:
-        connection = connect(path)
-        try:
-            count = connection.execute(
+        with connected(target) as connection:
+            count = connection.value(
                 "SELECT COUNT(*) FROM request_traces WHERE timestamp >= ?", (since,)
-            ).fetchone()[0]
-            rows = connection.execute(
+            )
+            rows = connection.rows(
                 f"SELECT {COLUMNS} FROM request_traces WHERE timestamp >= ? "
                 "ORDER BY timestamp DESC LIMIT ?",
                 (since, limit),
-            ).fetchall()
-        finally:
-            connection.close()
-    except sqlite3.Error as exc:
-        raise PlanError(f"cannot read the traces in {path}: {exc}") from exc
+            )
+    except StoreError as exc:
+        raise PlanError(f"cannot read the traces in {target.describe()}: {exc}") from exc
     requests = tuple(RecordedRequest.from_trace(_decoded(dict(row))) for row in reversed(rows))
     return requests, int(count)
 

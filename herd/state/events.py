@@ -5,7 +5,7 @@ into a ring in memory (the last :data:`RING` events, for the live views) and ont
 channel (:data:`QUEUE`); when the channel is full the event stays in the ring only, and is
 counted as ``dropped``. One task hands what has queued up, in batches, to the router's
 :class:`EventStore` (the trace database's ``fleet_events`` table, written in a worker thread
-through its own connection: :class:`herd.store.events.SqliteEvents`, which keeps at most
+through its own connection: :class:`herd.store.events.StoreEvents`, which keeps at most
 :data:`herd.store.db.MAX_EVENTS` rows), and prunes what is older than ``retention_days``
 hourly. A write that fails loses that batch (counted as ``failed``, logged once a minute): no
 request ever waits on it.

@@ -1,34 +1,38 @@
 """Read-side queries for the dashboard API. Synchronous; run them in a worker thread.
 
 Every time-ranged query takes ``since`` (epoch seconds). Figures come straight from
-``request_traces``; nothing here keeps state. Every windowed query is answered by a search of
-an index on its time range (``tests/test_instruments.py`` checks the plans): mostly the
-covering ``request_traces_window``. ``+node_id IS NOT NULL`` (the unary plus) keeps SQLite
-from scanning the node index for that term instead of searching the time range, and
-``INDEXED BY`` keeps it from scanning that index for its order where a query groups by node
-and model.
+``request_traces``; nothing here keeps state. Each query is written once for both databases
+(SQLite and PostgreSQL, see :mod:`herd.store.db`); where their SQL differs the text comes from
+the connection's :class:`~herd.store.db.Dialect`. Ties are broken by a name or an id, so both
+give the same rows in the same order.
+
+On SQLite every windowed query is answered by a search of an index on its time range
+(``tests/test_instruments.py`` checks the plans): mostly the covering
+``request_traces_window``. There ``+node_id IS NOT NULL`` (the unary plus, the dialect's
+``unindexed``) keeps SQLite from scanning the node index for that term instead of searching the
+time range, and ``INDEXED BY`` (``indexed_by``) keeps it from scanning that index for its order
+where a query groups by node and model. PostgreSQL searches its timestamp index.
 """
 
 from __future__ import annotations
 
 import json
-import sqlite3
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
 from herd.core.timeline import CATEGORIES
-from herd.store.db import connect
+from herd.store.db import Store, StoreTarget, connected
 
 T = TypeVar("T")
 
 _TOTALS = """
     COUNT(*) AS requests,
-    SUM(status = 'completed') AS completed,
-    SUM(status = 'failed') AS failed,
-    SUM(status = 'incomplete') AS incomplete,
-    SUM(status = 'client_disconnected') AS client_disconnected,
+    COUNT(*) FILTER (WHERE status = 'completed') AS completed,
+    COUNT(*) FILTER (WHERE status = 'failed') AS failed,
+    COUNT(*) FILTER (WHERE status = 'incomplete') AS incomplete,
+    COUNT(*) FILTER (WHERE status = 'client_disconnected') AS client_disconnected,
     SUM(retry_count) AS retries,
     SUM(fallback_used) AS fallbacks,
     AVG(CASE WHEN status = 'completed' THEN latency_ms END) AS avg_latency_ms,
@@ -38,16 +42,14 @@ _TOTALS = """
 """
 
 
-def run(path: Path, query: Callable[[sqlite3.Connection], T]) -> T:
-    connection = connect(path)
-    try:
+def run(target: StoreTarget | Path, query: Callable[[Store], T]) -> T:
+    """``query`` over a new connection to ``target`` (closed after). Raises StoreError."""
+    with connected(target) as connection:
         return query(connection)
-    finally:
-        connection.close()
 
 
-def _rows(connection: sqlite3.Connection, sql: str, *args: Any) -> list[dict[str, Any]]:
-    return [_clean(dict(row)) for row in connection.execute(sql, args).fetchall()]
+def _rows(connection: Store, sql: str, *args: Any) -> list[dict[str, Any]]:
+    return [_clean(row) for row in connection.rows(sql, args)]
 
 
 def _clean(row: dict[str, Any]) -> dict[str, Any]:
@@ -66,29 +68,41 @@ def _clean(row: dict[str, Any]) -> dict[str, Any]:
     return row
 
 
-def overview(connection: sqlite3.Connection, since: float) -> dict[str, Any]:
+def _day(connection: Store) -> str:
+    return connection.dialect.day.format("timestamp")
+
+
+def _tags(connection: Store, alias: str = "tag") -> str:
+    return connection.dialect.json_items.format("request_traces.tags", alias)
+
+
+def _with_node(connection: Store) -> str:
+    return connection.dialect.unindexed.format("node_id") + " IS NOT NULL"
+
+
+def overview(connection: Store, since: float) -> dict[str, Any]:
     row = _rows(connection, f"SELECT {_TOTALS} FROM request_traces WHERE timestamp >= ?", since)[0]
     row["error_rate"] = (
         round((row["failed"] + row["incomplete"]) / row["requests"], 4) if row["requests"] else 0.0
     )
-    models = connection.execute(
+    row["models_used"] = connection.value(
         "SELECT COUNT(DISTINCT model) FROM request_traces WHERE timestamp >= ?", (since,)
-    ).fetchone()[0]
-    row["models_used"] = models
+    )
     return row
 
 
-def trends(connection: sqlite3.Connection, since: float) -> list[dict[str, Any]]:
+def trends(connection: Store, since: float) -> list[dict[str, Any]]:
+    hour = connection.dialect.bucket.format("timestamp", 3600)
     return _rows(
         connection,
         f"""
-        SELECT CAST(timestamp / 3600 AS INTEGER) * 3600 AS hour, {_TOTALS}
+        SELECT {hour} * 3600 AS hour, {_TOTALS}
         FROM request_traces WHERE timestamp >= ? GROUP BY hour ORDER BY hour""",
         since,
     )
 
 
-def models(connection: sqlite3.Connection, since: float) -> list[dict[str, Any]]:
+def models(connection: Store, since: float) -> list[dict[str, Any]]:
     rows = _rows(
         connection,
         f"""
@@ -96,7 +110,7 @@ def models(connection: sqlite3.Connection, since: float) -> list[dict[str, Any]]
             SUM(CASE WHEN status = 'completed' THEN completion_tokens END) AS gen_tokens,
             SUM(CASE WHEN status = 'completed'
                 THEN latency_ms - COALESCE(time_to_first_token_ms, 0) END) AS gen_ms
-        FROM request_traces WHERE timestamp >= ? GROUP BY model ORDER BY requests DESC""",
+        FROM request_traces WHERE timestamp >= ? GROUP BY model ORDER BY requests DESC, model""",
         since,
     )
     for row in rows:
@@ -107,35 +121,35 @@ def models(connection: sqlite3.Connection, since: float) -> list[dict[str, Any]]
     return rows
 
 
-def model_daily(connection: sqlite3.Connection, since: float, model: str) -> list[dict[str, Any]]:
+def model_daily(connection: Store, since: float, model: str) -> list[dict[str, Any]]:
     return _rows(
         connection,
         f"""
-        SELECT date(timestamp, 'unixepoch') AS day, {_TOTALS}
+        SELECT {_day(connection)} AS day, {_TOTALS}
         FROM request_traces WHERE timestamp >= ? AND model = ? GROUP BY day ORDER BY day""",
         since,
         model,
     )
 
 
-def usage(connection: sqlite3.Connection, since: float) -> list[dict[str, Any]]:
+def usage(connection: Store, since: float) -> list[dict[str, Any]]:
     return _rows(
         connection,
         f"""
-        SELECT date(timestamp, 'unixepoch') AS day, node_id, model, {_TOTALS}
-        FROM request_traces WHERE timestamp >= ? AND +node_id IS NOT NULL
+        SELECT {_day(connection)} AS day, node_id, model, {_TOTALS}
+        FROM request_traces WHERE timestamp >= ? AND {_with_node(connection)}
         GROUP BY day, node_id, model ORDER BY day, node_id, model""",
         since,
     )
 
 
-def apps(connection: sqlite3.Connection, since: float) -> list[dict[str, Any]]:
+def apps(connection: Store, since: float) -> list[dict[str, Any]]:
     rows = _rows(
         connection,
         f"""
         SELECT tag.value AS tag, {_TOTALS}
-        FROM request_traces, json_each(request_traces.tags) AS tag
-        WHERE timestamp >= ? GROUP BY tag.value ORDER BY requests DESC""",
+        FROM request_traces, {_tags(connection)}
+        WHERE timestamp >= ? GROUP BY tag.value ORDER BY requests DESC, tag.value""",
         since,
     )
     for row in rows:
@@ -143,16 +157,14 @@ def apps(connection: sqlite3.Connection, since: float) -> list[dict[str, Any]]:
     return rows
 
 
-def apps_daily(
-    connection: sqlite3.Connection, since: float, tag: str | None = None
-) -> list[dict[str, Any]]:
+def apps_daily(connection: Store, since: float, tag: str | None = None) -> list[dict[str, Any]]:
     where = "AND tag.value = ?" if tag else ""
     args: tuple[Any, ...] = (since, tag) if tag else (since,)
     return _rows(
         connection,
         f"""
-        SELECT date(timestamp, 'unixepoch') AS day, tag.value AS tag, {_TOTALS}
-        FROM request_traces, json_each(request_traces.tags) AS tag
+        SELECT {_day(connection)} AS day, tag.value AS tag, {_TOTALS}
+        FROM request_traces, {_tags(connection)}
         WHERE timestamp >= ? {where} GROUP BY day, tag.value ORDER BY day, tag.value""",
         *args,
     )
@@ -166,12 +178,16 @@ def _decoded(row: dict[str, Any]) -> dict[str, Any]:
     return row
 
 
-def traces(connection: sqlite3.Connection, limit: int) -> list[dict[str, Any]]:
-    rows = _rows(connection, "SELECT * FROM request_traces ORDER BY timestamp DESC LIMIT ?", limit)
+def traces(connection: Store, limit: int) -> list[dict[str, Any]]:
+    rows = _rows(
+        connection,
+        "SELECT * FROM request_traces ORDER BY timestamp DESC, request_id DESC LIMIT ?",
+        limit,
+    )
     return [_decoded(row) for row in rows]
 
 
-def trace(connection: sqlite3.Connection, request_id: str) -> dict[str, Any] | None:
+def trace(connection: Store, request_id: str) -> dict[str, Any] | None:
     """One stored trace by its request id, or None."""
     rows = _rows(connection, "SELECT * FROM request_traces WHERE request_id = ?", request_id)
     return _decoded(rows[0]) if rows else None
@@ -186,19 +202,19 @@ _GROUPS = {
     "tag": "COALESCE(tag.value, '(untagged)')",
 }
 _SERIES_COUNTS = """
-    SELECT CAST(timestamp / :bucket AS INTEGER) AS b, {group} AS g, COUNT(*),
-        SUM(status = 'completed'), SUM(status IN ('failed', 'incomplete')),
-        SUM(status = 'client_disconnected'), SUM(retry_count), SUM(fallback_used),
-        SUM(substitution IN ('vram', 'context'))
+    SELECT {bucket} AS b, {group} AS g, COUNT(*),
+        COUNT(*) FILTER (WHERE status = 'completed'),
+        COUNT(*) FILTER (WHERE status IN ('failed', 'incomplete')),
+        COUNT(*) FILTER (WHERE status = 'client_disconnected'), SUM(retry_count),
+        SUM(fallback_used), COUNT(*) FILTER (WHERE substitution IN ('vram', 'context'))
     FROM request_traces {join} WHERE {where} GROUP BY b, g"""
 _SERIES_VALUES = """
-    SELECT CAST(timestamp / :bucket AS INTEGER), {group}, latency_ms, time_to_first_token_ms,
-        completion_tokens
+    SELECT {bucket}, {group}, latency_ms, time_to_first_token_ms, completion_tokens
     FROM request_traces {join} WHERE {where} AND status = 'completed'"""
 
 
 def series_data(
-    connection: sqlite3.Connection,
+    connection: Store,
     start: float,
     end: float,
     bucket_seconds: int,
@@ -216,9 +232,14 @@ def series_data(
     if node is not None:
         where += " AND node_id = :node"
     if tag is not None:
-        where += " AND EXISTS (SELECT 1 FROM json_each(request_traces.tags) WHERE value = :tag)"
-    join = "LEFT JOIN json_each(request_traces.tags) AS tag" if by == "tag" else ""
-    shape = {"group": _GROUPS[by], "join": join, "where": where}
+        where += f" AND EXISTS (SELECT 1 FROM {_tags(connection, 't')} WHERE t.value = :tag)"
+    join = f"LEFT JOIN {_tags(connection)} ON TRUE" if by == "tag" else ""
+    shape = {
+        "bucket": connection.dialect.bucket.format("timestamp", ":bucket"),
+        "group": _GROUPS[by],
+        "join": join,
+        "where": where,
+    }
     args = {
         "bucket": bucket_seconds,
         "start": start,
@@ -227,16 +248,12 @@ def series_data(
         "node": node,
         "tag": tag,
     }
-    cursor = connection.cursor()
-    cursor.row_factory = None
-    counts = cursor.execute(_SERIES_COUNTS.format(**shape), args).fetchall()
-    values = cursor.execute(_SERIES_VALUES.format(**shape), args).fetchall()
+    counts = connection.tuples(_SERIES_COUNTS.format(**shape), args)
+    values = connection.tuples(_SERIES_VALUES.format(**shape), args)
     return counts, values
 
 
-def events(
-    connection: sqlite3.Connection, start: float, end: float, limit: int = 2000
-) -> list[dict[str, Any]]:
+def events(connection: Store, start: float, end: float, limit: int = 2000) -> list[dict[str, Any]]:
     """Fleet events with ``start <= timestamp < end``, oldest first; the newest ``limit`` when
     there are more."""
     rows = _rows(
@@ -244,8 +261,8 @@ def events(
         """
         SELECT * FROM (
             SELECT id, timestamp, kind, node_id, model, detail FROM fleet_events
-            WHERE timestamp >= ? AND timestamp < ? ORDER BY timestamp DESC LIMIT ?
-        ) ORDER BY timestamp""",
+            WHERE timestamp >= ? AND timestamp < ? ORDER BY timestamp DESC, id DESC LIMIT ?
+        ) AS newest ORDER BY timestamp, id""",
         start,
         end,
         limit,
@@ -255,52 +272,53 @@ def events(
     return rows
 
 
-def model_node_usage(
-    connection: sqlite3.Connection, since: float
-) -> dict[tuple[str, str], dict[str, Any]]:
+def model_node_usage(connection: Store, since: float) -> dict[tuple[str, str], dict[str, Any]]:
+    indexed = connection.dialect.indexed_by.format("request_traces_window")
     rows = _rows(
         connection,
-        """
+        f"""
         SELECT node_id, model, COUNT(*) AS requests, MAX(timestamp) AS last_used
-        FROM request_traces INDEXED BY request_traces_window
-        WHERE timestamp >= ? AND +node_id IS NOT NULL
+        FROM request_traces {indexed}
+        WHERE timestamp >= ? AND {_with_node(connection)}
         GROUP BY node_id, model""",
         since,
     )
     return {(r["node_id"], r["model"]): r for r in rows}
 
 
-def health_figures(connection: sqlite3.Connection, since: float) -> dict[str, Any]:
+def health_figures(connection: Store, since: float) -> dict[str, Any]:
     row = _rows(
         connection,
         f"""
         SELECT {_TOTALS},
-            SUM(status = 'failed' AND error_message LIKE '%first byte%') AS timeouts
+            COUNT(*) FILTER (
+                WHERE status = 'failed' AND error_message LIKE '%first byte%'
+            ) AS timeouts
         FROM request_traces WHERE timestamp >= ?""",
         since,
     )[0]
     row["timeouts"] = row["timeouts"] or 0
     per_node = _rows(
         connection,
-        """
+        f"""
         SELECT node_id, COUNT(*) AS requests FROM request_traces
-        WHERE timestamp >= ? AND +node_id IS NOT NULL GROUP BY node_id""",
+        WHERE timestamp >= ? AND {_with_node(connection)} GROUP BY node_id""",
         since,
     )
     row["requests_per_node"] = {r["node_id"]: r["requests"] for r in per_node}
     return row
 
 
-def save_benchmark(connection: sqlite3.Connection, name: str, data: dict[str, Any]) -> int:
-    with connection:
-        cursor = connection.execute(
-            "INSERT INTO benchmark_runs (timestamp, name, data) VALUES (?, ?, ?)",
+def save_benchmark(connection: Store, name: str, data: dict[str, Any]) -> int:
+    with connection.transaction():
+        found = connection.value(
+            "INSERT INTO benchmark_runs (timestamp, name, data) VALUES (?, ?, ?) RETURNING id",
             (time.time(), name, json.dumps(data)),
         )
-    return int(cursor.lastrowid or 0)
+    return int(found or 0)
 
 
-def benchmarks(connection: sqlite3.Connection, since: float) -> list[dict[str, Any]]:
+def benchmarks(connection: Store, since: float) -> list[dict[str, Any]]:
     rows = _rows(connection, "SELECT * FROM benchmark_runs WHERE timestamp >= ? ORDER BY id", since)
     for row in rows:
         row["data"] = json.loads(row["data"])

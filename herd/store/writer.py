@@ -1,4 +1,4 @@
-"""The one task that writes traces to SQLite, off the request path.
+"""The one task that writes traces to the store (SQLite, or PostgreSQL), off the request path.
 
 Requests hand their finished :class:`TraceRecord` to :meth:`TraceWriter.submit` (synchronous,
 never blocks: a bounded channel; when it is full the trace is dropped and counted). The writer
@@ -9,26 +9,27 @@ collected written at once, so an endpoint read right after a request sees it. Wh
 stops, what is collected or queued is written before the writer exits. Retention: traces older
 than ``retention_days`` are pruned once an hour.
 
-A write that fails (disk full, database read-only) loses that batch, counted as ``failed``,
-and routing goes on: requests never wait on the store. The failure is logged once per
-:data:`LOG_EVERY` seconds, not per batch, and kept in :meth:`statistics` (``last_error``) for
-the health check and ``/metrics``. :meth:`flush` counts failed traces as settled, and never
-waits longer than :data:`FLUSH_TIMEOUT`: a broken store can't wedge the dashboard.
+A write that fails (disk full, database read-only, PostgreSQL away) loses that batch, counted
+as ``failed``, and routing goes on: requests never wait on the store. A connection the server
+dropped is opened again for the next batch (so writes resume when the server is back). The
+failure is logged once per :data:`LOG_EVERY` seconds, not per batch, and kept in
+:meth:`statistics` (``last_error``) for the health check and ``/metrics``. :meth:`flush`
+counts failed traces as settled, and never waits longer than :data:`FLUSH_TIMEOUT`: a broken
+store can't wedge the dashboard.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import sqlite3
 import time
-from pathlib import Path
 
 import attrs
 import trio
 
 from herd.core.traces import TraceRecord
 from herd.store import db
+from herd.store.db import Store, StoreError, StoreTarget
 
 log = logging.getLogger("herd.store")
 
@@ -54,9 +55,10 @@ class WriterStatistics:
 
 @attrs.define(eq=False)
 class TraceWriter:
-    path: Path
+    target: StoreTarget
     retention_days: float = 30.0
-    # Largest database the writer may grow (SQLite's max_page_count); None = the disk's room.
+    # Largest database the writer may grow (SQLite's max_page_count; not applied to
+    # PostgreSQL, whose administrator sizes it); None = the disk's room.
     max_bytes: int | None = None
     submitted: int = 0
     written: int = 0
@@ -72,6 +74,7 @@ class TraceWriter:
     _logged_at: float = -1e18  # router clock of the last failure logged
     _unlogged: int = 0  # failures since then
     _applied_max: int | None = None
+    _connection: Store | None = None  # None: opened at the next write
     # The batch being collected, and the scope that waits for more (flush cuts it short).
     _batch: list[TraceRecord] = attrs.field(factory=list)
     _collecting: trio.CancelScope | None = None
@@ -111,27 +114,40 @@ class TraceWriter:
             self.last_error_at,
         )
 
-    def _limit(self, connection: sqlite3.Connection) -> None:
-        """Apply ``max_bytes`` (it may change while the writer runs). In a worker thread."""
-        if self.max_bytes is not None and self.max_bytes != self._applied_max:
-            page = connection.execute("PRAGMA page_size").fetchone()[0]
-            connection.execute(f"PRAGMA max_page_count = {max(1, self.max_bytes // page)}")
-            self._applied_max = self.max_bytes
+    def _open(self) -> Store:
+        """The writer's connection, opened again if the server dropped it. In a worker
+        thread; raises StoreError."""
+        connection = self._connection
+        if connection is not None and connection.broken:
+            connection.close()
+            connection = self._connection = None
+        if connection is None:
+            connection = self._connection = self.target.connect()
+            self._applied_max = None
+        return connection
 
-    def _write_batch(self, connection: sqlite3.Connection, batch: list[TraceRecord]) -> None:
-        self._limit(connection)
+    def _write_batch(self, batch: list[TraceRecord]) -> None:
+        connection = self._open()
+        if self.max_bytes is not None and self.max_bytes != self._applied_max:
+            connection.limit_bytes(self.max_bytes)  # it may change while the writer runs
+            self._applied_max = self.max_bytes
         db.write_traces(connection, batch)
 
+    def _prune(self, before: float) -> int:
+        return db.prune(self._open(), before)
+
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        await trio.to_thread.run_sync(db.initialise, self.path)
-        connection = await trio.to_thread.run_sync(db.connect, self.path)
+        """Write until cancelled. Raises :class:`~herd.store.db.StorageError` at the start
+        when the store can't be reached or used."""
+        await trio.to_thread.run_sync(db.initialise, self.target)
+        self._connection = await trio.to_thread.run_sync(self.target.connect)
         send, receive = trio.open_memory_channel[TraceRecord](QUEUE_SIZE)
         self._send = send
         try:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._prune_loop, connection)
+                nursery.start_soon(self._prune_loop)
                 task_status.started()
-                await self._write_loop(connection, receive)
+                await self._write_loop(receive)
         finally:
             with trio.CancelScope(shield=True), trio.move_on_after(SHUTDOWN_FLUSH_TIMEOUT):
                 rest, self._batch = self._batch, []
@@ -141,26 +157,30 @@ class TraceWriter:
                     except (trio.WouldBlock, trio.EndOfChannel):
                         break
                 if rest:
-                    await self._write(connection, rest)
+                    await self._write(rest)
             self._send = None
-            connection.close()
+            if self._connection is not None:
+                self._connection.close()
+                self._connection = None
             self._wake()
 
     def _wake(self) -> None:
         self._progress.set()
         self._progress = trio.Event()
 
-    async def _write(self, connection: sqlite3.Connection, batch: list[TraceRecord]) -> None:
+    async def _write(self, batch: list[TraceRecord]) -> None:
         try:
             async with self._lock:
-                await trio.to_thread.run_sync(self._write_batch, connection, batch)
-        except sqlite3.Error as exc:
+                await trio.to_thread.run_sync(self._write_batch, batch)
+        except StoreError as exc:
             self.failed += len(batch)
-            self._failure(f"could not write {len(batch)} traces to {self.path}: {exc}")
+            self._failure(
+                f"could not write {len(batch)} traces to {self.target.describe()}: {exc.reason}"
+            )
         else:
             self.written += len(batch)
             if self.last_error is not None:
-                log.info("writing traces to %s again", self.path)
+                log.info("writing traces to %s again", self.target.describe())
                 self.last_error = self.last_error_at = None
         self._wake()
 
@@ -176,9 +196,7 @@ class TraceWriter:
         else:
             self._unlogged += 1
 
-    async def _write_loop(
-        self, connection: sqlite3.Connection, receive: trio.MemoryReceiveChannel[TraceRecord]
-    ) -> None:
+    async def _write_loop(self, receive: trio.MemoryReceiveChannel[TraceRecord]) -> None:
         async for first in receive:
             batch = self._batch = [first]
             # Collect for BATCH_INTERVAL, unless a reader is waiting for what is queued.
@@ -199,14 +217,16 @@ class TraceWriter:
                 except (trio.WouldBlock, trio.EndOfChannel):
                     break
             self._batch = []
-            await self._write(connection, batch)
+            await self._write(batch)
 
-    async def _prune_loop(self, connection: sqlite3.Connection) -> None:
+    async def _prune_loop(self) -> None:
         while True:
             before = time.time() - self.retention_days * 86400
             try:
                 async with self._lock:
-                    self.pruned += await trio.to_thread.run_sync(db.prune, connection, before)
-            except sqlite3.Error as exc:
-                self._failure(f"could not prune old traces in {self.path}: {exc}")
+                    self.pruned += await trio.to_thread.run_sync(self._prune, before)
+            except StoreError as exc:
+                self._failure(
+                    f"could not prune old traces in {self.target.describe()}: {exc.reason}"
+                )
             await trio.sleep(PRUNE_EVERY)

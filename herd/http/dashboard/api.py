@@ -34,6 +34,7 @@ from herd.core.timeline import settings_changes
 from herd.http.dashboard.bench import BenchmarkRunner
 from herd.state.settings import save_settings, updated
 from herd.store import queries
+from herd.store.db import StoreError
 from herd.store.writer import TraceWriter
 from herd.transport import model_admin
 from herd.transport.link import Link
@@ -128,11 +129,16 @@ def create_blueprint(
         assert store is not None
         await store.flush()
         return await trio.to_thread.run_sync(
-            lambda: queries.run(store.path, lambda connection: fn(connection, *args))
+            lambda: queries.run(store.target, lambda connection: fn(connection, *args))
         )
 
     def since(hours: int) -> float:
         return time.time() - hours * 3600
+
+    @bp.errorhandler(StoreError)
+    async def store_unreadable(exc: StoreError) -> Response:
+        # The store is away (PostgreSQL down, a locked or broken file): say so, in JSON.
+        return _json({"error": f"the trace store can't be read now: {exc}"}, 503)
 
     @bp.get("/dashboard/api/overview")
     async def overview() -> Response:
@@ -303,7 +309,12 @@ def create_blueprint(
             hours = 24
             assert store is not None
             storage = store.statistics()
-            figures = await query(queries.health_figures, since(hours))
+            storage_error = storage.last_error
+            try:
+                figures = await query(queries.health_figures, since(hours))
+            except StoreError as exc:  # the checks from memory still stand; storage says why
+                figures = {}
+                storage_error = storage_error or f"the trace store can't be read: {exc}"
             result = health.evaluate(
                 health.HealthInput(
                     fleet=state.snapshot(),
@@ -313,7 +324,7 @@ def create_blueprint(
                     listen_host=config.host,
                     fleet_token_set=bool(config.auth_token),
                     window_hours=hours,
-                    storage_error=storage.last_error,
+                    storage_error=storage_error,
                     traces_lost=storage.dropped + storage.failed,
                     data_dir=str(config.data_path),
                     state_store=state.shared.health() if state.shared is not None else None,

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 import logging
-import sqlite3
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -36,6 +35,7 @@ from herd.core.errors import BadRequest, Conflict, NotFound
 from herd.core.instruments import benchmark_summary
 from herd.core.models import normalize_model_name
 from herd.store import queries
+from herd.store.db import StoreError
 from herd.transport.bodies import LINE_LIMIT, error_detail
 from herd.transport.errors import describe
 
@@ -253,9 +253,9 @@ class BenchmarkRunner:
         data = run.data()
         try:
             run.saved_id = await trio.to_thread.run_sync(
-                queries.run, store.path, lambda c: queries.save_benchmark(c, run.name, data)
+                queries.run, store.target, lambda c: queries.save_benchmark(c, run.name, data)
             )
-        except (sqlite3.Error, OSError) as exc:  # the run is over either way
+        except StoreError as exc:  # the run is over either way
             run.error = f"could not save the results: {exc}"
             log.warning("benchmark %s: %s", run.name, run.error)
 

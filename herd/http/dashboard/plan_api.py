@@ -146,7 +146,7 @@ def create_plan_blueprint(link: Link, store: TraceWriter | None = None) -> Bluep
 
         def work() -> planner.Plan:
             deadline = time.monotonic() + BUDGET_SECONDS
-            requests, in_window = sources.read_window(store.path, since, MAX_REQUESTS)
+            requests, in_window = sources.read_window(store.target, since, MAX_REQUESTS)
             inputs = planner.PlanInputs(
                 requests=requests,
                 nodes=fleet,
