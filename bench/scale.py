@@ -7,7 +7,10 @@ Part 1 times one routing decision **from the router's state**, as a request make
 fleet snapshot built from a :class:`~herd.state.registry.NodeRegistry` fed one heartbeat
 report per node, the :class:`~herd.state.queues.QueueBook`'s load (leases held across the
 nodes) and the :class:`~herd.state.history.LatencyHistory`, then
-:func:`herd.core.scoring.score` over it. Fleets of a quarter, half, all and twice ``--nodes``
+:func:`herd.core.scoring.score` over it, with the fleet changing between decisions as a busy one
+does (one node's queues each time, a heartbeat every fifth), and once more with every node's
+snapshot rebuilt for each decision (what the router did before it kept them). Fleets of a
+quarter, half, all and twice ``--nodes``
 nodes show how the time grows: it should be linear in nodes (the queue book is indexed by node,
 the snapshot's node lookups by id), not nodes times queues. Two shapes of fleet: every model on
 every node's disk (the worst case, no node is eliminated early) and 10 models per node (as
@@ -27,6 +30,7 @@ import time
 from contextlib import AsyncExitStack
 from pathlib import Path
 
+import attrs
 import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -175,10 +179,13 @@ async def hold_leases(
 
 
 def time_decisions(
-    nodes: int, models: int, per_node: int | None, decisions: int = 1000
+    nodes: int, models: int, per_node: int | None, decisions: int = 1000, kept: bool = True
 ) -> tuple[float, float, float, int]:
     """Median µs per decision made from the router's state (snapshot + score), its p95, the
-    median of the snapshot alone, and the leases held."""
+    median of the snapshot alone, and the leases held. Between two decisions the fleet
+    changes as a busy one does: one node's queues (a request took or left a slot), and every
+    fifth decision one node's heartbeat. ``kept``: the router's way, each node's snapshot kept
+    until its record or queues change; otherwise every node rebuilt for every decision."""
 
     async def run() -> tuple[float, float, float, int]:
         rng = random.Random(3)
@@ -187,7 +194,14 @@ def time_decisions(
         async with AsyncExitStack() as stack:
             held = await hold_leases(registry, queues, rng, stack)
             samples, snapshots = [], []
+            ids = [r.report.node_id for r in registry.records()]
+            load_key = queues.version if kept else None
             for i in range(decisions):
+                queues.touch(rng.choice(ids))
+                if i % 5 == 0:
+                    record = registry.get(rng.choice(ids))
+                    assert record is not None
+                    registry.apply_report(attrs.evolve(record.report), 0.0)
                 request = RouteRequest(
                     model=names[i % len(names)],
                     estimated_prompt_tokens=rng.randint(10, 4000),
@@ -195,7 +209,7 @@ def time_decisions(
                     affinity_tokens=1000,
                 )
                 start = time.perf_counter_ns()
-                fleet = registry.snapshot(queues.load_for)
+                fleet = registry.snapshot(queues.load_for, load_key)
                 built = time.perf_counter_ns()
                 score(request, fleet, history.view(), 100.0, settings, rng)
                 samples.append((time.perf_counter_ns() - start) / 1000)
@@ -228,6 +242,13 @@ def main() -> None:
                 f"  {label}, {nodes:>4} nodes, {held:>4} leases held: {median:6.0f} us "
                 f"({p95:.0f}); snapshot {snapshot:5.0f} us; {median / nodes:5.2f} us per node"
             )
+    print("the same at --nodes with every node's snapshot rebuilt for each decision (no reuse):")
+    for per_node, label in ((None, "every model on every node"), (10, "10 models per node")):
+        median, p95, snapshot, held = time_decisions(args.nodes, args.models, per_node, kept=False)
+        print(
+            f"  {label}, {args.nodes:>4} nodes: {median:6.0f} us ({p95:.0f}); "
+            f"snapshot {snapshot:5.0f} us"
+        )
     for per_node, label in ((None, "every model on every node"), (10, "10 models per node")):
         median, p95 = time_scoring(args.nodes, args.models, per_node)
         print(

@@ -780,10 +780,19 @@ async def test_one_plan_at_a_time_and_within_its_budget(
     inside.clear()
     release.clear()
     monkeypatch.setattr(plan_api, "WAIT_SECONDS", 20.0)
+    stopped = threading.Event()  # the router has seen the client leave
+
+    class WatchedStop(threading.Event):
+        def set(self) -> None:
+            super().set()
+            stopped.set()
+
+    monkeypatch.setattr(plan_api, "threading", types.SimpleNamespace(Event=WatchedStop))
     async with trio.open_nursery() as nursery:
         nursery.start_soon(first)
         assert await trio.to_thread.run_sync(inside.wait, 20)
         nursery.cancel_scope.cancel()
+    assert await trio.to_thread.run_sync(stopped.wait, 20)  # only then may the plan go on
     monkeypatch.setattr(sources, "read_window", read)
     release.set()
     again = await client.post("/dashboard/api/plan", json={"hours": 1})

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from herd.core.models import LoadedModel, NodeReport, NodeStatus
+from herd.core.models import LoadedModel, NodeReport, NodeSnapshot, NodeStatus
 from herd.state.registry import Admission, NodeRegistry
+from herd.state.state import RouterState
 
 
 def test_online_degraded_offline_and_back() -> None:
@@ -71,3 +72,41 @@ def test_unloaded_models_are_remembered_as_warm() -> None:
     assert snapshot.nodes[0].recently_unloaded == {"m:latest": 10.0}
     registry.apply_report(hot, 20.0)
     assert registry.snapshot(lambda node: {}).nodes[0].recently_unloaded == {}
+
+
+async def test_a_nodes_snapshot_is_kept_until_its_record_or_queues_change() -> None:
+    """The router's snapshot reuses each node's part while nothing it was built from changed,
+    and never hands out a stale one: a slot taken or left, a heartbeat, a status change, the
+    other routers' load, each shows in the very next snapshot."""
+    state = RouterState()
+    state.registry.apply_report(NodeReport(node_id="a", parallel_slots=2), 0.0)
+    state.registry.apply_report(NodeReport(node_id="b", parallel_slots=2), 0.0)
+
+    def node(node_id: str) -> NodeSnapshot:
+        found = state.snapshot().node(node_id)
+        assert found is not None
+        return found
+
+    first_a, first_b = node("a"), node("b")
+    assert node("a") is first_a and node("b") is first_b  # nothing changed: the same objects
+    async with state.queues.lease("a", "m"):
+        held = node("a")
+        assert held is not first_a and held.load["m"].in_flight == 1
+        assert node("b") is first_b  # a slot on a doesn't rebuild b
+    assert node("a").load["m"].in_flight == 0
+    state.queues.set_model_limits("a", {"m": 1})
+    assert node("a").load["m"].slots == 1
+    before = node("b")
+    state.registry.apply_report(NodeReport(node_id="b", parallel_slots=4), 1.0)
+    assert node("b") is not before and node("b").report.parallel_slots == 4
+    before = node("b")
+    state.registry.tick(20.0)  # b's heartbeat is 19 s old: degraded
+    assert node("b").status is NodeStatus.DEGRADED and node("b") is not before
+    state.set_remote_load({("a", "m"): (3, 1)})
+    assert (node("a").load["m"].in_flight, node("a").load["m"].pending) == (3, 1)
+    state.set_remote_load({})
+    assert node("a").load["m"].in_flight == 0
+    # A forgotten node's part goes with it.
+    state.registry.tick(10_000_000.0)
+    assert state.registry.forget(10_000_000.0) == ["a", "b"]
+    assert state.snapshot().nodes == ()

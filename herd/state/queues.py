@@ -18,6 +18,10 @@ Rules:
   flight, and gives it back on every exit path. The local limiters still apply, so one router
   alone behaves as without a gate. A gate that can't reach its store lets the lease through on
   the local counts alone.
+- Every change to what :meth:`QueueBook.load_for` reports for a node (a lease's steps, a new
+  queue, a model limit, a forget) moves that node's :meth:`QueueBook.version`: the registry
+  keeps a node's snapshot for scoring until it moves. Counters are changed here and nowhere
+  else.
 """
 
 from __future__ import annotations
@@ -121,6 +125,7 @@ class Lease:
         limiter = self.book.limiter(self.node_id, self.kind)
         own = self.book.model_limiter(self.node_id, self.model)
         counters.pending += 1
+        self.book.touch(self.node_id)
         try:
             if own is not None:
                 await own.acquire_on_behalf_of(self._token)
@@ -147,6 +152,7 @@ class Lease:
                 raise
         finally:
             counters.pending -= 1
+            self.book.touch(self.node_id)
         counters.in_flight += 1
         counters.last_used = self.acquired_at = trio.current_time()
         self._holding = True
@@ -176,6 +182,7 @@ class Lease:
             counters.done += 1
         elif self._outcome == "failed":
             counters.failed += 1
+        self.book.touch(self.node_id)
         self.book.limiter(self.node_id, self.kind).release_on_behalf_of(self._token)
         if self._own is not None:
             self._own.release_on_behalf_of(self._token)
@@ -196,6 +203,10 @@ class QueueBook:
     _queues: dict[tuple[str, str], QueueCounters] = attrs.field(factory=dict)
     # node -> model -> the same counters: a node's queues without scanning every node's.
     _by_node: dict[str, dict[str, QueueCounters]] = attrs.field(factory=dict)
+    # node -> a number that changes whenever what load_for(node) returns may have changed
+    # (the registry keeps each node's snapshot until it does).
+    _versions: dict[str, int] = attrs.field(factory=dict)
+    _changes: int = 0  # one count for every node: a version is never given out twice
     _limiters: dict[tuple[str, str], trio.CapacityLimiter] = attrs.field(factory=dict)
     # (node, model) -> that model's own limiter on that node, where it has a limit.
     _model_limiters: dict[tuple[str, str], trio.CapacityLimiter] = attrs.field(factory=dict)
@@ -208,7 +219,18 @@ class QueueBook:
         if counters is None:
             counters = self._queues[key] = QueueCounters(kind=kind)
             self._by_node.setdefault(node_id, {})[model] = counters
+            self.touch(node_id)
         return counters
+
+    def touch(self, node_id: str) -> None:
+        """Something :meth:`load_for` reports for ``node_id`` changed. Every change to a node's
+        counters or model limits calls this (the Lease does, on each step)."""
+        self._changes += 1
+        self._versions[node_id] = self._changes
+
+    def version(self, node_id: str) -> int:
+        """See :meth:`touch`: equal numbers mean :meth:`load_for` would answer the same."""
+        return self._versions.get(node_id, 0)
 
     def limiter(self, node_id: str, kind: str = KIND_TEXT) -> trio.CapacityLimiter:
         """The node's limiter for ``kind``: chat and embeddings share the backend's parallel
@@ -236,11 +258,14 @@ class QueueBook:
             limiter = self._model_limiters.get(key)
             if limiter is None:
                 self._model_limiters[key] = trio.CapacityLimiter(max(1, slots))
+                self.touch(node_id)
             elif limiter.total_tokens != max(1, slots):
                 limiter.total_tokens = max(1, slots)
+                self.touch(node_id)
         for key in [k for k in self._model_limiters if k[0] == node_id and k[1] not in limits]:
             if not self._model_limiters[key].borrowed_tokens:
                 del self._model_limiters[key]
+                self.touch(node_id)
 
     def model_limiter(self, node_id: str, model: str) -> trio.CapacityLimiter | None:
         return self._model_limiters.get((node_id, model))
@@ -278,6 +303,7 @@ class QueueBook:
 
     def forget(self, node_id: str) -> None:
         """Drop an idle node's queues and limiters (the registry forgot it)."""
+        self.touch(node_id)
         queues = self._by_node.get(node_id, {})
         for model, counters in list(queues.items()):
             if not counters.pending and not counters.in_flight:
@@ -285,6 +311,7 @@ class QueueBook:
                 del queues[model]
         if not queues:
             self._by_node.pop(node_id, None)
+            self._versions.pop(node_id, None)  # a later version is still new: never reused
         if not self.busy(node_id):
             for key in [k for k in self._limiters if k[0] == node_id]:
                 del self._limiters[key]

@@ -15,7 +15,7 @@ pile up. At most :data:`MAX_NODES` nodes are known at once.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 
 import attrs
 
@@ -40,6 +40,17 @@ class NodeRecord:
     connected: bool = True
     session: object | None = None  # the WebSocket session the heartbeats come on
     recently_unloaded: dict[str, float] = attrs.field(factory=dict)
+
+
+@attrs.frozen
+class _Kept:
+    """A node's last snapshot and what it was built from (see :meth:`NodeRegistry.snapshot`)."""
+
+    report: NodeReport
+    status: NodeStatus
+    last_seen: float
+    key: Hashable
+    snapshot: NodeSnapshot
 
 
 @attrs.frozen
@@ -76,6 +87,8 @@ class NodeRegistry:
     unloads: deque[tuple[float, str, str]] = attrs.field(
         factory=lambda: deque(maxlen=UNLOAD_MEMORY)
     )
+    # Each node's last snapshot, kept while nothing it was built from changes.
+    _kept: dict[str, _Kept] = attrs.field(factory=dict)
 
     def apply_report(
         self, report: NodeReport, now: float, session: object | None = None
@@ -197,18 +210,55 @@ class NodeRegistry:
     def records(self) -> list[NodeRecord]:
         return list(self._nodes.values())
 
-    def snapshot(self, load_for: Callable[[str], dict[str, ModelLoad]]) -> FleetSnapshot:
-        return FleetSnapshot(
-            nodes=tuple(
-                NodeSnapshot(
-                    report=r.report,
-                    status=r.status,
-                    last_seen=r.last_seen,
-                    load=load_for(node_id),
-                    recently_unloaded=dict(r.recently_unloaded),
-                )
-                for node_id, r in self._nodes.items()
+    def snapshot(
+        self,
+        load_for: Callable[[str], dict[str, ModelLoad]],
+        load_key: Callable[[str], Hashable] | None = None,
+    ) -> FleetSnapshot:
+        """The fleet as it is now, with each node's load from ``load_for``.
+
+        With ``load_key`` (a value that changes whenever ``load_for(node)`` would answer
+        differently: the queue book's version), a node's snapshot is kept and handed out again
+        until its record (report, status, last heartbeat) or that key changes: a decision then
+        rebuilds only the nodes that changed since the last one (a request changes one), not
+        the whole fleet. Snapshots are frozen and shared; nobody may change their dicts."""
+        if load_key is None:
+            return FleetSnapshot(
+                nodes=tuple(self._node_snapshot(r, load_for(i)) for i, r in self._nodes.items())
             )
+        kept = self._kept
+        nodes = []
+        for node_id, record in self._nodes.items():
+            key = load_key(node_id)
+            entry = kept.get(node_id)
+            if (
+                entry is None
+                or entry.report is not record.report
+                or entry.status is not record.status
+                or entry.last_seen != record.last_seen
+                or entry.key != key
+            ):
+                entry = kept[node_id] = _Kept(
+                    record.report,
+                    record.status,
+                    record.last_seen,
+                    key,
+                    self._node_snapshot(record, load_for(node_id)),
+                )
+            nodes.append(entry.snapshot)
+        if len(kept) > len(self._nodes):
+            for gone in [n for n in kept if n not in self._nodes]:
+                del kept[gone]
+        return FleetSnapshot(nodes=tuple(nodes))
+
+    @staticmethod
+    def _node_snapshot(record: NodeRecord, load: dict[str, ModelLoad]) -> NodeSnapshot:
+        return NodeSnapshot(
+            report=record.report,
+            status=record.status,
+            last_seen=record.last_seen,
+            load=load,
+            recently_unloaded=dict(record.recently_unloaded),
         )
 
     def statistics(self) -> RegistryStatistics:

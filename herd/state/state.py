@@ -88,6 +88,7 @@ class RouterState:
     # The shared state store (--state), and the other routers' load as last read from it.
     shared: SharedFleet | None = None
     _remote_load: dict[str, dict[str, tuple[int, int]]] = attrs.field(factory=dict)
+    _remote_version: int = 0  # changes with _remote_load (node snapshots built on it go stale)
     _fleet_changed: trio.Event = attrs.field(factory=trio.Event)
     _settings_changed: trio.Event = attrs.field(factory=trio.Event)
 
@@ -96,9 +97,14 @@ class RouterState:
         self.queues.on_release = self.fleet_changed
 
     def snapshot(self) -> FleetSnapshot:
+        # A node's snapshot is rebuilt only when its record, its queues or the other routers'
+        # load changed (see NodeRegistry.snapshot).
         if not self._remote_load:
-            return self.registry.snapshot(self.queues.load_for)
-        return self.registry.snapshot(self._load_with_others)
+            return self.registry.snapshot(self.queues.load_for, self.queues.version)
+        return self.registry.snapshot(self._load_with_others, self._load_key)
+
+    def _load_key(self, node_id: str) -> tuple[int, int]:
+        return self.queues.version(node_id), self._remote_version
 
     def _load_with_others(self, node_id: str) -> dict[str, ModelLoad]:
         """This router's counts on ``node_id`` plus the other routers' (see the docstring)."""
@@ -121,6 +127,7 @@ class RouterState:
             by_node.setdefault(node_id, {})[model] = counts
         if by_node != self._remote_load:
             self._remote_load = by_node
+            self._remote_version += 1
             self.fleet_changed()  # capacity moved elsewhere: waiting requests re-score
 
     def remote_load(self) -> RemoteLoad:
