@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-import httpx
+import httpx2
 import openai
 import pytest
 
@@ -27,16 +27,17 @@ CHUNKS = [
 
 
 def sdk(payload: bytes, content_type: str) -> openai.OpenAI:
-    """An OpenAI client whose transport answers every request with ``payload``."""
+    """An OpenAI client whose transport answers every request with ``payload`` (through httpx2,
+    the SDK's HTTP client)."""
 
-    def answer(request: httpx.Request) -> httpx.Response:
-        return httpx.Response(200, content=payload, headers={"content-type": content_type})
+    def answer(request: httpx2.Request) -> httpx2.Response:
+        return httpx2.Response(200, content=payload, headers={"content-type": content_type})
 
     return openai.OpenAI(
         base_url="http://test/v1",
         api_key="x",
         max_retries=0,
-        http_client=httpx.Client(transport=httpx.MockTransport(answer)),
+        http_client=httpx2.Client(transport=httpx2.MockTransport(answer)),
     )
 
 
