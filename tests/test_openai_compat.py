@@ -8,6 +8,7 @@ from typing import Any
 import httpx2
 import openai
 import pytest
+from openai.types.chat import ChatCompletionMessageFunctionToolCall
 
 from herd.core.api import openai_compat as oc
 from herd.core.errors import BadRequest
@@ -213,8 +214,9 @@ def test_whole_chat_response_parses_in_the_sdk() -> None:
     assert choice.finish_reason == "tool_calls"
     assert choice.message.tool_calls is not None
     call = choice.message.tool_calls[0]
-    assert call.function.name == "look"  # type: ignore[union-attr]
-    assert json.loads(call.function.arguments) == {"x": 1}  # type: ignore[union-attr]
+    assert isinstance(call, ChatCompletionMessageFunctionToolCall)
+    assert call.function.name == "look"
+    assert json.loads(call.function.arguments) == {"x": 1}
     assert completion.usage is not None and completion.usage.total_tokens == 8
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import attrs
@@ -38,7 +39,7 @@ def chat(model: str, **extra: object) -> dict[str, object]:
 
 
 @contextlib.asynccontextmanager
-async def client_for(url: str):  # type: ignore[no-untyped-def]
+async def client_for(url: str) -> AsyncIterator[httpx.AsyncClient]:
     async with httpx.AsyncClient(base_url=url, timeout=None, trust_env=False) as client:
         yield client
 
