@@ -18,6 +18,7 @@ answer = client.chat.completions.create(
     extra_body={"metadata": {"tags": ["examples", "openai"]}},
 )
 print(answer.choices[0].message.content)
+assert answer.usage is not None  # herd always reports the counts
 print(f"tokens: {answer.usage.prompt_tokens} in, {answer.usage.completion_tokens} out")
 
 # Streaming: tokens as they are generated.

@@ -80,7 +80,7 @@ class LogFile(logging.handlers.TimedRotatingFileHandler):
         try:
             super().close()
         except OSError:  # what is still buffered is lost, as the records before it were
-            self.stream = None  # type: ignore[assignment]
+            self.stream = None
 
 
 def _file_handler(path: Path) -> logging.Handler:

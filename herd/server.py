@@ -185,7 +185,7 @@ async def _refuse(stream: trio.SocketStream, reason: str) -> None:
 
 
 async def _accept_loop(
-    listener: trio.SocketListener,
+    listener: trio.abc.Listener[trio.SocketStream],
     nursery: trio.Nursery,
     serve_one: Callable[[trio.abc.HalfCloseableStream], Any],
     doors: Doorkeeper,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 from pathlib import Path
 
 import httpx
@@ -11,13 +12,18 @@ import trio.testing
 
 from herd.core import traces
 from herd.core.policy.deadlines import FIRST_BYTE_FLOOR
-from herd.sim import SimConfig, SimModel
+from herd.sim import SimConfig, SimModel, SimOllama
 from tests.conftest import Fleet, GiB, running_fleet, two_node_specs, wait_until
+from tests.streams import aiter_raw
 
 SLOW = SimModel("slow:latest", size_bytes=1 * GiB, tokens_per_second=20.0)
 
 
-def queue(fleet: Fleet, key: str) -> dict[str, object]:
+def no_open_streams(sim: SimOllama) -> bool:
+    return sim.open_streams == 0
+
+
+def queue(fleet: Fleet, key: str) -> dict[str, int | str]:
     return fleet.router.state.queues.statistics().queues.get(key, {})
 
 
@@ -37,7 +43,7 @@ async def test_client_disconnect_cancels_the_upstream_request(tmp_path: Path) ->
                     },
                 ) as response:
                     assert response.headers["x-herd-node"] == "solo"
-                    async with contextlib.aclosing(response.aiter_raw()) as chunks:
+                    async with contextlib.aclosing(aiter_raw(response)) as chunks:
                         async for _ in chunks:
                             break  # one chunk, then the client goes away
                     assert sim.open_streams == 1
@@ -77,7 +83,7 @@ async def test_success_failure_and_disconnect_all_return_counters_to_zero(
     assert "500" in failed.json()["error"]
     # A stream cut short by the client.
     async with client.stream("POST", "/api/chat", json={**body, "stream": True}) as response:
-        async with contextlib.aclosing(response.aiter_raw()) as chunks:
+        async with contextlib.aclosing(aiter_raw(response)) as chunks:
             async for _ in chunks:
                 break
     await wait_until(fleet.counters_idle)
@@ -87,7 +93,7 @@ async def test_success_failure_and_disconnect_all_return_counters_to_zero(
     statuses = [t.status for t in fleet.router.state.traces]
     assert statuses[:3] == [traces.COMPLETED, traces.COMPLETED, traces.FAILED]
     for sim in fleet.sims.values():
-        await wait_until(lambda sim=sim: sim.open_streams == 0)
+        await wait_until(functools.partial(no_open_streams, sim))
 
 
 async def test_node_limit_queues_requests_as_pending(tmp_path: Path) -> None:

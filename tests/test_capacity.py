@@ -54,6 +54,7 @@ def test_the_learned_week_shapes_availability_and_the_ceiling() -> None:
     assert office.mode == "learned" and not office.paused
     assert office.availability < 0.6 < night.availability  # expects its owner back at work
     assert night.availability > 0.9
+    assert office.ceiling_bytes is not None and night.ceiling_bytes is not None
     assert office.ceiling_bytes < night.ceiling_bytes <= int(32 * GiB * 0.9)
     # What happens now counts too: a busy night is a busy night.
     busy_night = assess(model, tuesday_03, Reading(cpu_percent=95.0, memory_percent=30.0), 32 * GiB)

@@ -6,13 +6,20 @@ import json
 from collections.abc import Iterator
 
 import httpx
+import httpx2
 import ollama
 import openai
 import pytest
+from openai.types.chat import (
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatCompletionMessageFunctionToolCall,
+    ChatCompletionToolParam,
+)
 
 from tests.conftest import Fleet, in_thread
 
-TOOLS = [
+TOOLS: list[ChatCompletionToolParam] = [
     {
         "type": "function",
         "function": {
@@ -39,7 +46,7 @@ def oll(fleet: Fleet) -> Iterator[ollama.Client]:
 async def test_openai_chat_not_streaming_lands_on_the_hot_node(
     fleet: Fleet, oai: openai.OpenAI
 ) -> None:
-    def call() -> tuple[object, httpx.Headers]:
+    def call() -> tuple[ChatCompletion, httpx2.Headers]:
         raw = oai.chat.completions.with_raw_response.create(
             model="llama3.2:3b",
             messages=[{"role": "user", "content": "Hello there"}],
@@ -56,12 +63,13 @@ async def test_openai_chat_not_streaming_lands_on_the_hot_node(
     assert headers["x-herd-retries"] == "0"
     assert headers["x-herd-fallback"] == "false"
     assert headers["x-herd-request-id"]
-    choice = completion.choices[0]  # type: ignore[attr-defined]
+    choice = completion.choices[0]
     assert choice.message.role == "assistant"
     assert choice.message.content
     assert choice.finish_reason == "length"  # max_tokens=5 was reached
-    assert completion.usage.completion_tokens == 5  # type: ignore[attr-defined]
-    assert completion.usage.prompt_tokens > 0  # type: ignore[attr-defined]
+    assert completion.usage is not None
+    assert completion.usage.completion_tokens == 5
+    assert completion.usage.prompt_tokens > 0
     # The backend saw the OpenAI fields as Ollama options.
     path, body = fleet.sims["alpha"].requests[-1]
     assert path == "/api/chat"
@@ -73,7 +81,7 @@ async def test_openai_chat_not_streaming_lands_on_the_hot_node(
 
 
 async def test_openai_chat_streaming_with_usage(fleet: Fleet, oai: openai.OpenAI) -> None:
-    def call() -> list[object]:
+    def call() -> list[ChatCompletionChunk]:
         stream = oai.chat.completions.create(
             model="qwen2.5:7b",
             messages=[{"role": "user", "content": "Stream please"}],
@@ -84,22 +92,18 @@ async def test_openai_chat_streaming_with_usage(fleet: Fleet, oai: openai.OpenAI
 
     chunks = await in_thread(call)
     first = chunks[0]
-    assert first.choices[0].delta.role == "assistant"  # type: ignore[attr-defined]
-    text = "".join(
-        c.choices[0].delta.content or ""
-        for c in chunks
-        if c.choices  # type: ignore[attr-defined]
-    )
+    assert first.choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert len(text.split()) >= 5
-    finishes = [c.choices[0].finish_reason for c in chunks if c.choices]  # type: ignore[attr-defined]
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices]
     assert finishes[-1] == "stop"
-    usage = chunks[-1].usage  # type: ignore[attr-defined]
+    usage = chunks[-1].usage
     assert usage is not None and usage.completion_tokens > 0
     assert fleet.sims["beta"].requests[-1][0] == "/api/chat"  # qwen is hot on beta
 
 
 async def test_openai_tools_round_trip(fleet: Fleet, oai: openai.OpenAI) -> None:
-    def call() -> object:
+    def call() -> ChatCompletion:
         return oai.chat.completions.create(
             model="llama3.2:3b",
             messages=[
@@ -118,14 +122,17 @@ async def test_openai_tools_round_trip(fleet: Fleet, oai: openai.OpenAI) -> None
                 {"role": "tool", "tool_call_id": "call_1", "content": "sunny"},
                 {"role": "user", "content": "And in Rome?"},
             ],
-            tools=TOOLS,  # type: ignore[arg-type]
+            tools=TOOLS,
         )
 
     completion = await in_thread(call)
-    choice = completion.choices[0]  # type: ignore[attr-defined]
+    choice = completion.choices[0]
     assert choice.finish_reason == "tool_calls"
-    assert choice.message.tool_calls[0].function.name == "get_weather"
-    json.loads(choice.message.tool_calls[0].function.arguments)
+    assert choice.message.tool_calls is not None
+    tool_call = choice.message.tool_calls[0]
+    assert isinstance(tool_call, ChatCompletionMessageFunctionToolCall)
+    assert tool_call.function.name == "get_weather"
+    json.loads(tool_call.function.arguments)
     _, body = fleet.sims["alpha"].requests[-1]
     assert body["tools"][0]["function"]["name"] == "get_weather"
     assert body["messages"][1]["tool_calls"][0]["function"]["arguments"] == {"city": "Paris"}

@@ -236,7 +236,7 @@ def test_config_defaults_are_written_once_in_the_options_table() -> None:
             key = (cls.__name__, field.name)
             default = field.default
             if isinstance(default, attrs.Factory):  # type: ignore[arg-type]
-                default = default.factory()  # type: ignore[attr-defined]
+                default = default.factory()
             if key in role_ports:
                 assert default == role_ports[key]
             elif key == ("NodeConfig", "model_slots"):  # the option unset: no per-model limits

@@ -192,16 +192,13 @@ async def test_every_tab_renders_with_real_data(tmp_path: Path, browser: str) ->
             shot(page, "settings")
 
         await in_browser(browser, fleet.url + "/dashboard", visit)
+
+        def dark_health(page: Page) -> None:
+            expect(page.locator(".check")).to_have_count(19)
+            shot(page, "health-dark")
+
         # The dark theme renders too (and the page never needs the internet).
-        await in_browser(
-            browser,
-            fleet.url + "/dashboard#health",
-            lambda page: (
-                expect(page.locator(".check")).to_have_count(19),
-                shot(page, "health-dark"),
-            ),
-            dark=True,
-        )
+        await in_browser(browser, fleet.url + "/dashboard#health", dark_health, dark=True)
 
 
 async def test_overview_follows_nodes_joining_and_leaving(tmp_path: Path, browser: str) -> None:

@@ -129,7 +129,7 @@ def seed_day(fleet: Fleet, rng: random.Random) -> None:
             rate = speed / (0.8 + load / 5) * rng.lognormvariate(0, 0.1)
             at = now - minute * 60 + rng.random() * 60
             fleet.router.state.record_trace(seeded(node, model, at, latency, status, rate))
-    for hours_ago, kind, node, model, detail in (
+    for hours_ago, kind, event_node, event_model, detail in (
         (21.5, "model_evicted", "studio", "llama3.2:3b", ""),
         (17.0, "pull_started", "laptop", "gemma3:1b", "by dashboard"),
         (16.8, "pull_done", "laptop", "gemma3:1b", ""),
@@ -139,7 +139,7 @@ def seed_day(fleet: Fleet, rng: random.Random) -> None:
         (1.2, "settings_changed", None, None, "vram_fallback: false → true"),
     ):
         fleet.router.state.timeline.add(
-            FleetEvent(now - hours_ago * 3600, kind, node, model, detail)
+            FleetEvent(now - hours_ago * 3600, kind, event_node, event_model, detail)
         )
 
 

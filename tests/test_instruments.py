@@ -10,6 +10,7 @@ import random
 import re
 import sqlite3
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -271,7 +272,7 @@ def test_the_instruments_and_the_timeline_are_pure() -> None:
 
 # ---------------------------------------------------------------------------- store
 
-WINDOWED = {
+WINDOWED: dict[str, Callable[[db.Store], object]] = {
     "series": lambda c: queries.series_data(c, 0.0, 1e12, 60, "node"),
     "series by tag": lambda c: queries.series_data(c, 0.0, 1e12, 60, "tag", tag="x"),
     "series of a node's model": lambda c: queries.series_data(c, 0.0, 1e12, 60, "none", "m", "a"),

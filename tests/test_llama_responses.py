@@ -66,7 +66,7 @@ async def test_responses_on_a_real_model(tmp_path: Path) -> None:
                 assert events[0].type == "response.created"
                 assert events[-1].type in ("response.completed", "response.incomplete")
                 assert [e.sequence_number for e in events] == list(range(len(events)))
-                final = events[-1].response  # type: ignore[union-attr]
+                final = events[-1].response
                 text = "".join(e.delta for e in events if e.type == "response.output_text.delta")
                 assert text.strip() and text == final.output_text
                 assert final.usage is not None and 0 < final.usage.output_tokens <= 12

@@ -16,7 +16,16 @@ import trio.testing
 
 from herd.sim import SimConfig, SimModel
 from herd.state.settings import RuntimeSettings
-from tests.conftest import EMBED, LLAMA_3B, QWEN_7B, GiB, in_thread, running_fleet, wait_until
+from tests.conftest import (
+    EMBED,
+    LLAMA_3B,
+    QWEN_7B,
+    Fleet,
+    GiB,
+    in_thread,
+    running_fleet,
+    wait_until,
+)
 
 MISTRAL = SimModel("mistral:7b", size_bytes=4 * GiB, family="llama", parameter_size="7B")
 PHI = SimModel("phi4:14b", size_bytes=8 * GiB, family="phi3", parameter_size="14B")
@@ -41,10 +50,10 @@ def demo_like() -> list[SimConfig]:
 
 @contextlib.asynccontextmanager
 async def fleet_and_client(
-    tmp_path: Path, settings: RuntimeSettings | None = None, **options: object
-) -> AsyncIterator[tuple[object, httpx.AsyncClient]]:
+    tmp_path: Path, settings: RuntimeSettings | None = None
+) -> AsyncIterator[tuple[Fleet, httpx.AsyncClient]]:
     async with (
-        running_fleet(tmp_path, demo_like(), settings, **options) as fleet,
+        running_fleet(tmp_path, demo_like(), settings) as fleet,
         httpx.AsyncClient(base_url=fleet.url, timeout=30, trust_env=False) as client,
     ):
         yield fleet, client

@@ -51,7 +51,7 @@ def speech(tmp_path_factory: pytest.TempPathFactory) -> bytes:
 
 
 @contextlib.asynccontextmanager
-async def media_fleet(tmp_path: Path, **node_options: object) -> AsyncIterator[Router]:
+async def media_fleet(tmp_path: Path) -> AsyncIterator[Router]:
     model = bundled_whisper_model()
     if model is None:
         pytest.fail(
@@ -70,9 +70,8 @@ async def media_fleet(tmp_path: Path, **node_options: object) -> AsyncIterator[R
                 port=0,
                 data_dir=str(tmp_path / "node"),
                 whisper_model=model,
-                **node_options,
             )
-        )  # type: ignore[arg-type]
+        )
         await nursery.start(node.run)
         with trio.fail_after(10):
             await router.wait_nodes(1)
@@ -135,7 +134,7 @@ async def test_image_generation_through_the_node_subprocess(
             "/api/generate-image", json={"model": "z-image-turbo", "prompt": "x", "width": -5}
         )
         assert bad.status_code == 400 and "'width'" in bad.json()["error"]
-        await router.store.flush()  # type: ignore[union-attr]
+        await router.store.flush()
         kinds = [(t.kind, t.status) for t in router.state.traces]
         assert ("image", "completed") in kinds
         # Image jobs are traced with the decision, like chats: score and per-signal breakdown.

@@ -983,6 +983,7 @@ async def test_lan_proxy_serves_a_loopback_backend(tmp_path: Path) -> None:
                 tags = (await client.get("/api/tags")).json()["models"]
                 assert tags[0]["name"] == "m:latest"
             assert sim.requests[-1][0] == "/api/chat"  # it really went to the backend
+            assert node.url is not None
             async with httpx.AsyncClient(base_url=node.url) as direct:
                 refused = await direct.get("/backend/api/tags")
                 assert refused.status_code == 401  # the proxy is for the fleet only

@@ -5,9 +5,10 @@ from __future__ import annotations
 import json
 from typing import Any
 
-import httpx
+import httpx2
 import openai
 import pytest
+from openai.types.chat import ChatCompletionMessageFunctionToolCall
 
 from herd.core.api import openai_compat as oc
 from herd.core.errors import BadRequest
@@ -27,16 +28,17 @@ CHUNKS = [
 
 
 def sdk(payload: bytes, content_type: str) -> openai.OpenAI:
-    """An OpenAI client whose transport answers every request with ``payload``."""
+    """An OpenAI client whose transport answers every request with ``payload`` (through httpx2,
+    the SDK's HTTP client)."""
 
-    def answer(request: httpx.Request) -> httpx.Response:
-        return httpx.Response(200, content=payload, headers={"content-type": content_type})
+    def answer(request: httpx2.Request) -> httpx2.Response:
+        return httpx2.Response(200, content=payload, headers={"content-type": content_type})
 
     return openai.OpenAI(
         base_url="http://test/v1",
         api_key="x",
         max_retries=0,
-        http_client=httpx.Client(transport=httpx.MockTransport(answer)),
+        http_client=httpx2.Client(transport=httpx2.MockTransport(answer)),
     )
 
 
@@ -212,8 +214,9 @@ def test_whole_chat_response_parses_in_the_sdk() -> None:
     assert choice.finish_reason == "tool_calls"
     assert choice.message.tool_calls is not None
     call = choice.message.tool_calls[0]
-    assert call.function.name == "look"  # type: ignore[union-attr]
-    assert json.loads(call.function.arguments) == {"x": 1}  # type: ignore[union-attr]
+    assert isinstance(call, ChatCompletionMessageFunctionToolCall)
+    assert call.function.name == "look"
+    assert json.loads(call.function.arguments) == {"x": 1}
     assert completion.usage is not None and completion.usage.total_tokens == 8
 
 

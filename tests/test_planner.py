@@ -37,6 +37,7 @@ from herd.http.dashboard import plan_api
 from herd.plan import planner, sources
 from herd.plan.planner import (
     AddNode,
+    Change,
     NodeFacts,
     Pin,
     PlanError,
@@ -587,7 +588,7 @@ def test_changes_apply_to_the_fleet_in_order() -> None:
     crowded = apply(fleet, [SetSlots("*", 1), Unload("big", "huge:70b")], speeds)
     assert crowded.node("big").loaded == () and [n.slots for n in crowded.nodes] == [1, 1]  # type: ignore[union-attr]
     assert apply(fleet, [SetSubstitution(True)], speeds).substitution is True
-    errors = {
+    errors: dict[Change, str] = {
         RemoveNode("gone"): "remove gone: no node 'gone' \\(nodes: big, mini\\)",
         Pin("mini", "huge:70b"): "huge:70b needs 40.0 GiB, mini has 14.4 GiB for models",
         Pin("mini", "other:1b"): "no node has 'other:1b' \\(models: huge:70b, m:8b\\)",

@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import openai
+from openai.types.chat import ChatCompletionMessageParam
 
 from herd.core.api import chat
 from herd.sim import SimConfig, SimModel
@@ -20,7 +21,7 @@ async def test_thinking_reaches_the_openai_sdk(tmp_path: Path) -> None:
     spec = SimConfig(name="solo", models=(THINKER, LEVELS), loaded=("qwen3:8b",))
     async with running_fleet(tmp_path, [spec]) as fleet:
         with openai.OpenAI(base_url=fleet.url + "/v1", api_key="x", max_retries=0) as sdk:
-            messages = [{"role": "user", "content": "why?"}]
+            messages: list[ChatCompletionMessageParam] = [{"role": "user", "content": "why?"}]
             whole = await in_thread(
                 lambda: sdk.chat.completions.create(model="qwen3:8b", messages=messages)
             )
@@ -39,7 +40,8 @@ async def test_thinking_reaches_the_openai_sdk(tmp_path: Path) -> None:
                 return reasoning, content
 
             reasoning, content = await in_thread(stream)
-            assert reasoning == message.model_extra["reasoning"] and content == message.content
+            assert reasoning == (message.model_extra or {})["reasoning"]
+            assert content == message.content
             # reasoning_effort: "none" turns thinking off; a level is sent as is to a model
             # that takes levels, as true to one that doesn't.
             off = await in_thread(

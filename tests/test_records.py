@@ -23,6 +23,7 @@ from herd.http.service import Router
 from herd.sim import SimModel
 from herd.store import db
 from tests.conftest import Fleet, running_fleet, two_node_specs, wait_until
+from tests.streams import aiter_raw
 
 DOCS = Path(__file__).parent.parent / "docs"
 
@@ -73,7 +74,7 @@ async def seed(fleet: Fleet, client: httpx.AsyncClient) -> dict[str, Any]:
             "options": {"num_predict": 500},
         },
     ) as r:
-        async with contextlib.aclosing(r.aiter_raw()) as chunks:
+        async with contextlib.aclosing(aiter_raw(r)) as chunks:
             async for _ in chunks:
                 break
     await wait_until(lambda: len(fleet.router.state.traces) == 8)
@@ -378,7 +379,7 @@ def test_a_database_from_before_the_offload_column_gets_it(tmp_path: Path) -> No
     connection.close()
     db.initialise(path)
     db.initialise(path)  # twice: nothing to add the second time
-    connection = db.connect(path)
+    store = db.connect(path)
     trace = TraceRecord(
         request_id="after",
         model="m",
@@ -401,8 +402,8 @@ def test_a_database_from_before_the_offload_column_gets_it(tmp_path: Path) -> No
         tags=(),
         offload=0.43,
     )
-    db.write_traces(connection, [trace])
-    rows = dict(connection.tuples("SELECT request_id, offload FROM request_traces"))
-    connection.close()
+    db.write_traces(store, [trace])
+    rows = dict(store.tuples("SELECT request_id, offload FROM request_traces"))
+    store.close()
     assert rows == {"before": None, "after": 0.43}
     assert trace.as_dict()["offload"] == 0.43

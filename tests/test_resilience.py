@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import attrs
@@ -21,6 +22,7 @@ from herd.node.agent import AgentConfig, NodeAgent
 from herd.sim import SimConfig, SimModel, run_sim
 from herd.state.settings import RuntimeSettings
 from tests.conftest import EMBED, LLAMA_3B, QWEN_7B, GiB, running_fleet, wait_until
+from tests.streams import aiter_raw
 
 MISTRAL = SimModel("mistral:7b", size_bytes=4 * GiB, family="llama", parameter_size="7B")
 QWEN_LONG = attrs.evolve(QWEN_7B, context_length=32768)
@@ -37,7 +39,7 @@ def chat(model: str, **extra: object) -> dict[str, object]:
 
 
 @contextlib.asynccontextmanager
-async def client_for(url: str):  # type: ignore[no-untyped-def]
+async def client_for(url: str) -> AsyncIterator[httpx.AsyncClient]:
     async with httpx.AsyncClient(base_url=url, timeout=None, trust_env=False) as client:
         yield client
 
@@ -133,8 +135,14 @@ async def test_auto_pull_once_for_concurrent_requests(tmp_path: Path) -> None:
         SimConfig(name="beta", models=(LLAMA_3B,), registry=registry),
     ]
     settings = RuntimeSettings(auto_pull=True)  # opt-in
-    slow_beats = {"heartbeat_interval": 30.0, "heartbeat_timeout": 90.0, "heartbeat_offline": 180.0}
-    async with running_fleet(tmp_path, specs, settings, **slow_beats) as fleet:
+    async with running_fleet(
+        tmp_path,
+        specs,
+        settings,
+        heartbeat_interval=30.0,
+        heartbeat_timeout=90.0,
+        heartbeat_offline=180.0,
+    ) as fleet:
         codes: list[int] = []
         async with client_for(fleet.url) as client:
 
@@ -333,7 +341,7 @@ async def test_disconnect_storm_leaves_nothing_behind(tmp_path: Path) -> None:
                         "/api/generate",
                         json={"model": "slow", "prompt": "x", "options": {"num_predict": 1000}},
                     ) as response:
-                        async with contextlib.aclosing(response.aiter_raw()) as chunks:
+                        async with contextlib.aclosing(aiter_raw(response)) as chunks:
                             async for _ in chunks:
                                 opened += 1
                                 if opened == 300:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-import httpx
+import httpx2
 import openai
 import pytest
 
@@ -32,16 +32,17 @@ def shaped(body: dict[str, Any], previous: StoredResponse | None = None) -> Infe
 
 
 def sdk(payload: bytes, content_type: str) -> openai.OpenAI:
-    """An OpenAI client whose transport answers every request with ``payload``."""
+    """An OpenAI client whose transport answers every request with ``payload`` (through httpx2,
+    the SDK's HTTP client)."""
 
-    def answer(request: httpx.Request) -> httpx.Response:
-        return httpx.Response(200, content=payload, headers={"content-type": content_type})
+    def answer(request: httpx2.Request) -> httpx2.Response:
+        return httpx2.Response(200, content=payload, headers={"content-type": content_type})
 
     return openai.OpenAI(
         base_url="http://test/v1",
         api_key="x",
         max_retries=0,
-        http_client=httpx.Client(transport=httpx.MockTransport(answer)),
+        http_client=httpx2.Client(transport=httpx2.MockTransport(answer)),
     )
 
 
@@ -602,13 +603,15 @@ def test_whole_answer_is_the_sdk_response() -> None:
     assert response.instructions == "Be brief."
     assert [t.name for t in response.tools] == ["get_weather", "get_time"]  # type: ignore[union-attr]
     calls = [item for item in response.output if item.type == "function_call"]
-    assert [(c.name, json.loads(c.arguments)) for c in calls] == [  # type: ignore[union-attr]
+    assert [(c.name, json.loads(c.arguments)) for c in calls] == [
         ("get_weather", {"city": "Paris"}),
         ("get_time", {}),
     ]
     assert response.usage is not None and response.usage.total_tokens == 18
     assert response.usage.input_tokens_details.cached_tokens == 0
-    assert response.error is None and response.store is True
+    assert response.error is None
+    assert response.model_extra is not None  # the SDK's Response declares no store field
+    assert response.model_extra["store"] is True
 
 
 def test_length_is_incomplete_and_store_false_keeps_nothing() -> None:

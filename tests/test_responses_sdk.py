@@ -69,7 +69,9 @@ async def test_create_gives_text_usage_and_the_served_model(
     assert response.usage.output_tokens == 12 and response.usage.input_tokens > 0
     assert response.usage.total_tokens == response.usage.input_tokens + 12
     assert response.instructions == "Be brief." and response.temperature == 0.2
-    assert response.metadata == {"team": "docs"} and response.store is True
+    assert response.metadata == {"team": "docs"}
+    assert response.model_extra is not None  # the SDK's Response declares no store field
+    assert response.model_extra["store"] is True
     body = sent(fleet)
     assert body["messages"] == [
         {"role": "system", "content": "Be brief."},
@@ -126,15 +128,15 @@ async def test_a_function_call_round_trip(fleet: Fleet, oai: openai.OpenAI) -> N
         )
     )
     (call,) = [item for item in first.output if item.type == "function_call"]
-    assert call.name == "get_weather" and call.status == "completed"  # type: ignore[union-attr]
-    arguments = json.loads(call.arguments)  # type: ignore[union-attr]
+    assert call.name == "get_weather" and call.status == "completed"
+    arguments = json.loads(call.arguments)
     assert isinstance(arguments["city"], str) and arguments["unit"] in ("c", "f")
     assert sent(fleet)["tools"][0]["function"]["name"] == "get_weather"
     # Without the store (as Codex does): the whole conversation goes back as input items.
     history: list[Any] = [
         {"role": "user", "content": "Weather in Paris?"},
         *[item.model_dump(exclude_none=True) for item in first.output],
-        {"type": "function_call_output", "call_id": call.call_id, "output": "sunny, 21"},  # type: ignore[union-attr]
+        {"type": "function_call_output", "call_id": call.call_id, "output": "sunny, 21"},
     ]
     final = await in_thread(
         lambda: oai.responses.create(
@@ -171,7 +173,7 @@ async def test_a_custom_tool_round_trip_as_codex_sends_it(fleet: Fleet, oai: ope
         )
     )
     (call,) = [item for item in first.output if item.type == "custom_tool_call"]
-    assert call.name == "apply_patch" and isinstance(call.input, str) and call.input  # type: ignore[union-attr]
+    assert call.name == "apply_patch" and isinstance(call.input, str) and call.input
     # The model saw a function with one string parameter, the grammar in its description.
     offered = sent(fleet)["tools"][0]["function"]
     assert offered["name"] == "apply_patch" and offered["parameters"]["required"] == ["input"]
@@ -179,7 +181,7 @@ async def test_a_custom_tool_round_trip_as_codex_sends_it(fleet: Fleet, oai: ope
     history: list[Any] = [
         {"role": "user", "content": "Fix the bug."},
         *[item.model_dump(exclude_none=True) for item in first.output],
-        {"type": "custom_tool_call_output", "call_id": call.call_id, "output": "Done!"},  # type: ignore[union-attr]
+        {"type": "custom_tool_call_output", "call_id": call.call_id, "output": "Done!"},
     ]
     final = await in_thread(
         lambda: oai.responses.create(
@@ -192,7 +194,7 @@ async def test_a_custom_tool_round_trip_as_codex_sends_it(fleet: Fleet, oai: ope
     assert final.output_text
     messages = sent(fleet)["messages"]
     assert messages[1]["tool_calls"] == [
-        {"function": {"name": "apply_patch", "arguments": {"input": call.input}}}  # type: ignore[union-attr]
+        {"function": {"name": "apply_patch", "arguments": {"input": call.input}}}
     ]
     assert messages[2] == {"role": "tool", "content": "Done!", "tool_name": "apply_patch"}
 
@@ -245,7 +247,7 @@ async def test_previous_response_id_continues_the_conversation(
         lambda: oai.responses.create(
             model="llama3.2:3b",
             previous_response_id=asked.id,
-            input=[{"type": "function_call_output", "call_id": call.call_id, "output": "snow"}],  # type: ignore[union-attr]
+            input=[{"type": "function_call_output", "call_id": call.call_id, "output": "snow"}],
             tools=[WEATHER],  # type: ignore[list-item]
         )
     )
@@ -290,7 +292,8 @@ async def test_store_false_stores_nothing(fleet: Fleet, oai: openai.OpenAI) -> N
     response = await in_thread(
         lambda: oai.responses.create(model="llama3.2:3b", input="Forget me", store=False)
     )
-    assert response.store is False and response.output_text
+    assert response.model_extra is not None  # the SDK's Response declares no store field
+    assert response.model_extra["store"] is False and response.output_text
     with pytest.raises(openai.NotFoundError) as info:
         await in_thread(lambda: oai.responses.retrieve(response.id))
     assert response.id in info.value.message
@@ -340,7 +343,7 @@ async def test_errors_in_the_sdks_terms(fleet: Fleet, oai: openai.OpenAI) -> Non
         lambda: list(oai.responses.create(model="llama3.2:3b", input="Go", stream=True))
     )
     assert events[0].type == "response.created" and events[-1].type == "response.failed"
-    failed = events[-1].response  # type: ignore[union-attr]
+    failed = events[-1].response
     assert failed.status == "failed" and failed.error is not None
     assert "alpha" in failed.error.message
     with pytest.raises(openai.NotFoundError):

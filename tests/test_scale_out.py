@@ -11,6 +11,7 @@ wait on across two processes.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import signal
 import subprocess
@@ -336,15 +337,15 @@ async def test_a_node_given_two_router_urls_heartbeats_to_both(
             before = [r.state.registry.statistics().heartbeats for r in (a, b)]
             node.wake()  # one heartbeat now, to each router
             for router, count in zip((a, b), before, strict=True):
-                await eventually(lambda r=router, c=count: _true(_beats(r) > c))
+                await eventually(functools.partial(_beats_past, router, count))
             async with httpx.AsyncClient(timeout=10, trust_env=False) as client:
                 for router in (a, b):
                     assert (await generate(client, router.url)).status_code == 200
             nursery.cancel_scope.cancel()
 
 
-def _beats(router: Router) -> int:
-    return router.state.registry.statistics().heartbeats
+async def _beats_past(router: Router, count: int) -> bool:
+    return router.state.registry.statistics().heartbeats > count
 
 
 async def test_killing_a_router_mid_stream_frees_its_slots_within_the_lease_expiry(
@@ -483,16 +484,16 @@ async def test_a_drain_asked_by_one_router_is_done_once_towards_both(
             await nursery.start(node.run)
             await a.wait_nodes(1)
             await b.wait_nodes(1)
-            drain = {"type": "command", "command": "drain"}
+            drain: dict[str, object] = {"type": "command", "command": "drain"}
             assert a.state.command("both", drain) and a.state.command("both", drain)
             await eventually(lambda: _true(all(agent.draining for agent in node.agents)))
             for router in (a, b):  # both hear it in a heartbeat
-                await eventually(lambda r=router: _true(_draining(r)))
+                await eventually(functools.partial(_draining, router))
             with trio.fail_after(5):
                 assert await node.drain()  # nothing in flight: both routers say drained
             nursery.cancel_scope.cancel()
 
 
-def _draining(router: Router) -> bool:
+async def _draining(router: Router) -> bool:
     record = router.state.registry.get("both")
     return record is not None and record.report.draining

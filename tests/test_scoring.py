@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import functools
 import math
 import random
 from pathlib import Path
@@ -69,6 +70,11 @@ def node(
         load=load or {},
         recently_unloaded=unloaded or {},
     )
+
+
+def winner_of(decision: RouteDecision) -> str:
+    assert decision.winner is not None, decision.eliminated
+    return decision.winner.node_id
 
 
 def decide(
@@ -186,10 +192,10 @@ def test_a_hot_model_under_critical_pressure_is_still_served() -> None:
 
 def test_thermal_hot_beats_warm_beats_disk() -> None:
     # A model as big as thermal_full_load_bytes: the whole gap from hot to on disk.
-    big = {"size": S.thermal_full_load_bytes, "total": 128 * GiB, "free": 100 * GiB}
-    hot = node("hot", loaded=(M,), **big)  # type: ignore[arg-type]
-    warm = node("warm", unloaded={M: 90.0}, **big)  # type: ignore[arg-type]
-    cold = node("cold", **big)  # type: ignore[arg-type]
+    big = functools.partial(node, size=S.thermal_full_load_bytes, total=128 * GiB, free=100 * GiB)
+    hot = big("hot", loaded=(M,))
+    warm = big("warm", unloaded={M: 90.0})
+    cold = big("cold")
     decision = decide(cold, warm, hot)
     assert [c.node_id for c in decision.ranked] == ["hot", "warm", "cold"]
     assert [c.breakdown["thermal"] for c in decision.ranked] == [50.0, 30.0, 10.0]
@@ -197,12 +203,12 @@ def test_thermal_hot_beats_warm_beats_disk() -> None:
     small = decide(node("small", size=S.thermal_full_load_bytes // 4)).ranked[0]
     assert small.breakdown["thermal"] == 50.0 - (50.0 - 10.0) / 4
     # Warm only within the window.
-    stale = decide(node("w", unloaded={M: 0.0}, **big), now=S.warm_window_s + 1)  # type: ignore[arg-type]
+    stale = decide(big("w", unloaded={M: 0.0}), now=S.warm_window_s + 1)
     assert stale.ranked[0].breakdown["thermal"] == 10.0
     # "Less than warm_window_s ago": the boundary itself is no longer warm.
-    edge = decide(node("w", unloaded={M: 0.0}, **big), now=S.warm_window_s)  # type: ignore[arg-type]
+    edge = decide(big("w", unloaded={M: 0.0}), now=S.warm_window_s)
     assert edge.ranked[0].breakdown["thermal"] == 10.0
-    just = decide(node("w", unloaded={M: 0.0}, **big), now=S.warm_window_s - 0.001)  # type: ignore[arg-type]
+    just = decide(big("w", unloaded={M: 0.0}), now=S.warm_window_s - 0.001)
     assert just.ranked[0].breakdown["thermal"] == 30.0
 
 
@@ -229,17 +235,17 @@ def test_queue_moves_small_models_off_a_hot_node_but_big_ones_stay() -> None:
     # A small model loads in a second or two: a deep queue on the hot node sends it elsewhere.
     hot_busy = node("hot", loaded=(M,), load={M: ModelLoad(pending=12, in_flight=4)})
     warm_idle = node("idle", unloaded={M: 99.0})
-    assert decide(hot_busy, warm_idle).winner.node_id == "idle"  # type: ignore[union-attr]
+    assert winner_of(decide(hot_busy, warm_idle)) == "idle"
     # A 32 GiB model costs a minute to load: a short queue doesn't move it.
-    big = {"size": 32 * GiB, "total": 128 * GiB, "free": 100 * GiB}
-    hot = node("hot", loaded=(M,), load={M: ModelLoad(pending=2, in_flight=4)}, **big)  # type: ignore[arg-type]
-    cold = node("cold", **big)  # type: ignore[arg-type]
-    assert decide(hot, cold).winner.node_id == "hot"  # type: ignore[union-attr]
+    big = functools.partial(node, size=32 * GiB, total=128 * GiB, free=100 * GiB)
+    hot = big("hot", loaded=(M,), load={M: ModelLoad(pending=2, in_flight=4)})
+    cold = big("cold")
+    assert winner_of(decide(hot, cold)) == "hot"
     # ...but a history that shows the hot node slow for it does.
     history = History(
         latency_p75_ms={("hot", M): 60_000.0}, model_p75_ms={M: 10_000.0}, node_speed={"cold": 1.0}
     )
-    assert decide(hot, cold, history=history).winner.node_id == "cold"  # type: ignore[union-attr]
+    assert winner_of(decide(hot, cold, history=history)) == "cold"
 
 
 def test_wait_time_from_history() -> None:
@@ -249,7 +255,7 @@ def test_wait_time_from_history() -> None:
     breakdown = {c.node_id: c.breakdown["wait_time"] for c in decision.ranked}
     assert breakdown["slow"] == -S.wait_penalty_max
     assert -S.wait_penalty_max / 4 < breakdown["quick"] < 0
-    assert decision.winner.node_id == "quick"  # type: ignore[union-attr]
+    assert winner_of(decision) == "quick"
     # With one: in units of the typical time, full penalty at wait_full_multiple of them; a
     # node that hasn't served the model is estimated from its speed; a queue multiplies.
     typical = 10_000.0
@@ -275,7 +281,7 @@ def test_role_affinity_big_models_to_big_machines() -> None:
     )
     mid = node("mid", available=("llama3.3:70b",), size=40 * GiB, total=64 * GiB, free=50 * GiB)
     decision = decide(mid, studio, request=big_model)
-    assert decision.winner.node_id == "studio"  # type: ignore[union-attr]
+    assert winner_of(decision) == "studio"
     assert decision.ranked[0].breakdown["role_affinity"] == S.role_affinity_max
     small = decide(
         node("laptop", total=16 * GiB, free=12 * GiB),
@@ -329,10 +335,10 @@ def test_breakdown_sums_to_score_and_names_every_signal() -> None:
 
 def test_ties_break_at_random_but_reproducibly() -> None:
     a, b = node("a"), node("b")
-    winners = {decide(a, b, seed=seed).winner.node_id for seed in range(40)}  # type: ignore[union-attr]
+    winners = {winner_of(decide(a, b, seed=seed)) for seed in range(40)}
     assert winners == {"a", "b"}
-    first = [decide(a, b, seed=s).winner.node_id for s in range(10)]  # type: ignore[union-attr]
-    again = [decide(a, b, seed=s).winner.node_id for s in range(10)]  # type: ignore[union-attr]
+    first = [winner_of(decide(a, b, seed=s)) for s in range(10)]
+    again = [winner_of(decide(a, b, seed=s)) for s in range(10)]
     assert first == again
 
 

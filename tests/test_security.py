@@ -200,7 +200,7 @@ async def test_fleet_handshake_without_the_token_is_refused_with_401(tmp_path: P
                 with pytest.RaisesGroup(refused_401, flatten_subgroups=True):
                     async with fleet_socket(fleet.url, token):
                         pass
-            assert fleet.router.fleet.nodes == ()
+            assert [node.node_id for node in fleet.router.fleet.nodes] == []
             async with fleet_socket(fleet.url, TOKEN) as ws:
                 await join(ws, "member")
                 assert [node.node_id for node in fleet.router.fleet.nodes] == ["member"]

@@ -10,6 +10,7 @@ import pytest
 import trio
 
 from herd.sim import SimConfig, SimModel, run_sim
+from tests.streams import aiter_lines
 
 GiB = 2**30
 SMALL = SimModel("small:latest", size_bytes=4 * GiB, load_seconds=30.0)
@@ -150,7 +151,7 @@ async def test_failure_modes() -> None:
             async with client.stream(
                 "POST", "/api/generate", json={"model": "small", "prompt": "x"}
             ) as response:
-                async with contextlib.aclosing(response.aiter_lines()) as lines:
+                async with contextlib.aclosing(aiter_lines(response)) as lines:
                     with pytest.raises(httpx.RemoteProtocolError):
                         async for _ in lines:
                             pass

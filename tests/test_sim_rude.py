@@ -24,6 +24,7 @@ from herd.node.backend import parse_time
 from herd.sim import SimConfig, SimModel, SimOllama, run_sim
 from herd.sim.server import GO_MAX_DURATION_SECONDS, go_duration, keep_alive_seconds
 from tests.conftest import wait_until
+from tests.streams import aiter_lines
 
 GiB = 2**30
 DEADLINE = 3600  # virtual seconds: a hang jumps straight to it
@@ -245,7 +246,7 @@ async def test_probe_hiccups(autojump_clock: trio.testing.MockClock) -> None:
 async def read_timed(response: httpx.Response, start: float) -> list[tuple[float, dict[str, Any]]]:
     """Every NDJSON line of ``response`` with the virtual time it arrived."""
     out = []
-    async with contextlib.aclosing(response.aiter_lines()) as lines:
+    async with contextlib.aclosing(aiter_lines(response)) as lines:
         async for line in lines:
             if line.strip():
                 out.append((round(trio.current_time() - start, 3), json.loads(line)))
@@ -351,7 +352,7 @@ async def test_pulls_take_time_are_cancelled_with_their_client_and_resume(
             seen_during: set[str] = set()
             async with client.stream("POST", "/api/pull", json={"model": "fresh"}) as response:
                 timed = []
-                async with contextlib.aclosing(response.aiter_lines()) as lines:
+                async with contextlib.aclosing(aiter_lines(response)) as lines:
                     async for line in lines:
                         timed.append((trio.current_time() - start, json.loads(line)))
                         if timed[-1][1].get("completed") == 500_000_000:
@@ -376,7 +377,7 @@ async def test_pulls_take_time_are_cancelled_with_their_client_and_resume(
             # A client that goes away mid-pull stops it; the bytes so far are kept.
             start = trio.current_time()
             async with client.stream("POST", "/api/pull", json={"model": "big"}) as response:
-                async with contextlib.aclosing(response.aiter_lines()) as lines:
+                async with contextlib.aclosing(aiter_lines(response)) as lines:
                     async for line in lines:
                         if json.loads(line).get("completed", 0) >= 500_000_000:
                             break
@@ -423,7 +424,7 @@ async def test_pulls_take_time_are_cancelled_with_their_client_and_resume(
             first: list[dict[str, Any]] = []
             with trio.move_on_after(600) as waited:
                 async with client.stream("POST", "/api/pull", json={"model": "fresh"}) as response:
-                    async with contextlib.aclosing(response.aiter_lines()) as lines:
+                    async with contextlib.aclosing(aiter_lines(response)) as lines:
                         async for line in lines:
                             first.append(json.loads(line))
             assert waited.cancelled_caught and first == [{"status": "pulling manifest"}]

@@ -6,6 +6,7 @@ show both routers' traces and events."""
 
 from __future__ import annotations
 
+import functools
 import random
 import subprocess
 import sys
@@ -89,12 +90,18 @@ QUERIES: dict[str, Callable[[db.Store], Any]] = {
         {k: v for k, v in run.items() if k != "timestamp"} for run in queries.benchmarks(c, 0)
     ],
 }
+
+
+def _series(by: str, filters: dict[str, str], c: db.Store) -> tuple[list[Any], ...]:
+    return tuple(
+        sorted(part, key=repr)
+        for part in queries.series_data(c, NOW - DAY, NOW + 1, 300, by, **filters)
+    )
+
+
 for _by in ("none", "node", "model", "tag"):
     for _filters in ({}, {"model": "llama3.2:3b"}, {"node": "a"}, {"tag": "x"}):
-        QUERIES[f"series by {_by} {_filters}"] = lambda c, by=_by, f=_filters: tuple(
-            sorted(part, key=repr)
-            for part in queries.series_data(c, NOW - DAY, NOW + 1, 300, by, **f)
-        )
+        QUERIES[f"series by {_by} {_filters}"] = functools.partial(_series, _by, _filters)
 
 
 @pytest.fixture
@@ -225,7 +232,7 @@ async def test_a_dropped_connection_loses_a_batch_and_writing_resumes(
         assert writer.last_error is not None and postgres.describe() in writer.last_error
         writer.submit(batch[2])  # a new connection for the next batch
         await writer.flush()
-        assert (writer.written, writer.failed, writer.last_error) == (2, 1, None)
+        assert (writer.written, writer.failed, writer.statistics().last_error) == (2, 1, None)
         nursery.cancel_scope.cancel()
     with db.connected(postgres) as connection:
         stored = [t["request_id"] for t in queries.traces(connection, 10)]
@@ -322,7 +329,7 @@ async def test_a_store_that_goes_away_stops_nothing_and_comes_back(
         reply = await client.post("/api/chat", json=body)
         await wait_until(lambda: store.submitted == 2)
         await store.flush()
-        assert (store.written, store.failed, store.last_error) == (1, 1, None)
+        assert (store.written, store.failed, store.statistics().last_error) == (1, 1, None)
         shown = await client.get("/dashboard/api/traces")
         assert [t["request_id"] for t in shown.json()["traces"]] == [
             reply.headers["x-herd-request-id"]

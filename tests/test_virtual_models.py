@@ -89,7 +89,8 @@ def test_operator_aliases_come_first_and_are_checked() -> None:
         virtual.parse_alias("claude-*")
     settings = updated(RuntimeSettings(), {"model_aliases": {"gpt-*": ["mid:8b"]}})
     assert settings.model_aliases == {"gpt-*": ["mid:8b"]}
-    for bad in ({"gpt-*": []}, {"gpt-*": "mid:8b"}, ["gpt-*"], {"": ["x"]}):
+    bad_aliases: tuple[object, ...] = ({"gpt-*": []}, {"gpt-*": "mid:8b"}, ["gpt-*"], {"": ["x"]})
+    for bad in bad_aliases:
         with pytest.raises(BadRequest, match="model_aliases"):
             updated(RuntimeSettings(), {"model_aliases": bad})
     entries = dict(virtual.listed(aliases, True))

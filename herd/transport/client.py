@@ -59,14 +59,12 @@ class NodeClient(httpx.AsyncClient):
             parsed = self._urls[url] = httpx.URL(url)
         return parsed
 
-    def build_request(  # type: ignore[override]
-        self, method: str, url: httpx.URL | str, **kwargs: Any
-    ) -> httpx.Request:
+    def build_request(self, method: str, url: httpx.URL | str, **kwargs: Any) -> httpx.Request:
         if isinstance(url, str) and url.startswith(("http://", "https://")):
             return super().build_request(method, self._url(url), **kwargs)
         return super().build_request(method, url, **kwargs)
 
-    async def send(  # type: ignore[override]
+    async def send(
         self,
         request: httpx.Request,
         *,

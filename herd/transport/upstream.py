@@ -127,7 +127,7 @@ class _Body(httpx.AsyncByteStream):
         self._request = request
         self._timeout = _timeout(request, "read")
 
-    def __aiter__(self) -> _Body:  # type: ignore[override]
+    def __aiter__(self) -> _Body:
         return self  # an iterator object, not an async generator: nothing left to finalize
 
     async def __anext__(self) -> bytes:
