@@ -77,14 +77,15 @@ async def serve_backend(router_urls: list[str], url_file: str) -> None:
         await trio.sleep_forever()
 
 
-async def wait_ready(urls: Sequence[str]) -> None:
+async def wait_ready(urls: Sequence[str], nodes: int = 1) -> None:
+    """Until every router answers and has ``nodes`` nodes online."""
     async with httpx.AsyncClient(trust_env=False) as client:
         with trio.fail_after(60):
             for url in urls:
                 while True:
                     try:
                         status = (await client.get(url + "/fleet/status")).json()
-                        if status["fleet"]["nodes_online"] >= 1:
+                        if status["fleet"]["nodes_online"] >= nodes:
                             break
                     except (httpx.HTTPError, KeyError, ValueError):
                         pass
@@ -135,16 +136,19 @@ def routers_and_node(count: int, state: str | None) -> Iterator[tuple[list[str],
             argv += ["--data-dir", f"{tmp}/r{i}"] + (["--state", state] if state else [])
             processes.append(subprocess.Popen(argv, env=env, cwd=ROOT))
         url_file = f"{tmp}/node-url"
-        node = subprocess.Popen(
-            [sys.executable, __file__, "--backend", url_file, *urls], env=env, cwd=ROOT
-        )
+        node: subprocess.Popen[bytes] | None = None
         try:
+            trio.run(wait_ready, urls, 0)  # the routers listen before the node dials them
+            node = subprocess.Popen(
+                [sys.executable, __file__, "--backend", url_file, *urls], env=env, cwd=ROOT
+            )
             trio.run(wait_ready, urls)
             yield urls, [p.pid for p in processes], Path(url_file).read_text().strip()
         finally:
             for process in (node, *processes):
-                process.terminate()
-                process.wait(timeout=20)
+                if process is not None:
+                    process.terminate()
+                    process.wait(timeout=20)
 
 
 def run_case(
