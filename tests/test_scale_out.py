@@ -307,6 +307,21 @@ async def test_settings_changed_on_one_router_reach_the_other(tmp_path: Path, fl
             assert shown["settings"]["auto_pull"] is True
 
 
+async def test_a_router_joining_takes_the_fleets_settings_and_says_which_of_its_own_lost(
+    tmp_path: Path, flushed: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Settings are the fleet's: a router started with --auto-pull joining routers whose
+    saved settings have it off takes theirs, and a WARNING names what it gave up."""
+    with trio.fail_after(30):
+        async with Router(router_config(tmp_path, "first", flushed)) as first:
+            assert first.state.settings.auto_pull is False  # the store is seeded with these
+            async with Router(router_config(tmp_path, "second", flushed, auto_pull=True)) as second:
+                assert second.state.settings.auto_pull is False
+    lost = [r for r in caplog.records if "replace this router's own" in r.getMessage()]
+    assert [r.levelname for r in lost] == ["WARNING"]
+    assert "auto_pull (here True, fleet False)" in lost[0].getMessage()
+
+
 async def test_a_node_given_two_router_urls_heartbeats_to_both(
     tmp_path: Path, flushed: str
 ) -> None:

@@ -367,6 +367,7 @@ class SharedState:
     async def _load_settings(self) -> None:
         """Adopt the store's settings if they are newer than ours; seed the store with ours
         when no router has saved any."""
+        first = self.settings_version == 0
         version, saved = await self.store.load_settings()
         if saved is None:
             self.settings_version = await self.store.save_settings(
@@ -382,5 +383,23 @@ class SharedState:
             log.warning("ignoring the shared settings (version %d): %s", version, exc)
             return
         if settings != self.state.settings:
-            log.info("settings changed by another router (version %d)", version)
+            differ = [
+                f"{name} (here {getattr(self.state.settings, name)!r}, fleet {value!r})"
+                for name, value in attrs.asdict(settings, recurse=False).items()
+                if getattr(self.state.settings, name) != value
+            ]
+            if first:
+                # The fleet's settings beat this router's own (its settings file and flags
+                # such as --auto-pull): say so where an operator who set them looks.
+                log.warning(
+                    "the fleet's shared settings (version %d) replace this router's own: %s",
+                    version,
+                    "; ".join(differ),
+                )
+            else:
+                log.info(
+                    "settings changed by another router (version %d): %s",
+                    version,
+                    "; ".join(differ),
+                )
             self.state.adopt_settings(settings)
