@@ -149,8 +149,9 @@ LIMITS = (
     "A virtual node is a set of request slots with, per model, a decoding rate, a prefill rate "
     "and a load time learned from your traces, memory that holds the models loaded, and "
     "least-recently-used eviction. Concurrent streams slow each other as in herd's simulator.",
-    "Left out: thermal throttling; other programs using the machine; memory shared between GPU "
-    "and CPU (a model that spills out of VRAM runs at the speed measured, not slower); the "
+    "Left out: thermal throttling; other programs using the machine; a GPU node's memory "
+    "split (a recorded node's models all fit in its RAM, as if it were one pool; what runs "
+    "on its GPU and what spills out of VRAM runs at the speed measured, not slower); the "
     "operating system's page cache (every load after an eviction costs a full load); network "
     "time between the router and the nodes; node failures, restarts and hung backends (errors "
     "that happened are not replayed as failures); client retries; context-window reloads.",
