@@ -109,6 +109,36 @@ async def fleet_of_routers(
             nursery.cancel_scope.cancel()
 
 
+@contextlib.asynccontextmanager
+async def node_on_two_routers(
+    tmp_path: Path, state: str
+) -> AsyncIterator[tuple[Router, Router, Node]]:
+    """Two routers sharing ``state`` and one node (a simulated Ollama) given both router URLs,
+    online on both."""
+    spec = SimConfig(name="sim", models=(SLOW,), loaded=(MODEL,))
+    async with (
+        Router(router_config(tmp_path, "a", state)) as a,
+        Router(router_config(tmp_path, "b", state)) as b,
+        run_sim(spec) as sim,
+        trio.open_nursery() as nursery,
+    ):
+        node = Node(
+            NodeConfig(
+                router_url=a.url,
+                more_router_urls=(b.url,),
+                ollama_url=sim.url,
+                node_id="both",
+                data_dir=str(tmp_path / "node"),
+            ),
+            serve_http=False,
+        )
+        await nursery.start(node.run)
+        await a.wait_nodes(1)
+        await b.wait_nodes(1)
+        yield a, b, node
+        nursery.cancel_scope.cancel()
+
+
 async def generate(
     client: httpx.AsyncClient, url: str, prompt: str = "hi", tokens: int | None = None
 ) -> httpx.Response:
@@ -325,27 +355,8 @@ async def test_a_router_joining_takes_the_fleets_settings_and_says_which_of_its_
 async def test_a_node_given_two_router_urls_heartbeats_to_both(
     tmp_path: Path, flushed: str
 ) -> None:
-    spec = SimConfig(name="sim", models=(SLOW,), loaded=(MODEL,))
     with trio.fail_after(30):
-        async with (
-            Router(router_config(tmp_path, "a", flushed)) as a,
-            Router(router_config(tmp_path, "b", flushed)) as b,
-            run_sim(spec) as sim,
-            trio.open_nursery() as nursery,
-        ):
-            node = Node(
-                NodeConfig(
-                    router_url=a.url,
-                    more_router_urls=(b.url,),
-                    ollama_url=sim.url,
-                    node_id="both",
-                    data_dir=str(tmp_path / "node"),
-                ),
-                serve_http=False,
-            )
-            await nursery.start(node.run)
-            await a.wait_nodes(1)
-            await b.wait_nodes(1)
+        async with node_on_two_routers(tmp_path, flushed) as (a, b, node):
             assert len(node.agents) == 2
             for agent in node.agents:
                 await agent.wait_connected()
@@ -356,7 +367,6 @@ async def test_a_node_given_two_router_urls_heartbeats_to_both(
             async with httpx.AsyncClient(timeout=10, trust_env=False) as client:
                 for router in (a, b):
                     assert (await generate(client, router.url)).status_code == 200
-            nursery.cancel_scope.cancel()
 
 
 async def _beats_past(router: Router, count: int) -> bool:
@@ -478,27 +488,8 @@ async def test_samples_one_router_learns_reach_the_other_and_a_starting_one(
 async def test_a_drain_asked_by_one_router_is_done_once_towards_both(
     tmp_path: Path, flushed: str
 ) -> None:
-    spec = SimConfig(name="sim", models=(SLOW,), loaded=(MODEL,))
     with trio.fail_after(30):
-        async with (
-            Router(router_config(tmp_path, "a", flushed)) as a,
-            Router(router_config(tmp_path, "b", flushed)) as b,
-            run_sim(spec) as sim,
-            trio.open_nursery() as nursery,
-        ):
-            node = Node(
-                NodeConfig(
-                    router_url=a.url,
-                    more_router_urls=(b.url,),
-                    ollama_url=sim.url,
-                    node_id="both",
-                    data_dir=str(tmp_path / "node"),
-                ),
-                serve_http=False,
-            )
-            await nursery.start(node.run)
-            await a.wait_nodes(1)
-            await b.wait_nodes(1)
+        async with node_on_two_routers(tmp_path, flushed) as (a, b, node):
             drain: dict[str, object] = {"type": "command", "command": "drain"}
             assert a.state.command("both", drain) and a.state.command("both", drain)
             await eventually(lambda: _true(all(agent.draining for agent in node.agents)))
@@ -506,7 +497,6 @@ async def test_a_drain_asked_by_one_router_is_done_once_towards_both(
                 await eventually(functools.partial(_draining, router))
             with trio.fail_after(5):
                 assert await node.drain()  # nothing in flight: both routers say drained
-            nursery.cancel_scope.cancel()
 
 
 async def _draining(router: Router) -> bool:
