@@ -83,16 +83,17 @@ async def running_fleet(
         nursery = await stack.enter_async_context(trio.open_nursery())
         for spec in specs:
             sims[spec.name] = await stack.enter_async_context(run_sim(spec))
+            options: dict[str, Any] = {
+                "router_url": router.url,
+                "ollama_url": sims[spec.name].url,
+                "node_id": spec.name,
+                "heartbeat_interval": config.heartbeat_interval,
+                "parallel_slots": spec.parallel,
+                "auth_token": config.auth_token,
+            }
+            options.update((agent_options or {}).get(spec.name, {}))  # any of these too
             agent = NodeAgent(
-                AgentConfig(
-                    router_url=router.url,
-                    ollama_url=sims[spec.name].url,
-                    node_id=spec.name,
-                    heartbeat_interval=config.heartbeat_interval,
-                    parallel_slots=spec.parallel,
-                    auth_token=config.auth_token,
-                    **(agent_options or {}).get(spec.name, {}),
-                ),
+                AgentConfig(**options),
                 system=sims[spec.name].system_reading,  # the simulated machine's memory
                 accelerators=sims[spec.name].read_accelerators,  # and its GPU, if any
             )

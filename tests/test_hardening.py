@@ -291,7 +291,13 @@ async def test_media_nobody_can_do_is_refused_at_once(
         assert stt.status_code == 503
         assert "no node in the fleet transcribes speech" in stt.json()["error"]["message"]
         image = await client.post("/api/generate-image", json={"model": "z-image", "prompt": "x"})
-        assert image.status_code == 404  # no node has that image model
+        assert image.status_code == 503  # no node generates images at all
+        assert "no node in the fleet generates images" in image.json()["error"]
+        openai_image = await client.post(
+            "/v1/images/generations", json={"model": "z-image", "prompt": "x"}
+        )
+        assert openai_image.status_code == 503
+        assert "generates images" in openai_image.json()["error"]["message"]
         assert trio.current_time() - start < 1
 
 

@@ -126,6 +126,10 @@ async def test_image_generation_through_the_node_subprocess(
             "/api/generate-image", json={"model": "dall-e-9", "prompt": "x"}
         )
         assert missing.status_code == 404 and "dall-e-9" in missing.json()["error"]
+        typo = await client.post(
+            "/api/generate-image", json={"model": "z-image-turb", "prompt": "x"}
+        )
+        assert typo.status_code == 404 and "did you mean z-image-turbo" in typo.json()["error"]
         failed = await client.post(
             "/api/generate-image", json={"model": "z-image-turbo", "prompt": "please fail"}
         )

@@ -99,3 +99,28 @@ def test_the_jsonl_formatter_writes_a_records_fields_as_keys() -> None:
     assert line["request_id"] == "x" and line["ms"] == 12.5 and line["node"] is None
     plain = logging.LogRecord("herd", logging.INFO, __file__, 1, "plain", None, None)
     assert set(json.loads(JsonLines().format(plain))) == {"ts", "level", "logger", "message"}
+
+
+async def test_a_model_asked_for_while_a_backend_is_down_says_so(tmp_path: Path) -> None:
+    """beta's backend has never answered, so nobody knows what models it has: a request for a
+    model no node lists is still a 404 at once (it may be a typo), but it says beta's backend
+    is down instead of only "not found"."""
+    dead = "http://127.0.0.1:1"  # nothing listens on port 1 of loopback
+    async with (
+        running_fleet(
+            tmp_path, two_node_specs(), agent_options={"beta": {"ollama_url": dead}}
+        ) as fleet,
+        httpx.AsyncClient(base_url=fleet.url, timeout=10, trust_env=False) as client,
+    ):
+        beta = fleet.router.state.registry.get("beta")
+        assert beta is not None and not beta.report.backend.healthy
+        answer = await client.post("/api/generate", json={"model": "qwen3:8b", "prompt": "x"})
+        assert answer.status_code == 404
+        message = answer.json()["error"]
+        assert "model 'qwen3:8b' not found on any node" in message
+        assert "beta's backend is down" in message and "models are not known yet" in message
+        assert "alpha" not in message  # alpha answered: its lists are known
+        served = await client.post(
+            "/api/generate", json={"model": "llama3.2:3b", "prompt": "x", "stream": False}
+        )
+        assert served.status_code == 200

@@ -17,6 +17,7 @@ from herd.core.models import (
     Capabilities,
     Capacity,
     FleetSnapshot,
+    GpuInfo,
     LoadedModel,
     MemoryInfo,
     MemoryPressure,
@@ -484,3 +485,110 @@ def test_settings_can_be_tuned() -> None:
         random.Random(0),
     )
     assert decision.winner is not None and decision.winner.node_id == "cold"
+
+
+def _random_fleet(rng: random.Random) -> FleetSnapshot:
+    """Eight nodes of every shape the scorer tells apart: hot, warm, cold, evicting, spilled,
+    offline, draining, full, queued, each with a mix of three models."""
+    models = (M, "qwen3:8b", "nomic-embed-text")
+    nodes = []
+    for i in range(8):
+        on_disk = tuple(m for m in models if rng.random() < 0.8)
+        loaded = tuple(m for m in on_disk if rng.random() < 0.4)
+        load = {
+            m: ModelLoad(
+                pending=rng.randint(0, 3),
+                in_flight=rng.randint(0, 2),
+                last_used=rng.choice((None, 10.0, 90.0)),
+                slots=rng.choice((0, 0, 1)),
+            )
+            for m in models
+            if rng.random() < 0.5
+        }
+        gpus: tuple[GpuInfo, ...] = ()
+        if rng.random() < 0.4:
+            gpus = (GpuInfo(name="gpu", memory_total_bytes=8 * GiB, memory_used_bytes=GiB),)
+        nodes.append(
+            NodeSnapshot(
+                report=NodeReport(
+                    node_id=f"n{i}",
+                    backend=BackendInfo(url=f"http://n{i}", healthy=rng.random() < 0.9),
+                    memory=MemoryInfo(
+                        total_bytes=rng.choice((8, 16, 64)) * GiB,
+                        available_bytes=rng.choice((2, 6, 12)) * GiB,
+                    ),
+                    loaded_models=tuple(
+                        LoadedModel(m, 5 * GiB, rng.choice((5, 3)) * GiB, rng.choice((2048, 8192)))
+                        for m in loaded
+                    ),
+                    available_models=tuple(
+                        AvailableModel(m, rng.choice((2, 5, 20)) * GiB) for m in on_disk
+                    ),
+                    parallel_slots=rng.choice((1, 2, 4)),
+                    draining=rng.random() < 0.1,
+                    gpus=gpus,
+                ),
+                status=rng.choice((NodeStatus.ONLINE, NodeStatus.ONLINE, NodeStatus.DEGRADED))
+                if rng.random() < 0.9
+                else NodeStatus.OFFLINE,
+                last_seen=0.0,
+                load=load,
+                recently_unloaded={m: 50.0 for m in models if rng.random() < 0.3},
+            )
+        )
+    return FleetSnapshot(tuple(nodes))
+
+
+def test_what_a_report_keeps_between_decisions_never_changes_one() -> None:
+    """The scorer keeps what a node's report says of each model with the report
+    (NodeReport.derived) for the next decision. Every decision made on reports used before
+    equals the decision on fresh copies of them, whatever changes between them: the request
+    (model, kind, nodes excluded or named, conversation, prompt size), the history, the clock,
+    the settings, and the queues and status of snapshots that share a report."""
+    rng = random.Random(11)
+    tuned = ScoringSettings(memory_fit_max=20.0, spill_penalty_max=5.0, eviction_idle=9.0)
+    for _ in range(40):
+        fleet = _random_fleet(rng)
+        for _ in range(12):
+            request = RouteRequest(
+                model=rng.choice((M, "qwen3:8b", "nomic-embed-text")),
+                kind=rng.choice(("text", "text", "embed")),
+                estimated_prompt_tokens=rng.choice((0, 500, 6000)),
+                excluded_nodes=frozenset(rng.sample(["n0", "n1", "n2", "n3"], rng.randint(0, 2))),
+                only_node=rng.choice((None, None, "n3")),
+                affinity_node=rng.choice((None, "n1", "n5")),
+                affinity_tokens=rng.choice((0, 1500)),
+            )
+            history = History(
+                latency_p75_ms={(f"n{i}", M): rng.uniform(100, 9000) for i in range(8)},
+                node_speed={f"n{i}": rng.uniform(0.3, 2.0) for i in range(0, 8, 2)},
+                model_p75_ms={M: 2000.0} if rng.random() < 0.5 else {},
+            )
+            now = rng.choice((60.0, 400.0, 4000.0))
+            settings = rng.choice((S, tuned))
+            seed = rng.randrange(1000)
+            kept = score(request, fleet, history, now, settings, random.Random(seed))
+            fresh = FleetSnapshot(
+                tuple(attrs.evolve(n, report=attrs.evolve(n.report)) for n in fleet.nodes)
+            )
+            assert not any(n.report.derived for n in fresh.nodes)
+            assert score(request, fresh, history, now, settings, random.Random(seed)) == kept
+            # The next snapshot of the same reports: other queues, another status.
+            shifted = FleetSnapshot(
+                tuple(
+                    attrs.evolve(
+                        n,
+                        status=rng.choice(list(NodeStatus)),
+                        load={
+                            m: ModelLoad(pending=rng.randint(0, 4), last_used=80.0) for m in n.load
+                        },
+                    )
+                    for n in fleet.nodes
+                )
+            )
+            again = FleetSnapshot(
+                tuple(attrs.evolve(n, report=attrs.evolve(n.report)) for n in shifted.nodes)
+            )
+            assert score(request, shifted, history, now, settings, random.Random(seed)) == score(
+                request, again, history, now, settings, random.Random(seed)
+            )

@@ -210,6 +210,14 @@ class NodeReport:
 
         return where_models_run(self)
 
+    @functools.cached_property
+    def derived(self) -> dict[tuple[str, str], object]:
+        """Values worked out from this report alone, kept with it: the scorer's facts of one
+        model for one kind of request here (:func:`herd.core.scoring.engine.score`). A report
+        is frozen and lives for a heartbeat interval, read by every decision meanwhile, so
+        they are worked out once per report, not once per decision."""
+        return {}
+
 
 @attrs.frozen
 class ModelLoad:
@@ -246,6 +254,12 @@ class NodeSnapshot:
     @property
     def pending(self) -> int:
         return sum(m.pending for m in self.load.values())
+
+    @functools.cached_property
+    def queued(self) -> int:
+        """Requests running or waiting on the node, all models (worked out once: a kept
+        snapshot is read by many decisions)."""
+        return sum(m.in_flight + m.pending for m in self.load.values())
 
     def loaded(self, model: str) -> LoadedModel | None:
         return self.report.loaded_index.get(model)

@@ -21,9 +21,10 @@ from herd.core.api.media import ImageRequest
 from herd.core.api.shaping import parse_tags
 from herd.core.errors import ApiFlavor, BadRequest, HerdError, ModelNotFound, parse_json_body
 from herd.core.models import KIND_IMAGE, KIND_STT, NodeSnapshot
+from herd.core.policy.models import closest_names
 from herd.transport.bodies import error_text
 from herd.transport.link import Link
-from herd.transport.media import MediaAnswer, dispatch_media, image_models
+from herd.transport.media import MediaAnswer, dispatch_media, image_models, missing_capability
 
 DEFAULT_STT_MODEL = "whisper"
 
@@ -47,8 +48,13 @@ def create_media_blueprint(link: Link) -> Blueprint:
 
     async def run_image(body: dict[str, Any], flavor: ApiFlavor) -> tuple[bytes, str]:
         job = ImageRequest.from_body(body)
-        if job.model not in image_models(state):
-            raise ModelNotFound(job.model)
+        models = image_models(state)
+        if job.model not in models:
+            # No node generates images at all: say so (503) rather than "not found".
+            missing = missing_capability(state, KIND_IMAGE, job.model) if not models else None
+            if missing is not None:
+                raise missing
+            raise ModelNotFound(job.model, suggestions=closest_names(job.model, models))
         payload = {k: v for k, v in body.items() if k not in ("metadata", "fallback_models")}
 
         def call(node: NodeSnapshot, headers: dict[str, str]) -> httpx.Request:

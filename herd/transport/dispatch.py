@@ -37,7 +37,6 @@ operator has not allowed), the last :class:`NodeError` when retries are exhauste
 from __future__ import annotations
 
 import contextlib
-import difflib
 import json
 import logging
 from collections.abc import AsyncGenerator
@@ -57,8 +56,10 @@ from herd.core.errors import (
     NodeUnreachable,
     NoEligibleNode,
 )
+from herd.core.models import NodeStatus
 from herd.core.policy import placement, virtual
 from herd.core.policy.deadlines import first_byte_budget
+from herd.core.policy.models import closest_names
 from herd.core.policy.placement import Choice, Placement, Situation
 from herd.core.scoring import RouteDecision
 from herd.state.queues import Lease
@@ -75,7 +76,6 @@ __all__ = ["Attempts", "Opened", "model_bytes", "models_known", "open_upstream"]
 log = logging.getLogger("herd.proxy")
 
 CLOSE_TIMEOUT = 0.1  # seconds allowed to close an upstream connection after cancellation
-SUGGESTIONS = 3  # closest model names named in a 404
 SHARED_AFFINITY_WAIT = 0.05  # seconds placement waits for the shared store's affinity
 
 
@@ -143,13 +143,31 @@ def closest_models(state: RouterState, model: str) -> tuple[str, ...]:
     for record in state.registry.records():
         names.update(record.report.loaded_index)
         names.update(record.report.available_index)
-    bare = {name.removesuffix(":latest"): name for name in names}
-    found = difflib.get_close_matches(model.removesuffix(":latest"), bare, SUGGESTIONS, 0.6)
-    return tuple(bare[name] for name in found)
+    return closest_names(model, names)
 
 
 def not_found(state: RouterState, request: InferenceRequest) -> ModelNotFound:
-    return ModelNotFound(request.model, suggestions=closest_models(state, request.model))
+    """404 for a model no node lists, naming the closest names and, when a node's backend is
+    down and has never listed its models, that node: the model may be there."""
+    unknown = [
+        record.report
+        for record in state.registry.records()
+        if record.status is not NodeStatus.OFFLINE
+        and not record.report.backend.healthy
+        and not record.report.available_models
+        and not record.report.loaded_models
+    ]
+    detail = None
+    if unknown:
+        shown = unknown[:3]
+        names = ", ".join(
+            f"{r.node_id}'s backend is down: {r.backend.error or 'no answer'}" for r in shown
+        )
+        more = f" and {len(unknown) - len(shown)} more" if len(unknown) > len(shown) else ""
+        detail = f"{names}{more}; its models are not known yet"
+    return ModelNotFound(
+        request.model, detail=detail, suggestions=closest_models(state, request.model)
+    )
 
 
 def substitution_allowed(state: RouterState, request: InferenceRequest) -> bool:

@@ -7,6 +7,9 @@ embedding model, a vision model for a vision model. Categories come from what th
 
 from __future__ import annotations
 
+import difflib
+from collections.abc import Iterable
+
 from herd.core.models import NodeSnapshot
 
 CHAT = "chat"
@@ -16,6 +19,15 @@ VISION = "vision"
 EMBED_FAMILIES = frozenset({"bert", "nomic-bert", "xlm-roberta", "gte", "e5"})
 VISION_FAMILIES = frozenset({"mllama", "llava", "clip", "qwen2vl", "qwen25vl", "gemma3-vision"})
 VISION_NAME_HINTS = ("llava", "vision", "-vl", "moondream", "bakllava", "minicpm-v")
+SUGGESTIONS = 3  # closest model names named in a 404
+
+
+def closest_names(model: str, names: Iterable[str]) -> tuple[str, ...]:
+    """The names in ``names`` closest to ``model`` (for "did you mean ...?"), best first, at
+    most :data:`SUGGESTIONS`; ``:latest`` is ignored on both sides."""
+    bare = {name.removesuffix(":latest"): name for name in names}
+    found = difflib.get_close_matches(model.removesuffix(":latest"), bare, SUGGESTIONS, 0.6)
+    return tuple(bare[name] for name in found)
 
 
 def capabilities(node: NodeSnapshot, model: str) -> tuple[str, ...]:

@@ -71,6 +71,12 @@ Choices worth knowing
   the ordinary model list. Any other kind is eliminated as "kind not supported".
 - Totals are rounded to 3 decimals so float noise doesn't hide a tie from the tie-breaker;
   breakdowns are rounded when read.
+- What a node's report alone says of a model (its eliminations, facts, and the memory fit,
+  role affinity and spill points) is worked out once per report and kept with it
+  (``NodeReport.derived``; a report is frozen and lives for a heartbeat): a decision works
+  out only what depends on the request, the node's queues, the history and the clock. The
+  same inputs give the same decision whether or not a report was read before
+  (``tests/test_scoring.py`` checks it).
 """
 
 from __future__ import annotations
@@ -91,6 +97,7 @@ from herd.core.models import (
     FleetSnapshot,
     LoadedModel,
     MemoryPressure,
+    NodeReport,
     NodeSnapshot,
     NodeStatus,
 )
@@ -319,114 +326,148 @@ def _saturate(x: float, s: ScoringSettings) -> float:
     return 1.0 + s.overflow_slope * math.log(x)
 
 
-def free_memory(node: NodeSnapshot) -> int:
-    """RAM a cold load may use: available memory, capped by the capacity ceiling (the ceiling
-    minus what is in use). Never negative. Raises nothing. (Where the model runs, see
-    :func:`herd.core.memory.where_models_run`.)"""
-    return memory.ram_free(node.report)
-
-
-def model_size(node: NodeSnapshot, model: str) -> int:
-    """Bytes ``model`` takes on ``node``: its loaded size, else its size on disk, else 0 (unknown).
-    Raises nothing."""
-    loaded = node.loaded(model)
+def model_size(report: NodeReport, model: str) -> int:
+    """Bytes ``model`` takes on the node that sent ``report``: its loaded size, else its size on
+    disk, else 0 (unknown). Raises nothing."""
+    loaded = report.loaded_index.get(model)
     if loaded is not None and loaded.size_bytes > 0:
         return loaded.size_bytes
-    available = node.available(model)
+    available = report.available_index.get(model)
     return max(0, available.size_bytes) if available is not None else 0
 
 
 def eliminate(request: RouteRequest, node: NodeSnapshot) -> str | None:
     """Why ``node`` can't serve ``request`` at all, or None if it can. Raises nothing."""
-    report = node.report
-    model = request.model
-    if (
-        model not in report.loaded_index
-        and model not in report.available_index
-        and request.kind in _MODEL_KINDS
-    ):
-        return "model not on node"  # first: in a big fleet most nodes lack any one model
+    return _reason(request, node, _known((request.model, request.kind), node.report, None))
+
+
+def _reason(request: RouteRequest, node: NodeSnapshot, known: _Known) -> str | None:
+    """The first reason that rules ``node`` out, in this order: the model absent (in a big
+    fleet most nodes lack any one model), the node offline, the request's own (failed earlier,
+    another node named), then the rest of the report's (see :func:`_report_reason`)."""
+    if known.absent:
+        return "model not on node"
     if node.status is _OFFLINE:
         return "offline"
-    if node.report.node_id in request.excluded_nodes:
+    node_id = node.report.node_id
+    if node_id in request.excluded_nodes:
         return "failed earlier in this request"
-    if request.only_node is not None and node.report.node_id != request.only_node:
+    if request.only_node is not None and node_id != request.only_node:
         return f"not the node the request named ({request.only_node})"
+    return known.reason
+
+
+def _report_reason(model: str, kind: str, report: NodeReport) -> str | None:
+    """Why the node that sent ``report`` can't serve ``model`` for a request of ``kind``,
+    whatever the request, once it is online and has the model; None if it can."""
     if report.draining:
         return "draining"
     if not report.backend.healthy:
         return f"backend down: {report.backend.error or 'no answer'}"
     if report.capacity.paused:
         return "capacity paused"
-    if request.kind == KIND_IMAGE:
+    if kind == KIND_IMAGE:
         if not report.capabilities.image_backends:
             return "no image backend"
-        if request.model not in report.capabilities.image_models:
+        if model not in report.capabilities.image_models:
             return "image model not on node"
         return None
-    if request.kind == KIND_STT:
+    if kind == KIND_STT:
         return None if report.capabilities.stt_backends else "no speech-to-text backend"
-    if request.kind not in (KIND_TEXT, KIND_EMBED):
-        return f"kind not supported: {request.kind!r}"
-    if request.kind == KIND_TEXT and not report.capabilities.text:
+    if kind not in (KIND_TEXT, KIND_EMBED):
+        return f"kind not supported: {kind!r}"
+    if kind == KIND_TEXT and not report.capabilities.text:
         return "kind not supported: node serves no text models"
     if model in report.loaded_index:
         return None  # hot: needs no new memory, whatever the pressure
     if report.memory.pressure is _CRITICAL:
         return "critical memory pressure (cold load refused)"
-    return memory.cold_load(report.memory_where, model_size(node, request.model)).reason
+    return memory.cold_load(report.memory_where, model_size(report, model)).reason
 
 
 class Facts(NamedTuple):
-    """What every signal reads of one eligible node for one request, looked up once."""
+    """What the signals read of one model on one node from the node's report (its queues come
+    from the snapshot, its speed from the history: see :func:`_queue`, :func:`_speed`)."""
 
     loaded: LoadedModel | None  # the model's entry if it is in the node's memory
     size: int  # bytes the model takes there (0 = unknown)
     free: int  # free memory where models run there (see herd.core.memory.where_models_run)
-    ahead: int  # requests running or waiting on the node, all models
-    slots: int  # parallel slots, at least 1
-    speed: float  # relative speed (see _speed)
     total: int  # memory where models run there: RAM, VRAM or the unified working set
     load: memory.ColdLoad | None  # what a cold load would do (None: hot)
     offload: float  # share of the model outside the accelerator, loaded or predicted
 
 
-_HOT_LOAD = memory.ColdLoad(True, 0.0, 0, 0)
-
-
-def facts(request: RouteRequest, node: NodeSnapshot, history: History, s: ScoringSettings) -> Facts:
-    """Look up, once, what the signals need of ``node``. Raises nothing."""
-    report = node.report
-    loaded = report.loaded_index.get(request.model)
-    size = model_size(node, request.model)
-    ahead = 0
-    for load in node.load.values():
-        ahead += load.in_flight + load.pending
-    slots = max(1, report.parallel_slots)
-    # A model with its own, smaller limit waits on its own queue when that is the longer one.
-    own = node.load.get(request.model)
-    if own is not None and own.slots > 0:
-        mine = own.in_flight + own.pending
-        if mine * slots > ahead * own.slots:
-            ahead, slots = mine, own.slots
+def facts(model: str, report: NodeReport) -> Facts:
+    """Look up, once, what the signals need of ``model`` on the node that sent ``report``.
+    Raises nothing."""
+    loaded = report.loaded_index.get(model)
+    size = model_size(report, model)
     where = report.memory_where
     if loaded is not None:
         cold, share = None, memory.offload(report, loaded)
     else:
         cold = memory.cold_load(where, size)
         share = cold.offload
-    # Positional: built once per candidate, on the hot path. The order of Facts' fields.
-    return Facts(
-        loaded,
-        size,
-        where.free,
-        max(0, ahead),
-        slots,
-        _speed(node, history, s),
-        where.total,
-        cold,
-        share,
+    return Facts(loaded, size, where.free, where.total, cold, share)
+
+
+class _Known(NamedTuple):
+    """What one node's report says of one model for one kind of request, whatever the request
+    and whatever the node's queues: whether it rules the node out, its facts, and the points
+    that follow from them alone. Worked out once per report and kept with it (see
+    :func:`_known`)."""
+
+    absent: bool  # the model is not on the node (for kinds served from its model lists)
+    reason: str | None  # see _report_reason
+    facts: Facts | None  # None when ruled out
+    settings: ScoringSettings | None  # the settings ``fixed`` was worked out with
+    fixed: tuple[float, float, float]  # memory_fit, role_affinity, spill
+
+
+_NO_POINTS = (0.0, 0.0, 0.0)
+_KNOWN_PER_REPORT = 256  # (model, kind) pairs kept per report; more are worked out again
+
+
+def _known(key: tuple[str, str], report: NodeReport, s: ScoringSettings | None) -> _Known:
+    """:class:`_Known` for ``key`` (model, kind) on the node that sent ``report``, from the
+    report's memo (:attr:`NodeReport.derived`) when it was worked out before (with ``s``, when
+    ``s`` is given). A report is frozen and lives for a heartbeat, so a busy router works this
+    out once per model per heartbeat, not once per decision. Raises nothing."""
+    memo = report.derived
+    known = memo.get(key)
+    if isinstance(known, _Known) and (s is None or known.settings is s):
+        return known
+    if len(memo) >= _KNOWN_PER_REPORT:
+        memo.clear()
+    model, kind = key
+    absent = (
+        kind in _MODEL_KINDS
+        and model not in report.loaded_index
+        and model not in report.available_index
     )
+    reason = None if absent else _report_reason(model, kind, report)
+    f = None
+    fixed = _NO_POINTS
+    if not absent and reason is None:
+        f = facts(model, report)
+        if s is not None:
+            fixed = (memory_fit(f, s), role_affinity(f, s), spill(f, s))
+    made = memo[key] = _Known(absent, reason, f, s, fixed)
+    return made
+
+
+def _queue(node: NodeSnapshot, model: str, slots: int) -> tuple[int, int]:
+    """Requests running or waiting on ``node`` (all models) and the slots they share (the
+    node's ``slots``, at least 1); for a model with its own, smaller limit, its own queue and
+    limit when that is the longer wait."""
+    ahead = node.queued
+    slots = max(1, slots)
+    own = node.load.get(model)
+    if own is not None and own.slots > 0:
+        mine = own.in_flight + own.pending
+        if mine * slots > ahead * own.slots:
+            ahead, slots = mine, own.slots
+    return max(0, ahead), slots
 
 
 def evictions(request: RouteRequest, node: NodeSnapshot) -> tuple[str, ...]:
@@ -438,7 +479,7 @@ def evictions(request: RouteRequest, node: NodeSnapshot) -> tuple[str, ...]:
     if node.loaded(request.model) is not None:
         return ()
     where = node.report.memory_where
-    load = memory.cold_load(where, model_size(node, request.model))
+    load = memory.cold_load(where, model_size(node.report, request.model))
     return _evicted(node, where.kind, load)
 
 
@@ -491,7 +532,7 @@ def thermal(
     return s.thermal_loaded - (s.thermal_loaded - cold) * share
 
 
-def memory_fit(node: NodeSnapshot, f: Facts, s: ScoringSettings) -> float:
+def memory_fit(f: Facts, s: ScoringSettings) -> float:
     """Headroom after serving, as a share of the memory models run in there (RAM, VRAM or the
     unified working set): a cold load spends the model's size (a partial offload leaves
     none), a hot model only what is free now. Full points at ``memory_comfort_share``. Raises
@@ -503,35 +544,34 @@ def memory_fit(node: NodeSnapshot, f: Facts, s: ScoringSettings) -> float:
     return s.memory_fit_max * min(1.0, share / s.memory_comfort_share)
 
 
-def queue_depth(f: Facts, s: ScoringSettings) -> float:
+def queue_depth(ahead: int, slots: int, speed: float, s: ScoringSettings) -> float:
     """Requests running or waiting on the node (all models) per parallel slot, divided by the
     node's relative speed: ``queue_penalty_per_slot_load`` per round of slots, full scale at
     ``queue_penalty_max`` and only slowly beyond (see :func:`_saturate`). Raises nothing."""
-    if f.ahead <= 0:
+    if ahead <= 0:
         return 0.0
-    penalty = s.queue_penalty_per_slot_load * (f.ahead / f.slots) / f.speed
+    penalty = s.queue_penalty_per_slot_load * (ahead / slots) / speed
     return -s.queue_penalty_max * _saturate(penalty / s.queue_penalty_max, s)
 
 
 def wait_time(
-    request: RouteRequest, node: NodeSnapshot, f: Facts, history: History, s: ScoringSettings
+    ahead: int, slots: int, speed: float, service: float, typical: float, s: ScoringSettings
 ) -> float:
     """Expected time to an answer on this node, relative to what the model usually takes.
 
-    Service time is this node:model's p75 (slot to last byte), or, where it hasn't run yet, the
-    model's typical p75 divided by the node's relative speed. The requests ahead of it take
+    Service time is this node:model's p75 (``service``, slot to last byte), or, where it hasn't
+    run yet (0), the model's typical p75 (``typical``: on a node of relative speed 1.0; 0 =
+    unknown) divided by the node's relative ``speed``. The requests ahead of it take
     about as long each, shared among the slots: expected = service x (1 + ahead / slots).
     Measured in units of the model's typical service time (a 70B model's minute and a 3B
     model's second are both "one"), full penalty at ``wait_full_multiple`` of them and only
     slowly beyond. Without a typical time, the absolute p75 counts, log-scaled, full at
     ``wait_full_penalty_ms``. 0 without any history. Raises nothing."""
-    typical = _number(history.model_p75_ms.get(request.model), 0.0)
-    service = _number(history.latency_p75_ms.get((node.report.node_id, request.model)), 0.0)
     if service <= 0:
-        service = typical / f.speed
+        service = typical / speed
     if service <= 0:
         return 0.0
-    expected = service * (1.0 + s.wait_queue_factor * f.ahead / f.slots)
+    expected = service * (1.0 + s.wait_queue_factor * ahead / slots)
     if typical > 0:
         fraction = expected / (typical * s.wait_full_multiple)
     else:
@@ -540,7 +580,7 @@ def wait_time(
     return -s.wait_penalty_max * _saturate(fraction, s)
 
 
-def role_affinity(node: NodeSnapshot, f: Facts, s: ScoringSettings) -> float:
+def role_affinity(f: Facts, s: ScoringSettings) -> float:
     """Large models (>= ``large_model_bytes``) score by how big the node is (the memory
     models run in there), up to ``big_node_bytes``; small ones by how small it is, at
     ``small_model_affinity_share`` of the weight. 0 when a size is unknown. Raises nothing."""
@@ -596,9 +636,7 @@ def affinity(request: RouteRequest, node: NodeSnapshot, f: Facts, s: ScoringSett
     return s.affinity_max * share
 
 
-def eviction(
-    request: RouteRequest, node: NodeSnapshot, f: Facts, now: float, s: ScoringSettings
-) -> float:
+def eviction(node: NodeSnapshot, f: Facts, now: float, s: ScoringSettings) -> float:
     """Cost of the models a cold load would push out (see :func:`evictions`): each costs
     ``eviction_busy`` if requests use it now, ``eviction_recent`` if one did within
     ``eviction_recent_s``, else ``eviction_idle``; capped at ``eviction_max``. Raises nothing."""
@@ -635,39 +673,51 @@ def spill(f: Facts, s: ScoringSettings) -> float:
 def _signals(
     request: RouteRequest,
     node: NodeSnapshot,
-    f: Facts,
+    known: _Known,
     history: History,
+    typical: float,
     now: float,
     s: ScoringSettings,
 ) -> tuple[float, ...]:
+    """Every signal's points, in the order of ``SIGNALS``: the ones that depend on the request,
+    the node's queues, the history or the clock worked out now, the rest taken from ``known``
+    (made with ``s``). ``typical``: the model's p75 from ``history`` (see :func:`wait_time`),
+    read once per decision."""
+    f = known.facts
+    assert f is not None  # only eligible nodes are scored
+    report = node.report
+    ahead, slots = _queue(node, request.model, report.parallel_slots)
+    speed = _speed(node, history, s)
+    service = _number(history.latency_p75_ms.get((report.node_id, request.model)), 0.0)
+    fit, role, spilled = known.fixed
     return (
         thermal(request, node, f, now, s),
-        memory_fit(node, f, s),
-        queue_depth(f, s),
-        wait_time(request, node, f, history, s),
-        role_affinity(node, f, s),
+        fit,
+        queue_depth(ahead, slots, speed, s),
+        wait_time(ahead, slots, speed, service, typical, s),
+        role,
         availability(node, s),
         context_fit(request, f, s),
         affinity(request, node, f, s),
-        eviction(request, node, f, now, s),
-        spill(f, s),
+        eviction(node, f, now, s),
+        spilled,
     )
 
 
 def points(
     request: RouteRequest, node: NodeSnapshot, history: History, now: float, s: ScoringSettings
-) -> tuple[float, ...]:
-    """Every signal's points for one eligible node, in the order of ``SIGNALS``. Raises
-    nothing."""
-    return _signals(request, node, facts(request, node, history, s), history, now, s)
+) -> tuple[float, ...] | None:
+    """Every signal's points for ``node``, in the order of ``SIGNALS``; None when the node is
+    ruled out (see :func:`eliminate`). Raises nothing."""
+    known = _known((request.model, request.kind), node.report, s)
+    if _reason(request, node, known) is not None:
+        return None
+    return _signals(request, node, known, history, _typical(request, history), now, s)
 
 
-def breakdown(
-    request: RouteRequest, node: NodeSnapshot, history: History, now: float, s: ScoringSettings
-) -> dict[str, float]:
-    """:func:`points` keyed by signal name, rounded to 3 decimals. Raises nothing."""
-    values = points(request, node, history, now, s)
-    return {name: round(value, 3) for name, value in zip(SIGNALS, values, strict=True)}
+def _typical(request: RouteRequest, history: History) -> float:
+    """The model's p75 on a node of relative speed 1.0, ms; 0 = unknown."""
+    return _number(history.model_p75_ms.get(request.model), 0.0)
 
 
 def score(
@@ -686,13 +736,17 @@ def score(
     """
     candidates: list[Candidate] = []
     eliminated: list[Elimination] = []
+    typical = _typical(request, history)
+    key = (request.model, request.kind)
     for node in fleet.nodes:
-        reason = eliminate(request, node)
+        known = _known(key, node.report, settings)
+        reason = _reason(request, node, known)
         if reason is not None:
             eliminated.append(Elimination(node.report.node_id, reason))
             continue
-        f = facts(request, node, history, settings)
-        values = _signals(request, node, f, history, now, settings)
+        values = _signals(request, node, known, history, typical, now, settings)
+        f = known.facts
+        assert f is not None
         candidates.append(
             Candidate(  # positional: a decision builds one per node
                 node.report.node_id,
