@@ -324,6 +324,51 @@ async def test_node_cards_show_throughput_queue_context_and_states(
         assert {("drain_started", "studio"), ("node_paused", "laptop")} <= kinds
 
 
+async def test_node_cards_show_accelerator_memory_and_a_spilled_copy(
+    tmp_path: Path, browser: str
+) -> None:
+    """A gaming PC (64 GiB of RAM, a 24 GiB GPU) holding a 42 GiB model that spills, and a Mac
+    whose GPU working set holds it whole: each card shows the memory models run in there, and
+    only the PC's says its copy is spilled and how much of it runs on the CPU."""
+    big = SimModel("big:70b", size_bytes=42 * GiB, tokens_per_second=40.0, parameter_size="70B")
+    fleet_specs = [
+        SimConfig(
+            name="gpu-box",
+            models=(big, LLAMA),
+            loaded=("big:70b",),
+            memory_bytes=64 * GiB,
+            vram_bytes=24 * GiB,
+        ),
+        SimConfig(
+            name="mac-studio",
+            models=(big,),
+            loaded=("big:70b",),
+            memory_bytes=192 * GiB,
+            vram_bytes=144 * GiB,
+            unified_memory=True,
+        ),
+    ]
+    async with running_fleet(tmp_path, fleet_specs) as fleet:
+        box = fleet.router.state.registry.get("gpu-box")
+        assert box is not None
+        (copy,) = [m for m in box.report.loaded_models if m.name == "big:70b"]
+        assert 0 < copy.vram_bytes < copy.size_bytes  # the simulator split it
+        on_cpu = round((1 - copy.vram_bytes / copy.size_bytes) * 100)
+
+        def look(page: Page) -> None:
+            pc = page.locator('.card[data-node="gpu-box"]')
+            expect(pc.locator(".meter", has_text="VRAM")).to_contain_text("/ 24.0 GiB")
+            expect(pc.locator("h3 .badge.spilled")).to_have_text("spilled")
+            expect(pc.locator(".chip.hot", has_text="big:70b")).to_contain_text(f"{on_cpu}% CPU")
+            mac = page.locator('.card[data-node="mac-studio"]')
+            expect(mac.locator(".meter", has_text="GPU working set")).to_contain_text("/ 144.0 GiB")
+            expect(mac.locator(".badge.spilled")).to_have_count(0)
+            expect(mac.locator(".chip.hot", has_text="big:70b")).not_to_contain_text("CPU")
+            shot(page, "accelerators")
+
+        await in_browser(browser, fleet.url + "/dashboard", look)
+
+
 async def test_a_pull_shows_its_progress_and_is_cancelled_from_the_page(
     tmp_path: Path, browser: str
 ) -> None:
