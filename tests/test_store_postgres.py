@@ -7,6 +7,7 @@ show both routers' traces and events."""
 from __future__ import annotations
 
 import functools
+import json
 import random
 import subprocess
 import sys
@@ -334,3 +335,49 @@ async def test_a_store_that_goes_away_stops_nothing_and_comes_back(
         assert [t["request_id"] for t in shown.json()["traces"]] == [
             reply.headers["x-herd-request-id"]
         ]
+
+
+async def test_settings_are_kept_in_the_store_for_every_router_on_it(
+    tmp_path: Path, postgres: StoreTarget, postgres_url: str
+) -> None:
+    """With a PostgreSQL store the routers' runtime settings are kept there, one copy: a router
+    started later on the same store (another machine, its own data directory) comes up with
+    them. The first router's settings.json is read while the store has none yet; a change the
+    store can't keep is refused, and nothing changes."""
+    import psycopg
+
+    assert postgres.url is not None
+    first_dir = tmp_path / "a"
+    first_dir.mkdir()
+    (first_dir / "settings.json").write_text(json.dumps({"prewarm_queue_depth": 7}))
+    async with (
+        running_fleet(first_dir, specs("alpha"), store=postgres.url) as one,
+        httpx.AsyncClient(base_url=one.url, timeout=10, trust_env=False) as client,
+    ):
+        assert one.router.state.settings.prewarm_queue_depth == 7  # the file, as before
+        changed = await client.post(
+            "/dashboard/api/settings", json={"vram_fallback": True, "stale_timeout": 120}
+        )
+        assert changed.status_code == 200
+        # The store away: the change is refused, in JSON, and not applied.
+        schema = postgres.url.rpartition("%3D")[2]
+        with psycopg.connect(postgres_url, autocommit=True) as admin:
+            admin.execute(f"ALTER TABLE {schema}.router_settings RENAME TO elsewhere")
+        refused = await client.post("/dashboard/api/settings", json={"auto_pull": True})
+        assert refused.status_code == 503
+        assert "could not be saved" in refused.json()["error"]
+        assert one.router.state.settings.auto_pull is False
+        with psycopg.connect(postgres_url, autocommit=True) as admin:
+            admin.execute(f"ALTER TABLE {schema}.elsewhere RENAME TO router_settings")
+    assert json.loads((first_dir / "settings.json").read_text()) == {"prewarm_queue_depth": 7}
+    with db.connected(postgres) as connection:
+        saved = db.read_settings(connection)
+    assert (saved["vram_fallback"], saved["stale_timeout"], saved["prewarm_queue_depth"]) == (
+        True,
+        120.0,
+        7,
+    )
+    async with running_fleet(tmp_path / "b", specs("beta"), store=postgres.url) as two:
+        settings = two.router.state.settings
+        assert (settings.vram_fallback, settings.stale_timeout) == (True, 120.0)
+        assert settings.prewarm_queue_depth == 7

@@ -25,6 +25,7 @@ from herd.config import NodeConfig, RouterConfig
 from herd.core.models import FleetSnapshot, NodeStatus
 from herd.core.policy import virtual
 from herd.discovery import advertise
+from herd.http import saved_settings
 from herd.http.app import create_app
 from herd.http.dashboard.bench import BenchmarkRunner
 from herd.http.handler import ProxyASGI
@@ -33,7 +34,7 @@ from herd.server import ConnectionLimits, FinishResponses, serve_app
 from herd.shared.service import SharedState
 from herd.state import upkeep
 from herd.state.registry import NodeRegistry
-from herd.state.settings import RuntimeSettings, load_settings, updated
+from herd.state.settings import RuntimeSettings, updated
 from herd.state.state import RouterState
 from herd.store.db import StoreTarget, recent_latencies
 from herd.store.events import open_events
@@ -165,7 +166,7 @@ class Router:
                 heartbeat_offline=config.heartbeat_offline,
                 forget_after=config.forget_after,
             ),
-            settings=self._start_settings(),
+            settings=await self._start_settings(target),
         )
         async with (
             upstream_client() as client,
@@ -226,11 +227,12 @@ class Router:
             log.info("dashboard: %s/dashboard", self._url)
             task_status.started(self._url)
 
-    def _start_settings(self) -> RuntimeSettings:
-        """The embedding program's settings, then the settings file, then the flags that set
-        a runtime setting (they beat the file: an operator who starts with ``--auto-pull``
-        means it)."""
-        settings = load_settings(self.config.data_path, self.settings)
+    async def _start_settings(self, target: StoreTarget) -> RuntimeSettings:
+        """The embedding program's settings, then the saved ones (the settings file, or the
+        PostgreSQL store's copy: :mod:`herd.http.saved_settings`), then the flags that set a
+        runtime setting (they beat what was saved: an operator who starts with
+        ``--auto-pull`` means it)."""
+        settings = await saved_settings.load(self.config.data_path, target, self.settings)
         flags: dict[str, Any] = {
             name: getattr(self.config, name)
             for name in ("auto_pull", "vram_fallback", "agent_defaults")

@@ -1,9 +1,11 @@
 """Settings an operator may change while the router runs (the dashboard's toggles).
 
 They persist in ``<data-dir>/settings.json``: a change through the API is written there and
-read back at the next start. Values given by an embedding program are the defaults the file
-overrides; a flag or environment variable for the same setting (``--auto-pull``,
-``--vram-fallback``) beats the file at start.
+read back at the next start. With a PostgreSQL store (``--store postgresql://``) they persist in
+the store instead (``router_settings``), one copy for every router on it; ``settings.json`` is
+then read only while the store has none saved yet (:mod:`herd.http.saved_settings`). Values
+given by an embedding program are the defaults what was saved overrides; a flag or environment
+variable for the same setting (``--auto-pull``, ``--vram-fallback``) beats them at start.
 
 Every value is checked here, whoever sets it (the file, the API, the start flags): its type
 and its range. A bad one is refused with a
@@ -104,16 +106,31 @@ def updated(settings: RuntimeSettings, changes: dict[str, Any]) -> RuntimeSettin
     return attrs.evolve(settings, **checked)
 
 
+def from_saved(saved: object, defaults: RuntimeSettings, where: str) -> RuntimeSettings:
+    """``defaults`` with the settings saved in ``where`` (decoded JSON) applied; saved values
+    that break a rule are ignored with a warning naming ``where`` and the rule."""
+    if saved is None:
+        return defaults
+    if not isinstance(saved, dict):
+        log.warning("ignoring the settings in %s: not a JSON object", where)
+        return defaults
+    try:
+        return updated(defaults, saved)
+    except BadRequest as exc:
+        log.warning("ignoring the settings in %s: %s", where, exc)
+        return defaults
+
+
 def load_settings(data_dir: Path, defaults: RuntimeSettings) -> RuntimeSettings:
     path = data_dir / SETTINGS_FILE
     try:
         saved = json.loads(path.read_text())
-        return updated(defaults, saved if isinstance(saved, dict) else {})
     except FileNotFoundError:
         return defaults
-    except (ValueError, BadRequest) as exc:
-        log.warning("ignoring %s: %s", path, exc)
+    except ValueError as exc:
+        log.warning("ignoring the settings in %s: %s", path, exc)
         return defaults
+    return from_saved(saved, defaults, str(path))
 
 
 def save_settings(data_dir: Path, settings: RuntimeSettings) -> None:

@@ -183,6 +183,11 @@ CREATE TABLE IF NOT EXISTS fleet_events (
     detail TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX IF NOT EXISTS fleet_events_timestamp ON fleet_events (timestamp);
+CREATE TABLE IF NOT EXISTS router_settings (
+    name TEXT PRIMARY KEY,
+    data TEXT NOT NULL,
+    timestamp {float} NOT NULL
+);
 """
 # Columns added since the first schema, with their definitions (added to older databases).
 ADDED_COLUMNS = {
@@ -570,6 +575,30 @@ def prune_events(connection: Store, before: float) -> int:
     """Delete events older than ``before`` (epoch seconds). Returns how many went."""
     with connection.transaction():
         return connection.execute("DELETE FROM fleet_events WHERE timestamp < ?", (before,))
+
+
+SETTINGS_ROW = "runtime"  # the routers' runtime settings (herd.state.settings), one row
+
+
+def read_settings(connection: Store) -> Any:
+    """The runtime settings saved in the store (decoded JSON, not yet checked), or None when
+    none were saved. Raises StoreError."""
+    text = connection.value("SELECT data FROM router_settings WHERE name = ?", (SETTINGS_ROW,))
+    if text is None:
+        return None
+    try:
+        return json.loads(text)
+    except ValueError as exc:
+        raise StoreError(connection.target.describe(), f"saved settings unreadable: {exc}") from exc
+
+
+def write_settings(connection: Store, data: dict[str, Any], now: float) -> None:
+    """Save the runtime settings (replacing what was saved). Raises StoreError."""
+    connection.execute(
+        "INSERT INTO router_settings (name, data, timestamp) VALUES (?, ?, ?) "
+        "ON CONFLICT (name) DO UPDATE SET data = excluded.data, timestamp = excluded.timestamp",
+        (SETTINGS_ROW, json.dumps(data), now),
+    )
 
 
 def recent_latencies(

@@ -31,8 +31,9 @@ from herd.core import instruments
 from herd.core.errors import BadRequest, NoEligibleNode, NotFound, parse_json_body
 from herd.core.recommend import recommend
 from herd.core.timeline import settings_changes
+from herd.http import saved_settings
 from herd.http.dashboard.bench import BenchmarkRunner
-from herd.state.settings import save_settings, updated
+from herd.state.settings import updated
 from herd.store import queries
 from herd.store.db import StoreError
 from herd.store.writer import TraceWriter
@@ -384,11 +385,13 @@ def create_blueprint(
     @bp.post("/dashboard/api/settings")
     async def post_settings() -> Response:
         before = attrs.asdict(state.settings)
-        state.change_settings(updated(state.settings, await body_json()))
+        new = updated(state.settings, await body_json())
+        # Saved first: a change that can't be kept is refused, not shown and then lost.
+        await saved_settings.save(config.data_path, store.target if store else None, new)
+        state.change_settings(new)
         changed = settings_changes(before, attrs.asdict(state.settings))
         if changed:
             state.timeline.record("settings_changed", detail=changed)
-        await trio.to_thread.run_sync(save_settings, config.data_path, state.settings)
         health_cache.at = -1e18
         return _json(settings_view())
 
