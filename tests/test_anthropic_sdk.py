@@ -4,6 +4,7 @@ API keys."""
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 from collections.abc import AsyncIterator, Iterator
@@ -497,3 +498,42 @@ async def test_an_agent_session_stays_on_the_node_holding_its_prompt(tmp_path: P
         assert len(set(served)) == 1, served
         holder = fleet.sims[served[0]]
         assert holder.prompt_cache_hits >= 3
+
+
+async def test_a_base64_image_reaches_a_vision_model_and_a_big_body_is_a_413(
+    tmp_path: Path,
+) -> None:
+    seer = SimModel("gemma3:4b", size_bytes=3 * GiB, family="gemma3", vision=True)
+    spec = SimConfig(name="alpha", models=(LLAMA_3B, seer), loaded=("llama3.2:3b", "gemma3:4b"))
+    picture = base64.b64encode(b"\x89PNG\r\n\x1a\n" + bytes(range(200))).decode()
+    asked: list[anthropic.types.MessageParam] = [
+        {
+            "role": "user",
+            "content": [
+                {
+                    "type": "image",
+                    "source": {"type": "base64", "media_type": "image/png", "data": picture},
+                },
+                {"type": "text", "text": "What is this?"},
+            ],
+        }
+    ]
+    async with running_fleet(tmp_path, [spec], max_body_bytes=64 * 1024) as fleet:
+        with keyed(fleet.url, "x") as sdk:
+            message = await in_thread(
+                lambda: sdk.messages.create(model="gemma3:4b", max_tokens=5, messages=asked)
+            )
+            assert message.model == "gemma3:4b" and text_of(message)
+            path, body = fleet.sims["alpha"].requests[-1]
+            assert path == "/api/chat"
+            (user,) = body["messages"]
+            assert user["images"] == [picture] and user["content"] == "What is this?"
+            huge: list[anthropic.types.MessageParam] = [{"role": "user", "content": "x" * 100_000}]
+            with pytest.raises(anthropic.RequestTooLargeError) as refused:
+                await in_thread(
+                    lambda: sdk.messages.create(model="llama3.2:3b", max_tokens=5, messages=huge)
+                )
+            error_body: Any = refused.value.body
+            assert refused.value.status_code == 413
+            assert error_body["type"] == "error"
+            assert error_body["error"]["type"] == "request_too_large"

@@ -10,6 +10,14 @@ from typing import Any
 
 import openai
 import pytest
+from openai.types.responses import (
+    ResponseCompletedEvent,
+    ResponseCreatedEvent,
+    ResponseFunctionCallArgumentsDeltaEvent,
+    ResponseFunctionCallArgumentsDoneEvent,
+    ResponseFunctionToolCall,
+    ResponseOutputItemAddedEvent,
+)
 
 from herd.sim import SimConfig, SimModel
 from tests.conftest import LLAMA_3B, Fleet, in_thread, running_fleet
@@ -153,6 +161,57 @@ async def test_a_function_call_round_trip(fleet: Fleet, oai: openai.OpenAI) -> N
         {"function": {"name": "get_weather", "arguments": arguments}}
     ]
     assert messages[2] == {"role": "tool", "content": "sunny, 21", "tool_name": "get_weather"}
+
+
+async def test_a_streamed_function_call_round_trip(fleet: Fleet, oai: openai.OpenAI) -> None:
+    """As Codex runs a turn: streamed, the call's arguments arrive as deltas that add up to the
+    completed item, and the next streamed turn (the call and its output as input items)
+    answers in text."""
+    events = await in_thread(
+        lambda: list(
+            oai.responses.create(
+                model="llama3.2:3b",
+                input="Weather in Paris?",
+                tools=[WEATHER],  # type: ignore[list-item]
+                store=False,
+                stream=True,
+            )
+        )
+    )
+    assert isinstance(events[0], ResponseCreatedEvent)
+    last = events[-1]
+    assert isinstance(last, ResponseCompletedEvent)
+    added = [e.item.type for e in events if isinstance(e, ResponseOutputItemAddedEvent)]
+    assert added == ["function_call"]
+    deltas = "".join(
+        e.delta for e in events if isinstance(e, ResponseFunctionCallArgumentsDeltaEvent)
+    )
+    (done,) = [e for e in events if isinstance(e, ResponseFunctionCallArgumentsDoneEvent)]
+    assert deltas == done.arguments
+    (call,) = [i for i in last.response.output if isinstance(i, ResponseFunctionToolCall)]
+    assert call.arguments == done.arguments and call.name == "get_weather"
+    arguments = json.loads(call.arguments)
+    assert isinstance(arguments["city"], str) and arguments["unit"] in ("c", "f")
+    history: list[Any] = [
+        {"role": "user", "content": "Weather in Paris?"},
+        *[item.model_dump(exclude_none=True) for item in last.response.output],
+        {"type": "function_call_output", "call_id": call.call_id, "output": "sunny, 21"},
+    ]
+    answer = await in_thread(
+        lambda: list(
+            oai.responses.create(
+                model="llama3.2:3b",
+                input=history,
+                tools=[WEATHER],  # type: ignore[list-item]
+                store=False,
+                stream=True,
+            )
+        )
+    )
+    completed = answer[-1]
+    assert isinstance(completed, ResponseCompletedEvent) and completed.response.output_text
+    assert [item.type for item in completed.response.output] == ["message"]
+    assert [m["role"] for m in sent(fleet)["messages"]] == ["user", "assistant", "tool"]
 
 
 APPLY_PATCH = {
