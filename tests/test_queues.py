@@ -78,7 +78,8 @@ async def test_a_model_with_its_own_limit_runs_that_many_at_once(
     from tests.conftest import EMBED, GiB, running_fleet
 
     slow = SimModel("slow:latest", size_bytes=GiB, tokens_per_second=10.0)
-    spec = SimConfig(name="solo", models=(slow, EMBED), loaded=("slow:latest",), parallel=4)
+    seer = SimModel("llama3.2-vision:11b", size_bytes=8 * GiB, family="mllama", vision=True)
+    spec = SimConfig(name="solo", models=(slow, EMBED, seer), loaded=("slow:latest",), parallel=4)
     options = {"solo": {"model_slots": {"slow:latest": 1}}}
     async with (
         running_fleet(tmp_path, [spec], agent_options=options) as fleet,
@@ -104,3 +105,6 @@ async def test_a_model_with_its_own_limit_runs_that_many_at_once(
         # Ollama runs an embedding-only model one request at a time: so does the book.
         limits = book.model_limiter("solo", "nomic-embed-text:latest")
         assert limits is not None and limits.total_tokens == 1
+        # ... and Llama 3.2 Vision / Qwen3-VL (their encoder cache), whatever its slots.
+        vision = book.model_limiter("solo", "llama3.2-vision:11b")
+        assert vision is not None and vision.total_tokens == 1

@@ -19,6 +19,9 @@ VISION = "vision"
 EMBED_FAMILIES = frozenset({"bert", "nomic-bert", "xlm-roberta", "gte", "e5"})
 VISION_FAMILIES = frozenset({"mllama", "llava", "clip", "qwen2vl", "qwen25vl", "gemma3-vision"})
 VISION_NAME_HINTS = ("llava", "vision", "-vl", "moondream", "bakllava", "minicpm-v")
+# Architectures Ollama's scheduler loads with one slot whatever OLLAMA_NUM_PARALLEL says (their
+# encoder cache can't be shared between requests): Llama 3.2 Vision, Qwen3-VL.
+SERIAL_FAMILIES = frozenset({"mllama", "qwen3vl", "qwen3vlmoe"})
 SUGGESTIONS = 3  # closest model names named in a 404
 
 
@@ -72,11 +75,12 @@ def parameter_billions(node: NodeSnapshot, model: str) -> float:
 
 def model_limits(node: NodeSnapshot) -> dict[str, int]:
     """Per-model concurrency limits on ``node``: what its operator set (``--model-slots``),
-    and one at a time for Ollama's embedding-only models, as Ollama's scheduler runs them."""
+    and one at a time where Ollama's scheduler runs a model so: embedding-only models and the
+    architectures in :data:`SERIAL_FAMILIES`."""
     limits: dict[str, int] = {}
     if node.report.backend.kind == "ollama":
         for model in node.report.available_models:
-            if category(node, model.name) == EMBEDDING:
+            if model.family in SERIAL_FAMILIES or category(node, model.name) == EMBEDDING:
                 limits[model.name] = 1
     for name, slots in node.report.model_slots.items():
         if slots > 0:
