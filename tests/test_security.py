@@ -25,7 +25,7 @@ from trio_websocket import (
 
 from herd.core.models import NodeReport, NodeStatus
 from herd.core.wire import report_to_json
-from herd.http.security import key_ok, presented_key
+from herd.http.security import Origins, key_ok, presented_key
 from herd.node.agent import RouterEndpoint
 from herd.server import hypercorn_config
 from herd.sim import SimConfig
@@ -408,3 +408,31 @@ async def test_slow_clients_are_cut_but_a_long_stream_is_not(
     # The stream ran four times the body deadline and past the keep-alive time, uncut.
     assert streamed[-1]["done"] is True and len(streamed) == 121
     assert streamed[-1]["at"] - start == pytest.approx(120.0, abs=1.0)  # type: ignore[operator]
+
+
+def test_the_origins_allowed_by_default_are_ollamas() -> None:
+    """Local pages on any port and the desktop-app schemes Ollama allows; not browser
+    extensions (any installed one could call the fleet) until an operator lists them."""
+    default = Origins()
+    for origin in (
+        "http://localhost:3000",
+        "https://127.0.0.1:8443",
+        "http://0.0.0.0",
+        "app://obsidian.md",
+        "file://",
+        "tauri://localhost",
+        "vscode-webview://1a2b3c",
+        "vscode-file://vscode-app",
+    ):
+        assert default.allowed(origin), origin
+    for origin in (
+        "https://evil.example",
+        "http://localhost.evil.example",
+        "chrome-extension://abcdefgh",
+        "moz-extension://1234",
+    ):
+        assert not default.allowed(origin), origin
+    listed = Origins(("chrome-extension://abcdefgh", "https://*.example.com"))
+    assert listed.allowed("chrome-extension://abcdefgh")
+    assert not listed.allowed("chrome-extension://other")
+    assert listed.allowed("https://chat.example.com") and not listed.allowed("http://example.com")

@@ -16,10 +16,12 @@ who may change operator state. Two ASGI layers in front of everything else.
   router, and CORS never opens these paths.
 - **CORS**, as Ollama does it: browser apps on allowed origins may call the API from another
   origin. Allowed by default: ``localhost``, ``127.0.0.1`` and ``0.0.0.0`` on any port (http
-  and https), the app schemes ``app://``, ``file://``, ``tauri://``, ``vscode-webview://``,
-  and browser extensions (``chrome-extension://``, ``moz-extension://``,
-  ``safari-web-extension://``); ``--origins`` / ``FLEET_ORIGINS`` and Ollama's own
-  ``OLLAMA_ORIGINS`` add more (comma lists; ``*`` wildcards). A request whose ``Origin`` is
+  and https), and the app schemes ``app://``, ``file://``, ``tauri://``,
+  ``vscode-webview://`` and ``vscode-file://`` (Ollama's own list). Browser extensions are not
+  allowed by default, as in Ollama (any installed extension could then call the fleet); list
+  them (``chrome-extension://*``, ``moz-extension://*``, or one extension's id) with
+  ``--origins`` / ``FLEET_ORIGINS`` or Ollama's own ``OLLAMA_ORIGINS``, which add more (comma
+  lists; ``*`` wildcards). A request whose ``Origin`` is
   neither allowed nor the router's own is refused (403), as Ollama refuses it; a preflight
   (``OPTIONS`` with ``Access-Control-Request-Method``) on any API path is answered 204 with
   the allowed method and headers. Answers carry ``Access-Control-Allow-Origin`` (the origin
@@ -76,9 +78,7 @@ DEFAULT_ORIGINS = (
     "file://*",
     "tauri://*",
     "vscode-webview://*",
-    "chrome-extension://*",
-    "moz-extension://*",
-    "safari-web-extension://*",
+    "vscode-file://*",
 )
 CORS_METHODS = b"GET, POST, PUT, PATCH, DELETE, HEAD, OPTIONS"
 CORS_EXPOSED = (
