@@ -361,15 +361,15 @@ def run_status(argv: Sequence[str]) -> int:
                 f"herd status: {url} requires an API key: pass --api-key or set FLEET_API_KEYS",
                 file=sys.stderr,
             )
-            return 1
+            return 2
         response.raise_for_status()
     except httpx.HTTPError as exc:
         print(
-            f"herd status: cannot read {url}/fleet/status: {exc}\n"
-            "Is the router running? Start it with: herd",
+            f"herd status: cannot read {url}/fleet/status ({type(exc).__name__}: {exc}); "
+            "is the router running? Start it with: herd (or pass its --url)",
             file=sys.stderr,
         )
-        return 1
+        return 2
     data = response.json()
     print_out(json.dumps(data, indent=2) if args.json else render_status(data))
     return 0
@@ -634,8 +634,12 @@ def run_node_command(argv: Sequence[str]) -> int:
             trust_env=False,
         )
     except httpx.HTTPError as exc:
-        print(f"herd node: cannot reach {args.url}: {exc}", file=sys.stderr)
-        return 1
+        print(
+            f"herd node: cannot reach the node agent at {args.url} ({type(exc).__name__}: "
+            f"{exc}); is herd-node running there? (pass its --url)",
+            file=sys.stderr,
+        )
+        return 2
     if response.status_code != 200:
         print(f"herd node: {response.text}", file=sys.stderr)
         return 1

@@ -193,8 +193,10 @@ def test_status_when_router_is_down(tmp_path: Path) -> None:
         env=clean_env(tmp_path),
         check=False,
     )
-    assert result.returncode == 1
-    assert "Is the router running?" in result.stderr
+    assert result.returncode == 2
+    (line,) = result.stderr.splitlines()  # one line: what, why, what to do
+    assert "cannot read" in line and "ConnectError" in line
+    assert "is the router running? Start it with: herd" in line
 
 
 def test_status_rendering_with_no_nodes() -> None:
@@ -278,7 +280,7 @@ async def test_status_with_an_api_key(tmp_path: Path) -> None:
             )
 
         refused = await run(status, {})
-        assert refused.returncode == 1
+        assert refused.returncode == 2
         assert b"requires an API key" in refused.stderr
         flag = await run([*status, "--api-key", "sesame"], {})
         assert flag.returncode == 0 and b"2/2 nodes online" in flag.stdout
