@@ -71,8 +71,15 @@ async def running_fleet(
     specs: Sequence[SimConfig],
     settings: RuntimeSettings | None = None,
     agent_options: dict[str, dict[str, Any]] | None = None,
+    idle_at_end: bool = True,
     **router_options: Any,
 ) -> AsyncIterator[Fleet]:
+    """A router on loopback with one node agent per spec, each before a simulated Ollama.
+
+    When the test's block ends without an error, every queue counter must be back at zero
+    within ten seconds (a request's books close just after its last byte): a request the
+    router forgot to finish fails the test that made it. ``idle_at_end=False`` for a test
+    that ends with requests still running on purpose."""
     config = RouterConfig(host="127.0.0.1", port=0, data_dir=str(tmp_path), **router_options)
     async with contextlib.AsyncExitStack() as stack:
         router = await stack.enter_async_context(
@@ -101,8 +108,18 @@ async def running_fleet(
             await nursery.start(agent.run)
         with trio.fail_after(10):
             await router.wait_nodes(len(specs))
+        fleet = Fleet(router=router, sims=sims, agents=agents)
         try:
-            yield Fleet(router=router, sims=sims, agents=agents)
+            yield fleet
+            if idle_at_end:
+                with trio.move_on_after(10):
+                    while not fleet.counters_idle():
+                        await trio.testing.wait_all_tasks_blocked(cushion=0.002)
+                stats = router.state.queues.statistics()
+                assert fleet.counters_idle(), (
+                    f"requests left counted at the end: {stats.in_flight} in flight, "
+                    f"{stats.pending} pending"
+                )
         finally:
             nursery.cancel_scope.cancel()
 
