@@ -666,3 +666,32 @@ async def test_an_ollama_probe_answer_over_the_limit_is_a_failed_probe() -> None
             nursery.cancel_scope.cancel()
     assert not state.info.healthy
     assert state.info.error == f"{url}: the backend sent a /api/tags answer over the 8 MiB limit"
+
+
+async def test_the_lan_proxy_asks_the_backend_for_no_compression(tmp_path: Path) -> None:
+    """Whatever the caller asked for: the proxy passes bytes on, nothing here inflates them."""
+    backend = FakeOpenAI()
+    config = RouterConfig(host="127.0.0.1", port=0, data_dir=str(tmp_path / "router"))
+    with trio.fail_after(30):
+        async with Router(config) as router, trio.open_nursery() as nursery:
+            backend.url = await nursery.start(serve_app, backend, "127.0.0.1", 0)
+            node = Node(
+                NodeConfig(
+                    router_url=router.url,
+                    ollama_url=backend.url,
+                    node_id="lan",
+                    host="127.0.0.1",
+                    port=0,
+                    data_dir=str(tmp_path / "node"),
+                    lan_proxy="always",
+                )
+            )
+            await nursery.start(node.run)
+            async with httpx.AsyncClient(trust_env=False) as client:
+                reply = await client.get(
+                    f"{node.url}/backend/v1/models", headers={"Accept-Encoding": "gzip, br"}
+                )
+            nursery.cancel_scope.cancel()
+    assert reply.status_code == 200
+    (proxied,) = [headers for path, headers, _ in backend.requests if path == "/v1/models"]
+    assert proxied["accept-encoding"] == "identity"
