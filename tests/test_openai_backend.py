@@ -148,6 +148,11 @@ def test_vllm_reasoning_and_interleaved_calls_are_carried() -> None:
     assert chunks[-1]["done"]
 
 
+def test_a_null_error_field_is_no_error() -> None:
+    chunks = translate([{**delta(content="Hi"), "error": None}, "[DONE]"])
+    assert chunks[0]["message"]["content"] == "Hi" and chunks[-1]["done"]
+
+
 def test_arguments_that_are_not_a_json_object_are_kept_not_dropped() -> None:
     chunks = translate(
         [call_fragment(0, function={"name": "f", "arguments": "{not json"}), "[DONE]"]

@@ -428,7 +428,7 @@ class StreamTranslator:
             ) from exc
         if not isinstance(event, dict):
             raise NodeBadStatus(f"{SOURCE} sent a stream event that is not an object")
-        if self._event == b"error" or "error" in event or event.get("object") == "error":
+        if self._event == b"error" or event.get("error") or event.get("object") == "error":
             raise self._failed(payload)
         return self.event(event)
 
