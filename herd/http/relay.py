@@ -13,7 +13,7 @@
 
 Everything read from a node is bounded: one NDJSON line by :data:`LINE_LIMIT`, an assembled
 answer by :data:`ANSWER_LIMIT`, embeddings by :data:`EMBED_LIMIT`, an error body by
-:data:`ERROR_BODY_LIMIT` (limits in :mod:`herd.transport.bodies`).
+:data:`ERROR_BODY_LIMIT` (limits and the line splitter in :mod:`herd.core.bodies`).
 
 Every relay returns a :class:`RelayResult` for the trace; none of them raises on a backend
 failure after the first byte (that is an *incomplete* stream, reported in-band).
@@ -33,6 +33,7 @@ import httpx
 from herd.core.api import anthropic, chat, openai_compat, responses
 from herd.core.api.assemble import StreamAssembler
 from herd.core.api.shaping import InferenceRequest
+from herd.core.bodies import LineSplitter
 from herd.core.errors import ApiFlavor, BadRequest, ClientError, HerdError, NodeBadStatus
 from herd.core.models import KIND_EMBED
 from herd.transport.bodies import ANSWER_LIMIT, EMBED_LIMIT, LINE_LIMIT, error_text
@@ -184,18 +185,17 @@ class LineReader:
 
     opened: Opened
     size: int = 0
+    _splitter: LineSplitter = attrs.field(init=False)
 
-    def _split(self, buffer: bytes, data: bytes) -> tuple[list[bytes], bytes]:
+    def __attrs_post_init__(self) -> None:
+        self._splitter = LineSplitter(LINE_LIMIT, f"node {self.opened.node_id}")
+
+    def _split(self, data: bytes) -> list[bytes]:
         self.size += len(data)
-        buffer += data
-        if b"\n" not in data:
-            if len(buffer) > LINE_LIMIT:
-                raise StreamBroken(
-                    f"node {self.opened.node_id} sent a line over {LINE_LIMIT} bytes"
-                )
-            return [], buffer
-        *lines, rest = buffer.split(b"\n")
-        return lines, rest
+        try:
+            return self._splitter.feed(data)
+        except NodeBadStatus as exc:
+            raise StreamBroken(exc.message) from exc
 
     def _parse(self, lines: list[bytes]) -> list[dict[str, Any]]:
         parsed = []
@@ -209,18 +209,16 @@ class LineReader:
 
     async def lines(self) -> AsyncGenerator[dict[str, Any], None]:
         opened = self.opened
-        lines, buffer = self._split(b"", opened.first_chunk)
-        for chunk in self._parse(lines):
+        for chunk in self._parse(self._split(opened.first_chunk)):
             yield chunk
         try:
             async for data in opened.chunks:
                 opened.lease.chunks += 1
-                lines, buffer = self._split(buffer, data)
-                for chunk in self._parse(lines):
+                for chunk in self._parse(self._split(data)):
                     yield chunk
         except httpx.TransportError as exc:
             raise StreamBroken(f"node {opened.node_id} broke the stream: {describe(exc)}") from exc
-        for chunk in self._parse([buffer]):
+        for chunk in self._parse([self._splitter.rest()]):
             yield chunk
 
 

@@ -64,7 +64,6 @@ from importlib import metadata
 from typing import Any, Protocol
 
 import attrs
-import httpx
 import trio
 from trio_websocket import (
     ConnectionClosed,
@@ -90,6 +89,7 @@ from herd.node.backend import BackendState, OllamaBackend, carry_over
 from herd.node.media import MediaCapabilities, whisper_model_path
 from herd.node.media import detect as media_capabilities
 from herd.node.metrics import read_system
+from herd.node.upstream import backend_client
 
 log = logging.getLogger("herd.node")
 
@@ -395,7 +395,7 @@ class NodeAgent:
         async with contextlib.AsyncExitStack() as stack:
             backend: Probe | None = self.backend
             if backend is None:
-                client = await stack.enter_async_context(httpx.AsyncClient(trust_env=False))
+                client = await stack.enter_async_context(backend_client())
                 backend = OllamaBackend(self.config.ollama_url, client)
             delay = self.config.backoff_initial
             while True:

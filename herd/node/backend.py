@@ -8,7 +8,10 @@ unhealthy backend nothing; but one failed probe doesn't mean the models are gone
 reports the last good probe's lists in their place, marked stale (:func:`carry_over`).
 
 The parsers are pure and lenient: Ollama adds fields between versions, so unknown keys are
-ignored and missing ones take their defaults; an entry without a name is skipped.
+ignored and missing ones take their defaults; an entry without a name is skipped. Every answer
+is read with a limit (:data:`~herd.core.bodies.PROBE_LIMIT` for the lists,
+:data:`~herd.core.bodies.SHOW_LIMIT` for ``/api/show``; :func:`herd.node.upstream.fetch`): one
+over it is a failed probe, naming the limit.
 """
 
 from __future__ import annotations
@@ -16,13 +19,17 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import itertools
+import json
 from typing import Any
 
 import attrs
 import httpx
 import trio
 
+from herd.core.bodies import PROBE_LIMIT, SHOW_LIMIT
+from herd.core.errors import HerdError
 from herd.core.models import AvailableModel, BackendInfo, LoadedModel
+from herd.node.upstream import fetch
 
 PROBE_TIMEOUT = 3.0
 SHOW_TIMEOUT = 5.0  # seconds for the /api/show answers of models not asked about yet
@@ -121,16 +128,17 @@ def parse_tags(data: Any) -> tuple[AvailableModel, ...]:
     return tuple(out)
 
 
-class _NotJSON(Exception):
-    """A backend answer that isn't JSON (only ever caught inside :meth:`OllamaBackend.probe`)."""
+class _BadAnswer(Exception):
+    """A backend answer that failed or isn't JSON (only ever caught inside
+    :meth:`OllamaBackend.probe`)."""
 
 
 def _describe(url: str, exc: BaseException) -> str:
     """One short line for ``BackendInfo.error``: which URL, what went wrong."""
-    if isinstance(exc, httpx.HTTPStatusError):
-        text = f"{exc.request.url}: HTTP {exc.response.status_code}"
-    elif isinstance(exc, _NotJSON):
+    if isinstance(exc, _BadAnswer):
         text = str(exc)
+    elif isinstance(exc, HerdError):
+        text = f"{url}: {exc.message}"
     else:
         where = exc.request.url if isinstance(exc, httpx.RequestError) else url
         detail = str(exc).splitlines()[0] if str(exc) else ""
@@ -163,12 +171,20 @@ class OllamaBackend:
         request_timeout = httpx.Timeout(self.timeout)
 
         async def get(path: str) -> None:
-            response = await self.client.get(self.url + path, timeout=request_timeout)
-            response.raise_for_status()
+            status, raw = await fetch(
+                self.client,
+                "GET",
+                self.url + path,
+                limit=PROBE_LIMIT,
+                what=f"a {path} answer",
+                timeout=request_timeout,
+            )
+            if status != 200:
+                raise _BadAnswer(f"{self.url}{path}: HTTP {status}")
             try:
-                results[path] = response.json()
+                results[path] = json.loads(raw)
             except ValueError as exc:
-                raise _NotJSON(f"{self.url}{path}: answer is not JSON ({exc})") from exc
+                raise _BadAnswer(f"{self.url}{path}: answer is not JSON ({exc})") from exc
 
         error: str | None = None
         try:
@@ -176,7 +192,7 @@ class OllamaBackend:
                 async with trio.open_nursery() as nursery:
                     for path in PATHS:
                         nursery.start_soon(get, path)
-        except* (httpx.HTTPError, httpx.InvalidURL, _NotJSON) as group:
+        except* (httpx.HTTPError, httpx.InvalidURL, _BadAnswer, HerdError) as group:
             # The first failure is the cause; the others were cancelled by it or are the
             # same story.
             error = _describe(self.url, group.exceptions[0])
@@ -211,11 +227,17 @@ class OllamaBackend:
 
             async def show(key: tuple[str, str]) -> None:
                 async with limit:
-                    with contextlib.suppress(httpx.HTTPError, ValueError):
-                        response = await self.client.post(
-                            self.url + "/api/show", json={"model": key[0]}, timeout=SHOW_TIMEOUT
+                    with contextlib.suppress(httpx.HTTPError, ValueError, HerdError):
+                        status, raw = await fetch(
+                            self.client,
+                            "POST",
+                            self.url + "/api/show",
+                            limit=SHOW_LIMIT,
+                            what="a model description",
+                            json={"model": key[0]},
+                            timeout=SHOW_TIMEOUT,
                         )
-                        data = response.json() if response.status_code == 200 else None
+                        data = json.loads(raw) if status == 200 else None
                         listed = data.get("capabilities") if isinstance(data, dict) else None
                         if isinstance(listed, list):
                             self._capabilities[key] = tuple(

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import base64
 import importlib.util
+import json
 import shutil
 import struct
 import tempfile
@@ -26,8 +27,10 @@ import httpx
 import trio
 
 from herd.core.api.media import ImageRequest
+from herd.core.bodies import ANSWER_LIMIT
 from herd.core.errors import BadRequest, NodeBadStatus, NodeError, NodeTimeout
 from herd.core.models import AvailableModel
+from herd.node.upstream import backend_error, fetch
 
 MFLUX_MODELS = ("z-image-turbo", "flux-schnell", "flux-dev")
 DIFFUSIONKIT_MODELS = ("sd3-medium", "sd3.5-large")
@@ -165,25 +168,37 @@ async def generate_image(
     """Run the backend for ``request`` and return PNG bytes. Raises NodeError on failure."""
     backend = backend_for(request.model, capabilities)
     if backend == "ollama":
-        response = await client.post(
-            ollama_url + "/api/generate",
-            json={
-                "model": request.model,
-                "prompt": request.prompt,
-                "width": request.width,
-                "height": request.height,
-                "steps": request.steps,
-                "stream": False,
-            },
-            timeout=limit_seconds,
-        )
-        if response.status_code >= 400:
-            raise NodeBadStatus(
-                f"ollama image generation failed: {response.text[:200]}",
-                upstream_status=response.status_code,
+        try:
+            status, raw = await fetch(
+                client,
+                "POST",
+                ollama_url + "/api/generate",
+                limit=ANSWER_LIMIT,
+                what="an image",
+                json={
+                    "model": request.model,
+                    "prompt": request.prompt,
+                    "width": request.width,
+                    "height": request.height,
+                    "steps": request.steps,
+                    "stream": False,
+                },
+                timeout=limit_seconds,
             )
-        data = response.json()
-        encoded = data.get("image") or (data.get("images") or [None])[0]
+        except httpx.HTTPError as exc:
+            raise backend_error(exc) from exc
+        if status >= 400:
+            raise NodeBadStatus(
+                f"ollama image generation failed: {raw.decode()}", upstream_status=status
+            )
+        try:
+            data = json.loads(raw)
+        except ValueError as exc:
+            raise NodeBadStatus(f"ollama's image answer is not JSON: {raw[:200]!r}") from exc
+        if not isinstance(data, dict):
+            raise NodeBadStatus("ollama returned no image")
+        images = data.get("images")
+        encoded = data.get("image") or (images[0] if isinstance(images, list) and images else None)
         if not isinstance(encoded, str):
             raise NodeBadStatus("ollama returned no image")
         return base64.b64decode(encoded)

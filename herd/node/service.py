@@ -48,9 +48,11 @@ from werkzeug.exceptions import HTTPException
 
 from herd.config import NodeConfig
 from herd.core.api.media import ImageRequest
+from herd.core.bodies import ANSWER_LIMIT
 from herd.core.errors import (
     BadRequest,
     HerdError,
+    NodeBadStatus,
     NotFound,
     PayloadTooLarge,
     RequestTimeout,
@@ -67,12 +69,14 @@ from herd.node.capacity import CapacityLearner, in_meeting
 from herd.node.media import Transcriber, generate_image, whisper_model_path
 from herd.node.openai_backend import OpenAIBackend
 from herd.node.upstream import (
+    IDENTITY,
     backend_client,
     backend_error,
     close_shielded,
     close_when_done,
     closing_backend_responses,
     describe,
+    fetch,
 )
 from herd.server import FinishResponses, serve_app
 
@@ -282,7 +286,12 @@ def create_node_app(node: Node, client: httpx.AsyncClient) -> QuartTrio:
         if node.openai is not None:
             raw = body if isinstance(body, bytes) else body.encode()
             return await openai_facade(node.openai, request.method, path, raw)
-        headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_HEADERS}
+        headers = {
+            k: v
+            for k, v in request.headers.items()
+            if k.lower() not in HOP_HEADERS and k.lower() != "accept-encoding"
+        }
+        headers.update(IDENTITY)  # the bytes pass through as they come: ask for them plain
         upstream = client.build_request(
             request.method,
             config.ollama_url.rstrip("/") + "/" + path,
@@ -405,14 +414,26 @@ async def forward_asr(
     data = {"model": "qwen3-asr", "response_format": "verbose_json"}
     if language:
         data["language"] = language
-    response = await client.post(
-        url.rstrip("/") + "/v1/audio/transcriptions",
-        data=data,
-        files={"file": (filename or "audio", audio)},
-    )
-    if response.status_code >= 400:
-        raise BadRequest(f"ASR server answered {response.status_code}: {response.text[:200]}")
-    result = response.json()
+    try:
+        status, raw = await fetch(
+            client,
+            "POST",
+            url.rstrip("/") + "/v1/audio/transcriptions",
+            limit=ANSWER_LIMIT,
+            what="a transcript",
+            data=data,
+            files={"file": (filename or "audio", audio)},
+        )
+    except httpx.HTTPError as exc:
+        raise backend_error(exc) from exc
+    if status >= 400:
+        raise BadRequest(f"ASR server answered {status}: {raw.decode()}")
+    try:
+        result = json.loads(raw)
+    except ValueError as exc:
+        raise NodeBadStatus(f"the ASR server's answer is not JSON: {raw[:200]!r}") from exc
+    if not isinstance(result, dict):
+        raise NodeBadStatus(f"the ASR server's answer is not a JSON object: {raw[:200]!r}")
     return {
         "text": result.get("text", ""),
         "segments": result.get("segments", []),

@@ -1,4 +1,5 @@
-"""The node's calls to its own backend: the timeout policy, the error mapping, the closing.
+"""The node's calls to its own backend: the timeout policy, the bounded reads, the error
+mapping, the closing.
 
 The node serves what the router sends it (the LAN proxy, the OpenAI-compatible facade) and
 leaves the judging of time to the router, as the router's own upstream client does: connecting
@@ -12,21 +13,42 @@ they pass their own short timeouts per request (``herd.node.backend``).
 
 :func:`backend_error` maps any httpx failure to herd's error tree (:mod:`herd.core.errors`),
 with the exception's type in the message.
+
+Nothing the backend sends is held without a bound (the limits are :mod:`herd.core.bodies`, the
+router's own): a whole answer is read with :func:`read_body` (up to its limit), a stream with
+:func:`read_lines` (each line up to :data:`~herd.core.bodies.LINE_LIMIT`), an error body with
+:func:`error_detail` (its first 64 KiB, for the message). Past a limit the read raises
+:class:`~herd.core.errors.NodeBadStatus` naming it (``the backend sent a line over the 8 MiB
+limit``). The client asks for no compression (``Accept-Encoding: identity``); a backend that
+compresses anyway is inflated step by step and counted inflated, so a gzip bomb costs no more
+than the limit it runs into. The LAN proxy holds nothing: it passes the backend's bytes on as
+they come (asking for identity too) and the router reads them with the same limits.
 """
 
 from __future__ import annotations
 
 import contextlib
 import contextvars
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
+from typing import Any
 
 import httpx
 import trio
 
+from herd.core.bodies import (
+    ERROR_BODY_LIMIT,
+    LINE_LIMIT,
+    Collector,
+    Inflater,
+    LineSplitter,
+    error_text,
+)
 from herd.core.errors import NodeBadStatus, NodeError, NodeTimeout, NodeUnreachable
 
 BACKEND_TIMEOUT = httpx.Timeout(connect=10.0, read=None, write=30.0, pool=None)
 CLOSE_TIMEOUT = 1.0  # seconds allowed to close a backend response after cancellation
+SOURCE = "the backend"  # who sent it, in the messages of the bounded reads
+IDENTITY = {"Accept-Encoding": "identity"}  # no compression, please
 
 # The request's exit stack, set by closing_backend_responses; None outside one.
 _request_exits: contextvars.ContextVar[contextlib.AsyncExitStack | None] = contextvars.ContextVar(
@@ -37,12 +59,94 @@ _request_exits: contextvars.ContextVar[contextlib.AsyncExitStack | None] = conte
 def backend_client() -> httpx.AsyncClient:
     """The node's one client for its backend (and its media servers); see the module
     docstring for the timeouts. No connection limit: the router already limits how many
-    requests each node gets at once."""
+    requests each node gets at once. It asks for no compression (see the module docstring)."""
     return httpx.AsyncClient(
         timeout=BACKEND_TIMEOUT,
         limits=httpx.Limits(max_connections=None, max_keepalive_connections=64),
+        headers=IDENTITY,
         trust_env=False,
     )
+
+
+def _inflater(response: httpx.Response) -> Inflater:
+    return Inflater(response.headers.get("content-encoding", ""), SOURCE)
+
+
+async def read_body(response: httpx.Response, limit: int, what: str) -> bytes:
+    """The rest of ``response`` (opened with ``stream=True``), at most ``limit`` bytes
+    (inflated, if the backend compressed it). Raises :class:`NodeBadStatus` past the limit, for
+    an encoding herd doesn't read, or a corrupt one; httpx errors propagate."""
+    inflater = _inflater(response)
+    body = Collector(limit, SOURCE, what, response.status_code)
+    async for chunk in response.aiter_raw():
+        for piece in inflater.feed(chunk):
+            body.add(piece)
+    inflater.end()
+    return body.value()
+
+
+async def read_lines(
+    response: httpx.Response, limit: int = LINE_LIMIT
+) -> AsyncGenerator[bytes, None]:
+    """The lines of ``response``'s stream (without ``\\n``; the last one even if
+    unterminated), each at most ``limit`` bytes. Raises as :func:`read_body` does. Use it under
+    ``contextlib.aclosing``."""
+    inflater = _inflater(response)
+    splitter = LineSplitter(limit, SOURCE)
+    async for chunk in response.aiter_raw():
+        for piece in inflater.feed(chunk):
+            for line in splitter.feed(piece):
+                yield line
+    inflater.end()
+    if rest := splitter.rest():
+        yield rest
+
+
+async def error_detail(response: httpx.Response) -> str:
+    """A short message from a failed answer: its first :data:`ERROR_BODY_LIMIT` bytes are read
+    (inflated), the rest is not. A body herd can't read is named, not read; httpx errors
+    propagate."""
+    try:
+        inflater = _inflater(response)
+    except NodeBadStatus as exc:
+        return f"HTTP {response.status_code} ({exc.message})"
+    parts: list[bytes] = []
+    size = 0
+    try:
+        async for chunk in response.aiter_raw():
+            for piece in inflater.feed(chunk):
+                parts.append(piece)
+                size += len(piece)
+                if size >= ERROR_BODY_LIMIT:
+                    break
+            if size >= ERROR_BODY_LIMIT:
+                break
+    except NodeBadStatus:
+        pass  # a corrupt compressed body: what came before it is the message
+    text = error_text(b"".join(parts)[:ERROR_BODY_LIMIT])
+    return text or f"HTTP {response.status_code}"
+
+
+async def fetch(
+    client: httpx.AsyncClient,
+    method: str,
+    url: str,
+    *,
+    limit: int,
+    what: str,
+    **options: Any,
+) -> tuple[int, bytes]:
+    """One whole request to the backend: (status, body). A body over ``limit`` raises
+    :class:`NodeBadStatus`; a failed answer's (4xx, 5xx) body is its :func:`error_detail`,
+    encoded. ``options`` go to ``client.build_request`` (``json``, ``data``, ``files``,
+    ``timeout``). httpx errors propagate; the response is closed however it ends."""
+    response = await client.send(client.build_request(method, url, **options), stream=True)
+    try:
+        if response.status_code >= 400:
+            return response.status_code, (await error_detail(response)).encode()
+        return response.status_code, await read_body(response, limit, what)
+    finally:
+        await close_shielded(response)
 
 
 def describe(exc: BaseException) -> str:

@@ -3,25 +3,43 @@
 Nothing a node sends is read whole without a bound: a misbehaving or hostile node must not be
 able to grow the router's memory or stall its event loop. Bodies are read raw (the client asks
 for no compression, and a compressed answer is refused rather than inflated), in chunks, and a
-body past its limit fails with :class:`~herd.core.errors.NodeBadStatus` naming the limit.
+body past its limit fails with :class:`~herd.core.errors.NodeBadStatus` naming the limit. The
+limits and the pure pieces are :mod:`herd.core.bodies`, shared with the node agent's reads of
+its backend.
 """
 
 from __future__ import annotations
 
-import json
-
 import httpx
 
+from herd.core.bodies import (
+    ANSWER_LIMIT,
+    DETAIL_CHARS,
+    EMBED_LIMIT,
+    ERROR_BODY_LIMIT,
+    LINE_LIMIT,
+    SHOW_LIMIT,
+    Collector,
+    KiB,
+    MiB,
+    error_text,
+)
 from herd.core.errors import NodeBadStatus
 
-KiB = 1024
-MiB = 2**20
-ERROR_BODY_LIMIT = 64 * KiB  # an error answer: only its message is wanted
-DETAIL_CHARS = 300  # of an error's text, in a message to the client
-SHOW_LIMIT = 32 * MiB  # /api/show (verbose answers carry the tokenizer)
-ANSWER_LIMIT = 64 * MiB  # one non-streamed answer (a chat reply, an image, a transcript)
-EMBED_LIMIT = 256 * MiB  # embeddings of a large batch
-LINE_LIMIT = 8 * MiB  # one line of a node's NDJSON stream
+__all__ = [
+    "ANSWER_LIMIT",
+    "DETAIL_CHARS",
+    "EMBED_LIMIT",
+    "ERROR_BODY_LIMIT",
+    "LINE_LIMIT",
+    "SHOW_LIMIT",
+    "KiB",
+    "MiB",
+    "check_encoding",
+    "error_detail",
+    "error_text",
+    "read_limited",
+]
 
 
 def check_encoding(response: httpx.Response, node_id: str) -> None:
@@ -40,37 +58,14 @@ async def read_limited(response: httpx.Response, limit: int, node_id: str, what:
     ``limit`` bytes. Raises :class:`NodeBadStatus` past the limit or for a compressed answer;
     transport errors propagate (see :func:`herd.transport.errors.map_node_errors`)."""
     check_encoding(response, node_id)
-    parts: list[bytes] = []
-    size = 0
-    async for chunk in response.aiter_raw():
-        size += len(chunk)
-        if size > limit:
-            raise NodeBadStatus(
-                f"node {node_id} sent {what} over the {limit // MiB or 1} MiB limit"
-                if limit >= MiB
-                else f"node {node_id} sent {what} over the {limit // KiB} KiB limit",
-                node_id=node_id,
-                upstream_status=response.status_code,
-            )
-        parts.append(chunk)
-    return b"".join(parts)
-
-
-def error_text(raw: bytes) -> str:
-    """The message of an error body: ``{"error": ...}`` (Ollama), ``{"error": {"message":
-    ...}}`` (OpenAI), or the start of the text."""
+    body = Collector(limit, f"node {node_id}", what, response.status_code)
     try:
-        data = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
-        data = None
-    if isinstance(data, dict):
-        error = data.get("error")
-        message = error.get("message") if isinstance(error, dict) else None
-        if isinstance(message, str):
-            return message[:DETAIL_CHARS]
-        if isinstance(error, str):
-            return error[:DETAIL_CHARS]
-    return raw[:DETAIL_CHARS].decode("utf-8", "replace").strip()
+        async for chunk in response.aiter_raw():
+            body.add(chunk)
+    except NodeBadStatus as exc:
+        exc.node_id = node_id
+        raise
+    return body.value()
 
 
 async def error_detail(response: httpx.Response, node_id: str) -> str:
