@@ -62,7 +62,10 @@ def _alias_list(value: str) -> tuple[str, ...]:
 
 
 def _model_slots(value: str) -> dict[str, int]:
-    """``MODEL=N,MODEL=N`` (each N >= 1)."""
+    """``MODEL=N,MODEL=N`` (each N >= 1). Names as Ollama resolves them (``nomic-embed-text``
+    is ``nomic-embed-text:latest``), the form the router counts requests under."""
+    from herd.core.models import normalize_model_name
+
     slots: dict[str, int] = {}
     for part in value.split(","):
         if not part.strip():
@@ -70,10 +73,15 @@ def _model_slots(value: str) -> dict[str, int]:
         name, sep, count = part.partition("=")
         if not sep or not name.strip():
             raise ValueError(f"expected MODEL=N, got {part.strip()!r}")
-        number = int(count)
+        try:
+            number = int(count)
+        except ValueError:
+            raise ValueError(
+                f"slots must be a whole number, got {count.strip()!r} for {name.strip()}"
+            ) from None
         if number < 1:
             raise ValueError(f"slots must be >= 1, got {number} for {name.strip()}")
-        slots[name.strip()] = number
+        slots[normalize_model_name(name)] = number
     return slots
 
 

@@ -76,6 +76,15 @@ def test_node_options(tmp_path: Path) -> None:
     assert config.port == 11436
 
 
+def test_model_slots_name_models_as_ollama_resolves_them(tmp_path: Path) -> None:
+    env = {"FLEET_DATA_DIR": str(tmp_path)}
+    config = node_config(parse(["--model-slots", "slow=1, nomic-embed-text:v1.5=2"]), env)
+    assert config.model_slots == {"slow:latest": 1, "nomic-embed-text:v1.5": 2}
+    with pytest.raises(ConfigError) as info:
+        node_config(parse(["--model-slots", "slow=many"]), env)
+    assert str(info.value) == "--model-slots: slots must be a whole number, got 'many' for slow"
+
+
 def test_bad_env_value_names_the_variable(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="FLEET_MAX_RETRIES='lots'"):
         resolve("router", {}, {"FLEET_MAX_RETRIES": "lots", "FLEET_DATA_DIR": str(tmp_path)})

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from herd.core.health import CRITICAL, INFO, OK, WARNING, HealthInput, evaluate, summary
 from herd.core.models import (
     BackendInfo,
@@ -16,6 +18,7 @@ from herd.core.models import (
 )
 
 GiB = 2**30
+CHECKS = 19  # and one more, the shared state store's, with a store
 
 
 def node(node_id: str, status: NodeStatus = NodeStatus.ONLINE, **report: object) -> NodeSnapshot:
@@ -51,7 +54,7 @@ def run(
             traces_lost=traces_lost,
         )
     )
-    assert len(checks) == 19 and sum(summary(checks).values()) == 19
+    assert len(checks) == CHECKS and sum(summary(checks).values()) == CHECKS
     return {c.id: c.severity for c in checks}
 
 
@@ -173,3 +176,8 @@ def test_the_shared_state_store_check_appears_only_with_a_store() -> None:
     assert check.severity == CRITICAL
     assert "unreachable for 12 s: connection refused" in check.evidence
     assert "own counts" in check.evidence and "Valkey" in check.fix
+
+
+def test_the_readme_says_how_many_checks_there_are() -> None:
+    readme = (Path(__file__).parents[1] / "README.md").read_text(encoding="utf-8")
+    assert f"Health: {CHECKS} checks ({CHECKS + 1} with a shared state store)" in readme

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import gzip
+import hashlib
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from pathlib import Path
@@ -17,10 +18,12 @@ import httpx
 import trio
 import trio.testing
 
+from herd.config import NodeConfig
 from herd.http.service import Router
 from herd.node.agent import AgentConfig, NodeAgent
+from herd.node.service import Node
 from herd.server import serve_app
-from herd.sim import SimConfig, SimModel
+from herd.sim import SimConfig, SimModel, run_sim
 from herd.transport.bodies import LINE_LIMIT, SHOW_LIMIT
 from tests.conftest import LLAMA_3B, GiB, running_fleet, wait_until
 
@@ -95,6 +98,115 @@ async def test_the_fleet_token_goes_to_node_agents_never_to_backends(tmp_path: P
         # No compression asked for: the router relays bytes and reads bodies raw.
         chats = [headers for _, path, headers in seen if path == "/api/chat"]
         assert chats[-1]["accept-encoding"] == "identity"
+
+
+TOKEN = "fleet-t0ken-never-for-backends"
+KEY = "sk-client-key-stops-at-the-router"
+
+
+async def test_neither_the_fleet_token_nor_a_client_key_reaches_a_backend(
+    tmp_path: Path,
+) -> None:
+    """One node whose backend the router calls directly, one behind its node's LAN proxy (the
+    router presents the fleet token there; the node strips it). Every kind of call a client can
+    cause, with the client's API key sent both ways clients send it: no backend sees either."""
+    direct = SimConfig(name="direct", models=(LLAMA_3B,), loaded=("llama3.2:3b",))
+    behind = SimConfig(name="lan", models=(LLAMA_3B,), loaded=("llama3.2:3b",))
+    async with (
+        running_fleet(tmp_path, [direct], auth_token=TOKEN, api_keys=(KEY,)) as fleet,
+        run_sim(behind) as lan_sim,
+        trio.open_nursery() as nursery,
+    ):
+        node = Node(
+            NodeConfig(
+                router_url=fleet.url,
+                ollama_url=lan_sim.url,
+                node_id="lan",
+                host="127.0.0.1",
+                port=0,
+                data_dir=str(tmp_path / "node"),
+                lan_proxy="always",
+                auth_token=TOKEN,
+            )
+        )
+        await nursery.start(node.run)
+        with trio.fail_after(10):
+            await fleet.router.wait_nodes(2)
+        lan = fleet.router.fleet.node("lan")
+        assert lan is not None and lan.report.backend.proxied
+        assert lan.report.backend.url == f"{node.url}/backend"
+        sims = {"direct": fleet.sims["direct"], "lan": lan_sim}
+        bearer = {"Authorization": f"Bearer {KEY}"}
+        weights = b"GGUF" + bytes(range(256))
+        digest = "sha256:" + hashlib.sha256(weights).hexdigest()
+        hello = [{"role": "user", "content": "hi"}]
+        async with httpx.AsyncClient(
+            base_url=fleet.url, timeout=30, trust_env=False, headers=bearer
+        ) as client:
+            for name in sims:
+                on = {"metadata": {"node": name}}
+                calls = [
+                    client.post(
+                        "/api/chat",
+                        json={"model": "llama3.2:3b", "messages": hello, "stream": False, **on},
+                    ),
+                    client.post(
+                        "/api/generate", json={"model": "llama3.2:3b", "prompt": "x", **on}
+                    ),
+                    client.post(
+                        "/v1/chat/completions",
+                        json={"model": "llama3.2:3b", "messages": hello, **on},
+                    ),
+                    client.post(
+                        "/v1/messages",
+                        json={"model": "llama3.2:3b", "max_tokens": 8, "messages": hello},
+                        headers={"Authorization": "", "X-Api-Key": KEY},
+                    ),
+                    client.post(
+                        "/api/copy",
+                        json={"source": "llama3.2:3b", "destination": "mine", "node_id": name},
+                    ),
+                    client.post(f"/api/blobs/{digest}?node_id={name}", content=weights),
+                    client.head(f"/api/blobs/{digest}?node_id={name}"),
+                    client.post(
+                        "/api/create",
+                        json={"model": "built", "files": {"m.gguf": digest}, "node_id": name},
+                    ),
+                    client.post("/api/push", json={"model": "mine", "node_id": name}),
+                    client.request(
+                        "DELETE", "/api/delete", json={"model": "mine", "node_id": name}
+                    ),
+                ]
+                for call in calls:
+                    answer = await call
+                    assert answer.status_code < 300, (name, answer.request.url, answer.text)
+            # Fanned out to every holder: a load, then an unload.
+            load = await client.post("/api/chat", json={"model": "llama3.2:3b", "messages": []})
+            assert sorted(load.headers["x-herd-node"].split(",")) == ["direct", "lan"]
+            shown = await client.post("/api/show", json={"model": "llama3.2:3b"})
+            assert shown.status_code == 200
+            unload = await client.post(
+                "/api/generate", json={"model": "llama3.2:3b", "keep_alive": 0, "stream": False}
+            )
+            assert sorted(unload.headers["x-herd-node"].split(",")) == ["direct", "lan"]
+        for name, sim in sims.items():
+            paths = {(method, path) for method, path, _ in sim.seen}
+            assert {
+                ("POST", "/api/chat"),
+                ("POST", "/api/copy"),
+                ("HEAD", f"/api/blobs/{digest}"),
+            } <= paths, name
+            leaked = [
+                (method, path, header)
+                for method, path, headers in sim.seen
+                for header, value in headers.items()
+                if TOKEN in value or KEY in value or header in ("authorization", "x-api-key")
+            ]
+            assert leaked == [], name
+        # The proxy itself is for the fleet: without the token it refuses.
+        async with httpx.AsyncClient(base_url=node.url or "", trust_env=False) as stranger:
+            assert (await stranger.get("/backend/api/tags")).status_code == 401
+        nursery.cancel_scope.cancel()
 
 
 def gzip_bomb() -> bytes:

@@ -74,13 +74,17 @@ async def test_a_model_with_its_own_limit_runs_that_many_at_once(
 ) -> None:
     import httpx
 
+    from herd.cli import node_config
     from herd.sim import SimConfig, SimModel
     from tests.conftest import EMBED, GiB, running_fleet
 
     slow = SimModel("slow:latest", size_bytes=GiB, tokens_per_second=10.0)
     seer = SimModel("llama3.2-vision:11b", size_bytes=8 * GiB, family="mllama", vision=True)
     spec = SimConfig(name="solo", models=(slow, EMBED, seer), loaded=("slow:latest",), parallel=4)
-    options = {"solo": {"model_slots": {"slow:latest": 1}}}
+    # As an operator types it (the tag left out): the node's --model-slots.
+    node = node_config({"model_slots": "slow=1", "data_dir": str(tmp_path)}, {})
+    assert node.model_slots == {"slow:latest": 1}
+    options = {"solo": {"model_slots": dict(node.model_slots)}}
     async with (
         running_fleet(tmp_path, [spec], agent_options=options) as fleet,
         httpx.AsyncClient(base_url=fleet.url, timeout=None, trust_env=False) as client,

@@ -1,10 +1,21 @@
-"""Node states from heartbeat timing."""
+"""Node states from heartbeat timing: the registry's rules, then a running router forgetting a
+node that stayed away past ``--forget-after`` (and taking it back when it returns)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx
+import trio
+import trio.testing
+
 from herd.core.models import LoadedModel, NodeReport, NodeSnapshot, NodeStatus
+from herd.node.agent import AgentConfig, NodeAgent
+from herd.sim import SimConfig, SimOllama, run_sim
 from herd.state.registry import Admission, NodeRegistry
 from herd.state.state import RouterState
+from tests.conftest import LLAMA_3B, QWEN_7B, running_fleet, wait_until
 
 
 def test_online_degraded_offline_and_back() -> None:
@@ -110,3 +121,116 @@ async def test_a_nodes_snapshot_is_kept_until_its_record_or_queues_change() -> N
     state.registry.tick(10_000_000.0)
     assert state.registry.forget(10_000_000.0) == ["a", "b"]
     assert state.snapshot().nodes == ()
+
+
+FORGET_AFTER = 302.5  # not a multiple of the heartbeat interval: a heartbeat is no wake-up
+
+
+def agent_for(router_url: str, sim: SimOllama) -> NodeAgent:
+    return NodeAgent(
+        AgentConfig(router_url=router_url, ollama_url=sim.url, node_id=sim.config.name),
+        system=sim.system_reading,
+    )
+
+
+async def run_until_cancelled(
+    agent: NodeAgent, scope: trio.CancelScope, *, task_status: trio.TaskStatus[None]
+) -> None:
+    """Run ``agent`` until ``scope`` is cancelled (the machine switched off)."""
+    with scope:
+        await agent.run(task_status=task_status)
+
+
+def beta_lines(text: str) -> list[str]:
+    return [line for line in text.splitlines() if 'node="beta"' in line]
+
+
+async def test_a_running_router_forgets_a_node_offline_past_forget_after_and_takes_it_back(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    alpha = SimConfig(name="alpha", models=(LLAMA_3B,), loaded=("llama3.2:3b",))
+    beta = SimConfig(name="beta", models=(QWEN_7B,), loaded=("qwen2.5:7b",))
+    async with (
+        running_fleet(tmp_path, [alpha], forget_after=FORGET_AFTER) as fleet,
+        run_sim(beta) as sim,
+        httpx.AsyncClient(base_url=fleet.url, timeout=None, trust_env=False) as client,
+        trio.open_nursery() as machines,
+    ):
+        state = fleet.router.state
+
+        async def until(predicate: Callable[[], bool], within: float = 60.0) -> None:
+            with trio.fail_after(within):  # virtual time
+                while not predicate():
+                    await state.wait_fleet_changed()
+
+        def known() -> set[str]:
+            return {n.node_id for n in state.snapshot().nodes}
+
+        def status_of(node_id: str) -> NodeStatus | None:
+            record = state.registry.get(node_id)
+            return record.status if record is not None else None
+
+        switch_off = trio.CancelScope()
+        await machines.start(run_until_cancelled, agent_for(fleet.url, sim), switch_off)
+        await until(lambda: "beta" in known())
+        body = {"model": "qwen2.5:7b", "prompt": "hi", "stream": False}
+        served = await client.post("/api/generate", json=body)
+        assert served.status_code == 200 and served.headers["x-herd-node"] == "beta"
+        await wait_until(lambda: len(state.traces) == 1)
+        metrics = (await client.get("/metrics")).text
+        assert any(line.startswith("herd_requests_total") for line in beta_lines(metrics))
+        assert any(line.startswith("herd_queue_in_flight") for line in beta_lines(metrics))
+        assert ("beta", "qwen2.5:7b") in state.history.latency_p75_ms  # learned of beta
+
+        # The machine goes away: offline at once (its socket closed), still listed.
+        switch_off.cancel()
+        await until(lambda: status_of("beta") is NodeStatus.OFFLINE)
+        record = state.registry.get("beta")
+        assert record is not None
+        forget_at = record.last_seen + FORGET_AFTER
+        await trio.sleep_until(forget_at - 60)  # the reaper wakes every 15 s: no jump past it
+        status = (await client.get("/fleet/status")).json()
+        assert [(n["node_id"], n["status"]) for n in status["nodes"]] == [
+            ("alpha", "online"),
+            ("beta", "offline"),
+        ]
+
+        # Past forget_after it is gone from everything the router keeps and shows, and the
+        # fleet hears of it at once (the dashboard's stream, the timeline).
+        await until(lambda: "beta" not in known(), within=120)
+        assert trio.current_time() == forget_at
+        assert state.registry.get("beta") is None
+        assert state.registry.statistics().nodes_total == 1
+        status = (await client.get("/fleet/status")).json()
+        assert [n["node_id"] for n in status["nodes"]] == ["alpha"]
+        assert not [key for key in status["queues"] if key.startswith("beta:")]
+        assert beta_lines((await client.get("/metrics")).text) == []
+        assert not [key for key in state.history.latency_p75_ms if key[0] == "beta"]
+        assert "beta" not in state.history.node_speed
+        assert not state.model_known("qwen2.5:7b")
+        gone = await client.post("/api/generate", json=body)
+        assert gone.status_code == 404, gone.text  # no node has it now
+        await wait_until(
+            lambda: any(
+                (e.kind, e.node_id) == ("node_forgotten", "beta") for e in state.timeline.recent()
+            )
+        )
+
+        # It comes back as a new node, with nothing left over from before.
+        await machines.start(run_until_cancelled, agent_for(fleet.url, sim), trio.CancelScope())
+        await until(lambda: "beta" in known())
+        status = (await client.get("/fleet/status")).json()
+        assert {n["node_id"]: n["status"] for n in status["nodes"]} == {
+            "alpha": "online",
+            "beta": "online",
+        }
+        again = await client.post("/api/generate", json=body)
+        assert again.status_code == 200 and again.headers["x-herd-node"] == "beta"
+        await wait_until(lambda: len(state.traces) == 3)
+        (count,) = [
+            line
+            for line in beta_lines((await client.get("/metrics")).text)
+            if line.startswith("herd_requests_total")
+        ]
+        assert count.endswith(" 1")  # counted afresh: the first request went with the node
+        machines.cancel_scope.cancel()

@@ -23,9 +23,12 @@ from trio_websocket import (
     wrap_client_stream,
 )
 
+from herd.cli import flags_of, router_config, serve_parser
+from herd.config import RouterConfig
 from herd.core.models import NodeReport, NodeStatus
 from herd.core.wire import report_to_json
 from herd.http.security import Origins, key_ok, presented_key
+from herd.http.service import Router
 from herd.node.agent import RouterEndpoint
 from herd.server import hypercorn_config
 from herd.sim import SimConfig
@@ -436,3 +439,74 @@ def test_the_origins_allowed_by_default_are_ollamas() -> None:
     assert listed.allowed("chrome-extension://abcdefgh")
     assert not listed.allowed("chrome-extension://other")
     assert listed.allowed("https://chat.example.com") and not listed.allowed("http://example.com")
+
+
+def config_from(argv: list[str], environ: dict[str, str]) -> RouterConfig:
+    """The router's configuration exactly as ``herd ARGV`` builds it in that environment."""
+    return router_config(flags_of(serve_parser("herd", "router").parse_args(argv)), environ)
+
+
+async def preflight(
+    client: httpx.AsyncClient, origin: str, path: str = "/api/chat"
+) -> httpx.Response:
+    return await client.options(
+        path,
+        headers={
+            "Origin": origin,
+            "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "content-type, authorization",
+        },
+    )
+
+
+async def test_origins_from_flags_and_both_environment_variables_reach_the_router(
+    tmp_path: Path,
+) -> None:
+    base = ["--data-dir", str(tmp_path), "--host", "127.0.0.1", "--port", "0"]
+    ollama_ui = {"OLLAMA_ORIGINS": "https://ollama-ui.example, https://*.ollama.example"}
+    flagged = config_from([*base, "--origins", "https://chat.example.com"], ollama_ui)
+    assert flagged.origins == (
+        "https://chat.example.com",
+        "https://ollama-ui.example",
+        "https://*.ollama.example",
+    )
+    from_env = config_from(base, {"FLEET_ORIGINS": "https://a.example,https://b.example"})
+    assert from_env.origins == ("https://a.example", "https://b.example")
+    # The flag beats FLEET_ORIGINS; OLLAMA_ORIGINS adds to whichever was chosen.
+    both = config_from(
+        [*base, "--origins", "https://chat.example.com"],
+        {"FLEET_ORIGINS": "https://a.example", **ollama_ui},
+    )
+    assert both.origins == flagged.origins
+    assert config_from(base, {}).origins == ()
+
+    async with (
+        Router(flagged) as router,
+        httpx.AsyncClient(base_url=router.url, timeout=10, trust_env=False) as client,
+    ):
+        for origin in (
+            "https://chat.example.com",  # --origins
+            "https://ollama-ui.example",  # OLLAMA_ORIGINS
+            "https://team.ollama.example",  # OLLAMA_ORIGINS, by its wildcard
+            "http://localhost:3000",  # the defaults stay
+        ):
+            allowed = await preflight(client, origin)
+            assert allowed.status_code == 204, origin
+            assert allowed.headers["access-control-allow-origin"] == origin
+            assert "POST" in allowed.headers["access-control-allow-methods"]
+            assert allowed.headers["access-control-allow-headers"] == "content-type, authorization"
+        # A browser extension only once listed, as in Ollama.
+        assert (await preflight(client, "chrome-extension://abcdefghijklmnop")).status_code == 403
+        refused = await preflight(client, "https://evil.example")
+        assert refused.status_code == 403
+        assert "access-control-allow-origin" not in refused.headers
+        assert refused.json() == {"error": "origin 'https://evil.example' is not allowed"}
+        # The settings endpoint is never opened to another origin, allowed or not.
+        settings = await preflight(client, "https://chat.example.com", "/dashboard/api/settings")
+        assert settings.status_code == 403
+        assert "access-control-allow-origin" not in settings.headers
+        # A real request from an allowed origin gets its answer with the CORS headers.
+        listed = await client.get("/api/tags", headers={"Origin": "https://ollama-ui.example"})
+        assert listed.status_code == 200
+        assert listed.headers["access-control-allow-origin"] == "https://ollama-ui.example"
+        assert "X-Herd-Node" in listed.headers["access-control-expose-headers"]

@@ -4,10 +4,13 @@ Pure resolution first, then a real router with simulated nodes."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 
+from herd.cli import flags_of, router_config, serve_parser
+from herd.config import RouterConfig
 from herd.core.errors import BadRequest
 from herd.core.models import (
     AvailableModel,
@@ -19,7 +22,7 @@ from herd.core.models import (
 )
 from herd.core.policy import virtual
 from herd.sim import SimConfig, SimModel
-from herd.state.settings import RuntimeSettings, updated
+from herd.state.settings import RuntimeSettings, save_settings, updated
 from tests.conftest import EMBED, GiB, running_fleet, wait_until
 
 
@@ -197,5 +200,82 @@ async def test_claude_code_and_codex_ids_through_their_own_apis(tmp_path: Path) 
         asked = [(t.original_model, t.model) for t in fleet.router.state.traces]
         assert asked == [
             ("claude-sonnet-4-5-20250929", "qwen2.5-coder:7b"),  # exactly as asked
+            ("gpt-5-codex", "qwen2.5:32b"),
+        ]
+
+
+def config_from(tmp_path: Path, argv: list[str], environ: dict[str, str]) -> RouterConfig:
+    """The router's configuration as ``herd ARGV`` builds it in that environment."""
+    argv = ["--data-dir", str(tmp_path), *argv]
+    return router_config(flags_of(serve_parser("herd", "router").parse_args(argv)), environ)
+
+
+def virtual_options(config: RouterConfig) -> dict[str, Any]:
+    return {"model_aliases": config.model_aliases, "agent_defaults": config.agent_defaults}
+
+
+async def test_aliases_and_agent_defaults_from_flags_and_environment_route_requests(
+    tmp_path: Path,
+) -> None:
+    # A saved setting the flags must beat at start.
+    save_settings(tmp_path, RuntimeSettings(model_aliases={"team-coder": ["llama3.2:1b"]}))
+    flags = config_from(
+        tmp_path,
+        [
+            "--model-alias",
+            "team-coder=qwen2.5-coder:7b",
+            "--model-alias",
+            "claude-*haiku*=qwen2.5:32b",
+            "--agent-defaults",
+            "false",
+        ],
+        {},
+    )
+    async with (
+        running_fleet(tmp_path, specs(), **virtual_options(flags)) as fleet,
+        httpx.AsyncClient(base_url=fleet.url, timeout=30, trust_env=False) as client,
+    ):
+        coder = await client.post("/api/chat", json={**chat("team-coder"), "stream": False})
+        assert coder.status_code == 200, coder.text
+        assert coder.json()["model"] == "qwen2.5-coder:7b" == coder.headers["x-herd-model"]
+        # The alias beats the small tier a haiku id would otherwise get (llama3.2:1b).
+        haiku = await client.post("/v1/chat/completions", json=chat("claude-3-5-haiku-latest"))
+        assert haiku.json()["model"] == "qwen2.5:32b"
+        # Agent defaults off: an agent id with no alias is as unknown as any name.
+        codex = await client.post("/v1/chat/completions", json=chat("gpt-5-codex"))
+        assert codex.status_code == 404
+        assert "gpt-5-codex" in codex.json()["error"]["message"]
+        await wait_until(lambda: len(fleet.router.state.traces) == 3)
+        asked = [(t.original_model, t.model, t.substitution) for t in fleet.router.state.traces]
+        assert asked[:2] == [
+            ("team-coder", "qwen2.5-coder:7b", "alias"),
+            ("claude-3-5-haiku-latest", "qwen2.5:32b", "alias"),
+        ]
+        listed = {m["id"]: m for m in (await client.get("/v1/models")).json()["data"]}
+        assert listed["team-coder"]["virtual"] is True
+        assert "gpt-*codex*" not in listed
+
+    environ = {
+        "FLEET_MODEL_ALIASES": "team-coder=llama3.2:1b,qwen2.5-coder:7b;claude-*=llama3.2:1b",
+        "FLEET_AGENT_DEFAULTS": "on",
+    }
+    env = config_from(tmp_path / "env", [], environ)
+    assert env.model_aliases == ("team-coder=llama3.2:1b,qwen2.5-coder:7b", "claude-*=llama3.2:1b")
+    async with (
+        running_fleet(tmp_path / "env", specs(), **virtual_options(env)) as fleet,
+        httpx.AsyncClient(base_url=fleet.url, timeout=30, trust_env=False) as client,
+    ):
+        # Opus is the large tier by default (qwen2.5:32b); the alias sends it to the 1B.
+        opus = await client.post("/v1/chat/completions", json=chat("claude-opus-4-1"))
+        assert opus.json()["model"] == "llama3.2:1b"
+        team = await client.post("/api/chat", json={**chat("team-coder"), "stream": False})
+        assert team.json()["model"] == "llama3.2:1b"  # the hot candidate of the two
+        codex = await client.post("/v1/chat/completions", json=chat("gpt-5-codex"))
+        assert codex.json()["model"] == "qwen2.5:32b"  # agent defaults on: the large tier
+        await wait_until(lambda: len(fleet.router.state.traces) == 3)
+        served = [(t.original_model, t.model) for t in fleet.router.state.traces]
+        assert served == [
+            ("claude-opus-4-1", "llama3.2:1b"),
+            ("team-coder", "llama3.2:1b"),
             ("gpt-5-codex", "qwen2.5:32b"),
         ]

@@ -162,6 +162,9 @@ class SimModel:
     thinking: bool = False  # answers start with thinking (unless the request says think: false)
     thinking_tokens: int = 8  # how many
     vision: bool = False  # takes images
+    # The model this one was made from (``FROM`` in its Modelfile): ``details.parent_model``
+    # in /api/tags, /api/ps and /api/show; "" for a model pulled as it is.
+    parent_model: str = ""
 
     @property
     def digest(self) -> str:
@@ -779,7 +782,7 @@ class SimOllama:
 
     def _details(self, model: SimModel) -> dict[str, Any]:
         return {
-            "parent_model": "",
+            "parent_model": model.parent_model,
             "format": "gguf",
             "family": model.family,
             "families": [model.family],

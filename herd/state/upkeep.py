@@ -2,7 +2,7 @@
 
 - :func:`monitor` ages nodes (online → degraded → offline, then forgotten after
   ``forget_after``): it sleeps until the registry's next possible transition or a fleet change,
-  never polls.
+  never polls. Each transition, and each node forgotten, is a fleet change.
 - :func:`reaper` ends in-flight requests whose stream stopped moving: it samples every lease's
   chunk counter every quarter of the shortest limit a stream can have (a stream's own limit
   follows its model's token rate, never below
@@ -30,7 +30,8 @@ async def monitor(state: RouterState) -> None:
             await state.wait_fleet_changed()
         now = trio.current_time()
         changes = state.registry.tick(now)
-        for node_id in state.forget_nodes(now):
+        forgotten = state.forget_nodes(now)
+        for node_id in forgotten:
             log.info("forgot node %s (offline for %.0f s)", node_id, state.registry.forget_after)
         for change in changes:
             log.info(
@@ -39,7 +40,7 @@ async def monitor(state: RouterState) -> None:
                 change.new.value,
                 change.old.value if change.old else "new",
             )
-        if changes:
+        if changes or forgotten:  # a forgotten node leaves the views (and the timeline) now
             state.fleet_changed(changes)
 
 
