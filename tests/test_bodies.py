@@ -14,6 +14,7 @@ from herd.core.bodies import (
     PIECE,
     Collector,
     Inflater,
+    JsonLines,
     LineSplitter,
     error_text,
     size_text,
@@ -150,3 +151,21 @@ def test_a_collector_keeps_up_to_its_limit() -> None:
 )
 def test_an_error_body_gives_its_message(raw: bytes, text: str) -> None:
     assert error_text(raw) == text
+
+
+def test_ndjson_objects_one_line_at_a_time_within_the_limit() -> None:
+    """JsonLines, under the pull, create and push streams and the dashboard's benchmarks:
+    objects however the bytes are cut, odd lines skipped, the last line read without its
+    newline, and a line past the limit refused as it grows."""
+    lines = JsonLines("node n", limit=64)
+    read = [
+        *lines.feed(b'{"a": 1}\n\n[1, 2]\nnot json\n{"b"'),
+        *lines.feed(b': 2}\n{"c": 3}'),
+        *lines.end(),
+    ]
+    assert read == [{"a": 1}, {"b": 2}, {"c": 3}]
+    growing = JsonLines("node n", limit=64)
+    assert growing.feed(b'{"ok": 1}\n' + b"x" * 60) == [{"ok": 1}]
+    with pytest.raises(NodeBadStatus, match="node n sent a line over the 64 bytes limit"):
+        growing.feed(b"x" * 5)
+    assert JsonLines("node n").end() == []

@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import zlib
 from collections.abc import Iterator
+from typing import Any
 
 import attrs
 
@@ -116,6 +117,37 @@ class LineSplitter:
     def _check(self, size: int) -> None:
         if size > self.limit:
             raise over_limit(self.source, "a line", self.limit)
+
+
+@attrs.define
+class JsonLines:
+    """An NDJSON stream → its JSON objects, one per line, each line at most ``limit`` bytes
+    (see :class:`LineSplitter`). :meth:`feed` returns the objects a piece completes,
+    :meth:`end` the last line's, read without its newline. Blank lines and lines that aren't a
+    JSON object are skipped (a progress stream's odd line is not worth failing it for)."""
+
+    source: str
+    limit: int = LINE_LIMIT
+    _lines: LineSplitter | None = None
+
+    def feed(self, data: bytes) -> list[dict[str, Any]]:
+        if self._lines is None:
+            self._lines = LineSplitter(self.limit, self.source)
+        return [o for o in map(_json_object, self._lines.feed(data)) if o is not None]
+
+    def end(self) -> list[dict[str, Any]]:
+        last = _json_object(self._lines.rest()) if self._lines is not None else None
+        return [last] if last is not None else []
+
+
+def _json_object(raw: bytes) -> dict[str, Any] | None:
+    if not raw.strip():
+        return None
+    try:
+        data = json.loads(raw)
+    except ValueError:
+        return None
+    return data if isinstance(data, dict) else None
 
 
 def _zlib_wrapped(data: bytes) -> bool:

@@ -25,7 +25,7 @@ import httpx
 from herd.core.errors import BadRequest, HerdError, NodeBadStatus, NoEligibleNode, NotFound
 from herd.core.models import FleetSnapshot, NodeSnapshot, NodeStatus, normalize_model_name
 from herd.state.state import RouterState
-from herd.transport.bodies import LINE_LIMIT, check_encoding, error_detail
+from herd.transport.bodies import JsonLines, check_encoding, error_detail
 from herd.transport.errors import describe
 from herd.transport.link import Link
 from herd.transport.pulls import DONE, HEARTBEAT_NOW, check_pull_name, wait_for_model
@@ -137,24 +137,12 @@ async def progress(
                 yield _line({"error": f"node {node_id}: {detail}", "node": node_id})
                 return
             check_encoding(response, node_id)
-            buffer = b""
+            lines = JsonLines(f"node {node_id}")
             async for chunk in response.aiter_raw():
-                buffer += chunk
-                if len(buffer) > LINE_LIMIT:
-                    yield _line(
-                        {"error": f"node {node_id} sent an oversized line", "node": node_id}
-                    )
-                    return
-                *lines, buffer = buffer.split(b"\n")
-                for raw in lines:
-                    try:
-                        data = json.loads(raw) if raw.strip() else None
-                    except ValueError:
-                        continue
-                    if isinstance(data, dict):
-                        data["node"] = node_id
-                        ok = ok or data.get("status") == "success"
-                        yield _line(data)
+                for data in lines.feed(chunk):
+                    data["node"] = node_id
+                    ok = ok or data.get("status") == "success"
+                    yield _line(data)
     except httpx.TransportError as exc:
         yield _line({"error": f"node {node_id}: {describe(exc)}", "node": node_id})
     except HerdError as exc:

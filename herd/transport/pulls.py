@@ -29,7 +29,6 @@ with 403 before anything is sent (see :func:`check_pull_name`).
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections import deque
@@ -49,7 +48,7 @@ from herd.core.errors import (
     NotFound,
 )
 from herd.core.models import NodeSnapshot
-from herd.transport.bodies import LINE_LIMIT, check_encoding, error_detail
+from herd.transport.bodies import JsonLines, check_encoding, error_detail
 from herd.transport.errors import map_node_errors
 
 if TYPE_CHECKING:
@@ -293,7 +292,7 @@ class PullService:
         await wait_for_model(link, node_id, job.model, present=True)
 
     async def _read_progress(self, job: PullJob, response: httpx.Response, node_id: str) -> bool:
-        buffer = b""
+        lines = JsonLines(f"node {node_id}")
         chunks = response.aiter_raw()
         while True:
             try:
@@ -307,17 +306,7 @@ class PullService:
                     f"{STALL_TIMEOUT:g} s",
                     node_id=node_id,
                 ) from exc
-            buffer += chunk
-            if len(buffer) > LINE_LIMIT:
-                raise NodeBadStatus(f"node {node_id} sent an oversized pull line", node_id=node_id)
-            *lines, buffer = buffer.split(b"\n")
-            for raw in lines:
-                try:
-                    line = json.loads(raw) if raw.strip() else None
-                except ValueError:
-                    line = None
-                if not isinstance(line, dict):
-                    continue
+            for line in lines.feed(chunk):
                 if "error" in line:
                     raise NodeBadStatus(f"node {node_id}: {line['error']}", node_id=node_id)
                 job.progress(line, trio.current_time())

@@ -22,7 +22,6 @@ log.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from typing import TYPE_CHECKING, Any
@@ -31,12 +30,12 @@ import attrs
 import httpx
 import trio
 
-from herd.core.errors import BadRequest, Conflict, NotFound
+from herd.core.errors import BadRequest, Conflict, NodeBadStatus, NotFound
 from herd.core.instruments import benchmark_summary
 from herd.core.models import normalize_model_name
 from herd.store import queries
 from herd.store.db import StoreError
-from herd.transport.bodies import LINE_LIMIT, error_detail
+from herd.transport.bodies import JsonLines, error_detail
 from herd.transport.errors import describe
 
 if TYPE_CHECKING:
@@ -327,23 +326,17 @@ class BenchmarkRunner:
     ) -> dict[str, Any]:
         """Read the answer's NDJSON lines; the final one (``done``) is returned. An error line
         or an oversized one is put in ``result``."""
-        buffer = b""
         final: dict[str, Any] = {}
+        lines = JsonLines("the router")
         async for chunk in response.aiter_raw():
             if result["ttft_ms"] is None and chunk:
                 result["ttft_ms"] = round((trio.current_time() - start) * 1000, 1)
-            buffer += chunk
-            if len(buffer) > LINE_LIMIT:
-                result["error"] = "the router sent an oversized line"
+            try:
+                read = lines.feed(chunk)
+            except NodeBadStatus as exc:
+                result["error"] = exc.message
                 return final
-            *lines, buffer = buffer.split(b"\n")
-            for raw in lines:
-                try:
-                    data = json.loads(raw) if raw.strip() else None
-                except ValueError:
-                    continue
-                if not isinstance(data, dict):
-                    continue
+            for data in read:
                 if "error" in data:
                     result["error"] = str(data["error"])[:300]
                     return final
