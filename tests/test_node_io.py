@@ -203,9 +203,16 @@ async def test_neither_the_fleet_token_nor_a_client_key_reaches_a_backend(
                 if TOKEN in value or KEY in value or header in ("authorization", "x-api-key")
             ]
             assert leaked == [], name
-        # The proxy itself is for the fleet: without the token it refuses.
+        # The proxy itself is for the fleet: without the token it refuses. A caller that has
+        # the token gets through, but its keys stop at the proxy too.
         async with httpx.AsyncClient(base_url=node.url or "", trust_env=False) as stranger:
             assert (await stranger.get("/backend/api/tags")).status_code == 401
+            fleet_member = {"Authorization": f"Bearer {TOKEN}", "X-Api-Key": KEY}
+            via_proxy = await stranger.get("/backend/api/tags", headers=fleet_member)
+            assert via_proxy.status_code == 200
+            method, path, headers = lan_sim.seen[-1]
+            assert (method, path) == ("GET", "/api/tags")
+            assert "x-api-key" not in headers and "authorization" not in headers
         nursery.cancel_scope.cancel()
 
 

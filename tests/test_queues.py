@@ -112,3 +112,18 @@ async def test_a_model_with_its_own_limit_runs_that_many_at_once(
         # ... and Llama 3.2 Vision / Qwen3-VL (their encoder cache), whatever its slots.
         vision = book.model_limiter("solo", "llama3.2-vision:11b")
         assert vision is not None and vision.total_tokens == 1
+
+
+def test_model_limits_are_named_as_ollama_resolves_them() -> None:
+    """An embedding program may build a node's limits by hand, tag left out: the router
+    counts requests under the resolved name, so the limit applies there."""
+    from herd.core.models import BackendInfo, NodeReport, NodeSnapshot, NodeStatus
+    from herd.core.policy.models import model_limits
+
+    report = NodeReport(
+        node_id="n",
+        backend=BackendInfo(url="http://n", healthy=True, kind="vllm"),
+        model_slots={"slow": 2, "big:70b": 1, "off": 0},
+    )
+    node = NodeSnapshot(report=report, status=NodeStatus.ONLINE, last_seen=0.0)
+    assert model_limits(node) == {"slow:latest": 2, "big:70b": 1}

@@ -98,6 +98,7 @@ HOP_HEADERS = frozenset(
         "host",
         "content-length",
         "authorization",
+        "x-api-key",  # a router key as Anthropic clients send it: never the backend's business
     }
 )
 

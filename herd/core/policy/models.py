@@ -10,7 +10,7 @@ from __future__ import annotations
 import difflib
 from collections.abc import Iterable
 
-from herd.core.models import NodeSnapshot
+from herd.core.models import NodeSnapshot, normalize_model_name
 
 CHAT = "chat"
 EMBEDDING = "embedding"
@@ -83,8 +83,8 @@ def model_limits(node: NodeSnapshot) -> dict[str, int]:
             if model.family in SERIAL_FAMILIES or category(node, model.name) == EMBEDDING:
                 limits[model.name] = 1
     for name, slots in node.report.model_slots.items():
-        if slots > 0:
-            limits[name] = slots
+        if slots > 0:  # named as Ollama resolves them, whoever built the node's config
+            limits[normalize_model_name(name)] = slots
     return limits
 
 
