@@ -14,10 +14,11 @@ quarter, half, all and twice ``--nodes``
 nodes show how the time grows: it should be linear in nodes (the queue book is indexed by node,
 the snapshot's node lookups by id), not nodes times queues. Two shapes of fleet: every model on
 every node's disk (the worst case, no node is eliminated early) and 10 models per node (as
-disks are). Part 2 times :func:`score` alone on a prebuilt snapshot, and a latency-history
-record. Part 3 starts a router in a subprocess with simulated nodes, holds ``--streams``
-streaming chat requests open through it at once and reports the router process's resident
-memory before and during. Only 127.0.0.1 is used.
+disks are). Part 2 times :func:`score` alone on a prebuilt snapshot (after the first decision
+its reports' facts are kept: ``NodeReport.derived``), and a latency-history record. Part 3
+starts a router in a subprocess with simulated nodes, holds ``--streams`` streaming chat
+requests open through it at once and reports the router process's resident memory before and
+during. Only 127.0.0.1 is used.
 """
 
 from __future__ import annotations
