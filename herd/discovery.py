@@ -44,12 +44,14 @@ def advertised_addresses(host: str) -> list[str]:
 async def advertise(
     host: str, port: int, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
 ) -> None:
-    """Advertise the router until cancelled."""
+    """Advertise the router until cancelled. The instance is named by the machine and the
+    port, so several routers on one machine (behind one balancer) each advertise; a name
+    another machine already holds gets a number added rather than failing."""
     addresses = advertised_addresses(host)
     name = socket.gethostname().split(".")[0] or "herd"
     info = ServiceInfo(
         SERVICE_TYPE,
-        f"herd router on {name}.{SERVICE_TYPE}",
+        f"herd router on {name} port {port}.{SERVICE_TYPE}",
         addresses=[socket.inet_aton(a) for a in addresses],
         port=port,
         properties={"version": __version__, "path": "/"},
@@ -60,7 +62,9 @@ async def advertise(
         lambda: Zeroconf(interfaces=interfaces) if interfaces else Zeroconf()
     )
     try:
-        await trio.to_thread.run_sync(zeroconf.register_service, info)
+        await trio.to_thread.run_sync(
+            lambda: zeroconf.register_service(info, allow_name_change=True)
+        )
         log.info("advertising %s on %s port %d (mDNS)", SERVICE_TYPE, ", ".join(addresses), port)
         task_status.started()
         await trio.sleep_forever()
