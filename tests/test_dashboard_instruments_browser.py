@@ -152,6 +152,23 @@ async def test_trends_break_down_and_draw_gaps_as_gaps_with_the_fleets_events(
         # Two earlier minutes with traffic, three empty minutes between them and now.
         for minutes_ago, latency in ((9, 800.0), (9, 1000.0), (5, 1200.0)):
             state.record_trace(seeded("studio", "qwen2.5:7b", now - minutes_ago * 60, latency))
+        # On the other node, what resilience did: a failure after a retry, a fallback, and a
+        # substitution (each drawn as bars on its own chart).
+        state.record_trace(seeded("laptop", "llama3.2:3b", now - 5 * 60, 300.0, "failed"))
+        state.record_trace(
+            attrs.evolve(
+                seeded("laptop", "llama3.2:3b", now - 9 * 60, 400.0),
+                original_model="llama3.1:8b",
+                fallback_used=True,
+            )
+        )
+        state.record_trace(
+            attrs.evolve(
+                seeded("laptop", "llama3.2:3b", now - 9 * 60, 500.0),
+                original_model="qwen2.5:7b",
+                substitution="vram",
+            )
+        )
         await traffic(fleet)
         async with httpx.AsyncClient(base_url=fleet.url, trust_env=False) as client:
             assert (
@@ -181,6 +198,15 @@ async def test_trends_break_down_and_draw_gaps_as_gaps_with_the_fleets_events(
             bars = page.locator('figure[data-chart="requests"] rect.bar')
             expect(bars.first).to_be_visible()
             assert bars.count() in (3, 4)
+            # Time to first token as percentiles, speed as a line, what went wrong as bars.
+            ttft = page.locator('figure[data-chart="ttft"]')
+            expect(ttft.locator('path.series[data-series="p95"]')).to_have_count(1)
+            speed = page.locator('figure[data-chart="tps"]')
+            expect(speed.locator("path.series")).not_to_have_count(0)
+            for chart in ("errors", "retries", "fallbacks", "substitutions"):
+                marks = page.locator(f'figure[data-chart="{chart}"] rect.bar')
+                expect(marks.first).to_be_visible()
+                assert marks.count() == 1, chart  # one minute each had one
             expect(latency.locator("g.event.cat-node")).to_have_count(2)  # two nodes joined
             expect(latency.locator("g.event.cat-settings")).to_have_count(1)
             expect(latency.locator("g.event.cat-settings title")).to_contain_text(
