@@ -436,3 +436,23 @@ def test_a_log_file_that_cannot_be_written_is_reported_once_not_per_record(
     assert "Traceback" not in err and "Logging error" not in err
     lines = [line for line in err.splitlines() if "cannot write the log file /dev/full" in line]
     assert len(lines) == 1 and "No space left on device" in lines[0]
+
+
+async def test_a_settings_file_that_breaks_a_rule_is_ignored_saying_which(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A settings.json edited by hand with a value the dashboard would refuse: the router starts
+    on its defaults (never on the bad value: a stale_timeout of 0 would spin the reaper) and
+    says which file and which rule; a file that isn't JSON is the same."""
+    for text, rule in (
+        ('{"stale_timeout": 0, "auto_pull": true}', "between 5 and 86400"),
+        ('{"stale_timeout": ', "settings.json"),
+        ("[1, 2]", "not a JSON object"),
+    ):
+        caplog.clear()
+        (tmp_path / "settings.json").write_text(text)
+        async with running_fleet(tmp_path, two_node_specs()) as fleet:
+            settings = fleet.router.state.settings
+            assert (settings.stale_timeout, settings.auto_pull) == (600.0, False)
+        (warning,) = [r for r in caplog.records if "ignoring the settings" in r.message]
+        assert str(tmp_path / "settings.json") in warning.message and rule in warning.message

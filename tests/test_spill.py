@@ -166,6 +166,18 @@ async def test_the_router_shows_the_spill_and_routes_to_the_copy_in_vram(tmp_pat
                 'herd_gpu_memory_total_bytes{node="gpu-box",gpu="0",name="Simulated GPU"} '
                 f"{24 * GiB}" in metrics
             )
+            gpu = '{node="gpu-box",gpu="0",name="Simulated GPU"}'
+            assert f"herd_gpu_utilization_ratio{gpu} " in metrics
+            assert f"herd_gpu_temperature_celsius{gpu} " in metrics  # a discrete GPU says
+            assert 'herd_gpu_temperature_celsius{node="studio"' not in metrics  # a Mac doesn't
+            # A request pinned to the split copy: its trace says how much ran on the CPU.
+            pinned = await client.post(
+                "/api/generate", json={**generate("big:70b", 2), "metadata": {"node": "gpu-box"}}
+            )
+            assert pinned.status_code == 200 and pinned.headers["x-herd-node"] == "gpu-box"
+            await wait_until(lambda: len(traces) == 3)
+            assert traces[-1].offload == pytest.approx(18 / 42, abs=1e-4)
+            assert traces[-2].offload == 0.0  # the copy in VRAM
             checks = {
                 c["id"]: c for c in (await client.get("/dashboard/api/health")).json()["checks"]
             }
