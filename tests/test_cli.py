@@ -11,6 +11,7 @@ import json
 import os
 import re
 import resource
+import shutil
 import signal
 import socket
 import subprocess
@@ -678,3 +679,37 @@ async def test_demo_prints_its_simulated_nodes_and_their_ports(tmp_path: Path) -
         with trio.fail_after(15):
             assert await process.wait() == 0
     assert f"dashboard: {url}/dashboard" in printed
+
+
+async def test_a_router_open_to_the_lan_says_so_on_the_console(tmp_path: Path) -> None:
+    """Bound to every interface with no fleet token and no API key, the router prints both
+    warnings in a frame of ! at start. In a network namespace of its own (loopback only), so
+    listening on 0.0.0.0 opens nothing to anyone."""
+    if os.geteuid() != 0 or shutil.which("unshare") is None:
+        pytest.fail("this test needs root with unshare (util-linux); CI runs as root")
+    env = clean_env(tmp_path)
+    command = " ".join(f'"{part}"' for part in HERD)
+    process = await trio.lowlevel.open_process(
+        ["unshare", "--net", "sh", "-c", f"ip link set lo up && exec {command} --host 0.0.0.0"],
+        env=env,
+        cwd=CHECKOUT,
+        stderr=subprocess.PIPE,
+    )
+    assert process.stderr is not None
+    console = b""
+    try:
+        with trio.fail_after(30):
+            async for chunk in process.stderr:
+                console += chunk
+                if b"router listening on" in console:
+                    break
+    finally:
+        process.send_signal(signal.SIGINT)
+        with trio.fail_after(15):
+            console += b"".join([chunk async for chunk in process.stderr])
+            await process.wait()
+    text = console.decode()
+    assert "!" * 78 in text
+    assert "listens on 0.0.0.0 with no fleet token" in text
+    assert "Set FLEET_AUTH_TOKEN on the router and on every node" in text
+    assert "listens on 0.0.0.0 with no API key" in text

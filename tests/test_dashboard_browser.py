@@ -385,6 +385,9 @@ async def test_an_open_router_says_so_on_every_page(tmp_path: Path, browser: str
     assert len(exposed) == 2 and "no fleet token" in exposed[0] and "no API key" in exposed[1]
     assert exposure_warnings(RouterConfig(host="0.0.0.0", auth_token="t", api_keys=("k",))) == []
     assert exposure_warnings(RouterConfig(host="127.0.0.1")) == []
+    assert exposure_warnings(RouterConfig(host="127.0.0.2")) == []  # all of 127/8 is loopback
+    assert exposure_warnings(RouterConfig(host="::1")) == []
+    assert len(exposure_warnings(RouterConfig(host="192.168.1.9"))) == 2
     async with running_fleet(tmp_path, specs()) as fleet:
         # (the test router listens on loopback; give it what a LAN-facing one would say)
         fleet.router.state.warnings = exposed

@@ -24,6 +24,7 @@ import trio
 from herd.config import NodeConfig, RouterConfig
 from herd.core.models import FleetSnapshot, NodeStatus
 from herd.core.policy import virtual
+from herd.core.policy.node_urls import is_loopback_host
 from herd.discovery import advertise
 from herd.http import saved_settings
 from herd.http.app import create_app
@@ -52,7 +53,7 @@ PREWARM_BUFFER = 64
 def exposure_warnings(config: RouterConfig) -> list[str]:
     """What an operator must not miss about who can reach this router (console at start,
     the dashboard's banner, the Health tab)."""
-    if config.host in ("127.0.0.1", "localhost", "::1"):
+    if is_loopback_host(config.host):
         return []
     warnings = []
     if not config.auth_token:

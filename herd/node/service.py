@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import datetime as dt
 import hmac
-import ipaddress
 import json
 import logging
 import os
@@ -60,6 +59,7 @@ from herd.core.errors import (
     parse_json_body,
 )
 from herd.core.models import Capacity, CpuInfo, MemoryInfo
+from herd.core.policy.node_urls import is_loopback_host
 from herd.core.wire import unstructure
 from herd.discovery import SERVICE_TYPE, discover, discover_all
 from herd.node import openai_backend as oa
@@ -108,12 +108,9 @@ class NodeConfigError(ValueError):
 
 
 def is_loopback(host: str | None) -> bool:
-    if not host or host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return host.endswith(".localhost")
+    """This machine only (no host given: the caller's own)? See
+    :func:`herd.core.policy.node_urls.is_loopback_host`."""
+    return not host or is_loopback_host(host)
 
 
 def needs_lan_proxy(config: NodeConfig) -> bool:

@@ -25,6 +25,19 @@ from herd.core.models import NodeReport
 PROXY_PATH = "/backend"
 
 
+def is_loopback_host(host: str) -> bool:
+    """Is ``host`` this machine only: any of 127.0.0.0/8, ``::1`` (bracketed or not),
+    ``localhost`` and the names under it (RFC 6761)? An empty host is not: listening on it
+    means every interface."""
+    host = host.strip().lower()
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # another name: it may resolve to any interface
+
+
 def _host_allowed(host: str, allowed: tuple[str, ...]) -> bool:
     for entry in allowed:
         entry = entry.strip().lower()
