@@ -407,3 +407,32 @@ async def test_errors_in_the_sdks_terms(fleet: Fleet, oai: openai.OpenAI) -> Non
     assert "alpha" in failed.error.message
     with pytest.raises(openai.NotFoundError):
         await in_thread(lambda: oai.responses.retrieve(failed.id))
+
+
+async def test_a_stored_response_belongs_to_the_key_that_made_it(tmp_path: Path) -> None:
+    """On a router with API keys, one key's stored responses are not another's: continuing or
+    reading one with another key is as if it had never been stored."""
+    spec = SimConfig(name="alpha", models=(LLAMA_3B,), loaded=("llama3.2:3b",))
+    async with running_fleet(tmp_path, [spec], api_keys=("key-a", "key-b")) as fleet:
+        url = fleet.url + "/v1"
+        with (
+            openai.OpenAI(base_url=url, api_key="key-a", max_retries=0) as alice,
+            openai.OpenAI(base_url=url, api_key="key-b", max_retries=0) as bob,
+        ):
+            first = await in_thread(lambda: alice.responses.create(model="llama3.2:3b", input="hi"))
+            with pytest.raises(openai.BadRequestError, match="is not stored on this router"):
+                await in_thread(
+                    lambda: bob.responses.create(
+                        model="llama3.2:3b", input="and?", previous_response_id=first.id
+                    )
+                )
+            with pytest.raises(openai.NotFoundError):
+                await in_thread(lambda: bob.responses.retrieve(first.id))
+            again = await in_thread(lambda: alice.responses.retrieve(first.id))
+            assert again.id == first.id
+            follow = await in_thread(
+                lambda: alice.responses.create(
+                    model="llama3.2:3b", input="and?", previous_response_id=first.id
+                )
+            )
+            assert follow.previous_response_id == first.id

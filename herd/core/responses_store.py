@@ -12,11 +12,17 @@ items of its whole ``previous_response_id`` chain, then its own input and output
 continuation reads one entry, so an evicted ancestor never breaks a chain that a later response
 already carries; the older snapshots of one long conversation are the ones the LRU drops first.
 
+Each entry belongs to whoever made it: with API keys, the key it was made with (its
+``owner``, a digest of the key, never the key itself). Another key reads it as missing, so one
+user of a shared router can't continue or read another's conversation; without keys every
+caller is the same owner.
+
 Pure: no I/O, no clock. Reading an entry (a continuation or a ``GET``) counts as a use.
 """
 
 from __future__ import annotations
 
+import hmac
 import json
 from collections import OrderedDict
 from collections.abc import Mapping
@@ -48,7 +54,7 @@ class ResponseStore:
 
     max_responses: int = MAX_RESPONSES
     max_bytes: int = MAX_BYTES
-    _entries: OrderedDict[str, tuple[StoredResponse, int]] = attrs.field(
+    _entries: OrderedDict[str, tuple[StoredResponse, int, str]] = attrs.field(
         factory=OrderedDict, init=False
     )
     size: int = attrs.field(default=0, init=False)  # bytes held
@@ -56,26 +62,27 @@ class ResponseStore:
     def __len__(self) -> int:
         return len(self._entries)
 
-    def put(self, stored: StoredResponse) -> bool:
-        """Keep ``stored`` (evicting the least recently used as needed). False if it alone is
-        over the byte limit (then it is not kept)."""
+    def put(self, stored: StoredResponse, owner: str = "") -> bool:
+        """Keep ``stored`` for ``owner`` (evicting the least recently used as needed). False if
+        it alone is over the byte limit (then it is not kept)."""
         size = _size(stored)
         self._drop(stored.id)
         if size > self.max_bytes:
             return False
-        self._entries[stored.id] = (stored, size)
+        self._entries[stored.id] = (stored, size, owner)
         self.size += size
         while len(self._entries) > self.max_responses or self.size > self.max_bytes:
-            _, (_, evicted) = self._entries.popitem(last=False)
+            _, (_, evicted, _) = self._entries.popitem(last=False)
             self.size -= evicted
         return True
 
-    def get(self, response_id: Any) -> StoredResponse | None:
-        """The stored response ``response_id`` names (now the most recently used), or None."""
+    def get(self, response_id: Any, owner: str = "") -> StoredResponse | None:
+        """The stored response ``response_id`` names (now the most recently used), or None
+        when there is none, or it belongs to another owner."""
         if not isinstance(response_id, str):
             return None
         entry = self._entries.get(response_id)
-        if entry is None:
+        if entry is None or not hmac.compare_digest(entry[2], owner):
             return None
         self._entries.move_to_end(response_id)
         return entry[0]

@@ -30,6 +30,7 @@ from herd.http.dashboard.pages import create_pages
 from herd.http.dashboard.plan_api import create_plan_blueprint
 from herd.http.fleet_socket import serve_fleet_socket
 from herd.http.media import create_media_blueprint
+from herd.http.security import key_owner
 from herd.store.writer import TraceWriter
 from herd.transport import model_admin
 from herd.transport.bodies import SHOW_LIMIT, error_detail, read_limited
@@ -287,7 +288,7 @@ def create_app(
 
     @app.get("/v1/responses/<response_id>")
     async def stored_response(response_id: str) -> Response:
-        stored = state.responses.get(response_id)
+        stored = state.responses.get(response_id, key_owner(request.scope, link.config.api_keys))
         if stored is None:
             raise NotFound(
                 f"response '{response_id}' is not stored on this router (herd keeps the last "

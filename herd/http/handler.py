@@ -41,6 +41,7 @@ from herd.core.policy.deadlines import stall_budget
 from herd.core.responses_store import StoredResponse
 from herd.core.traces import TraceRecord
 from herd.http import relay as relays
+from herd.http.security import key_owner
 from herd.state.cancellation import is_cancellation
 from herd.transport import fanout
 from herd.transport.dispatch import Attempts, Opened, model_bytes, models_known, open_upstream
@@ -202,7 +203,9 @@ class ProxyASGI:
                 header(scope, b"x-herd-tags"),
                 header(scope, b"x-herd-allow-substitution"),
                 # The stored response a Responses request continues (None: not stored here).
-                state.responses.get(body.get("previous_response_id"))
+                state.responses.get(
+                    body.get("previous_response_id"), key_owner(scope, self.link.config.api_keys)
+                )
                 if route.name == "openai.responses"
                 else None,
             )
@@ -230,7 +233,10 @@ class ProxyASGI:
                     opened.lease.succeeded()
                     status = traces.COMPLETED
                     if isinstance(result.outcome, StoredResponse):
-                        state.responses.put(result.outcome)  # a Responses answer, store: true
+                        # A Responses answer, store: true; for the key that asked.
+                        state.responses.put(
+                            result.outcome, key_owner(scope, self.link.config.api_keys)
+                        )
                 else:
                     status = traces.INCOMPLETE if result.status_code < 400 else traces.FAILED
                     error = result.error

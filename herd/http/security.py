@@ -42,9 +42,10 @@ constant time and never logged.
 from __future__ import annotations
 
 import fnmatch
+import hashlib
 import hmac
 import urllib.parse
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import Awaitable, Callable, Mapping, MutableMapping
 from typing import Any
 
 from herd.core.api.shaping import flavor_for_path
@@ -94,7 +95,7 @@ def header_value(scope: Scope, name: bytes) -> str | None:
     return None
 
 
-def presented_key(scope: Scope) -> str | None:
+def presented_key(scope: Mapping[str, Any]) -> str | None:
     for name, value in scope.get("headers", []):
         if name == b"authorization":
             text = str(value.decode("latin-1"))
@@ -107,6 +108,14 @@ def presented_key(scope: Scope) -> str | None:
         keys = query.get("key")
         return str(keys[0]) if keys else None
     return None
+
+
+def key_owner(scope: Mapping[str, Any], keys: tuple[str, ...]) -> str:
+    """Who a request's stored things belong to (see :mod:`herd.core.responses_store`): on a
+    router with API ``keys``, a digest of the key it presented; without, "" for every caller
+    (whatever placeholder key an SDK sends)."""
+    presented = presented_key(scope) if keys else None
+    return hashlib.sha256(presented.encode()).hexdigest() if presented else ""
 
 
 def key_ok(keys: tuple[str, ...], presented: str | None) -> bool:
