@@ -12,7 +12,11 @@ itself, so it can say no before a connection costs anything:
 - **When accept fails for lack of descriptors** (EMFILE, ENFILE, ENOBUFS, ENOMEM), the loop
   backs off (50 ms doubling to 1 s) instead of spinning, and logs it once a minute.
 - **Idle connections** close after ``keep_alive_timeout`` (75 s) between requests, and at once
-  after a response to ``Connection: close`` or HTTP/1.0 (see :class:`FinishResponses`).
+  after a response to ``Connection: close`` or HTTP/1.0 (see :class:`FinishResponses`), or
+  when the client closes its end (hypercorn alone would keep the socket until the idle timer).
+- **A client that half-closes** (shuts its sending side after a whole request, and reads on)
+  is answered in full where ``serve_app(answer_half_closed=True)`` (the router's port): see
+  :class:`ServedStream`. Elsewhere an end of file is a disconnect, as hypercorn has it.
 
 A port that can't be had (in use, privileged, an address not of this machine) is a
 :class:`ListenError` naming the address, raised from :func:`serve_app` before it has started;
@@ -27,11 +31,13 @@ import json
 import logging
 import math
 import os
-from collections.abc import Callable
+import select
+from collections.abc import Callable, Iterator
 from functools import partial
 from typing import Any
 
 import attrs
+import h11
 import trio
 from hypercorn.config import Config
 from hypercorn.trio.lifespan import Lifespan
@@ -47,6 +53,9 @@ BACKOFF_FIRST, BACKOFF_MAX = 0.05, 1.0
 REPORT_EVERY = 60.0
 REFUSE_TIMEOUT = 2.0
 FINISH_TIMEOUT = 5.0
+# An interim answer every HTTP/1.1 client must accept (and skip) before the real one; sent to a
+# client that has half-closed, to learn whether it is still there (see ServedStream).
+INTERIM = b"HTTP/1.1 100 Continue\r\n\r\n"
 
 
 class ListenError(Exception):
@@ -189,6 +198,7 @@ async def _accept_loop(
     nursery: trio.Nursery,
     serve_one: Callable[[trio.abc.HalfCloseableStream], Any],
     doors: Doorkeeper,
+    answer_half_closed: bool = False,
 ) -> None:
     backoff = BACKOFF_FIRST
     reported = -math.inf
@@ -219,7 +229,7 @@ async def _accept_loop(
             doors.refused += 1
             nursery.start_soon(_refuse, stream, reason)
             continue
-        nursery.start_soon(_serve_counted, serve_one, stream, client, doors)
+        nursery.start_soon(_serve_counted, serve_one, stream, client, doors, answer_half_closed)
 
 
 def _head_waits_for_body(data: bytes | bytearray | memoryview) -> bool:
@@ -287,14 +297,197 @@ class OrderedSends(trio.abc.HalfCloseableStream):
         await self.stream.aclose()
 
 
+def _exchange(server: Any) -> h11.Connection | None:
+    """The h11 state of the exchange hypercorn's ``server`` (a ``TCPServer``) is serving; None
+    when it speaks something else (a WebSocket after its handshake, HTTP/2) or hasn't begun."""
+    protocol = getattr(getattr(server, "protocol", None), "protocol", None)
+    connection = getattr(protocol, "connection", None)
+    return connection if isinstance(connection, h11.Connection) else None
+
+
+def _answer_owed(exchange: h11.Connection | None) -> bool:
+    """Has the client sent a whole request whose answer hasn't all gone out yet? (Its side
+    is DONE after the request, or MUST_CLOSE when the request said ``Connection: close`` or was
+    HTTP/1.0.)"""
+    return (
+        exchange is not None
+        and exchange.their_state in (h11.DONE, h11.MUST_CLOSE)
+        and exchange.our_state in (h11.SEND_RESPONSE, h11.SEND_BODY)
+    )
+
+
+@contextlib.contextmanager
+def _hangups(sock: Any) -> Iterator[int | None]:
+    """A descriptor that turns readable when ``sock`` hangs up or fails (the peer's kernel reset
+    the connection), which its own readiness can't show once it has read an end of file. None
+    where there is no epoll (or no descriptor left for one)."""
+    if not hasattr(select, "epoll"):
+        yield None
+        return
+    try:
+        watch = select.epoll()
+    except OSError:
+        yield None
+        return
+    try:
+        try:
+            watch.register(sock.fileno(), select.EPOLLHUP | select.EPOLLERR)
+        except OSError:
+            yield None
+        else:
+            yield watch.fileno()
+    finally:
+        watch.close()
+
+
+class ServedStream(OrderedSends):
+    """The client's stream as hypercorn sees it (on top of :class:`OrderedSends`), with what the
+    client's end of file means.
+
+    hypercorn takes an end of file as the client gone: it tells the app ``http.disconnect``,
+    which cancels the request. But a client that shuts its sending side after a whole request
+    (``shutdown(SHUT_WR)``: some proxies and command-line clients do) has only finished
+    sending; it still reads. With ``answer_half_closed``, an end of file that comes while a
+    whole request's answer is owed is held back from hypercorn until the answer has gone out,
+    and the client counts as gone only when a send to it fails or its kernel resets the
+    connection:
+
+    - A client that closed for good and one that half-closed send the same FIN; they differ
+      only in what their kernel does with data sent to them (a closed socket answers with a
+      reset). Before the answer has begun, the router sends :data:`INTERIM` (``100 Continue``,
+      which an HTTP/1.1 client skips); once it streams, its next chunk does the same. The
+      reset is watched for through :func:`_hangups` (Linux: at once, with one descriptor more
+      while such an answer is under way); elsewhere it shows when the send after it fails.
+    - An end of file in the middle of a request's body, or between requests, goes to
+      hypercorn at once (an incomplete body is a 400 and a close; an idle connection closes).
+
+    An end of file between requests also stops hypercorn's idle timer: hypercorn's reader is
+    done then, and the timer alone would keep the connection (its socket, its count) open for
+    the rest of ``keep_alive_timeout`` with nothing more to come from the client. (After an
+    answer, hypercorn sees the end of file before it would recycle the exchange, and closes.)
+
+    ``server`` is the ``TCPServer`` serving this stream; its h11 state (:func:`_exchange`) says
+    whether an answer is owed. It is read, never changed; the one thing done to hypercorn is
+    that stop of its idle timer (``TCPServer.idle_task``).
+    """
+
+    def __init__(self, stream: trio.SocketStream, answer_half_closed: bool = False) -> None:
+        super().__init__(stream)
+        self.answer_half_closed = answer_half_closed
+        self.server: Any = None
+        self._answered: trio.Event | None = None  # while an end of file is held back
+        self._gone = False
+
+    def _client_gone(self) -> None:
+        self._gone = True
+        if self._answered is not None:
+            self._answered.set()
+
+    def _release(self) -> None:
+        if self._answered is not None and not _answer_owed(_exchange(self.server)):
+            self._answered.set()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        data = await self.stream.receive_some(max_bytes)
+        if data:
+            return data
+        if self.answer_half_closed and _answer_owed(_exchange(self.server)):
+            await self._answer_first()
+        exchange = _exchange(self.server)
+        idle = getattr(self.server, "idle_task", None)
+        if (
+            exchange is not None
+            and exchange.their_state is h11.IDLE
+            and exchange.our_state is h11.IDLE
+            and idle is not None
+        ):
+            # Between requests (a restart of the timer already under way goes first: it holds
+            # the timer's lock from the moment the exchange turns idle). Only here: anywhere
+            # else this must not pause before hypercorn has the end of file, or an exchange
+            # about to be recycled would restart the timer after it.
+            await idle.stop()
+        return data
+
+    async def _answer_first(self) -> None:
+        """Wait until the answer owed has gone out; raise BrokenResourceError if the client
+        turns out to be gone first."""
+        self._answered = answered = trio.Event()
+        try:
+            with _hangups(self.socket) as hangup:
+                async with trio.open_nursery() as nursery:
+                    if hangup is not None:
+                        nursery.start_soon(self._watch, hangup)
+                    await self._probe()
+                    await answered.wait()
+                    nursery.cancel_scope.cancel()
+        finally:
+            self._answered = None
+        if self._gone:
+            raise trio.BrokenResourceError("the client is gone (the connection was reset)")
+
+    async def _watch(self, hangup: int) -> None:
+        await trio.lowlevel.wait_readable(hangup)
+        self._client_gone()
+
+    async def _probe(self) -> None:
+        """Send :data:`INTERIM` if nothing of the answer has gone out yet (HTTP/1.1 only: an
+        HTTP/1.0 client may not be sent one)."""
+
+        def unanswered() -> bool:
+            exchange = _exchange(self.server)
+            return (
+                exchange is not None
+                and exchange.our_state is h11.SEND_RESPONSE
+                and exchange.their_http_version == b"1.1"
+                and not self._held
+            )
+
+        if not unanswered():
+            return  # the answer has begun: its next chunk is the probe
+        await self._lock()
+        try:
+            if unanswered():  # still, now that no other send can start
+                await self.stream.send_all(INTERIM)
+        except trio.BrokenResourceError:
+            self._client_gone()
+        finally:
+            self._sending.release()
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        try:
+            await super().send_all(data)
+        except trio.BrokenResourceError:
+            self._client_gone()
+            raise
+        self._release()
+
+    async def send_eof(self) -> None:
+        try:
+            await super().send_eof()
+        except trio.BrokenResourceError:
+            self._client_gone()
+            raise
+        finally:
+            if self._answered is not None:
+                self._answered.set()
+
+    async def aclose(self) -> None:
+        if self._answered is not None:
+            self._answered.set()
+        await super().aclose()
+
+
 async def _serve_counted(
     serve_one: Callable[[trio.abc.HalfCloseableStream], Any],
     stream: trio.SocketStream,
     client: str,
     doors: Doorkeeper,
+    answer_half_closed: bool = False,
 ) -> None:
     try:
-        await serve_one(OrderedSends(stream))
+        served = ServedStream(stream, answer_half_closed)
+        served.server = serve_one(served)
+        await served.server
     finally:
         doors.release(client)
         # hypercorn closes the stream itself, unless it is cancelled half-way through (the
@@ -341,10 +534,13 @@ async def serve_app(
     port: int,
     limits: ConnectionLimits | None = None,
     *,
+    answer_half_closed: bool = False,
     task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve ``app`` until cancelled; ``task_status.started`` gets the URL to reach it.
-    Raises :class:`ListenError` if it can't listen (before it has started)."""
+    Raises :class:`ListenError` if it can't listen (before it has started).
+    ``answer_half_closed``: a client that shuts its sending side after a whole request still
+    gets its answer (:class:`ServedStream`); else that is a disconnect."""
     limits = limits or ConnectionLimits()
     config = hypercorn_config(host, port, limits.idle_timeout)
     wrapped = wrap_app(app, config.wsgi_max_body_size, "asgi")
@@ -364,7 +560,9 @@ async def serve_app(
             await lifespan.wait_for_startup()
             async with trio.open_nursery() as connections:
                 for listener in listeners:
-                    connections.start_soon(_accept_loop, listener, connections, serve_one, doors)
+                    connections.start_soon(
+                        _accept_loop, listener, connections, serve_one, doors, answer_half_closed
+                    )
                 address = sockets.insecure_sockets[0].getsockname()
                 task_status.started(local_url(f"http://{_bind_text(address)}"))
                 try:

@@ -144,6 +144,16 @@ async def wait_until(predicate: Callable[[], bool], within: float = 5.0) -> None
             await trio.testing.wait_all_tasks_blocked(cushion=0.002)
 
 
+async def until_virtual(predicate: Callable[[], bool], every: float = 0.01) -> None:
+    """Wait under the autojump clock for a condition that needs virtual time to pass (the next
+    token of a simulated stream, say), looking every ``every`` virtual seconds; the caller's
+    ``fail_after`` bounds it. (``wait_until`` would keep the clock from jumping.)"""
+    while True:
+        if predicate():
+            return
+        await trio.sleep(every)
+
+
 async def in_thread(fn: Callable[[], T]) -> T:
     """Run a blocking client (the OpenAI or Ollama SDK) without blocking the router's loop."""
     with trio.fail_after(20):

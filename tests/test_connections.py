@@ -1,6 +1,7 @@
 """Connections a single client can't exhaust: closing when asked, refusing what is framed two
 ways, a cap per client address, idle connections closed, accept backing off when out of file
-descriptors. Real router on loopback; the crowd of idle connections is another process."""
+descriptors; and half-closed clients, answered in full, told from clients gone. Real router on
+loopback; the crowd of idle connections is another process."""
 
 from __future__ import annotations
 
@@ -18,8 +19,10 @@ import pytest
 import trio
 import trio.testing
 
+from herd.core import traces
 from herd.server import ConnectionLimits, Doorkeeper, _accept_loop
-from tests.conftest import running_fleet, two_node_specs
+from herd.sim import SimConfig, SimModel
+from tests.conftest import GiB, running_fleet, two_node_specs, until_virtual
 
 
 def exchange(url: str, data: bytes, wait: float = 5.0) -> tuple[bytes, bool]:
@@ -214,3 +217,184 @@ def test_the_doorkeeper_counts_per_address_and_in_all() -> None:
     doors.release("a")
     assert doors.admit("c") is None
     assert doors.by_client == {"a": 1, "b": 1, "c": 1}
+
+
+# ---------------------------------------------------------------- half-closed clients
+
+SLOW = SimModel("slow:latest", size_bytes=GiB, tokens_per_second=10.0)
+STREAMED: dict[str, dict[str, Any]] = {
+    "/api/chat": {"options": {"num_predict": 12}},
+    "/v1/chat/completions": {"max_tokens": 12},
+}
+LAST = {"/api/chat": b'"done":true', "/v1/chat/completions": b"data: [DONE]"}
+
+
+def streamed_chat(path: str) -> bytes:
+    body = json.dumps(
+        {
+            "model": "slow",
+            "messages": [{"role": "user", "content": "hi"}],
+            "stream": True,
+            **STREAMED[path],
+        }
+    ).encode()
+    return (
+        b"POST %s HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Content-Length: %d\r\n\r\n" % (path.encode(), len(body))
+    ) + body
+
+
+async def connect(url: str) -> trio.SocketStream:
+    host, port = url.removeprefix("http://").split(":")
+    return await trio.open_tcp_stream(host, int(port))
+
+
+async def read_to_end(stream: trio.abc.ReceiveStream) -> bytes:
+    data = b""
+    while chunk := await stream.receive_some(65536):
+        data += chunk
+    return data
+
+
+async def read_until(stream: trio.abc.ReceiveStream, marker: bytes) -> bytes:
+    data = b""
+    while marker not in data:
+        chunk = await stream.receive_some(65536)
+        assert chunk, f"the router closed before {marker!r}: {data!r}"
+        data += chunk
+    return data
+
+
+def solo_slow(parallel: int = 4) -> list[SimConfig]:
+    return [SimConfig(name="solo", models=(SLOW,), loaded=("slow:latest",), parallel=parallel)]
+
+
+@pytest.mark.parametrize("close", [False, True])
+@pytest.mark.parametrize("path", list(STREAMED))
+async def test_a_client_that_half_closes_still_reads_its_whole_stream(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock, path: str, close: bool
+) -> None:
+    request = streamed_chat(path)
+    if close:
+        request = request.replace(b"\r\nHost: x\r\n", b"\r\nHost: x\r\nConnection: close\r\n")
+    async with running_fleet(tmp_path, solo_slow()) as fleet:
+        with trio.fail_after(60):
+            stream = await connect(fleet.url)
+            async with stream:
+                await stream.send_all(request)
+                await stream.send_eof()  # done sending; still reading
+                answer = await read_to_end(stream)
+        # An interim answer first (how the router tells a half-close from a client gone),
+        # then the whole stream, then the router closes (nothing more can come from the client).
+        assert answer.startswith(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 "), answer[:200]
+        assert LAST[path] in answer and answer.endswith(b"0\r\n\r\n")
+        await until_virtual(lambda: len(fleet.router.state.traces) == 1)
+        assert fleet.router.state.traces[0].status == traces.COMPLETED
+        assert fleet.counters_idle() and fleet.sims["solo"].disconnects == 0
+
+
+async def test_an_http_1_0_client_that_half_closes_gets_no_interim_answer(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    request = streamed_chat("/api/chat").replace(b" HTTP/1.1\r\n", b" HTTP/1.0\r\n", 1)
+    async with running_fleet(tmp_path, solo_slow()) as fleet:
+        with trio.fail_after(60):
+            stream = await connect(fleet.url)
+            async with stream:
+                await stream.send_all(request)
+                await stream.send_eof()
+                answer = await read_to_end(stream)
+        # An HTTP/1.0 client may not be sent a 1xx: the answer alone, to its end.
+        assert answer.startswith(b"HTTP/1.1 200 "), answer[:200]
+        assert LAST["/api/chat"] in answer
+        await until_virtual(lambda: len(fleet.router.state.traces) == 1)
+        assert fleet.router.state.traces[0].status == traces.COMPLETED
+
+
+@pytest.mark.parametrize("half_closed_first", [False, True])
+async def test_a_client_gone_mid_stream_still_cancels_its_request(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock, half_closed_first: bool
+) -> None:
+    async with running_fleet(tmp_path, solo_slow()) as fleet:
+        sim = fleet.sims["solo"]
+        with trio.fail_after(60):
+            stream = await connect(fleet.url)
+            async with stream:
+                await stream.send_all(streamed_chat("/api/chat"))
+                if half_closed_first:
+                    await stream.send_eof()
+                await read_until(stream, b'"content"')  # the head and a first token
+                assert fleet.router.state.queues.statistics().in_flight == 1
+            # gone
+            await until_virtual(fleet.counters_idle)
+            await until_virtual(lambda: sim.open_streams == 0)
+        assert sim.disconnects == 1
+        await until_virtual(lambda: len(fleet.router.state.traces) == 1)
+        assert fleet.router.state.traces[0].status == traces.CLIENT_DISCONNECTED
+
+
+async def test_a_client_gone_before_its_answer_starts_is_noticed_at_once(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    # One slot, taken: the second request waits in the queue, nothing sent to its client yet.
+    # That client closes (a FIN, as a half-close sends): the router's interim answer draws the
+    # kernel's reset, and the request leaves the queue without waiting for its turn.
+    async with running_fleet(tmp_path, solo_slow(parallel=1)) as fleet:
+        queues = fleet.router.state.queues
+        with trio.fail_after(60):
+            first = await connect(fleet.url)
+            async with first:
+                await first.send_all(streamed_chat("/api/chat"))
+                await read_until(first, b'"content"')
+                second = await connect(fleet.url)
+                async with second:
+                    await second.send_all(streamed_chat("/api/chat"))
+                    await until_virtual(lambda: queues.statistics().pending == 1)
+                    start = trio.current_time()
+                await until_virtual(lambda: queues.statistics().pending == 0)
+                assert trio.current_time() - start < 0.5  # not after the first's 1.2 s
+                assert queues.statistics().in_flight == 1  # the first goes on
+                await until_virtual(lambda: len(fleet.router.state.traces) == 1)
+                assert fleet.router.state.traces[0].status == traces.CLIENT_DISCONNECTED
+                assert b'"done":true' in await read_until(first, b"\r\n0\r\n\r\n")
+        await until_virtual(lambda: len(fleet.router.state.traces) == 2)
+        assert fleet.router.state.traces[1].status == traces.COMPLETED
+
+
+@pytest.mark.parametrize("requests", [0, 1])
+async def test_a_kept_alive_connection_half_closed_between_requests_is_closed(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock, requests: int
+) -> None:
+    async with running_fleet(tmp_path, solo_slow()) as fleet:
+        with trio.fail_after(10):
+            stream = await connect(fleet.url)
+            async with stream:
+                for _ in range(requests):
+                    await stream.send_all(b"GET /api/version HTTP/1.1\r\nHost: x\r\n\r\n")
+                    answer = await read_until(stream, b"}")  # a small JSON object, whole
+                    assert answer.startswith(b"HTTP/1.1 200 ")
+                await trio.sleep(1)  # virtual: the router is done with the exchange; it idles
+                start = trio.current_time()
+                await stream.send_eof()
+                assert await read_to_end(stream) == b""  # closed at once, not at idle timeout
+                assert trio.current_time() - start < 1
+
+
+async def test_a_half_close_in_the_middle_of_a_body_ends_the_exchange(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    head = (
+        b"POST /api/chat HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Content-Length: 100\r\n\r\n"
+    )
+    async with running_fleet(tmp_path, solo_slow()) as fleet:
+        with trio.fail_after(10):
+            stream = await connect(fleet.url)
+            async with stream:
+                await stream.send_all(head + b'{"model": "slow"')
+                start = trio.current_time()
+                await stream.send_eof()
+                answer = await read_to_end(stream)
+                assert trio.current_time() - start < 1
+        assert answer == b"" or answer.startswith(b"HTTP/1.1 400 "), answer
+        assert fleet.counters_idle() and not fleet.router.state.traces

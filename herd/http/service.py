@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from functools import partial
 from types import TracebackType
 from typing import Any
 
@@ -212,7 +213,11 @@ class Router:
                 max_per_client=config.max_connections_per_client,
                 idle_timeout=config.idle_timeout,
             )
-            self._url = await nursery.start(serve_app, app, config.host, config.port, limits)
+            # A client that half-closes after its request still reads its answer (an end of
+            # file is not a disconnect there; a failed send or a reset is).
+            self._url = await nursery.start(
+                partial(serve_app, answer_half_closed=True), app, config.host, config.port, limits
+            )
             benchmarks.url = self._url  # it measures through the router itself
             if config.mdns:
                 port = int(self._url.rsplit(":", 1)[1])
