@@ -437,6 +437,17 @@ OPTIONS: tuple[Option, ...] = (
         category="limits",
     ),
     Option(
+        "max_connections",
+        "--max-connections",
+        "FLEET_MAX_CONNECTIONS",
+        0,
+        _non_negative_int,
+        "client connections open at once in all (0: as many as leave file descriptors free); "
+        "64 more are kept for the nodes, the dashboard and /metrics",
+        roles=("router",),
+        category="limits",
+    ),
+    Option(
         "idle_timeout",
         "--idle-timeout",
         "FLEET_IDLE_TIMEOUT",
@@ -807,6 +818,7 @@ class RouterConfig:
     max_body_bytes: int = _default("max_body_bytes")
     body_timeout: float = _default("body_timeout")
     max_connections_per_client: int = _default("max_connections_per_client")
+    max_connections: int = _default("max_connections")
     idle_timeout: float = _default("idle_timeout")
     auth_token: str | None = _default("auth_token")
     api_keys: tuple[str, ...] = _default("api_keys")

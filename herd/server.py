@@ -7,8 +7,12 @@ itself, so it can say no before a connection costs anything:
 - **Per client address**, at most ``max_per_client`` connections at once; one more is answered
   ``503`` (``Connection: close``, ``Retry-After``, a JSON error naming the limit) and closed.
 - **In all**, at most enough connections to leave ``fd_headroom`` file descriptors free (each
-  proxied request also holds a connection to a node, and the store, the logs and the nodes'
-  sockets need theirs); beyond it, the same refusal.
+  proxied request also holds a connection to a node, and the store and the logs need theirs),
+  or ``max_total`` when given. Then ``reserve`` more are taken, for the fleet and its
+  operators only: a connection taken into the reserve (:meth:`Doorkeeper.in_reserve`) serves
+  the nodes' socket, the dashboard and ``/metrics``, and is answered ``503`` for anything else
+  (the app decides, by path: :class:`herd.http.security.FrontGuard`), so clients that fill the
+  router never lock its nodes and its operator out. Beyond the reserve, the same refusal.
 - **When accept fails for lack of descriptors** (EMFILE, ENFILE, ENOBUFS, ENOMEM), the loop
   backs off (50 ms doubling to 1 s) instead of spinning, and logs it once a minute.
 - **Idle connections** close after ``keep_alive_timeout`` (75 s) between requests, and at once
@@ -117,6 +121,14 @@ class ConnectionLimits:
     max_per_client: int = 512
     fd_headroom: int = 256
     idle_timeout: float = 75.0
+    max_total: int = 0  # connections in all; 0: as many as leave fd_headroom descriptors free
+    reserve: int = 64  # connections beyond max_total, kept for the fleet and its operators
+
+    def total(self) -> int:
+        """The connections admitted in all before the reserve."""
+        if self.max_total > 0:
+            return self.max_total
+        return max(16, (open_file_limit() - self.fd_headroom - self.reserve) // 2)
 
 
 def open_file_limit() -> int:
@@ -138,27 +150,45 @@ class Doorkeeper:
     open: int = 0
     by_client: dict[str, int] = attrs.field(factory=dict)
     refused: int = 0
+    # Peers (address, port) of the connections taken into the reserve.
+    reserved: set[tuple[str, int]] = attrs.field(factory=set)
 
-    def admit(self, client: str) -> str | None:
-        """None: admitted (now counted). Else the reason for refusing it."""
+    @classmethod
+    def for_limits(cls, limits: ConnectionLimits) -> Doorkeeper:
+        return cls(limits, limits.total())
+
+    def admit(self, client: str, peer: tuple[str, int] | None = None) -> str | None:
+        """None: admitted (now counted; into the reserve past ``max_total``, as ``peer``).
+        Else the reason for refusing it."""
         if self.by_client.get(client, 0) >= self.limits.max_per_client:
             return (
                 f"too many connections from {client} (the limit is "
                 f"{self.limits.max_per_client} per client address); close idle ones"
             )
         if self.open >= self.max_total:
-            return f"the router is at its connection limit ({self.max_total}); try again shortly"
+            if self.open >= self.max_total + self.limits.reserve or peer is None:
+                return (
+                    f"the router is at its connection limit ({self.max_total}); try again shortly"
+                )
+            self.reserved.add(peer)
         self.open += 1
         self.by_client[client] = self.by_client.get(client, 0) + 1
         return None
 
-    def release(self, client: str) -> None:
+    def release(self, client: str, peer: tuple[str, int] | None = None) -> None:
         self.open -= 1
+        if peer is not None:
+            self.reserved.discard(peer)
         left = self.by_client[client] - 1
         if left:
             self.by_client[client] = left
         else:
             del self.by_client[client]
+
+    def in_reserve(self, peer: Any) -> bool:
+        """Was the connection from ``peer`` (an ASGI scope's ``client``) taken into the
+        reserve? Those serve the fleet and its operators only."""
+        return bool(self.reserved) and peer is not None and tuple(peer) in self.reserved
 
 
 def local_url(bind: str) -> str:
@@ -170,12 +200,15 @@ def local_url(bind: str) -> str:
     return f"{scheme}://{host}:{port}"
 
 
-def _peer(stream: trio.SocketStream) -> str:
+def _peer(stream: trio.SocketStream) -> tuple[str, tuple[str, int] | None]:
+    """The client's address, and (address, port) where it has one."""
     try:
         address = stream.socket.getpeername()
     except OSError:
-        return "?"
-    return str(address[0]) if isinstance(address, tuple) else str(address)
+        return "?", None
+    if isinstance(address, tuple):
+        return str(address[0]), (str(address[0]), int(address[1]))
+    return str(address), None
 
 
 async def _refuse(stream: trio.SocketStream, reason: str) -> None:
@@ -223,13 +256,15 @@ async def _accept_loop(
             backoff = min(BACKOFF_MAX, backoff * 2)
             continue
         backoff = BACKOFF_FIRST
-        client = _peer(stream)
-        reason = doors.admit(client)
+        client, peer = _peer(stream)
+        reason = doors.admit(client, peer)
         if reason is not None:
             doors.refused += 1
             nursery.start_soon(_refuse, stream, reason)
             continue
-        nursery.start_soon(_serve_counted, serve_one, stream, client, doors, answer_half_closed)
+        nursery.start_soon(
+            _serve_counted, serve_one, stream, client, peer, doors, answer_half_closed
+        )
 
 
 def _head_waits_for_body(data: bytes | bytearray | memoryview) -> bool:
@@ -481,6 +516,7 @@ async def _serve_counted(
     serve_one: Callable[[trio.abc.HalfCloseableStream], Any],
     stream: trio.SocketStream,
     client: str,
+    peer: tuple[str, int] | None,
     doors: Doorkeeper,
     answer_half_closed: bool = False,
 ) -> None:
@@ -489,7 +525,7 @@ async def _serve_counted(
         served.server = serve_one(served)
         await served.server
     finally:
-        doors.release(client)
+        doors.release(client, peer)
         # hypercorn closes the stream itself, unless it is cancelled half-way through (the
         # server stopping): then this does.
         with trio.CancelScope(shield=True):
@@ -535,19 +571,22 @@ async def serve_app(
     limits: ConnectionLimits | None = None,
     *,
     answer_half_closed: bool = False,
+    doors: Doorkeeper | None = None,
     task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve ``app`` until cancelled; ``task_status.started`` gets the URL to reach it.
     Raises :class:`ListenError` if it can't listen (before it has started).
     ``answer_half_closed``: a client that shuts its sending side after a whole request still
-    gets its answer (:class:`ServedStream`); else that is a disconnect."""
+    gets its answer (:class:`ServedStream`); else that is a disconnect. ``doors``: the
+    connection counts (made from ``limits`` when not given; the app may ask them which
+    connections are in the reserve)."""
     limits = limits or ConnectionLimits()
     config = hypercorn_config(host, port, limits.idle_timeout)
     wrapped = wrap_app(app, config.wsgi_max_body_size, "asgi")
     lifespan_state: dict[str, Any] = {}
     lifespan = Lifespan(wrapped, config, lifespan_state)
     context = WorkerContext(None)
-    doors = Doorkeeper(limits, max(16, (open_file_limit() - limits.fd_headroom) // 2))
+    doors = doors or Doorkeeper.for_limits(limits)
     sockets = _listening_sockets(config, host, port)
     listeners = [
         trio.SocketListener(trio.socket.from_stdlib_socket(sock))

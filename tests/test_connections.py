@@ -22,7 +22,7 @@ import trio.testing
 from herd.core import traces
 from herd.server import ConnectionLimits, Doorkeeper, _accept_loop
 from herd.sim import SimConfig, SimModel
-from tests.conftest import GiB, running_fleet, two_node_specs, until_virtual
+from tests.conftest import GiB, running_fleet, two_node_specs, until_virtual, wait_until
 
 
 def exchange(url: str, data: bytes, wait: float = 5.0) -> tuple[bytes, bool]:
@@ -398,3 +398,56 @@ async def test_a_half_close_in_the_middle_of_a_body_ends_the_exchange(
                 assert trio.current_time() - start < 1
         assert answer == b"" or answer.startswith(b"HTTP/1.1 400 "), answer
         assert fleet.counters_idle() and not fleet.router.state.traces
+
+
+# ---------------------------------------------------------------- the reserve past the limit
+
+
+def test_past_the_limit_a_reserve_is_kept_and_named() -> None:
+    doors = Doorkeeper(ConnectionLimits(max_per_client=10, reserve=1), max_total=2)
+    assert doors.admit("a", ("a", 1)) is None and doors.admit("b", ("b", 1)) is None
+    assert not doors.in_reserve(["a", 1])
+    assert doors.admit("c", ("c", 7)) is None  # past the limit: into the reserve
+    assert doors.in_reserve(["c", 7]) and not doors.in_reserve(["c", 8])
+    assert "connection limit (2)" in (doors.admit("d", ("d", 1)) or "")  # the reserve is full
+    doors.release("c", ("c", 7))
+    assert not doors.in_reserve(["c", 7]) and doors.reserved == set()
+
+
+async def ask(stream: trio.SocketStream, path: str) -> bytes:
+    """One GET on a kept-alive connection; its status line."""
+    await stream.send_all(f"GET {path} HTTP/1.1\r\nHost: herd\r\n\r\n".encode())
+    head = await read_until(stream, b"\r\n\r\n")
+    return head.split(b"\r\n", 1)[0]
+
+
+async def test_clients_that_fill_the_router_leave_room_for_its_nodes_and_operator(
+    tmp_path: Path,
+) -> None:
+    """Two nodes' sockets and two idle clients fill a router allowed four connections: a fifth
+    connection (in the reserve) still gets the dashboard, the fleet's status and /metrics, and
+    a 503 for the API; once a client leaves, the API answers again. The nodes stay online."""
+    async with running_fleet(tmp_path, two_node_specs(), max_connections=4) as fleet:
+        with trio.fail_after(20):
+            idle = [await connect(fleet.url) for _ in range(2)]
+            for stream in idle:
+                assert await ask(stream, "/api/version") == b"HTTP/1.1 200 "
+            late = await connect(fleet.url)
+            for path in ("/fleet/status", "/metrics", "/dashboard/api/overview"):
+                assert await ask(late, path) == b"HTTP/1.1 200 ", path
+            await late.send_all(b"GET /api/tags HTTP/1.1\r\nHost: herd\r\n\r\n")
+            refused = await read_to_end(late)  # answered, then closed
+            assert refused.startswith(b"HTTP/1.1 503")
+            assert b"kept for its nodes and the dashboard" in refused
+            await late.aclose()
+            await idle[0].aclose()
+            doors = fleet.router.doors
+            assert doors is not None
+            await wait_until(lambda: doors.open < 4)  # the router sees the close at once
+            again = await connect(fleet.url)
+            assert await ask(again, "/api/tags") == b"HTTP/1.1 200 "
+            await again.aclose()
+            await idle[1].aclose()
+        async with httpx.AsyncClient(base_url=fleet.url, trust_env=False) as client:
+            status = (await client.get("/fleet/status")).json()
+        assert status["fleet"]["nodes_online"] == 2

@@ -49,7 +49,7 @@ from collections.abc import Awaitable, Callable, Mapping, MutableMapping
 from typing import Any
 
 from herd.core.api.shaping import flavor_for_path
-from herd.core.errors import BadRequest, Forbidden, HerdError, Unauthorized
+from herd.core.errors import BadRequest, Forbidden, HerdError, Unauthorized, Unavailable
 
 Scope = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
@@ -86,6 +86,16 @@ CORS_EXPOSED = (
     b"X-Herd-Node, X-Herd-Model, X-Herd-Retries, X-Herd-Fallback, X-Herd-Request-Id, Retry-After"
 )
 CORS_MAX_AGE = b"600"
+
+
+# What a connection past the router's limit may still serve (herd.server's reserve): the
+# nodes' socket, the dashboard and its API, the fleet's status and metrics.
+RESERVED_PATHS = frozenset({"/fleet/ws", "/fleet/status", "/metrics", "/dashboard"})
+RESERVED_PREFIXES = ("/dashboard/",)
+
+
+def reserved_path(path: str) -> bool:
+    return path in RESERVED_PATHS or path.startswith(RESERVED_PREFIXES)
 
 
 def header_value(scope: Scope, name: bytes) -> str | None:
@@ -236,12 +246,28 @@ def cors_headers(origin: str) -> list[tuple[bytes, bytes]]:
 
 
 class FrontGuard:
-    def __init__(self, app: Any, origins: Origins | None = None) -> None:
+    def __init__(
+        self,
+        app: Any,
+        origins: Origins | None = None,
+        in_reserve: Callable[[Any], bool] | None = None,
+    ) -> None:
         self.app = app
         self.origins = origins or Origins()
+        # Is this connection (its ASGI ``client``) one the server took past its connection
+        # limit, into the reserve kept for the fleet and its operators (herd.server)?
+        self.in_reserve = in_reserve
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
+        if (
+            self.in_reserve is not None
+            and kind in ("http", "websocket")
+            and not reserved_path(scope["path"])
+            and self.in_reserve(scope.get("client"))
+        ):
+            await self.refuse_past_limit(scope, send)
+            return
         if kind == "websocket":
             if scope["path"] not in WEBSOCKET_PATHS or head_error(scope) is not None:
                 await send({"type": "websocket.close", "code": 1008})  # hypercorn: 403
@@ -256,6 +282,16 @@ class FrontGuard:
                 await self.cross_origin(origin, scope, receive, send)
                 return
         await self.app(scope, receive, send)
+
+    async def refuse_past_limit(self, scope: Scope, send: Send) -> None:
+        if scope["type"] == "websocket":
+            await send({"type": "websocket.close", "code": 1013})  # try again later
+            return
+        error = Unavailable(
+            "the router is at its connection limit; the connections left are kept for its "
+            "nodes and the dashboard. Try again shortly, or close idle connections"
+        )
+        await send_error(send, error, scope["path"], close=True)
 
     async def cross_origin(self, origin: str, scope: Scope, receive: Receive, send: Send) -> None:
         """A browser on another origin: refused unless allowed (as Ollama does); a preflight

@@ -32,7 +32,7 @@ from herd.http.app import create_app
 from herd.http.dashboard.bench import BenchmarkRunner
 from herd.http.handler import ProxyASGI
 from herd.http.security import ApiKeyGate, FrontGuard, Origins
-from herd.server import ConnectionLimits, FinishResponses, serve_app
+from herd.server import ConnectionLimits, Doorkeeper, FinishResponses, serve_app
 from herd.shared.service import SharedState
 from herd.state import upkeep
 from herd.state.registry import NodeRegistry
@@ -82,6 +82,8 @@ class Router:
     _link: Link | None = None
     _store: TraceWriter | None = None
     _benchmarks: BenchmarkRunner | None = None
+    # The router port's connection counts (herd.server.Doorkeeper), once it listens.
+    doors: Doorkeeper | None = None
     _url: str | None = None
     _stack: contextlib.AsyncExitStack | None = None
     _nursery: trio.Nursery | None = None
@@ -199,24 +201,31 @@ class Router:
                 await nursery.start(shared.run)
                 state.shared = shared
                 state.queues.gate = shared
+            limits = ConnectionLimits(
+                max_per_client=config.max_connections_per_client,
+                idle_timeout=config.idle_timeout,
+                max_total=config.max_connections,
+            )
+            doors = self.doors = Doorkeeper.for_limits(limits)
             app = FrontGuard(
                 ApiKeyGate(
                     config.api_keys,
                     FinishResponses(ProxyASGI(link, create_app(link, store, benchmarks))),
                 ),
                 Origins(config.origins),
+                in_reserve=doors.in_reserve,
             )
             state.warnings = exposure_warnings(config)
             for warning in state.warnings:
                 log.warning("!" * 78 + "\n  %s\n" + "!" * 78, warning)
-            limits = ConnectionLimits(
-                max_per_client=config.max_connections_per_client,
-                idle_timeout=config.idle_timeout,
-            )
             # A client that half-closes after its request still reads its answer (an end of
             # file is not a disconnect there; a failed send or a reset is).
             self._url = await nursery.start(
-                partial(serve_app, answer_half_closed=True), app, config.host, config.port, limits
+                partial(serve_app, answer_half_closed=True, doors=doors),
+                app,
+                config.host,
+                config.port,
+                limits,
             )
             benchmarks.url = self._url  # it measures through the router itself
             if config.mdns:
