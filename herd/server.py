@@ -128,7 +128,7 @@ class ConnectionLimits:
         """The connections admitted in all before the reserve."""
         if self.max_total > 0:
             return self.max_total
-        return max(16, (open_file_limit() - self.fd_headroom - self.reserve) // 2)
+        return max(16, (open_file_limit() - self.fd_headroom - 2 * self.reserve) // 2)
 
 
 def open_file_limit() -> int:
