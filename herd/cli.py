@@ -331,6 +331,23 @@ def print_out(text: str) -> None:
         os.close(devnull)
 
 
+def local_router_url() -> str:
+    """The router on this machine, at ``$FLEET_PORT`` (11435 when unset)."""
+    return f"http://127.0.0.1:{os.environ.get('FLEET_PORT', DEFAULT_PORT)}"
+
+
+def get_fleet_status(url: str, api_key: str | None) -> httpx.Response:
+    """GET the router's ``/fleet/status`` with ``api_key`` (default: the first of
+    ``$FLEET_API_KEYS``). Raises httpx.HTTPError when the router can't be reached."""
+    key = api_key or os.environ.get("FLEET_API_KEYS", "").split(",")[0].strip()
+    return httpx.get(
+        url.rstrip("/") + "/fleet/status",
+        timeout=10,
+        trust_env=False,
+        headers={"Authorization": f"Bearer {key}"} if key else None,
+    )
+
+
 def run_status(argv: Sequence[str]) -> int:
     parser = argparse.ArgumentParser(prog="herd status", description="Print the fleet's state.")
     parser.add_argument(
@@ -345,17 +362,11 @@ def run_status(argv: Sequence[str]) -> int:
         help="API key, if the router requires one (default: the first of $FLEET_API_KEYS)",
     )
     args = parser.parse_args(argv)
-    url = args.url or f"http://127.0.0.1:{os.environ.get('FLEET_PORT', DEFAULT_PORT)}"
-    key = args.api_key or os.environ.get("FLEET_API_KEYS", "").split(",")[0].strip()
+    url = args.url or local_router_url()
     from herd.status import render_status
 
     try:
-        response = httpx.get(
-            url.rstrip("/") + "/fleet/status",
-            timeout=10,
-            trust_env=False,
-            headers={"Authorization": f"Bearer {key}"} if key else None,
-        )
+        response = get_fleet_status(url, args.api_key)
         if response.status_code == 401:
             print(
                 f"herd status: {url} requires an API key: pass --api-key or set FLEET_API_KEYS",
@@ -476,15 +487,9 @@ def plan_fleet(args: argparse.Namespace) -> dict[str, Any]:
         if not isinstance(data, dict):
             raise ValueError(f"{args.fleet} is not a /fleet/status answer")
         return data
-    url = args.router or f"http://127.0.0.1:{os.environ.get('FLEET_PORT', DEFAULT_PORT)}"
-    key = args.api_key or os.environ.get("FLEET_API_KEYS", "").split(",")[0].strip()
+    url = args.router or local_router_url()
     try:
-        response = httpx.get(
-            url.rstrip("/") + "/fleet/status",
-            timeout=10,
-            trust_env=False,
-            headers={"Authorization": f"Bearer {key}"} if key else None,
-        )
+        response = get_fleet_status(url, args.api_key)
     except httpx.HTTPError as exc:
         raise ValueError(
             f"cannot read the nodes' reports from {url}/fleet/status: {exc}. Start the router, "

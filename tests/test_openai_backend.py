@@ -373,23 +373,26 @@ class FakeOpenAI:
 
 
 @contextlib.asynccontextmanager
-async def openai_node(tmp_path: Path, backend: FakeOpenAI) -> AsyncIterator[tuple[Router, Node]]:
-    """The router, and a node in ``--backend openai`` mode for ``backend`` (served here)."""
+async def openai_node(
+    tmp_path: Path, fake: FakeOpenAI, **node_options: Any
+) -> AsyncIterator[tuple[Router, Node]]:
+    """The router, and a node for ``fake`` (served here): in ``--backend openai`` mode
+    unless ``node_options`` say otherwise."""
     config = RouterConfig(
         host="127.0.0.1", port=0, data_dir=str(tmp_path / "router"), max_retries=0
     )
+    options: dict[str, Any] = {"backend": "openai", "node_id": "oa", **node_options}
     with trio.fail_after(60):
         async with Router(config) as router, trio.open_nursery() as nursery:
-            backend.url = await nursery.start(serve_app, backend, "127.0.0.1", 0)
+            fake.url = await nursery.start(serve_app, fake, "127.0.0.1", 0)
             node = Node(
                 NodeConfig(
                     router_url=router.url,
-                    ollama_url=backend.url,
-                    backend="openai",
-                    node_id="oa",
+                    ollama_url=fake.url,
                     host="127.0.0.1",
                     port=0,
                     data_dir=str(tmp_path / "node"),
+                    **options,
                 )
             )
             await nursery.start(node.run)
@@ -676,27 +679,13 @@ async def test_an_ollama_probe_answer_over_the_limit_is_a_failed_probe() -> None
 async def test_the_lan_proxy_asks_the_backend_for_no_compression(tmp_path: Path) -> None:
     """Whatever the caller asked for: the proxy passes bytes on, nothing here inflates them."""
     backend = FakeOpenAI()
-    config = RouterConfig(host="127.0.0.1", port=0, data_dir=str(tmp_path / "router"))
-    with trio.fail_after(30):
-        async with Router(config) as router, trio.open_nursery() as nursery:
-            backend.url = await nursery.start(serve_app, backend, "127.0.0.1", 0)
-            node = Node(
-                NodeConfig(
-                    router_url=router.url,
-                    ollama_url=backend.url,
-                    node_id="lan",
-                    host="127.0.0.1",
-                    port=0,
-                    data_dir=str(tmp_path / "node"),
-                    lan_proxy="always",
-                )
+    async with openai_node(
+        tmp_path, backend, backend="ollama", node_id="lan", lan_proxy="always"
+    ) as (_, node):
+        async with httpx.AsyncClient(trust_env=False) as client:
+            reply = await client.get(
+                f"{node.url}/backend/v1/models", headers={"Accept-Encoding": "gzip, br"}
             )
-            await nursery.start(node.run)
-            async with httpx.AsyncClient(trust_env=False) as client:
-                reply = await client.get(
-                    f"{node.url}/backend/v1/models", headers={"Accept-Encoding": "gzip, br"}
-                )
-            nursery.cancel_scope.cancel()
     assert reply.status_code == 200
     (proxied,) = [headers for path, headers, _ in backend.requests if path == "/v1/models"]
     assert proxied["accept-encoding"] == "identity"
