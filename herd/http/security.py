@@ -262,9 +262,9 @@ class FrontGuard:
         kind = scope["type"]
         if (
             self.in_reserve is not None
+            and self.in_reserve(scope.get("client"))  # (an empty set answers at once)
             and kind in ("http", "websocket")
             and not reserved_path(scope["path"])
-            and self.in_reserve(scope.get("client"))
         ):
             await self.refuse_past_limit(scope, send)
             return
