@@ -71,11 +71,13 @@ Choices worth knowing
   the ordinary model list. Any other kind is eliminated as "kind not supported".
 - Totals are rounded to 3 decimals so float noise doesn't hide a tie from the tie-breaker;
   breakdowns are rounded when read.
-- What a node's report alone says of a model (its eliminations, facts, and the memory fit,
-  role affinity and spill points) is worked out once per report and kept with it
+- What a node's report alone says of a model (its eliminations, facts, the memory fit, role
+  affinity and spill points, thermal but for the warm window, the learned availability, and
+  whether a cold load would evict) is worked out once per report and kept with it
   (``NodeReport.derived``; a report is frozen and lives for a heartbeat): a decision works
-  out only what depends on the request, the node's queues, the history and the clock. The
-  same inputs give the same decision whether or not a report was read before
+  out only what depends on the request, the node's queues and status, the history and the
+  clock, in one function per candidate (``_candidate``) with no helper calls where a line
+  will do. The same inputs give the same decision whether or not a report was read before
   (``tests/test_scoring.py`` checks it).
 """
 
@@ -253,9 +255,9 @@ class ScoringSettings:
             )
 
 
-@attrs.frozen
-class Candidate:
-    """A node that can serve the request, and why it scored what it did."""
+class Candidate(NamedTuple):
+    """A node that can serve the request, and why it scored what it did. (A named tuple, not
+    an attrs class: a decision builds one per node, and this is the cheapest frozen value.)"""
 
     node_id: str
     model: str
@@ -306,15 +308,6 @@ def _number(value: float | None, default: float) -> float:
     if value is None or not math.isfinite(value):
         return default
     return value
-
-
-def _speed(node: NodeSnapshot, history: History, s: ScoringSettings) -> float:
-    """The node's relative speed from history, floored at ``speed_floor``; a node the history
-    doesn't know yet (while others are known) counts as ``unknown_node_speed``."""
-    known = history.node_speed.get(node.report.node_id)
-    if known is None:
-        return s.unknown_node_speed if history.node_speed else 1.0
-    return max(s.speed_floor, _number(known, 1.0))
 
 
 def _saturate(x: float, s: ScoringSettings) -> float:
@@ -387,7 +380,7 @@ def _report_reason(model: str, kind: str, report: NodeReport) -> str | None:
 
 class Facts(NamedTuple):
     """What the signals read of one model on one node from the node's report (its queues come
-    from the snapshot, its speed from the history: see :func:`_queue`, :func:`_speed`)."""
+    from the snapshot, its speed from the history: see :func:`_candidate`)."""
 
     loaded: LoadedModel | None  # the model's entry if it is in the node's memory
     size: int  # bytes the model takes there (0 = unknown)
@@ -419,9 +412,14 @@ class _Known(NamedTuple):
 
     absent: bool  # the model is not on the node (for kinds served from its model lists)
     reason: str | None  # see _report_reason
+    open: bool  # neither: the report doesn't rule the node out
     facts: Facts | None  # None when ruled out
-    settings: ScoringSettings | None  # the settings ``fixed`` was worked out with
+    settings: ScoringSettings | None  # the settings the points were worked out with
     fixed: tuple[float, float, float]  # memory_fit, role_affinity, spill
+    thermal: float  # hot, an image job, or a cold load from disk (see thermal)
+    warm: float | None  # the same cold load if the model was unloaded lately; None: not cold
+    learned: float  # availability's learned part (see learned_availability)
+    evicts: bool  # a cold load here pushes loaded models out (see eviction)
 
 
 _NO_POINTS = (0.0, 0.0, 0.0)
@@ -448,26 +446,22 @@ def _known(key: tuple[str, str], report: NodeReport, s: ScoringSettings | None) 
     reason = None if absent else _report_reason(model, kind, report)
     f = None
     fixed = _NO_POINTS
+    hot = learned = 0.0
+    evicts = False
+    cold: float | None = None
     if not absent and reason is None:
         f = facts(model, report)
         if s is not None:
             fixed = (memory_fit(f, s), role_affinity(f, s), spill(f, s))
-    made = memo[key] = _Known(absent, reason, f, s, fixed)
+            hot = thermal(kind, report, f, False, s)
+            if kind != KIND_IMAGE and f.loaded is None:
+                cold = thermal(kind, report, f, True, s)
+            learned = learned_availability(report, s)
+            evicts = f.load is not None and (f.load.evict > 0 or f.load.evict_ram > 0)
+    made = memo[key] = _Known(
+        absent, reason, f is not None, f, s, fixed, hot, cold, learned, evicts
+    )
     return made
-
-
-def _queue(node: NodeSnapshot, model: str, slots: int) -> tuple[int, int]:
-    """Requests running or waiting on ``node`` (all models) and the slots they share (the
-    node's ``slots``, at least 1); for a model with its own, smaller limit, its own queue and
-    limit when that is the longer wait."""
-    ahead = node.queued
-    slots = max(1, slots)
-    own = node.load.get(model)
-    if own is not None and own.slots > 0:
-        mine = own.in_flight + own.pending
-        if mine * slots > ahead * own.slots:
-            ahead, slots = mine, own.slots
-    return max(0, ahead), slots
 
 
 def evictions(request: RouteRequest, node: NodeSnapshot) -> tuple[str, ...]:
@@ -512,20 +506,17 @@ def _evicted(node: NodeSnapshot, where: str, load: memory.ColdLoad) -> tuple[str
     return tuple(out)
 
 
-def thermal(
-    request: RouteRequest, node: NodeSnapshot, f: Facts, now: float, s: ScoringSettings
-) -> float:
-    """Residency: loaded, warm (unloaded < ``warm_window_s`` ago) or on disk; a cold load loses
-    in proportion to its size, the full gap at ``thermal_full_load_bytes``. For image jobs, a
-    penalty when the job would push hot models out of a crowded node. Raises nothing."""
-    if request.kind == KIND_IMAGE:
+def thermal(kind: str, report: NodeReport, f: Facts, warm: bool, s: ScoringSettings) -> float:
+    """Residency: loaded, warm (``warm``: unloaded strictly less than ``warm_window_s`` ago)
+    or on disk; a cold load loses in proportion to its size, the full gap at
+    ``thermal_full_load_bytes``. For image jobs, a penalty when the job would push hot models
+    out of a crowded node. Raises nothing."""
+    if kind == KIND_IMAGE:
         # No "hot" image models to find; what matters is not evicting the LLMs that are hot.
-        crowded = f.free < s.image_memory_need and node.report.loaded_models
+        crowded = f.free < s.image_memory_need and report.loaded_models
         return -s.image_eviction_penalty if crowded else 0.0
     if f.loaded is not None:
         return s.thermal_loaded
-    unloaded_at = node.recently_unloaded.get(request.model)
-    warm = unloaded_at is not None and now - unloaded_at < s.warm_window_s
     cold = s.thermal_warm if warm else s.thermal_on_disk
     # A cold load costs time in proportion to the bytes read: a small model loses less for it.
     share = min(1.0, f.size / s.thermal_full_load_bytes) if f.size > 0 else 1.0
@@ -594,16 +585,14 @@ def role_affinity(f: Facts, s: ScoringSettings) -> float:
     return s.role_affinity_max * (1.0 - node_bigness) * s.small_model_affinity_share
 
 
-def availability(node: NodeSnapshot, s: ScoringSettings) -> float:
-    """Learned availability 0..1 mapped to -max..+max (NaN reads as 0.5, no opinion); a
-    degraded node loses ``degraded_penalty`` more. Raises nothing."""
-    level = node.report.capacity.availability
+def learned_availability(report: NodeReport, s: ScoringSettings) -> float:
+    """The node's learned availability 0..1 mapped to -max..+max (NaN reads as 0.5, no
+    opinion). A degraded node loses ``degraded_penalty`` more (in :func:`_candidate`: the
+    status is the snapshot's, not the report's). Raises nothing."""
+    level = report.capacity.availability
     if not 0.0 <= level <= 1.0:  # NaN fails every comparison: no opinion
         level = 0.5 if math.isnan(level) else min(1.0, max(0.0, level))
-    points = s.availability_max * (2 * level - 1)
-    if node.status is _DEGRADED:
-        points -= s.degraded_penalty
-    return points
+    return s.availability_max * (2 * level - 1)
 
 
 def context_fit(request: RouteRequest, f: Facts, s: ScoringSettings) -> float:
@@ -626,11 +615,11 @@ def context_fit(request: RouteRequest, f: Facts, s: ScoringSettings) -> float:
     return -s.context_fit_max
 
 
-def affinity(request: RouteRequest, node: NodeSnapshot, f: Facts, s: ScoringSettings) -> float:
+def affinity(request: RouteRequest, node_id: str, f: Facts, s: ScoringSettings) -> float:
     """Points for the node that served this conversation's earlier turn while the model is
     still loaded there (its prompt cache holds the prefix), scaled by the prefix's length up to
     ``affinity_full_tokens``. Raises nothing."""
-    if request.affinity_node != node.report.node_id or f.loaded is None:
+    if request.affinity_node != node_id or f.loaded is None:
         return 0.0
     share = min(1.0, max(0, request.affinity_tokens) / s.affinity_full_tokens)
     return s.affinity_max * share
@@ -670,7 +659,7 @@ def spill(f: Facts, s: ScoringSettings) -> float:
     return -s.spill_penalty_max * _saturate((slowdown - 1.0) / (s.spill_full_slowdown - 1.0), s)
 
 
-def _signals(
+def _candidate(
     request: RouteRequest,
     node: NodeSnapshot,
     known: _Known,
@@ -678,41 +667,61 @@ def _signals(
     typical: float,
     now: float,
     s: ScoringSettings,
-) -> tuple[float, ...]:
-    """Every signal's points, in the order of ``SIGNALS``: the ones that depend on the request,
-    the node's queues, the history or the clock worked out now, the rest taken from ``known``
-    (made with ``s``). ``typical``: the model's p75 from ``history`` (see :func:`wait_time`),
-    read once per decision."""
+) -> Candidate:
+    """``node`` as a candidate: every signal's points, in the order of ``SIGNALS``, the ones
+    that depend on the request, the node's queues, the history or the clock worked out now,
+    the rest taken from ``known`` (made with ``s``). ``typical``: the model's p75 from
+    ``history`` (see :func:`wait_time`), read once per decision."""
     f = known.facts
     assert f is not None  # only eligible nodes are scored
     report = node.report
-    ahead, slots = _queue(node, request.model, report.parallel_slots)
-    speed = _speed(node, history, s)
-    service = _number(history.latency_p75_ms.get((report.node_id, request.model)), 0.0)
+    node_id = report.node_id
+    model = request.model
+    # Inline, as the rest of this function (no helper calls where a line will do): it runs
+    # once per node per decision, 100 times for a fleet of 100.
+    # The queue: requests running or waiting on the node (all models) and the slots they share
+    # (at least 1); for a model with its own, smaller limit, its own queue and limit when that
+    # is the longer wait.
+    ahead = node.queued
+    slots = report.parallel_slots
+    if slots < 1:
+        slots = 1
+    own = node.load.get(model)
+    if own is not None and own.slots > 0:
+        mine = own.in_flight + own.pending
+        if mine * slots > ahead * own.slots:
+            ahead, slots = mine, own.slots
+    # The node's relative speed from history, floored at speed_floor (odd values read as 1.0);
+    # a node the history doesn't know yet, while it knows others, counts as unknown_node_speed.
+    speed = history.node_speed.get(node_id)
+    if speed is None:
+        speed = s.unknown_node_speed if history.node_speed else 1.0
+    else:
+        if not math.isfinite(speed):
+            speed = 1.0
+        if speed < s.speed_floor:
+            speed = s.speed_floor
+    # This node:model's p75, ms; 0 (none, or an odd value): wait_time estimates it.
+    service = history.latency_p75_ms.get((node_id, model), 0.0)
+    if not math.isfinite(service):
+        service = 0.0
     fit, role, spilled = known.fixed
-    return (
-        thermal(request, node, f, now, s),
-        fit,
-        queue_depth(ahead, slots, speed, s),
-        wait_time(ahead, slots, speed, service, typical, s),
-        role,
-        availability(node, s),
-        context_fit(request, f, s),
-        affinity(request, node, f, s),
-        eviction(node, f, now, s),
-        spilled,
-    )
-
-
-def points(
-    request: RouteRequest, node: NodeSnapshot, history: History, now: float, s: ScoringSettings
-) -> tuple[float, ...] | None:
-    """Every signal's points for ``node``, in the order of ``SIGNALS``; None when the node is
-    ruled out (see :func:`eliminate`). Raises nothing."""
-    known = _known((request.model, request.kind), node.report, s)
-    if _reason(request, node, known) is not None:
-        return None
-    return _signals(request, node, known, history, _typical(request, history), now, s)
+    warm = known.warm
+    hot = known.thermal
+    if warm is not None:
+        unloaded_at = node.recently_unloaded.get(model)
+        if unloaded_at is not None and now - unloaded_at < s.warm_window_s:
+            hot = warm
+    queued = queue_depth(ahead, slots, speed, s) if ahead > 0 else 0.0
+    waiting = wait_time(ahead, slots, speed, service, typical, s)
+    up = known.learned - s.degraded_penalty if node.status is _DEGRADED else known.learned
+    window = context_fit(request, f, s)
+    cache = affinity(request, node_id, f, s) if request.affinity_node == node_id else 0.0
+    evicted = eviction(node, f, now, s) if known.evicts else 0.0
+    # The score is the points' sum (rounded: float noise must not hide a tie).
+    total = hot + fit + queued + waiting + role + up + window + cache + evicted + spilled
+    values = (hot, fit, queued, waiting, role, up, window, cache, evicted, spilled)
+    return Candidate(node_id, model, round(total, 3), values, f.loaded is not None, f.offload)
 
 
 def _typical(request: RouteRequest, history: History) -> float:
@@ -738,25 +747,17 @@ def score(
     eliminated: list[Elimination] = []
     typical = _typical(request, history)
     key = (request.model, request.kind)
+    # Most requests name no node and have failed nowhere yet: then only the report and the
+    # status can rule a node out, and _reason is asked only for the nodes they do.
+    plain = request.only_node is None and not request.excluded_nodes
     for node in fleet.nodes:
         known = _known(key, node.report, settings)
-        reason = _reason(request, node, known)
-        if reason is not None:
-            eliminated.append(Elimination(node.report.node_id, reason))
-            continue
-        values = _signals(request, node, known, history, typical, now, settings)
-        f = known.facts
-        assert f is not None
-        candidates.append(
-            Candidate(  # positional: a decision builds one per node
-                node.report.node_id,
-                request.model,
-                round(sum(values), 3),
-                values,
-                f.loaded is not None,
-                f.offload,
-            )
-        )
+        if not (plain and known.open and node.status is not _OFFLINE):
+            reason = _reason(request, node, known)
+            if reason is not None:
+                eliminated.append(Elimination(node.report.node_id, reason))
+                continue
+        candidates.append(_candidate(request, node, known, history, typical, now, settings))
     # Shuffle first, then a stable sort: equal scores end up in random (seeded) order.
     rng.shuffle(candidates)
     candidates.sort(key=_by_score, reverse=True)
