@@ -2,6 +2,7 @@
 concurrent streams.
 
     python bench/scale.py [--nodes 100] [--models 50] [--streams 1000]
+    python bench/scale.py --compare-scorer OTHER/herd/core/scoring/engine.py
 
 Part 1 times one routing decision **from the router's state**, as a request makes it: the
 fleet snapshot built from a :class:`~herd.state.registry.NodeRegistry` fed one heartbeat
@@ -18,16 +19,19 @@ disks are). Part 2 times :func:`score` alone on a prebuilt snapshot (after the f
 its reports' facts are kept: ``NodeReport.derived``), and a latency-history record. Part 3
 starts a router in a subprocess with simulated nodes, holds ``--streams`` streaming chat
 requests open through it at once and reports the router process's resident memory before and
-during. Only 127.0.0.1 is used.
+during. Only 127.0.0.1 is used. ``--compare-scorer`` runs only parts 1 and 2 at ``--nodes``,
+for another checkout's scoring engine and this one's in turn (:func:`compare_scorers`).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import random
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from contextlib import AsyncExitStack
 from pathlib import Path
 
@@ -89,8 +93,15 @@ def synthetic_fleet(
     return FleetSnapshot(tuple(snapshots))
 
 
+Scorer = Callable[..., object]  # herd.core.scoring.score, or another checkout's
+
+
 def time_scoring(
-    nodes: int, models: int, per_node: int | None = None, decisions: int = 2000
+    nodes: int,
+    models: int,
+    per_node: int | None = None,
+    decisions: int = 2000,
+    scorer: Scorer = score,
 ) -> tuple[float, float]:
     """Median and p95 microseconds per decision."""
     rng = random.Random(1)
@@ -113,7 +124,7 @@ def time_scoring(
             affinity_tokens=1000,
         )
         start = time.perf_counter_ns()
-        score(request, fleet, history, 100.0, settings, rng)
+        scorer(request, fleet, history, 100.0, settings, rng)
         samples.append((time.perf_counter_ns() - start) / 1000)
     samples.sort()
     return samples[len(samples) // 2], samples[int(len(samples) * 0.95)]
@@ -180,7 +191,12 @@ async def hold_leases(
 
 
 def time_decisions(
-    nodes: int, models: int, per_node: int | None, decisions: int = 1000, kept: bool = True
+    nodes: int,
+    models: int,
+    per_node: int | None,
+    decisions: int = 1000,
+    kept: bool = True,
+    scorer: Scorer = score,
 ) -> tuple[float, float, float, int]:
     """Median µs per decision made from the router's state (snapshot + score), its p95, the
     median of the snapshot alone, and the leases held. Between two decisions the fleet
@@ -212,7 +228,7 @@ def time_decisions(
                 start = time.perf_counter_ns()
                 fleet = registry.snapshot(queues.load_for, load_key)
                 built = time.perf_counter_ns()
-                score(request, fleet, history.view(), 100.0, settings, rng)
+                scorer(request, fleet, history.view(), 100.0, settings, rng)
                 samples.append((time.perf_counter_ns() - start) / 1000)
                 snapshots.append((built - start) / 1000)
         samples.sort()
@@ -226,12 +242,54 @@ def time_decisions(
     return trio.run(run)
 
 
+def compare_scorers(other: Path, nodes: int, models: int, rounds: int = 4) -> None:
+    """The scorer in ``other`` (an engine.py of another checkout, loaded as a module of its
+    own) and this checkout's, in turn, ``rounds`` times: decisions from the router's state and
+    on a prebuilt snapshot, median µs per decision over the rounds (min-max beside it). Both
+    read the same attrs classes of this checkout (``herd.core.models``), which the scorer only
+    reads by attribute, so an engine from before a change of those classes may not load."""
+    spec = importlib.util.spec_from_file_location("other_engine", other)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["other_engine"] = module
+    spec.loader.exec_module(module)
+    scorers: dict[str, Scorer] = {str(other): module.score, "this checkout": score}
+    print(f"scorers side by side, {nodes} nodes x {models} models, {rounds} rounds, median us")
+    for per_node, label in ((None, "every model on every node"), (10, "10 models per node")):
+        found: dict[tuple[str, str], list[float]] = {}
+        for _ in range(rounds):
+            for name, scorer in scorers.items():
+                decided = time_decisions(nodes, models, per_node, scorer=scorer)[0]
+                alone = time_scoring(nodes, models, per_node, decisions=1000, scorer=scorer)[0]
+                found.setdefault((name, "state"), []).append(decided)
+                found.setdefault((name, "alone"), []).append(alone)
+        print(f"  {label}:")
+        for name in scorers:
+            parts = []
+            for what, title in (("state", "from the state"), ("alone", "prebuilt snapshot")):
+                times = found[(name, what)]
+                parts.append(
+                    f"{title} {statistics.median(times):5.0f} ({min(times):.0f}-{max(times):.0f})"
+                )
+            print(f"    {name:32s} " + "; ".join(parts))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--nodes", type=int, default=100)
     parser.add_argument("--models", type=int, default=50)
     parser.add_argument("--streams", type=int, default=1000, help="0: skip part 3")
+    parser.add_argument(
+        "--compare-scorer",
+        metavar="ENGINE_PY",
+        type=Path,
+        help="only compare: this scoring engine file (another checkout's "
+        "herd/core/scoring/engine.py) and this one's, side by side, at --nodes",
+    )
     args = parser.parse_args()
+    if args.compare_scorer:
+        compare_scorers(args.compare_scorer, args.nodes, args.models)
+        return
     print(
         f"routing decision from the router's state (snapshot + score), {args.models} models, "
         "median (p95) us per decision; snapshot alone; us per node"
