@@ -556,7 +556,8 @@ class FinishResponses:
 
         async def finishing_send(message: Any) -> None:
             if message["type"] == "http.response.body" and not message.get("more_body"):
-                with trio.CancelScope(shield=True), trio.move_on_after(FINISH_TIMEOUT):
+                # Shielded, with its own deadline: one scope, not a shield and a timeout.
+                with trio.CancelScope(shield=True, deadline=trio.current_time() + FINISH_TIMEOUT):
                     await send(message)
                 return
             await send(message)

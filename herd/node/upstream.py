@@ -175,7 +175,7 @@ def backend_error(exc: httpx.HTTPError, *, mid_stream: bool = False) -> NodeErro
 async def close_shielded(response: httpx.Response) -> None:
     """Close ``response`` even while being cancelled (the client left): an unread response
     is closed by dropping its connection, which the backend sees as the client leaving."""
-    with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_TIMEOUT):
+    with trio.CancelScope(shield=True, deadline=trio.current_time() + CLOSE_TIMEOUT):
         await response.aclose()
 
 

@@ -105,7 +105,9 @@ class Closable(Protocol):
 async def aclose_shielded(resource: Closable) -> None:
     """Close an upstream response (or its iterator) even while the request is being
     cancelled, within :data:`CLOSE_TIMEOUT`."""
-    with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_TIMEOUT) as scope:
+    # One scope, shielded with its own deadline: the same as a move_on_after inside a shield,
+    # at half the cost (this runs twice per request).
+    with trio.CancelScope(shield=True, deadline=trio.current_time() + CLOSE_TIMEOUT) as scope:
         await resource.aclose()
     if scope.cancelled_caught:
         log.debug("closing upstream response took over %.0f ms", CLOSE_TIMEOUT * 1000)
