@@ -45,6 +45,34 @@ def test_tags_union_lists_nodes_and_skips_offline() -> None:
     ]
 
 
+def test_tags_and_v1_models_merge_every_nodes_capabilities() -> None:
+    """A model's capabilities are what any node reports (an older Ollama reports none), the
+    same on /api/tags and /v1/models, whichever node is listed first."""
+    fleet = FleetSnapshot(
+        nodes=(
+            node("old", available_models=(AvailableModel("a:latest", 10),)),
+            node(
+                "new",
+                available_models=(
+                    AvailableModel("a:latest", 10, capabilities=("completion", "tools")),
+                ),
+            ),
+            node(
+                "vision",
+                available_models=(
+                    AvailableModel("a:latest", 10, capabilities=("vision", "completion")),
+                ),
+            ),
+        )
+    )
+    assert views.tags(fleet)["models"][0]["capabilities"] == ["completion", "tools", "vision"]
+    assert views.openai_models(fleet, created=1)["data"][0]["capabilities"] == [
+        "completion",
+        "tools",
+        "vision",
+    ]
+
+
 def test_ps_names_the_node() -> None:
     assert [(m["name"], m["node"], m["context_length"]) for m in views.ps(FLEET)["models"]] == [
         ("a:latest", "n1", 4096)

@@ -137,8 +137,9 @@ Virtual = list[tuple[str, tuple[str, ...]]]  # (name or pattern, candidates), po
 
 
 def tags(snapshot: FleetSnapshot, virtual: Virtual | None = None) -> dict[str, Any]:
-    """Union of every routable node's models; each entry lists the nodes that have it. Then
-    the virtual names (``virtual: true``, ``candidates``), after the real ones."""
+    """Union of every routable node's models; each entry lists the nodes that have it and the
+    capabilities any of them reports (an older Ollama reports none). Then the virtual names
+    (``virtual: true``, ``candidates``), after the real ones."""
     entries: dict[str, dict[str, Any]] = {}
     for node in routable(snapshot):
         for model in node.report.available_models:
@@ -151,10 +152,12 @@ def tags(snapshot: FleetSnapshot, virtual: Virtual | None = None) -> dict[str, A
                     "size": model.size_bytes,
                     "digest": model.digest,
                     "details": _model_details(model),
-                    "capabilities": list(model.capabilities),
+                    "capabilities": [],
                     "nodes": [],
                 }
             entry["nodes"].append(node.node_id)
+            shown = entry["capabilities"]  # every node's, as /v1/models, in the order first seen
+            shown.extend(c for c in model.capabilities if c not in shown)
     models = sorted(entries.values(), key=lambda e: str(e["name"]))
     for name, candidates in virtual or []:
         if name not in entries:
