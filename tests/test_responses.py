@@ -643,6 +643,26 @@ def test_an_empty_answer_is_an_empty_message() -> None:
     ]
 
 
+def test_a_whole_answer_is_what_the_stream_would_end_with() -> None:
+    """A whole answer is built by the stream's translator with no events rendered: its
+    response and what it stores are those of the same answer streamed, event for event."""
+    for body, data in (
+        ({"input": "Weather?", "tools": [WEATHER, CLOCK]}, ANSWER),
+        (
+            {"input": "Count.", "max_output_tokens": 3},
+            {"message": {"content": "1 2 3"}, "done_reason": "length"},
+        ),
+        ({"input": "x", "store": False}, {"message": {}}),
+    ):
+        request = shaped(body)
+        payload, outcome = rs.whole_answer(request, data, "r9", 7, "m")
+        loud = rs.stream_translator(request, "r9", 7, "m")
+        assert isinstance(loud, rs.ResponsesStreamTranslator)
+        assert loud.feed({**data, "done": True}).startswith(b"event: response.created")
+        assert payload == loud.response
+        assert outcome == loud.outcome
+
+
 # --- the stream ---------------------------------------------------------------------------
 
 CHUNKS: list[dict[str, Any]] = [

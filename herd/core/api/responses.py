@@ -659,12 +659,21 @@ class _Open:
 class ResponsesStreamTranslator:
     """Ollama ``/api/chat`` chunks → Responses SSE events (see the module docstring), through
     :class:`chat.ChatReader`. ``response`` is the final response object once finished;
-    ``outcome`` what to store of it (None with ``store: false``)."""
+    ``outcome`` what to store of it (None with ``store: false``). With ``render=False`` it
+    builds only those and renders no events (``feed`` returns ``b""``): a whole answer's
+    events would be thrown away."""
 
     def __init__(
-        self, native: ResponsesRequest, *, request_id: str, created: int, model: str
+        self,
+        native: ResponsesRequest,
+        *,
+        request_id: str,
+        created: int,
+        model: str,
+        render: bool = True,
     ) -> None:
         self.native = native
+        self.render = render
         self.id = f"resp_{request_id}"
         self.request_id = request_id
         self.created = created
@@ -682,6 +691,9 @@ class ResponsesStreamTranslator:
     # events
 
     def _event(self, kind: str, **fields: Any) -> bytes:
+        if not self.render:
+            self._sequence += 1
+            return b""
         payload = {"type": kind, "sequence_number": self._sequence, **fields}
         self._sequence += 1
         return _sse(payload)
@@ -772,6 +784,9 @@ class ResponsesStreamTranslator:
         opened = self._open
         assert opened is not None
         opened.texts.append(text)
+        if not self.render:
+            self._sequence += 1
+            return out
         if opened.template is None:  # the item's delta event, sequence number and text to fill
             fields: dict[str, Any] = {
                 "item_id": opened.item_id,
@@ -916,7 +931,7 @@ def whole_answer(
 ) -> tuple[dict[str, Any], Any]:
     """This API's one answer object for a folded Ollama answer, and what to keep of it."""
     translator = ResponsesStreamTranslator(
-        _native(request), request_id=request_id, created=created, model=model
+        _native(request), request_id=request_id, created=created, model=model, render=False
     )
     translator.feed({**data, "done": True})
     assert translator.response is not None
