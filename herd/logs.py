@@ -32,6 +32,10 @@ def fields(**values: Any) -> dict[str, dict[str, Any]]:
     return {"extra": values}
 
 
+# One encoder for every line (json.dumps with options builds a new one per call).
+_ENCODER = json.JSONEncoder(ensure_ascii=False, default=str)
+
+
 class JsonLines(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         entry: dict[str, Any] = {
@@ -46,7 +50,7 @@ class JsonLines(logging.Formatter):
                 entry.setdefault(str(key), value)  # the four keys above are never replaced
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
-        return json.dumps(entry, ensure_ascii=False, default=str)
+        return _ENCODER.encode(entry)
 
 
 class LogFile(logging.handlers.TimedRotatingFileHandler):
