@@ -715,7 +715,7 @@ def _candidate(
     queued = queue_depth(ahead, slots, speed, s) if ahead > 0 else 0.0
     waiting = wait_time(ahead, slots, speed, service, typical, s)
     up = known.learned - s.degraded_penalty if node.status is _DEGRADED else known.learned
-    window = context_fit(request, f, s)
+    window = s.context_fit_cold if f.loaded is None else context_fit(request, f, s)
     cache = affinity(request, node_id, f, s) if request.affinity_node == node_id else 0.0
     evicted = eviction(node, f, now, s) if known.evicts else 0.0
     # The score is the points' sum (rounded: float noise must not hide a tie).
