@@ -7,6 +7,7 @@ operator reads at start and per request, pause and resume, OLLAMA_HOST, a closed
 from __future__ import annotations
 
 import fcntl
+import gc
 import json
 import os
 import re
@@ -268,6 +269,24 @@ def test_serve_raises_the_open_file_limit() -> None:
         assert now == min(4096, hard) == resource.getrlimit(resource.RLIMIT_NOFILE)[0]
     finally:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+async def test_serve_tunes_the_garbage_collector_and_an_embedded_router_does_not(
+    tmp_path: Path,
+) -> None:
+    """``herd serve`` freezes what start-up made and raises the first-generation threshold;
+    a herd.Router running inside another program leaves that program's collector alone."""
+    before = gc.get_threshold()
+    async with running_fleet(tmp_path, two_node_specs()) as fleet:
+        assert fleet.url and gc.get_threshold() == before
+    frozen = gc.get_freeze_count()
+    try:
+        cli.tune_garbage_collector()
+        assert gc.get_threshold() == (cli.GC_THRESHOLD, *before[1:])
+        assert gc.get_freeze_count() > frozen
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*before)
 
 
 async def test_status_with_an_api_key(tmp_path: Path) -> None:
