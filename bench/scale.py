@@ -212,7 +212,7 @@ def time_decisions(
             held = await hold_leases(registry, queues, rng, stack)
             samples, snapshots = [], []
             ids = [r.report.node_id for r in registry.records()]
-            load_key = queues.version if kept else None
+            load_key = queues.versions.get if kept else None  # as RouterState.snapshot
             for i in range(decisions):
                 queues.touch(rng.choice(ids))
                 if i % 5 == 0:

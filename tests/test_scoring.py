@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import functools
+import itertools
 import math
 import random
 from pathlib import Path
@@ -343,6 +344,22 @@ def test_ties_break_at_random_but_reproducibly() -> None:
     assert first == again
 
 
+def test_only_ties_are_shuffled() -> None:
+    hot = node("hot", loaded=(M,))  # scores above the three equal cold nodes
+    orders = {
+        tuple(c.node_id for c in decide(hot, node("a"), node("b"), node("c"), seed=s).ranked)
+        for s in range(60)
+    }
+    assert {order[0] for order in orders} == {"hot"}
+    assert {order[1:] for order in orders} == set(itertools.permutations("abc"))
+    # Nothing ties: the random source is not drawn from (a seeded caller's other draws are its
+    # own to make).
+    rng = random.Random(5)
+    before = rng.getstate()
+    score(RouteRequest(model=M), FleetSnapshot((hot, node("a"))), History(), 100.0, S, rng)
+    assert rng.getstate() == before
+
+
 def test_same_inputs_same_decision() -> None:
     fleet = (node("a", loaded=(M,)), node("b"))
     assert decide(*fleet, seed=3) == decide(*fleet, seed=3)
@@ -352,6 +369,7 @@ def test_same_inputs_same_decision() -> None:
 ALLOWED = {
     "__future__",
     "math",
+    "operator",
     "random",
     "collections.abc",
     "typing",

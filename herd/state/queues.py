@@ -232,6 +232,12 @@ class QueueBook:
         """See :meth:`touch`: equal numbers mean :meth:`load_for` would answer the same."""
         return self._versions.get(node_id, 0)
 
+    @property
+    def versions(self) -> Mapping[str, int]:
+        """Every node's :meth:`version` (a node never touched is missing: 0), read-only; its
+        ``get`` is the cheapest ``load_key`` for :meth:`NodeRegistry.snapshot`."""
+        return self._versions
+
     def limiter(self, node_id: str, kind: str = KIND_TEXT) -> trio.CapacityLimiter:
         """The node's limiter for ``kind``: chat and embeddings share the backend's parallel
         slots; image generation and speech-to-text have their own (small) limits."""

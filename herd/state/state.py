@@ -100,7 +100,7 @@ class RouterState:
         # A node's snapshot is rebuilt only when its record, its queues or the other routers'
         # load changed (see NodeRegistry.snapshot).
         if not self._remote_load:
-            return self.registry.snapshot(self.queues.load_for, self.queues.version)
+            return self.registry.snapshot(self.queues.load_for, self.queues.versions.get)
         return self.registry.snapshot(self._load_with_others, self._load_key)
 
     def _load_key(self, node_id: str) -> tuple[int, int]:

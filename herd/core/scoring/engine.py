@@ -56,8 +56,9 @@ A decision has three stages.
    starves) but keeps losing ground as it gets busier. A spilled copy loses more than a cold
    load's whole thermal gap once it runs about 3x slower, so, other things equal, a copy fully
    in VRAM elsewhere wins, hot or cold.
-3. **Rank** by total score; exact ties are broken by the caller's ``rng``; the decision keeps the
-   winner, the runners-up and every elimination.
+3. **Rank** by total score; exact ties are put in random order by the caller's ``rng`` (drawn
+   from only when something ties); the decision keeps the winner, the runners-up and every
+   elimination.
 
 Choices worth knowing
 ---------------------
@@ -69,8 +70,8 @@ Choices worth knowing
 - Image jobs need the backend *and* the model listed in ``image_models``; speech-to-text needs
   only a backend (the node picks its model). Text needs ``capabilities.text``; embeddings use
   the ordinary model list. Any other kind is eliminated as "kind not supported".
-- Totals are rounded to 3 decimals so float noise doesn't hide a tie from the tie-breaker;
-  breakdowns are rounded when read.
+- Totals are rounded to 3 decimals (half up) so float noise doesn't hide a tie from the
+  tie-breaker; breakdowns are rounded when read.
 - What a node's report alone says of a model (its eliminations, facts, the memory fit, role
   affinity and spill points, thermal but for the warm window, the learned availability, and
   whether a cold load would evict) is worked out once per report and kept with it
@@ -84,6 +85,7 @@ Choices worth knowing
 from __future__ import annotations
 
 import math
+import operator
 import random
 from collections.abc import Mapping
 from typing import NamedTuple
@@ -350,9 +352,10 @@ def _reason(request: RouteRequest, node: NodeSnapshot, known: _Known) -> str | N
     return known.reason
 
 
-def _report_reason(model: str, kind: str, report: NodeReport) -> str | None:
+def _report_reason(model: str, kind: str, report: NodeReport, f: Facts) -> str | None:
     """Why the node that sent ``report`` can't serve ``model`` for a request of ``kind``,
-    whatever the request, once it is online and has the model; None if it can."""
+    whatever the request, once it is online and has the model; None if it can. ``f``: the
+    model's facts there (a cold load's verdict is in them)."""
     if report.draining:
         return "draining"
     if not report.backend.healthy:
@@ -371,11 +374,11 @@ def _report_reason(model: str, kind: str, report: NodeReport) -> str | None:
         return f"kind not supported: {kind!r}"
     if kind == KIND_TEXT and not report.capabilities.text:
         return "kind not supported: node serves no text models"
-    if model in report.loaded_index:
+    if f.load is None:
         return None  # hot: needs no new memory, whatever the pressure
     if report.memory.pressure is _CRITICAL:
         return "critical memory pressure (cold load refused)"
-    return memory.cold_load(report.memory_where, model_size(report, model)).reason
+    return f.load.reason
 
 
 class Facts(NamedTuple):
@@ -394,14 +397,14 @@ def facts(model: str, report: NodeReport) -> Facts:
     """Look up, once, what the signals need of ``model`` on the node that sent ``report``.
     Raises nothing."""
     loaded = report.loaded_index.get(model)
-    size = model_size(report, model)
     where = report.memory_where
     if loaded is not None:
-        cold, share = None, memory.offload(report, loaded)
-    else:
-        cold = memory.cold_load(where, size)
-        share = cold.offload
-    return Facts(loaded, size, where.free, where.total, cold, share)
+        size = loaded.size_bytes if loaded.size_bytes > 0 else model_size(report, model)
+        return Facts(loaded, size, where.free, where.total, None, memory.offload(report, loaded))
+    on_disk = report.available_index.get(model)  # (model_size's second half)
+    size = max(0, on_disk.size_bytes) if on_disk is not None else 0
+    cold = memory.cold_load(where, size)
+    return Facts(None, size, where.free, where.total, cold, cold.offload)
 
 
 class _Known(NamedTuple):
@@ -443,23 +446,23 @@ def _known(key: tuple[str, str], report: NodeReport, s: ScoringSettings | None) 
         and model not in report.loaded_index
         and model not in report.available_index
     )
-    reason = None if absent else _report_reason(model, kind, report)
-    f = None
+    f = None if absent else facts(model, report)
+    reason = None if f is None else _report_reason(model, kind, report, f)
+    if reason is not None:
+        f = None
     fixed = _NO_POINTS
     hot = learned = 0.0
     evicts = False
     cold: float | None = None
-    if not absent and reason is None:
-        f = facts(model, report)
-        if s is not None:
-            fixed = (memory_fit(f, s), role_affinity(f, s), spill(f, s))
-            hot = thermal(kind, report, f, False, s)
-            if kind != KIND_IMAGE and f.loaded is None:
-                cold = thermal(kind, report, f, True, s)
-            learned = learned_availability(report, s)
-            evicts = f.load is not None and (f.load.evict > 0 or f.load.evict_ram > 0)
-    made = memo[key] = _Known(
-        absent, reason, f is not None, f, s, fixed, hot, cold, learned, evicts
+    if f is not None and s is not None:
+        fixed = (memory_fit(f, s), role_affinity(f, s), spill(f, s))
+        hot = thermal(kind, report, f, False, s)
+        if kind != KIND_IMAGE and f.loaded is None:
+            cold = thermal(kind, report, f, True, s)
+        learned = learned_availability(report, s)
+        evicts = f.load is not None and (f.load.evict > 0 or f.load.evict_ram > 0)
+    made = memo[key] = _new_known(
+        _Known, (absent, reason, f is not None, f, s, fixed, hot, cold, learned, evicts)
     )
     return made
 
@@ -541,8 +544,9 @@ def queue_depth(ahead: int, slots: int, speed: float, s: ScoringSettings) -> flo
     ``queue_penalty_max`` and only slowly beyond (see :func:`_saturate`). Raises nothing."""
     if ahead <= 0:
         return 0.0
-    penalty = s.queue_penalty_per_slot_load * (ahead / slots) / speed
-    return -s.queue_penalty_max * _saturate(penalty / s.queue_penalty_max, s)
+    full = s.queue_penalty_max
+    x = s.queue_penalty_per_slot_load * (ahead / slots) / speed / full
+    return -full * (x if 0.0 <= x <= 1.0 else _saturate(x, s))  # (the common case: no call)
 
 
 def wait_time(
@@ -568,6 +572,8 @@ def wait_time(
     else:
         # Logarithmic: the difference between 100 ms and 1 s matters as much as 1 s and 10 s.
         fraction = math.log1p(expected / 100.0) / math.log1p(s.wait_full_penalty_ms / 100.0)
+    if 0.0 <= fraction <= 1.0:
+        return -s.wait_penalty_max * fraction  # (_saturate's common case, without the call)
     return -s.wait_penalty_max * _saturate(fraction, s)
 
 
@@ -718,10 +724,20 @@ def _candidate(
     window = s.context_fit_cold if f.loaded is None else context_fit(request, f, s)
     cache = affinity(request, node_id, f, s) if request.affinity_node == node_id else 0.0
     evicted = eviction(node, f, now, s) if known.evicts else 0.0
-    # The score is the points' sum (rounded: float noise must not hide a tie).
+    # The score is the points' sum, rounded to 0.001 (float noise must not hide a tie; half
+    # up, as round() is three times the cost).
     total = hot + fit + queued + waiting + role + up + window + cache + evicted + spilled
     values = (hot, fit, queued, waiting, role, up, window, cache, evicted, spilled)
-    return Candidate(node_id, model, round(total, 3), values, f.loaded is not None, f.offload)
+    rounded = _floor(total * 1000.0 + 0.5) / 1000.0
+    return _new_candidate(
+        Candidate, (node_id, model, rounded, values, f.loaded is not None, f.offload)
+    )
+
+
+# Candidate(...) and _Known(...) without the named tuples' own __new__ (a Python function over
+# this same call): half the cost, and a decision builds one per node.
+_new_candidate = _new_known = tuple.__new__
+_floor = math.floor
 
 
 def _typical(request: RouteRequest, history: History) -> float:
@@ -751,16 +767,17 @@ def score(
     # status can rule a node out, and _reason is asked only for the nodes they do.
     plain = request.only_node is None and not request.excluded_nodes
     for node in fleet.nodes:
-        known = _known(key, node.report, settings)
+        known = node.report.derived.get(key)  # _known's memo, read here: once per node
+        if type(known) is not _Known or known.settings is not settings:
+            known = _known(key, node.report, settings)
         if not (plain and known.open and node.status is not _OFFLINE):
             reason = _reason(request, node, known)
             if reason is not None:
                 eliminated.append(Elimination(node.report.node_id, reason))
                 continue
         candidates.append(_candidate(request, node, known, history, typical, now, settings))
-    # Shuffle first, then a stable sort: equal scores end up in random (seeded) order.
-    rng.shuffle(candidates)
     candidates.sort(key=_by_score, reverse=True)
+    _shuffle_ties(candidates, rng)
     ranked = tuple(candidates)
     return RouteDecision(
         request=request,
@@ -770,8 +787,25 @@ def score(
     )
 
 
-def _by_score(candidate: Candidate) -> float:
-    return candidate.score
+_by_score = operator.attrgetter("score")
+
+
+def _shuffle_ties(ranked: list[Candidate], rng: random.Random) -> None:
+    """Put each run of equal scores in ``ranked`` (sorted) in random order, drawn from
+    ``rng``: no node wins a tie for its place in the fleet. ``rng`` is not drawn from when
+    nothing ties."""
+    if len({c.score for c in ranked}) == len(ranked):
+        return
+    start = 0
+    while start < len(ranked):
+        end = start + 1
+        while end < len(ranked) and ranked[end].score == ranked[start].score:
+            end += 1
+        if end - start > 1:
+            run = ranked[start:end]
+            rng.shuffle(run)
+            ranked[start:end] = run
+        start = end
 
 
 def explain(decision: RouteDecision) -> str:
