@@ -451,18 +451,18 @@ def _known(key: tuple[str, str], report: NodeReport, s: ScoringSettings | None) 
     if reason is not None:
         f = None
     fixed = _NO_POINTS
-    hot = learned = 0.0
+    heat = learned = 0.0
     evicts = False
     cold: float | None = None
     if f is not None and s is not None:
         fixed = (memory_fit(f, s), role_affinity(f, s), spill(f, s))
-        hot = thermal(kind, report, f, False, s)
+        heat = thermal(kind, report, f, False, s)
         if kind != KIND_IMAGE and f.loaded is None:
             cold = thermal(kind, report, f, True, s)
         learned = learned_availability(report, s)
         evicts = f.load is not None and (f.load.evict > 0 or f.load.evict_ram > 0)
     made = memo[key] = _new_known(
-        _Known, (absent, reason, f is not None, f, s, fixed, hot, cold, learned, evicts)
+        _Known, (absent, reason, f is not None, f, s, fixed, heat, cold, learned, evicts)
     )
     return made
 
@@ -713,11 +713,11 @@ def _candidate(
         service = 0.0
     fit, role, spilled = known.fixed
     warm = known.warm
-    hot = known.thermal
+    heat = known.thermal
     if warm is not None:
         unloaded_at = node.recently_unloaded.get(model)
         if unloaded_at is not None and now - unloaded_at < s.warm_window_s:
-            hot = warm
+            heat = warm
     queued = queue_depth(ahead, slots, speed, s) if ahead > 0 else 0.0
     waiting = wait_time(ahead, slots, speed, service, typical, s)
     up = known.learned - s.degraded_penalty if node.status is _DEGRADED else known.learned
@@ -726,8 +726,8 @@ def _candidate(
     evicted = eviction(node, f, now, s) if known.evicts else 0.0
     # The score is the points' sum, rounded to 0.001 (float noise must not hide a tie; half
     # up, as round() is three times the cost).
-    total = hot + fit + queued + waiting + role + up + window + cache + evicted + spilled
-    values = (hot, fit, queued, waiting, role, up, window, cache, evicted, spilled)
+    total = heat + fit + queued + waiting + role + up + window + cache + evicted + spilled
+    values = (heat, fit, queued, waiting, role, up, window, cache, evicted, spilled)
     rounded = _floor(total * 1000.0 + 0.5) / 1000.0
     return _new_candidate(
         Candidate, (node_id, model, rounded, values, f.loaded is not None, f.offload)
