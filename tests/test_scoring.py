@@ -371,6 +371,7 @@ ALLOWED = {
     "math",
     "operator",
     "random",
+    "collections",
     "collections.abc",
     "typing",
     "attrs",

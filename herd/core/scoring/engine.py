@@ -87,6 +87,7 @@ from __future__ import annotations
 import math
 import operator
 import random
+from collections import Counter
 from collections.abc import Mapping
 from typing import NamedTuple
 
@@ -792,20 +793,19 @@ _by_score = operator.attrgetter("score")
 
 def _shuffle_ties(ranked: list[Candidate], rng: random.Random) -> None:
     """Put each run of equal scores in ``ranked`` (sorted) in random order, drawn from
-    ``rng``: no node wins a tie for its place in the fleet. ``rng`` is not drawn from when
-    nothing ties."""
-    if len({c.score for c in ranked}) == len(ranked):
+    ``rng``, best run first: no node wins a tie for its place in the fleet. ``rng`` is not
+    drawn from when nothing ties. (Counted and found in C: a Python loop over every candidate
+    cost a tenth of a decision.)"""
+    scores = [candidate.score for candidate in ranked]
+    counts = Counter(scores)  # in order of first appearance: best first
+    if len(counts) == len(scores):
         return
-    start = 0
-    while start < len(ranked):
-        end = start + 1
-        while end < len(ranked) and ranked[end].score == ranked[start].score:
-            end += 1
-        if end - start > 1:
-            run = ranked[start:end]
-            rng.shuffle(run)
-            ranked[start:end] = run
-        start = end
+    for value in [value for value, count in counts.items() if count > 1]:
+        start = scores.index(value)
+        end = start + counts[value]
+        run = ranked[start:end]
+        rng.shuffle(run)
+        ranked[start:end] = run
 
 
 def explain(decision: RouteDecision) -> str:
