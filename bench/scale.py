@@ -3,6 +3,8 @@ concurrent streams.
 
     python bench/scale.py [--nodes 100] [--models 50] [--streams 1000]
     python bench/scale.py --compare-scorer OTHER/herd/core/scoring/engine.py
+    python bench/scale.py --compare-checkout OTHER   # e.g. git worktree add OTHER COMMIT
+    python bench/scale.py --compare-checkout OTHER --instructions   # valgrind's counts
 
 Part 1 times one routing decision **from the router's state**, as a request makes it: the
 fleet snapshot built from a :class:`~herd.state.registry.NodeRegistry` fed one heartbeat
@@ -20,7 +22,11 @@ its reports' facts are kept: ``NodeReport.derived``), and a latency-history reco
 starts a router in a subprocess with simulated nodes, holds ``--streams`` streaming chat
 requests open through it at once and reports the router process's resident memory before and
 during. Only 127.0.0.1 is used. ``--compare-scorer`` runs only parts 1 and 2 at ``--nodes``,
-for another checkout's scoring engine and this one's in turn (:func:`compare_scorers`).
+for another checkout's scoring engine and this one's in turn (:func:`compare_scorers`);
+``--compare-checkout`` does the same for another whole checkout, each round in processes of
+their own (:func:`compare_checkouts`), for changes outside the engine; with
+``--instructions``, it counts machine instructions per decision under valgrind instead of
+timing (:func:`count_instructions`): the same on every run, where time on a busy VM moves.
 """
 
 from __future__ import annotations
@@ -274,6 +280,121 @@ def compare_scorers(other: Path, nodes: int, models: int, rounds: int = 4) -> No
             print(f"    {name:32s} " + "; ".join(parts))
 
 
+_ONE_CHECKOUT = """
+import sys
+root = sys.argv[1]
+sys.path[:0] = [root + "/bench", root]
+import scale
+out = []
+for per_node in (None, 10):
+    out.append(scale.time_decisions(int(sys.argv[2]), int(sys.argv[3]), per_node)[0])
+    out.append(scale.time_scoring(int(sys.argv[2]), int(sys.argv[3]), per_node, 1000)[0])
+print(" ".join(str(value) for value in out))
+"""
+
+
+_COUNT_ONE = """
+import sys
+root = sys.argv[1]
+sys.path[:0] = [root + "/bench", root]
+import scale
+nodes, models, per_node, decisions = (int(value) for value in sys.argv[2:6])
+if sys.argv[6] == "state":
+    scale.time_decisions(nodes, models, per_node or None, decisions)
+else:
+    scale.time_scoring(nodes, models, per_node or None, decisions)
+"""
+
+
+def count_instructions(other: Path, nodes: int, models: int) -> None:
+    """Machine instructions per decision (parts 1 and 2) for the checkout at ``other`` and
+    this one, counted by valgrind's callgrind: the same on every run, whatever else the
+    machine is doing, so it shows a change of a few percent that wall-clock time on a busy VM
+    hides. Each figure is the difference between 400 and 100 decisions (the set-up cancels
+    out), divided by 300; it includes the bench's own work between decisions (the request,
+    the fleet's changes). Instructions are not time (memory and branches differ), but they
+    move with it. Needs ``valgrind`` (Debian's package); two counts run at once."""
+    import shutil
+    import subprocess
+
+    if shutil.which("valgrind") is None:
+        sys.exit("--instructions needs valgrind (apt install valgrind)")
+    this = Path(__file__).resolve().parent.parent
+    roots = {str(other): other.resolve(), "this checkout": this}
+    shapes = (("0", "every model on every node"), ("10", "10 models per node"))
+    modes = (("state", "from the state"), ("alone", "prebuilt snapshot"))
+
+    def start(root: Path, per_node: str, mode: str, decisions: int) -> subprocess.Popen[str]:
+        command = [
+            "valgrind",
+            "--tool=callgrind",
+            "--callgrind-out-file=/dev/null",
+            sys.executable,
+            "-c",
+            _COUNT_ONE,
+            str(root),
+            str(nodes),
+            str(models),
+            per_node,
+            str(decisions),
+            mode,
+        ]
+        return subprocess.Popen(
+            command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+        )
+
+    def counted(process: subprocess.Popen[str]) -> int:
+        _, err = process.communicate()
+        for line in err.splitlines():
+            if "Collected :" in line:
+                return int(line.rsplit(":", 1)[1].strip())
+        raise RuntimeError(f"valgrind gave no count: {err[-500:]}")
+
+    print(f"instructions per decision (callgrind), {nodes} nodes x {models} models")
+    for per_node, label in shapes:
+        print(f"  {label}:")
+        for name, root in roots.items():
+            parts = []
+            for mode, title in modes:
+                few, many = start(root, per_node, mode, 100), start(root, per_node, mode, 400)
+                per_decision = (counted(many) - counted(few)) / 300
+                parts.append(f"{title} {per_decision / 1000:6.0f} k")
+            print(f"    {name:32s} " + "; ".join(parts))
+
+
+def compare_checkouts(other: Path, nodes: int, models: int, rounds: int = 6) -> None:
+    """Parts 1 and 2 for the checkout at ``other`` (a directory holding ``herd/`` and
+    ``bench/``) and this one, in turn, ``rounds`` times, each in a process of its own: the
+    whole of each checkout (its value classes, registry and queue book too, not only its
+    scoring engine). Median µs per decision over the rounds, min-max beside it."""
+    import subprocess
+
+    this = Path(__file__).resolve().parent.parent
+    roots = {str(other): other.resolve(), "this checkout": this}
+    found: dict[str, list[list[float]]] = {name: [] for name in roots}
+    for _ in range(rounds):
+        for name, root in roots.items():
+            done = subprocess.run(
+                [sys.executable, "-c", _ONE_CHECKOUT, str(root), str(nodes), str(models)],
+                capture_output=True,
+                text=True,
+                check=True,
+            )
+            found[name].append([float(value) for value in done.stdout.split()])
+    print(f"checkouts side by side, {nodes} nodes x {models} models, {rounds} rounds, median us")
+    columns = ("from the state", "prebuilt snapshot")
+    for shape, label in enumerate(("every model on every node", "10 models per node")):
+        print(f"  {label}:")
+        for name in roots:
+            parts = []
+            for offset, title in enumerate(columns):
+                times = [run[2 * shape + offset] for run in found[name]]
+                parts.append(
+                    f"{title} {statistics.median(times):5.0f} ({min(times):.0f}-{max(times):.0f})"
+                )
+            print(f"    {name:32s} " + "; ".join(parts))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--nodes", type=int, default=100)
@@ -286,7 +407,27 @@ def main() -> None:
         help="only compare: this scoring engine file (another checkout's "
         "herd/core/scoring/engine.py) and this one's, side by side, at --nodes",
     )
+    parser.add_argument(
+        "--compare-checkout",
+        metavar="DIR",
+        type=Path,
+        help="only compare: another checkout (a directory with herd/ and bench/, e.g. a git "
+        "worktree of an older commit) and this one, side by side, each round in fresh "
+        "processes, at --nodes",
+    )
+    parser.add_argument(
+        "--instructions",
+        action="store_true",
+        help="with --compare-checkout: count machine instructions per decision with valgrind "
+        "instead of timing (the same on every run; slow: minutes)",
+    )
     args = parser.parse_args()
+    if args.compare_checkout and args.instructions:
+        count_instructions(args.compare_checkout, args.nodes, args.models)
+        return
+    if args.compare_checkout:
+        compare_checkouts(args.compare_checkout, args.nodes, args.models)
+        return
     if args.compare_scorer:
         compare_scorers(args.compare_scorer, args.nodes, args.models)
         return

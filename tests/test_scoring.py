@@ -560,12 +560,15 @@ def _random_fleet(rng: random.Random) -> FleetSnapshot:
 
 def test_what_a_report_keeps_between_decisions_never_changes_one() -> None:
     """The scorer keeps what a node's report says of each model with the report
-    (NodeReport.derived) for the next decision. Every decision made on reports used before
-    equals the decision on fresh copies of them, whatever changes between them: the request
-    (model, kind, nodes excluded or named, conversation, prompt size), the history, the clock,
-    the settings, and the queues and status of snapshots that share a report."""
+    (NodeReport.derived), and the order its loaded models would be dropped in with the node's
+    snapshot (NodeSnapshot.derived), for the next decision. Every decision made on reports and
+    snapshots used before equals the decision on fresh copies of them, whatever changes
+    between them: the request (model, kind, nodes excluded or named, conversation, prompt
+    size), the history, the clock, the settings, and the queues and status of snapshots that
+    share a report."""
     rng = random.Random(11)
     tuned = ScoringSettings(memory_fit_max=20.0, spill_penalty_max=5.0, eviction_idle=9.0)
+    dropping = 0
     for _ in range(40):
         fleet = _random_fleet(rng)
         for _ in range(12):
@@ -590,7 +593,7 @@ def test_what_a_report_keeps_between_decisions_never_changes_one() -> None:
             fresh = FleetSnapshot(
                 tuple(attrs.evolve(n, report=attrs.evolve(n.report)) for n in fleet.nodes)
             )
-            assert not any(n.report.derived for n in fresh.nodes)
+            assert not any(n.report.derived or n.derived for n in fresh.nodes)
             assert score(request, fresh, history, now, settings, random.Random(seed)) == kept
             # The next snapshot of the same reports: other queues, another status.
             shifted = FleetSnapshot(
@@ -611,3 +614,5 @@ def test_what_a_report_keeps_between_decisions_never_changes_one() -> None:
             assert score(request, shifted, history, now, settings, random.Random(seed)) == score(
                 request, again, history, now, settings, random.Random(seed)
             )
+            dropping += sum(1 for n in fleet.nodes if n.derived)
+    assert dropping > 0  # (cold loads that evict were scored: the drop order was kept)

@@ -58,6 +58,9 @@ class ColdLoad(NamedTuple):
     reason: str | None = None  # when it doesn't fit: what it needs and what there is
 
 
+_FITS = ColdLoad(True, 0.0, 0, 0)  # (the common answer, built once: ColdLoad is frozen)
+
+
 def _gib(value: float) -> str:
     return f"{value / GiB:.1f} GiB"
 
@@ -140,11 +143,11 @@ def cold_load(where: Memory, size: int) -> ColdLoad:
     """What loading a model of ``size`` bytes (0: unknown, taken to fit) would do on a node
     whose memory is ``where``: see the module docstring. Raises nothing."""
     if size <= 0:
-        return ColdLoad(True, 0.0, 0, 0)
+        return _FITS
     ram_room = where.ram_free + where.ram_held
     if where.kind == RAM:
         if size <= where.free:
-            return ColdLoad(True, 0.0, 0, 0)
+            return _FITS
         if size <= where.free + where.held:
             return ColdLoad(True, 0.0, size - where.free, size - where.free)
         held = f" (+{_gib(where.held)} in loaded models)" if where.held else ""
@@ -160,7 +163,7 @@ def cold_load(where: Memory, size: int) -> ColdLoad:
     else:
         ram_need = 0
     if size <= where.free:
-        return ColdLoad(True, 0.0, 0, ram_need)
+        return ColdLoad(True, 0.0, 0, ram_need) if ram_need else _FITS
     if size <= room:
         return ColdLoad(True, 0.0, size - where.free, ram_need)
     # Bigger than all the accelerator memory it could have: a partial offload.

@@ -192,31 +192,28 @@ class NodeReport:
     # Wall-clock epoch seconds at the node when the report was made.
     sent_at: float = 0.0
 
-    # Lookups by name, built once per report (a report lives for a heartbeat interval and is
-    # read by every routing decision meanwhile). Not fields: not on the wire, not compared.
-    @functools.cached_property
-    def loaded_index(self) -> dict[str, LoadedModel]:
-        return {m.name: m for m in reversed(self.loaded_models)}  # the first of a name wins
+    # Worked out when the report is built: a report lives for a heartbeat interval and is read
+    # by every routing decision meanwhile. Not on the wire (cattrs skips init=False fields), not
+    # compared. (Plain slots, not functools.cached_property: attrs gives a class with one a
+    # __getattr__, and that makes every attribute read of the class a slow one.)
+    # By name; the first entry of a name wins.
+    loaded_index: dict[str, LoadedModel] = attrs.field(init=False, eq=False, repr=False)
+    available_index: dict[str, AvailableModel] = attrs.field(init=False, eq=False, repr=False)
+    # The memory models run in on this node (herd.core.memory.where_models_run).
+    memory_where: ModelMemory = attrs.field(init=False, eq=False, repr=False)
+    # Values worked out from this report alone, kept with it: the scorer's facts of one model
+    # for one kind of request here (herd.core.scoring.engine), worked out once per report,
+    # not once per decision.
+    derived: dict[tuple[str, str], object] = attrs.field(init=False, eq=False, repr=False)
 
-    @functools.cached_property
-    def available_index(self) -> dict[str, AvailableModel]:
-        return {m.name: m for m in reversed(self.available_models)}
-
-    @functools.cached_property
-    def memory_where(self) -> ModelMemory:
-        """The memory models run in on this node (:func:`herd.core.memory.where_models_run`),
-        worked out once per report."""
+    def __attrs_post_init__(self) -> None:
         from herd.core.memory import where_models_run  # (that module reads this one)
 
-        return where_models_run(self)
-
-    @functools.cached_property
-    def derived(self) -> dict[tuple[str, str], object]:
-        """Values worked out from this report alone, kept with it: the scorer's facts of one
-        model for one kind of request here (:func:`herd.core.scoring.engine.score`). A report
-        is frozen and lives for a heartbeat interval, read by every decision meanwhile, so
-        they are worked out once per report, not once per decision."""
-        return {}
+        keep = object.__setattr__  # (frozen)
+        keep(self, "loaded_index", {m.name: m for m in reversed(self.loaded_models)})
+        keep(self, "available_index", {m.name: m for m in reversed(self.available_models)})
+        keep(self, "derived", {})
+        keep(self, "memory_where", where_models_run(self))
 
 
 @attrs.frozen
@@ -242,6 +239,19 @@ class NodeSnapshot:
     load: dict[str, ModelLoad] = attrs.field(factory=dict)
     # Router clock time each model was last seen loaded but is now unloaded (warm residency).
     recently_unloaded: dict[str, float] = attrs.field(factory=dict)
+    # Worked out when the snapshot is built (a kept snapshot is read by many decisions; see
+    # herd.state.registry.NodeRegistry.snapshot), as NodeReport's: plain slots, not compared.
+    # Requests running or waiting on the node, all models.
+    queued: int = attrs.field(init=False, eq=False, repr=False)
+    # Values worked out from this snapshot alone (its report and its queues), kept with it:
+    # the order in which the scorer expects the backend to drop loaded models
+    # (herd.core.scoring.engine.evictions).
+    derived: dict[str, object] = attrs.field(init=False, eq=False, repr=False)
+
+    def __attrs_post_init__(self) -> None:
+        keep = object.__setattr__  # (frozen)
+        keep(self, "queued", sum(m.in_flight + m.pending for m in self.load.values()))
+        keep(self, "derived", {})
 
     @property
     def node_id(self) -> str:
@@ -254,12 +264,6 @@ class NodeSnapshot:
     @property
     def pending(self) -> int:
         return sum(m.pending for m in self.load.values())
-
-    @functools.cached_property
-    def queued(self) -> int:
-        """Requests running or waiting on the node, all models (worked out once: a kept
-        snapshot is read by many decisions)."""
-        return sum(m.in_flight + m.pending for m in self.load.values())
 
     def loaded(self, model: str) -> LoadedModel | None:
         return self.report.loaded_index.get(model)

@@ -77,7 +77,7 @@ Choices worth knowing
   whether a cold load would evict) is worked out once per report and kept with it
   (``NodeReport.derived``; a report is frozen and lives for a heartbeat): a decision works
   out only what depends on the request, the node's queues and status, the history and the
-  clock, in one function per candidate (``_candidate``) with no helper calls where a line
+  clock, in one loop over the candidates (``_rank``) with no helper calls where a line
   will do. The same inputs give the same decision whether or not a report was read before
   (``tests/test_scoring.py`` checks it).
 """
@@ -318,7 +318,7 @@ def _saturate(x: float, s: ScoringSettings) -> float:
     deeper queue or a longer wait always costs more, so work keeps spreading when every node is
     busy, but slowly, so one signal can't drown the others. ``overflow_slope`` 0 is a hard cap."""
     if x <= 1.0:
-        return max(0.0, x)
+        return x if x > 0.0 else 0.0  # (NaN: 0.0, as max(0.0, x))
     return 1.0 + s.overflow_slope * math.log(x)
 
 
@@ -384,7 +384,7 @@ def _report_reason(model: str, kind: str, report: NodeReport, f: Facts) -> str |
 
 class Facts(NamedTuple):
     """What the signals read of one model on one node from the node's report (its queues come
-    from the snapshot, its speed from the history: see :func:`_candidate`)."""
+    from the snapshot, its speed from the history: see :func:`_rank`)."""
 
     loaded: LoadedModel | None  # the model's entry if it is in the node's memory
     size: int  # bytes the model takes there (0 = unknown)
@@ -394,18 +394,30 @@ class Facts(NamedTuple):
     offload: float  # share of the model outside the accelerator, loaded or predicted
 
 
-def facts(model: str, report: NodeReport) -> Facts:
-    """Look up, once, what the signals need of ``model`` on the node that sent ``report``.
-    Raises nothing."""
+def facts(model: str, report: NodeReport) -> Facts | None:
+    """Look up, once, what the signals need of ``model`` on the node that sent ``report``;
+    None when the model is neither loaded nor on its disk. Raises nothing."""
     loaded = report.loaded_index.get(model)
     where = report.memory_where
     if loaded is not None:
         size = loaded.size_bytes if loaded.size_bytes > 0 else model_size(report, model)
-        return Facts(loaded, size, where.free, where.total, None, memory.offload(report, loaded))
+        return _new_facts(
+            Facts, (loaded, size, where.free, where.total, None, memory.offload(report, loaded))
+        )
     on_disk = report.available_index.get(model)  # (model_size's second half)
-    size = max(0, on_disk.size_bytes) if on_disk is not None else 0
+    if on_disk is None:
+        return None
+    size = on_disk.size_bytes if on_disk.size_bytes > 0 else 0
     cold = memory.cold_load(where, size)
-    return Facts(None, size, where.free, where.total, cold, cold.offload)
+    return _new_facts(Facts, (None, size, where.free, where.total, cold, cold.offload))
+
+
+def _unlisted(report: NodeReport) -> Facts:
+    """The facts of a model the node doesn't list, for the kinds that don't need it listed
+    (image jobs, speech-to-text): no size known, so a cold load taken to fit."""
+    where = report.memory_where
+    cold = memory.cold_load(where, 0)
+    return _new_facts(Facts, (None, 0, where.free, where.total, cold, cold.offload))
 
 
 class _Known(NamedTuple):
@@ -442,12 +454,10 @@ def _known(key: tuple[str, str], report: NodeReport, s: ScoringSettings | None) 
     if len(memo) >= _KNOWN_PER_REPORT:
         memo.clear()
     model, kind = key
-    absent = (
-        kind in _MODEL_KINDS
-        and model not in report.loaded_index
-        and model not in report.available_index
-    )
-    f = None if absent else facts(model, report)
+    f = facts(model, report)
+    absent = f is None and kind in _MODEL_KINDS
+    if f is None and not absent:
+        f = _unlisted(report)
     reason = None if f is None else _report_reason(model, kind, report, f)
     if reason is not None:
         f = None
@@ -476,38 +486,65 @@ def evictions(request: RouteRequest, node: NodeSnapshot) -> tuple[str, ...]:
     Raises nothing."""
     if node.loaded(request.model) is not None:
         return ()
-    where = node.report.memory_where
-    load = memory.cold_load(where, model_size(node.report, request.model))
-    return _evicted(node, where.kind, load)
+    load = memory.cold_load(node.report.memory_where, model_size(node.report, request.model))
+    return tuple(model.name for model in _evicted(node, load))
 
 
-def _evicted(node: NodeSnapshot, where: str, load: memory.ColdLoad) -> tuple[str, ...]:
-    need, need_ram = load.evict, load.evict_ram
-    if need <= 0 and need_ram <= 0:
-        return ()
+class _Droppable(NamedTuple):
+    """A loaded model as a cold load on its node would see it (see :func:`_drop_order`)."""
 
-    def order(model: LoadedModel) -> tuple[bool, float, float]:
-        used_load = node.load.get(model.name)
-        busy = used_load is not None and (used_load.in_flight > 0 or used_load.pending > 0)
-        used = (
-            used_load.last_used
-            if used_load is not None and used_load.last_used is not None
-            else -math.inf
+    name: str
+    freed: int  # bytes it frees where models run (herd.core.memory.held_where)
+    freed_ram: int  # RAM bytes it frees (herd.core.memory.held_ram)
+    busy: bool  # requests use it now (running or queued)
+    last_used: float | None  # router clock of its last use; None: never seen used
+
+
+_DROP_ORDER = "drop order"  # NodeSnapshot.derived's key for _drop_order
+
+
+def _drop_order(node: NodeSnapshot) -> tuple[_Droppable, ...]:
+    """``node``'s loaded models in the order the backend would drop them: idle before busy,
+    least recently used first (router recency, then the backend's keep-alive expiry). Worked
+    out once per snapshot (it reads only the report and the queues) and kept in
+    :attr:`NodeSnapshot.derived`: every cold load scored there reads it."""
+    kept = node.derived.get(_DROP_ORDER)
+    if type(kept) is tuple:  # (only this function writes the key)
+        return kept
+    where = node.report.memory_where.kind
+    rows = []
+    for model in node.report.loaded_models:
+        load = node.load.get(model.name)
+        busy = load is not None and (load.in_flight > 0 or load.pending > 0)
+        used = load.last_used if load is not None else None
+        rank = (busy, -math.inf if used is None else used, _number(model.expires_at, -math.inf))
+        droppable = _Droppable(
+            model.name, memory.held_where(where, model), memory.held_ram(where, model), busy, used
         )
-        expires = _number(model.expires_at, -math.inf)
-        return busy, used, expires
+        rows.append((rank, droppable))
+    rows.sort(key=_by_rank)  # stable: equal ranks keep the report's order
+    order = node.derived[_DROP_ORDER] = tuple(row[1] for row in rows)
+    return order
 
-    out = []
-    for model in sorted(node.report.loaded_models, key=order):
+
+_by_rank = operator.itemgetter(0)
+
+
+def _evicted(node: NodeSnapshot, load: memory.ColdLoad) -> list[_Droppable]:
+    """The models of :func:`_drop_order` a cold load that needs ``load`` pushes out: in
+    order, each that frees some of what is still missing, until nothing is."""
+    need, need_ram = load.evict, load.evict_ram
+    out: list[_Droppable] = []
+    if need <= 0 and need_ram <= 0:
+        return out
+    for model in _drop_order(node):
         if need <= 0 and need_ram <= 0:
             break
-        freed = memory.held_where(where, model)
-        freed_ram = memory.held_ram(where, model)
-        if (need > 0 and freed > 0) or (need_ram > 0 and freed_ram > 0):
-            out.append(model.name)
-            need -= freed
-            need_ram -= freed_ram
-    return tuple(out)
+        if (need > 0 and model.freed > 0) or (need_ram > 0 and model.freed_ram > 0):
+            out.append(model)
+            need -= model.freed
+            need_ram -= model.freed_ram
+    return out
 
 
 def thermal(kind: str, report: NodeReport, f: Facts, warm: bool, s: ScoringSettings) -> float:
@@ -523,7 +560,9 @@ def thermal(kind: str, report: NodeReport, f: Facts, warm: bool, s: ScoringSetti
         return s.thermal_loaded
     cold = s.thermal_warm if warm else s.thermal_on_disk
     # A cold load costs time in proportion to the bytes read: a small model loses less for it.
-    share = min(1.0, f.size / s.thermal_full_load_bytes) if f.size > 0 else 1.0
+    share = f.size / s.thermal_full_load_bytes if f.size > 0 else 1.0
+    if share > 1.0:
+        share = 1.0
     return s.thermal_loaded - (s.thermal_loaded - cold) * share
 
 
@@ -535,8 +574,12 @@ def memory_fit(f: Facts, s: ScoringSettings) -> float:
     if f.total <= 0:
         return 0.0
     free = f.free if f.loaded is not None else f.free - f.size
-    share = max(0.0, free / f.total)
-    return s.memory_fit_max * min(1.0, share / s.memory_comfort_share)
+    # (Comparisons, not min() and max(): in CPython 3.11 each of those costs more than the
+    # rest of this function. Used this way here and in the other signals worked out often.)
+    share = free / f.total / s.memory_comfort_share
+    if share <= 0.0:
+        return 0.0
+    return s.memory_fit_max * (share if share < 1.0 else 1.0)
 
 
 def queue_depth(ahead: int, slots: int, speed: float, s: ScoringSettings) -> float:
@@ -585,7 +628,9 @@ def role_affinity(f: Facts, s: ScoringSettings) -> float:
     total = f.total
     if total <= 0 or f.size <= 0:
         return 0.0
-    node_bigness = min(1.0, total / s.big_node_bytes)
+    node_bigness = total / s.big_node_bytes
+    if node_bigness > 1.0:
+        node_bigness = 1.0
     if f.size >= s.large_model_bytes:
         return s.role_affinity_max * node_bigness
     # Small models: prefer small nodes, keeping big machines free for big models.
@@ -594,7 +639,7 @@ def role_affinity(f: Facts, s: ScoringSettings) -> float:
 
 def learned_availability(report: NodeReport, s: ScoringSettings) -> float:
     """The node's learned availability 0..1 mapped to -max..+max (NaN reads as 0.5, no
-    opinion). A degraded node loses ``degraded_penalty`` more (in :func:`_candidate`: the
+    opinion). A degraded node loses ``degraded_penalty`` more (in :func:`_rank`: the
     status is the snapshot's, not the report's). Raises nothing."""
     level = report.capacity.availability
     if not 0.0 <= level <= 1.0:  # NaN fails every comparison: no opinion
@@ -611,7 +656,10 @@ def context_fit(request: RouteRequest, f: Facts, s: ScoringSettings) -> float:
         return s.context_fit_cold
     if f.loaded.context_length <= 0:
         return 0.0
-    need = max(request.estimated_prompt_tokens, request.requested_context or 0)
+    need = request.estimated_prompt_tokens
+    asked = request.requested_context
+    if asked is not None and asked > need:
+        need = asked
     if need <= 0:
         return s.context_fit_max
     ratio = f.loaded.context_length / need
@@ -639,15 +687,10 @@ def eviction(node: NodeSnapshot, f: Facts, now: float, s: ScoringSettings) -> fl
     if f.load is None or (f.load.evict <= 0 and f.load.evict_ram <= 0):
         return 0.0  # hot, or it fits: nothing leaves
     cost = 0.0
-    for name in _evicted(node, node.report.memory_where.kind, f.load):
-        load = node.load.get(name)
-        if load is not None and (load.in_flight > 0 or load.pending > 0):
+    for model in _evicted(node, f.load):
+        if model.busy:
             cost += s.eviction_busy
-        elif (
-            load is not None
-            and load.last_used is not None
-            and now - load.last_used < s.eviction_recent_s
-        ):
+        elif model.last_used is not None and now - model.last_used < s.eviction_recent_s:
             cost += s.eviction_recent
         else:
             cost += s.eviction_idle
@@ -666,78 +709,95 @@ def spill(f: Facts, s: ScoringSettings) -> float:
     return -s.spill_penalty_max * _saturate((slowdown - 1.0) / (s.spill_full_slowdown - 1.0), s)
 
 
-def _candidate(
+def _rank(
     request: RouteRequest,
-    node: NodeSnapshot,
-    known: _Known,
+    eligible: list[tuple[NodeSnapshot, _Known]],
     history: History,
     typical: float,
     now: float,
     s: ScoringSettings,
-) -> Candidate:
-    """``node`` as a candidate: every signal's points, in the order of ``SIGNALS``, the ones
-    that depend on the request, the node's queues, the history or the clock worked out now,
-    the rest taken from ``known`` (made with ``s``). ``typical``: the model's p75 from
-    ``history`` (see :func:`wait_time`), read once per decision."""
-    f = known.facts
-    assert f is not None  # only eligible nodes are scored
-    report = node.report
-    node_id = report.node_id
+) -> list[Candidate]:
+    """Each node of ``eligible`` (with its model's :class:`_Known`, made with ``s``) as a
+    candidate, unsorted: every signal's points, in the order of ``SIGNALS``, the ones that
+    depend on the request, the node's queues, the history or the clock worked out now, the
+    rest taken from the known. ``typical``: the model's p75 from ``history`` (see
+    :func:`wait_time`), read once per decision."""
+    # One loop, inline (no helper calls where a line will do), with what is the same for every
+    # node read once, before it: it runs once per node per decision, 100 times for a fleet of
+    # 100. (The signals that are more than a line stay functions of their own.)
     model = request.model
-    # Inline, as the rest of this function (no helper calls where a line will do): it runs
-    # once per node per decision, 100 times for a fleet of 100.
-    # The queue: requests running or waiting on the node (all models) and the slots they share
-    # (at least 1); for a model with its own, smaller limit, its own queue and limit when that
-    # is the longer wait.
-    ahead = node.queued
-    slots = report.parallel_slots
-    if slots < 1:
-        slots = 1
-    own = node.load.get(model)
-    if own is not None and own.slots > 0:
-        mine = own.in_flight + own.pending
-        if mine * slots > ahead * own.slots:
-            ahead, slots = mine, own.slots
-    # The node's relative speed from history, floored at speed_floor (odd values read as 1.0);
-    # a node the history doesn't know yet, while it knows others, counts as unknown_node_speed.
-    speed = history.node_speed.get(node_id)
-    if speed is None:
-        speed = s.unknown_node_speed if history.node_speed else 1.0
-    else:
-        if not math.isfinite(speed):
-            speed = 1.0
-        if speed < s.speed_floor:
-            speed = s.speed_floor
-    # This node:model's p75, ms; 0 (none, or an odd value): wait_time estimates it.
-    service = history.latency_p75_ms.get((node_id, model), 0.0)
-    if not math.isfinite(service):
-        service = 0.0
-    fit, role, spilled = known.fixed
-    warm = known.warm
-    heat = known.thermal
-    if warm is not None:
-        unloaded_at = node.recently_unloaded.get(model)
-        if unloaded_at is not None and now - unloaded_at < s.warm_window_s:
-            heat = warm
-    queued = queue_depth(ahead, slots, speed, s) if ahead > 0 else 0.0
-    waiting = wait_time(ahead, slots, speed, service, typical, s)
-    up = known.learned - s.degraded_penalty if node.status is _DEGRADED else known.learned
-    window = s.context_fit_cold if f.loaded is None else context_fit(request, f, s)
-    cache = affinity(request, node_id, f, s) if request.affinity_node == node_id else 0.0
-    evicted = eviction(node, f, now, s) if known.evicts else 0.0
-    # The score is the points' sum, rounded to 0.001 (float noise must not hide a tie; half
-    # up, as round() is three times the cost).
-    total = heat + fit + queued + waiting + role + up + window + cache + evicted + spilled
-    values = (heat, fit, queued, waiting, role, up, window, cache, evicted, spilled)
-    rounded = _floor(total * 1000.0 + 0.5) / 1000.0
-    return _new_candidate(
-        Candidate, (node_id, model, rounded, values, f.loaded is not None, f.offload)
-    )
+    node_speeds = history.node_speed
+    service_of = history.latency_p75_ms.get
+    speed_floor = s.speed_floor
+    unknown_speed = s.unknown_node_speed if node_speeds else 1.0
+    warm_window = s.warm_window_s
+    degraded_penalty = s.degraded_penalty
+    window_cold = s.context_fit_cold
+    affinity_node = request.affinity_node
+    isfinite = math.isfinite
+    out: list[Candidate] = []
+    append = out.append
+    for node, known in eligible:
+        f = known.facts
+        assert f is not None  # only eligible nodes are scored
+        report = node.report
+        node_id = report.node_id
+        # The queue: requests running or waiting on the node (all models) and the slots they
+        # share (at least 1); for a model with its own, smaller limit, its own queue and limit
+        # when that is the longer wait.
+        ahead = node.queued
+        slots = report.parallel_slots
+        if slots < 1:
+            slots = 1
+        own = node.load.get(model)
+        if own is not None and own.slots > 0:
+            mine = own.in_flight + own.pending
+            if mine * slots > ahead * own.slots:
+                ahead, slots = mine, own.slots
+        # The node's relative speed from history, floored at speed_floor (odd values read as
+        # 1.0); a node the history doesn't know yet, while it knows others, counts as
+        # unknown_node_speed.
+        speed = node_speeds.get(node_id)
+        if speed is None:
+            speed = unknown_speed
+        else:
+            if not isfinite(speed):
+                speed = 1.0
+            if speed < speed_floor:
+                speed = speed_floor
+        # This node:model's p75, ms; 0 (none, or an odd value): wait_time estimates it.
+        service = service_of((node_id, model), 0.0)
+        if not isfinite(service):
+            service = 0.0
+        fit, role, spilled = known.fixed
+        heat = known.thermal
+        if known.warm is not None:
+            unloaded_at = node.recently_unloaded.get(model)
+            if unloaded_at is not None and now - unloaded_at < warm_window:
+                heat = known.warm
+        queued = queue_depth(ahead, slots, speed, s) if ahead > 0 else 0.0
+        waiting = wait_time(ahead, slots, speed, service, typical, s)
+        up = known.learned - degraded_penalty if node.status is _DEGRADED else known.learned
+        loaded = f.loaded
+        window = window_cold if loaded is None else context_fit(request, f, s)
+        cache = affinity(request, node_id, f, s) if affinity_node == node_id else 0.0
+        evicted = eviction(node, f, now, s) if known.evicts else 0.0
+        # The score is the points' sum, rounded to 0.001 (float noise must not hide a tie;
+        # half up, as round() is three times the cost).
+        total = heat + fit + queued + waiting + role + up + window + cache + evicted + spilled
+        values = (heat, fit, queued, waiting, role, up, window, cache, evicted, spilled)
+        rounded = _floor(total * 1000.0 + 0.5) / 1000.0
+        append(
+            _new_candidate(
+                Candidate, (node_id, model, rounded, values, loaded is not None, f.offload)
+            )
+        )
+    return out
 
 
 # Candidate(...) and _Known(...) without the named tuples' own __new__ (a Python function over
 # this same call): half the cost, and a decision builds one per node.
-_new_candidate = _new_known = tuple.__new__
+_new_candidate = _new_known = _new_facts = tuple.__new__
 _floor = math.floor
 
 
@@ -760,7 +820,7 @@ def score(
 
     Raises nothing: a decision whose ``winner`` is None means no node can serve the request.
     """
-    candidates: list[Candidate] = []
+    eligible: list[tuple[NodeSnapshot, _Known]] = []
     eliminated: list[Elimination] = []
     typical = _typical(request, history)
     key = (request.model, request.kind)
@@ -776,7 +836,8 @@ def score(
             if reason is not None:
                 eliminated.append(Elimination(node.report.node_id, reason))
                 continue
-        candidates.append(_candidate(request, node, known, history, typical, now, settings))
+        eligible.append((node, known))
+    candidates = _rank(request, eligible, history, typical, now, settings)
     candidates.sort(key=_by_score, reverse=True)
     _shuffle_ties(candidates, rng)
     ranked = tuple(candidates)
@@ -796,10 +857,10 @@ def _shuffle_ties(ranked: list[Candidate], rng: random.Random) -> None:
     ``rng``, best run first: no node wins a tie for its place in the fleet. ``rng`` is not
     drawn from when nothing ties. (Counted and found in C: a Python loop over every candidate
     cost a tenth of a decision.)"""
-    scores = [candidate.score for candidate in ranked]
+    scores = list(map(_by_score, ranked))
+    if len(set(scores)) == len(scores):
+        return  # (the common case, a set is a tenth of the cost of a Counter)
     counts = Counter(scores)  # in order of first appearance: best first
-    if len(counts) == len(scores):
-        return
     for value in [value for value, count in counts.items() if count > 1]:
         start = scores.index(value)
         end = start + counts[value]
