@@ -248,6 +248,24 @@ def time_decisions(
     return trio.run(run)
 
 
+_MODES = (("state", "from the state"), ("alone", "prebuilt snapshot"))
+_SHAPES = ((None, "every model on every node"), (10, "10 models per node"))
+
+
+def _print_side_by_side(label: str, rows: dict[str, list[tuple[str, list[float]]]]) -> None:
+    """``label``, then one line per checkout or scorer: for each column, its title and the
+    median of its values (the rounds), with their range beside it when there are several."""
+    print(f"  {label}:")
+    for name, columns in rows.items():
+        parts = []
+        for title, values in columns:
+            part = f"{title} {statistics.median(values):6.0f}"
+            if len(values) > 1:
+                part += f" ({min(values):.0f}-{max(values):.0f})"
+            parts.append(part)
+        print(f"    {name:32s} " + "; ".join(parts))
+
+
 def compare_scorers(other: Path, nodes: int, models: int, rounds: int = 4) -> None:
     """The scorer in ``other`` (an engine.py of another checkout, loaded as a module of its
     own) and this checkout's, in turn, ``rounds`` times: decisions from the router's state and
@@ -261,7 +279,7 @@ def compare_scorers(other: Path, nodes: int, models: int, rounds: int = 4) -> No
     spec.loader.exec_module(module)
     scorers: dict[str, Scorer] = {str(other): module.score, "this checkout": score}
     print(f"scorers side by side, {nodes} nodes x {models} models, {rounds} rounds, median us")
-    for per_node, label in ((None, "every model on every node"), (10, "10 models per node")):
+    for per_node, label in _SHAPES:
         found: dict[tuple[str, str], list[float]] = {}
         for _ in range(rounds):
             for name, scorer in scorers.items():
@@ -269,41 +287,39 @@ def compare_scorers(other: Path, nodes: int, models: int, rounds: int = 4) -> No
                 alone = time_scoring(nodes, models, per_node, decisions=1000, scorer=scorer)[0]
                 found.setdefault((name, "state"), []).append(decided)
                 found.setdefault((name, "alone"), []).append(alone)
-        print(f"  {label}:")
-        for name in scorers:
-            parts = []
-            for what, title in (("state", "from the state"), ("alone", "prebuilt snapshot")):
-                times = found[(name, what)]
-                parts.append(
-                    f"{title} {statistics.median(times):5.0f} ({min(times):.0f}-{max(times):.0f})"
-                )
-            print(f"    {name:32s} " + "; ".join(parts))
+        _print_side_by_side(
+            label,
+            {name: [(title, found[(name, what)]) for what, title in _MODES] for name in scorers},
+        )
 
 
-_ONE_CHECKOUT = """
-import sys
-root = sys.argv[1]
-sys.path[:0] = [root + "/bench", root]
-import scale
+def _checkout_program(body: str) -> str:
+    """A ``python -c`` program that imports, as ``scale``, the ``bench/scale.py`` of the
+    checkout whose root is its first argument, then runs ``body``."""
+    head = "import sys\nroot = sys.argv[1]\nsys.path[:0] = [root + '/bench', root]\n"
+    return head + "import scale\n" + body
+
+
+_ONE_CHECKOUT = _checkout_program(
+    """
 out = []
 for per_node in (None, 10):
     out.append(scale.time_decisions(int(sys.argv[2]), int(sys.argv[3]), per_node)[0])
     out.append(scale.time_scoring(int(sys.argv[2]), int(sys.argv[3]), per_node, 1000)[0])
 print(" ".join(str(value) for value in out))
 """
+)
 
 
-_COUNT_ONE = """
-import sys
-root = sys.argv[1]
-sys.path[:0] = [root + "/bench", root]
-import scale
+_COUNT_ONE = _checkout_program(
+    """
 nodes, models, per_node, decisions = (int(value) for value in sys.argv[2:6])
 if sys.argv[6] == "state":
     scale.time_decisions(nodes, models, per_node or None, decisions)
 else:
     scale.time_scoring(nodes, models, per_node or None, decisions)
 """
+)
 
 
 def count_instructions(other: Path, nodes: int, models: int) -> None:
@@ -321,8 +337,6 @@ def count_instructions(other: Path, nodes: int, models: int) -> None:
         sys.exit("--instructions needs valgrind (apt install valgrind)")
     this = Path(__file__).resolve().parent.parent
     roots = {str(other): other.resolve(), "this checkout": this}
-    shapes = (("0", "every model on every node"), ("10", "10 models per node"))
-    modes = (("state", "from the state"), ("alone", "prebuilt snapshot"))
 
     def start(root: Path, per_node: str, mode: str, decisions: int) -> subprocess.Popen[str]:
         command = [
@@ -351,15 +365,15 @@ def count_instructions(other: Path, nodes: int, models: int) -> None:
         raise RuntimeError(f"valgrind gave no count: {err[-500:]}")
 
     print(f"instructions per decision (callgrind), {nodes} nodes x {models} models")
-    for per_node, label in shapes:
-        print(f"  {label}:")
+    for per_node, label in _SHAPES:
+        rows: dict[str, list[tuple[str, list[float]]]] = {}
         for name, root in roots.items():
-            parts = []
-            for mode, title in modes:
-                few, many = start(root, per_node, mode, 100), start(root, per_node, mode, 400)
+            for mode, title in _MODES:
+                few = start(root, str(per_node or 0), mode, 100)
+                many = start(root, str(per_node or 0), mode, 400)
                 per_decision = (counted(many) - counted(few)) / 300
-                parts.append(f"{title} {per_decision / 1000:6.0f} k")
-            print(f"    {name:32s} " + "; ".join(parts))
+                rows.setdefault(name, []).append((f"{title}, k", [per_decision / 1000]))
+        _print_side_by_side(label, rows)
 
 
 def compare_checkouts(other: Path, nodes: int, models: int, rounds: int = 6) -> None:
@@ -382,17 +396,18 @@ def compare_checkouts(other: Path, nodes: int, models: int, rounds: int = 6) -> 
             )
             found[name].append([float(value) for value in done.stdout.split()])
     print(f"checkouts side by side, {nodes} nodes x {models} models, {rounds} rounds, median us")
-    columns = ("from the state", "prebuilt snapshot")
-    for shape, label in enumerate(("every model on every node", "10 models per node")):
-        print(f"  {label}:")
-        for name in roots:
-            parts = []
-            for offset, title in enumerate(columns):
-                times = [run[2 * shape + offset] for run in found[name]]
-                parts.append(
-                    f"{title} {statistics.median(times):5.0f} ({min(times):.0f}-{max(times):.0f})"
-                )
-            print(f"    {name:32s} " + "; ".join(parts))
+    for shape, (_, label) in enumerate(_SHAPES):
+        columns = list(enumerate(_MODES))
+        _print_side_by_side(
+            label,
+            {
+                name: [
+                    (title, [run[2 * shape + at] for run in found[name]])
+                    for at, (_, title) in columns
+                ]
+                for name in roots
+            },
+        )
 
 
 def main() -> None:
@@ -435,7 +450,7 @@ def main() -> None:
         f"routing decision from the router's state (snapshot + score), {args.models} models, "
         "median (p95) us per decision; snapshot alone; us per node"
     )
-    for per_node, label in ((None, "every model on every node"), (10, "10 models per node")):
+    for per_node, label in _SHAPES:
         for nodes in (args.nodes // 4, args.nodes // 2, args.nodes, args.nodes * 2):
             median, p95, snapshot, held = time_decisions(nodes, args.models, per_node)
             print(
@@ -443,13 +458,13 @@ def main() -> None:
                 f"({p95:.0f}); snapshot {snapshot:5.0f} us; {median / nodes:5.2f} us per node"
             )
     print("the same at --nodes with every node's snapshot rebuilt for each decision (no reuse):")
-    for per_node, label in ((None, "every model on every node"), (10, "10 models per node")):
+    for per_node, label in _SHAPES:
         median, p95, snapshot, held = time_decisions(args.nodes, args.models, per_node, kept=False)
         print(
             f"  {label}, {args.nodes:>4} nodes: {median:6.0f} us ({p95:.0f}); "
             f"snapshot {snapshot:5.0f} us"
         )
-    for per_node, label in ((None, "every model on every node"), (10, "10 models per node")):
+    for per_node, label in _SHAPES:
         median, p95 = time_scoring(args.nodes, args.models, per_node)
         print(
             f"scoring alone (a prebuilt snapshot), {args.nodes} nodes x {args.models} models, "

@@ -4,6 +4,7 @@ platform, spilled copies, partial offloads. Plain synchronous tests."""
 from __future__ import annotations
 
 import random
+from collections.abc import Mapping
 
 import pytest
 
@@ -22,7 +23,7 @@ from herd.core.models import (
     NodeStatus,
 )
 from herd.core.scoring import History, RouteRequest, ScoringSettings, score
-from herd.core.scoring.engine import evictions
+from herd.core.scoring.engine import by_model, evictions
 from herd.state.history import LatencyHistory
 
 GiB = 2**30
@@ -271,6 +272,37 @@ def test_a_spilled_copy_is_not_taken_for_a_slow_node() -> None:
     assert not history.spilled("a", BIG)
     assert ("a", BIG) not in history.latency_p75_ms and history.decode_rate("a", BIG) is None
     assert history.latency_p75_ms[("a", MID)] == 1000.0  # the node's other models stay
+
+
+def test_the_history_by_model_the_scorer_reads_stays_in_step_with_its_pairs() -> None:
+    """The scorer reads a node:model's p75 from ``History.latency_by_model``, which the
+    history keeps beside ``latency_p75_ms``: the two agree after records, a spill's samples
+    dropped and a node forgotten, and a History built from the pairs alone works it out."""
+    history = LatencyHistory()
+
+    def in_step() -> dict[str, Mapping[str, float]]:
+        view = history.view()
+        assert view.latency_by_model == by_model(history.latency_p75_ms)
+        built = History(view.latency_p75_ms, view.node_speed, view.model_p75_ms)
+        assert built.latency_by_model == view.latency_by_model
+        return dict(view.latency_by_model)
+
+    for latency, node_id in ((1000.0, "a"), (1500.0, "b"), (2500.0, "c")):
+        history.record(node_id, MID, latency, 40.0)
+        history.record(node_id, BIG, latency * 10, 5.0)
+    assert in_step() == {
+        MID: {"a": 1000.0, "b": 1500.0, "c": 2500.0},
+        BIG: {"a": 10_000.0, "b": 15_000.0, "c": 25_000.0},
+    }
+    history.observe(_report("a", (BIG, 42, 24)))  # spilled: its samples of the whole copy go
+    assert "a" not in in_step()[BIG]
+    history.forget("b")
+    assert in_step() == {MID: {"a": 1000.0, "c": 2500.0}, BIG: {"c": 25_000.0}}
+    history.forget("c")
+    history.observe(_report("a", (BIG, 42, 42)))
+    assert in_step() == {MID: {"a": 1000.0}}
+    history.forget("a")
+    assert in_step() == {}
 
 
 def test_without_spill_detection_the_node_would_look_slow() -> None:

@@ -47,6 +47,9 @@ class LatencyHistory:
     # (node, model) pairs whose copy, as last seen in a heartbeat, is spilled.
     _spilled: set[tuple[str, str]] = attrs.field(factory=set)
     latency_p75_ms: dict[tuple[str, str], float] = attrs.field(factory=dict)
+    # The same p75s by model, then node (History.latency_by_model): kept in step with
+    # latency_p75_ms, so a view costs no copy.
+    _p75_by_model: dict[str, dict[str, float]] = attrs.field(factory=dict)
     node_speed: dict[str, float] = attrs.field(factory=dict)
     model_p75_ms: dict[str, float] = attrs.field(factory=dict)
 
@@ -56,9 +59,9 @@ class LatencyHistory:
         window = self._latency.setdefault((node_id, model), deque(maxlen=WINDOW))
         window.append(latency_ms)
         ordered = sorted(window)
-        self.latency_p75_ms[(node_id, model)] = ordered[
-            min(len(ordered) - 1, int(len(ordered) * 0.75))
-        ]
+        p75 = ordered[min(len(ordered) - 1, int(len(ordered) * 0.75))]
+        self.latency_p75_ms[(node_id, model)] = p75
+        self._p75_by_model.setdefault(model, {})[node_id] = p75
         self._served.setdefault(model, set()).add(node_id)
         if tokens_per_second and tokens_per_second > 0:
             self._rates.setdefault((node_id, model), deque(maxlen=WINDOW)).append(tokens_per_second)
@@ -175,6 +178,11 @@ class LatencyHistory:
         for key in keys:
             self._latency.pop(key, None)
             self.latency_p75_ms.pop(key, None)
+            on_nodes = self._p75_by_model.get(key[1])
+            if on_nodes is not None:
+                on_nodes.pop(key[0], None)
+                if not on_nodes:
+                    del self._p75_by_model[key[1]]
             self._rates.pop(key, None)
             self._prefill.pop(key, None)
             nodes = self._served.get(key[1])
@@ -199,4 +207,5 @@ class LatencyHistory:
             latency_p75_ms=self.latency_p75_ms,
             node_speed=self.node_speed,
             model_p75_ms=self.model_p75_ms,
+            latency_by_model=self._p75_by_model,
         )

@@ -154,6 +154,21 @@ class History:
     node_speed: Mapping[str, float] = attrs.field(factory=dict)
     # model -> p75 latency, ms, on a node of relative speed 1.0. Missing = unknown.
     model_p75_ms: Mapping[str, float] = attrs.field(factory=dict)
+    # latency_p75_ms again, by model, then node: what the scorer reads (a decision looks up
+    # one model on every node, and a string key costs a quarter of a pair's). Worked out from
+    # latency_p75_ms when not given; herd.state.history.LatencyHistory keeps one beside it and
+    # passes it. The two must agree.
+    latency_by_model: Mapping[str, Mapping[str, float]] = attrs.field(
+        default=attrs.Factory(lambda self: by_model(self.latency_p75_ms), takes_self=True)
+    )
+
+
+def by_model(pairs: Mapping[tuple[str, str], float]) -> dict[str, dict[str, float]]:
+    """``pairs`` ((node, model) -> value) as model -> node -> value."""
+    table: dict[str, dict[str, float]] = {}
+    for (node_id, model), value in pairs.items():
+        table.setdefault(model, {})[node_id] = value
+    return table
 
 
 @attrs.frozen
@@ -420,22 +435,57 @@ def _unlisted(report: NodeReport) -> Facts:
     return _new_facts(Facts, (None, 0, where.free, where.total, cold, cold.offload))
 
 
-class _Known(NamedTuple):
+class _Known:
     """What one node's report says of one model for one kind of request, whatever the request
     and whatever the node's queues: whether it rules the node out, its facts, and the points
     that follow from them alone. Worked out once per report and kept with it (see
-    :func:`_known`)."""
+    :func:`_known`); never changed after. (A class with slots, not a named tuple: every
+    decision reads six of these per node, and a slot is read at a third of the cost of a
+    named tuple's field.)"""
 
-    absent: bool  # the model is not on the node (for kinds served from its model lists)
-    reason: str | None  # see _report_reason
-    open: bool  # neither: the report doesn't rule the node out
-    facts: Facts | None  # None when ruled out
-    settings: ScoringSettings | None  # the settings the points were worked out with
-    fixed: tuple[float, float, float]  # memory_fit, role_affinity, spill
-    thermal: float  # hot, an image job, or a cold load from disk (see thermal)
-    warm: float | None  # the same cold load if the model was unloaded lately; None: not cold
-    learned: float  # availability's learned part (see learned_availability)
-    evicts: bool  # a cold load here pushes loaded models out (see eviction)
+    __slots__ = (
+        "absent",
+        "evicts",
+        "facts",
+        "fit",
+        "learned",
+        "loaded",
+        "offload",
+        "open",
+        "reason",
+        "role",
+        "settings",
+        "spilled",
+        "thermal",
+        "warm",
+    )
+
+    def __init__(
+        self,
+        absent: bool,
+        reason: str | None,
+        facts: Facts | None,
+        settings: ScoringSettings | None,
+        fixed: tuple[float, float, float],
+        thermal: float,
+        warm: float | None,
+        learned: float,
+        evicts: bool,
+    ) -> None:
+        self.absent = absent  # the model is not on the node (kinds served from its lists)
+        self.reason = reason  # see _report_reason
+        self.open = facts is not None  # neither: the report doesn't rule the node out
+        self.facts = facts  # None when ruled out
+        self.settings = settings  # the settings the points were worked out with
+        self.fit, self.role, self.spilled = fixed  # memory_fit, role_affinity, spill
+        self.thermal = thermal  # hot, an image job, or a cold load from disk (see thermal)
+        self.warm = warm  # the same cold load if the model was unloaded lately; None: not cold
+        self.learned = learned  # availability's learned part (see learned_availability)
+        self.evicts = evicts  # a cold load here pushes loaded models out (see eviction)
+        # The facts' own, read by every decision: the loaded copy (None: cold) and the share
+        # outside the accelerator.
+        self.loaded = facts.loaded if facts is not None else None
+        self.offload = facts.offload if facts is not None else 0.0
 
 
 _NO_POINTS = (0.0, 0.0, 0.0)
@@ -472,9 +522,7 @@ def _known(key: tuple[str, str], report: NodeReport, s: ScoringSettings | None) 
             cold = thermal(kind, report, f, True, s)
         learned = learned_availability(report, s)
         evicts = f.load is not None and (f.load.evict > 0 or f.load.evict_ram > 0)
-    made = memo[key] = _new_known(
-        _Known, (absent, reason, f is not None, f, s, fixed, heat, cold, learned, evicts)
-    )
+    made = memo[key] = _Known(absent, reason, f, s, fixed, heat, cold, learned, evicts)
     return made
 
 
@@ -684,10 +732,11 @@ def eviction(node: NodeSnapshot, f: Facts, now: float, s: ScoringSettings) -> fl
     """Cost of the models a cold load would push out (see :func:`evictions`): each costs
     ``eviction_busy`` if requests use it now, ``eviction_recent`` if one did within
     ``eviction_recent_s``, else ``eviction_idle``; capped at ``eviction_max``. Raises nothing."""
-    if f.load is None or (f.load.evict <= 0 and f.load.evict_ram <= 0):
+    load = f.load
+    if load is None or (load.evict <= 0 and load.evict_ram <= 0):
         return 0.0  # hot, or it fits: nothing leaves
     cost = 0.0
-    for model in _evicted(node, f.load):
+    for model in _evicted(node, load):
         if model.busy:
             cost += s.eviction_busy
         elif model.last_used is not None and now - model.last_used < s.eviction_recent_s:
@@ -716,18 +765,18 @@ def _rank(
     typical: float,
     now: float,
     s: ScoringSettings,
-) -> list[Candidate]:
+) -> tuple[list[Candidate], list[float]]:
     """Each node of ``eligible`` (with its model's :class:`_Known`, made with ``s``) as a
     candidate, unsorted: every signal's points, in the order of ``SIGNALS``, the ones that
     depend on the request, the node's queues, the history or the clock worked out now, the
-    rest taken from the known. ``typical``: the model's p75 from ``history`` (see
-    :func:`wait_time`), read once per decision."""
+    rest taken from the known; and their scores, in the same order. ``typical``: the model's
+    p75 from ``history`` (see :func:`wait_time`), read once per decision."""
     # One loop, inline (no helper calls where a line will do), with what is the same for every
     # node read once, before it: it runs once per node per decision, 100 times for a fleet of
     # 100. (The signals that are more than a line stay functions of their own.)
     model = request.model
     node_speeds = history.node_speed
-    service_of = history.latency_p75_ms.get
+    service_of = (history.latency_by_model.get(model) or {}).get  # node -> p75
     speed_floor = s.speed_floor
     unknown_speed = s.unknown_node_speed if node_speeds else 1.0
     warm_window = s.warm_window_s
@@ -736,10 +785,9 @@ def _rank(
     affinity_node = request.affinity_node
     isfinite = math.isfinite
     out: list[Candidate] = []
-    append = out.append
+    scores: list[float] = []
+    append, keep_score = out.append, scores.append
     for node, known in eligible:
-        f = known.facts
-        assert f is not None  # only eligible nodes are scored
         report = node.report
         node_id = report.node_id
         # The queue: requests running or waiting on the node (all models) and the slots they
@@ -766,10 +814,9 @@ def _rank(
             if speed < speed_floor:
                 speed = speed_floor
         # This node:model's p75, ms; 0 (none, or an odd value): wait_time estimates it.
-        service = service_of((node_id, model), 0.0)
+        service = service_of(node_id, 0.0)
         if not isfinite(service):
             service = 0.0
-        fit, role, spilled = known.fixed
         heat = known.thermal
         if known.warm is not None:
             unloaded_at = node.recently_unloaded.get(model)
@@ -778,26 +825,30 @@ def _rank(
         queued = queue_depth(ahead, slots, speed, s) if ahead > 0 else 0.0
         waiting = wait_time(ahead, slots, speed, service, typical, s)
         up = known.learned - degraded_penalty if node.status is _DEGRADED else known.learned
-        loaded = f.loaded
+        f = known.facts
+        assert f is not None  # only eligible nodes are scored
+        loaded = known.loaded
         window = window_cold if loaded is None else context_fit(request, f, s)
         cache = affinity(request, node_id, f, s) if affinity_node == node_id else 0.0
         evicted = eviction(node, f, now, s) if known.evicts else 0.0
+        fit, role, spilled = known.fit, known.role, known.spilled
         # The score is the points' sum, rounded to 0.001 (float noise must not hide a tie;
         # half up, as round() is three times the cost).
         total = heat + fit + queued + waiting + role + up + window + cache + evicted + spilled
         values = (heat, fit, queued, waiting, role, up, window, cache, evicted, spilled)
         rounded = _floor(total * 1000.0 + 0.5) / 1000.0
+        keep_score(rounded)
         append(
             _new_candidate(
-                Candidate, (node_id, model, rounded, values, loaded is not None, f.offload)
+                Candidate, (node_id, model, rounded, values, loaded is not None, known.offload)
             )
         )
-    return out
+    return out, scores
 
 
-# Candidate(...) and _Known(...) without the named tuples' own __new__ (a Python function over
+# Candidate(...) and Facts(...) without the named tuples' own __new__ (a Python function over
 # this same call): half the cost, and a decision builds one per node.
-_new_candidate = _new_known = _new_facts = tuple.__new__
+_new_candidate = _new_facts = tuple.__new__
 _floor = math.floor
 
 
@@ -837,9 +888,10 @@ def score(
                 eliminated.append(Elimination(node.report.node_id, reason))
                 continue
         eligible.append((node, known))
-    candidates = _rank(request, eligible, history, typical, now, settings)
+    candidates, scores = _rank(request, eligible, history, typical, now, settings)
     candidates.sort(key=_by_score, reverse=True)
-    _shuffle_ties(candidates, rng)
+    if len(set(scores)) < len(scores):  # (a set of the scores at hand: the common case)
+        _shuffle_ties(candidates, rng)
     ranked = tuple(candidates)
     return RouteDecision(
         request=request,
@@ -856,10 +908,9 @@ def _shuffle_ties(ranked: list[Candidate], rng: random.Random) -> None:
     """Put each run of equal scores in ``ranked`` (sorted) in random order, drawn from
     ``rng``, best run first: no node wins a tie for its place in the fleet. ``rng`` is not
     drawn from when nothing ties. (Counted and found in C: a Python loop over every candidate
-    cost a tenth of a decision.)"""
+    cost a tenth of a decision; :func:`score` calls this only when a set of the scores says
+    something ties.)"""
     scores = list(map(_by_score, ranked))
-    if len(set(scores)) == len(scores):
-        return  # (the common case, a set is a tenth of the cost of a Counter)
     counts = Counter(scores)  # in order of first appearance: best first
     for value in [value for value, count in counts.items() if count > 1]:
         start = scores.index(value)
