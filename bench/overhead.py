@@ -31,9 +31,18 @@ per request says what a router core can carry. Per path:
 Each figure is the median over ``--repeats`` (the spread is min-max), and the ratios are
 against bare hypercorn + httpx measured in the same run, so they hold on any machine.
 
+CPU time on a shared machine moves from minute to minute. ``--instructions`` counts machine
+instructions instead: the proxies (bare and herd's routers) run under valgrind's callgrind, and
+each one's count is read before and after each phase (``callgrind_control``). The counts are the
+same within about 1% on every run, whatever else the machine does; they leave out the kernel's
+side (socket calls). Under valgrind a process runs some fifty times slower, so the fake writes
+50 ms apart and two streams run at once: each write is still read alone, as at full speed (a
+router that read several writes at once would send them as one chunk and look cheaper).
+
     python bench/overhead.py                  # the full run (about 10 minutes on 2 cores)
     python bench/overhead.py --quick          # a smoke run (a minute)
     python bench/overhead.py --tokens-per-write 5   # several tokens per read
+    python bench/overhead.py --instructions   # counted by valgrind (about 12 minutes)
 """
 
 from __future__ import annotations
@@ -42,13 +51,15 @@ import argparse
 import contextlib
 import json
 import os
+import re
+import shutil
 import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -200,6 +211,44 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
+def instructions(pid: int) -> float:
+    """Machine instructions a process run under callgrind has executed so far (all threads:
+    callgrind counts them together unless told not to), asked of it by ``callgrind_control``."""
+    answer = subprocess.run(
+        ["callgrind_control", "-e", "Ir", str(pid)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    ).stdout
+    counts = [
+        int(n.replace(",", "")) for n in re.findall(r"^\s*Th \d+\s+([\d,]+)\s*$", answer, re.M)
+    ]
+    if not counts:
+        raise RuntimeError(f"callgrind_control gave no count for pid {pid}: {answer[-300:]!r}")
+    return float(sum(counts))
+
+
+@dataclass(frozen=True)
+class Meter:
+    """What a proxy's work is measured in: CPU time from /proc (µs), or, with
+    ``--instructions``, machine instructions counted by valgrind's callgrind (thousands), which
+    come out the same on every run whatever else the machine is doing, but leave out the
+    kernel's side (socket calls) and run the measured processes some fifty times slower."""
+
+    unit: str  # per request and per chunk
+    read: Callable[[int], float]  # a process's count so far, in ``unit``
+    prefix: tuple[str, ...] = ()  # the command the measured processes run under
+
+
+CPU = Meter("us", lambda pid: cpu_seconds(pid) * 1e6)
+INSTRUCTIONS = Meter(
+    "k instr",
+    lambda pid: instructions(pid) / 1e3,
+    ("valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null"),
+)
+
+
 @dataclass
 class Proxy:
     name: str
@@ -252,10 +301,12 @@ async def measure(
     concurrency: int,
     settings: Settings,
 ) -> dict[str, float]:
-    """CPU seconds each proxy spends on ``total`` requests (``requests[proxy.name]``), the
-    proxies taking turns in rounds of :data:`ROUND` so that all of them run under the same
-    load from whatever else the machine is doing; read after everything has settled."""
-    before = {proxy.name: cpu_seconds(proxy.pid) for proxy in proxies}
+    """The work (``settings.meter``) each proxy spends on ``total`` requests
+    (``requests[proxy.name]``), the proxies taking turns in rounds of :data:`ROUND` so that all
+    of them run under the same load from whatever else the machine is doing; read after
+    everything has settled."""
+    read = settings.meter.read
+    before = {proxy.name: read(proxy.pid) for proxy in proxies}
     done = 0
     while done < total:
         batch = min(ROUND if settings.rounds else total, total - done)
@@ -263,7 +314,7 @@ async def measure(
             await run_batch(proxy, requests[proxy.name], batch, concurrency)
         done += batch
     await trio.sleep(settings.settle)
-    return {proxy.name: cpu_seconds(proxy.pid) - before[proxy.name] for proxy in proxies}
+    return {proxy.name: read(proxy.pid) - before[proxy.name] for proxy in proxies}
 
 
 @dataclass
@@ -276,6 +327,7 @@ class Settings:
     repeats: int
     settle: float = SETTLE
     rounds: bool = True  # proxies take turns (see measure)
+    meter: Meter = CPU
 
 
 @dataclass
@@ -307,17 +359,15 @@ async def bench(proxies: list[Proxy], settings: Settings, result: Result) -> Non
                 s.concurrency,
                 s,
             )
-            for name, seconds in cpu.items():
-                result.per_request.setdefault((row.name, name), []).append(
-                    seconds / s.requests * 1e6
-                )
+            for name, spent in cpu.items():
+                result.per_request.setdefault((row.name, name), []).append(spent / s.requests)
             one = rendered(order, row.path, row.chunk_stream, 1)
             many = rendered(order, row.path, row.chunk_stream, s.chunks)
             base = await measure(order, one, s.streams, s.stream_concurrency, s)
             long = await measure(order, many, s.streams, s.stream_concurrency, s)
             for name in base:
                 result.per_chunk.setdefault((row.name, name), []).append(
-                    (long[name] - base[name]) / s.streams / (s.chunks - 1) * 1e6
+                    (long[name] - base[name]) / s.streams / (s.chunks - 1)
                 )
             print(f"  repeat {repeat + 1}/{s.repeats}: {row.name} done", file=sys.stderr)
 
@@ -326,11 +376,13 @@ def spread(values: Sequence[float]) -> str:
     return f"{statistics.median(values):>7,.0f} ({min(values):,.0f}-{max(values):,.0f})"
 
 
-def report(result: Result, names: Sequence[str], node_cpu: float, seconds: float) -> str:
+def report(
+    result: Result, names: Sequence[str], node_cpu: float, seconds: float, unit: str = "us"
+) -> str:
     lines = []
     header = (
-        f"{'path':<28} {'proxy':<14} {'us/request (min-max)':>24} {'x bare':>7} "
-        f"{'us/chunk (min-max)':>22} {'x bare':>7}"
+        f"{'path':<28} {'proxy':<14} {unit + '/request (min-max)':>24} {'x bare':>7} "
+        f"{unit + '/chunk (min-max)':>22} {'x bare':>7}"
     )
     lines += [header, "-" * len(header)]
     for row in ROWS:
@@ -366,21 +418,25 @@ def free_port() -> int:
 
 @contextlib.contextmanager
 def processes(
-    tokens_per_write: int, gap_ms: float, herds: Sequence[tuple[str, Path]]
+    tokens_per_write: int,
+    gap_ms: float,
+    herds: Sequence[tuple[str, Path]],
+    measured_under: Sequence[str] = (),
 ) -> Iterator[tuple[list[Proxy], list[int]]]:
     """Start the fake, the bare proxies, and a router and node agent of each herd checkout
-    (label, directory); stop them all after. Yields the proxies and the node agents' pids."""
+    (label, directory); stop them all after. Yields the proxies and the node agents' pids.
+    The proxies (the bare ones and herd's routers) run under ``measured_under``, if given."""
     children: list[subprocess.Popen[bytes]] = []
     with tempfile.TemporaryDirectory() as tmp:
 
-        def start(*argv: str, tree: Path = ROOT) -> subprocess.Popen[bytes]:
+        def start(*argv: str, tree: Path = ROOT, measured: bool = False) -> subprocess.Popen[bytes]:
             env = {
                 **os.environ,
                 "PYTHONPATH": str(tree) + os.pathsep + os.environ.get("PYTHONPATH", ""),
                 "FLEET_MDNS": "false",
             }
             child = subprocess.Popen(
-                [sys.executable, *argv],
+                [*(measured_under if measured else ()), sys.executable, *argv],
                 env=env,
                 cwd=tree,
                 stdout=subprocess.DEVNULL,
@@ -417,6 +473,7 @@ def processes(
                     str(port),
                     "--upstream",
                     fake,
+                    measured=True,
                 )
                 proxies.append(Proxy(f"bare {client}", port, child.pid))
             nodes = []
@@ -433,6 +490,7 @@ def processes(
                     "--data-dir",
                     str(data / "router"),
                     tree=tree,
+                    measured=True,
                 )
                 proxies.append(Proxy(label, port, router.pid, herd=True))
                 node = start(
@@ -469,9 +527,9 @@ def processes(
                     child.kill()
 
 
-async def wait_ready(proxies: list[Proxy]) -> None:
-    async with httpx.AsyncClient(trust_env=False) as client:
-        with trio.fail_after(60):
+async def wait_ready(proxies: list[Proxy], limit: float = 60) -> None:
+    async with httpx.AsyncClient(trust_env=False, timeout=limit) as client:
+        with trio.fail_after(limit):
             for proxy in proxies:
                 while True:
                     try:
@@ -498,8 +556,9 @@ async def run(
     herds: Sequence[tuple[str, Path]],
     out: str | None,
 ) -> None:
-    with processes(tokens_per_write, gap_ms, herds) as (proxies, node_pids):
-        await wait_ready(proxies)
+    meter = settings.meter
+    with processes(tokens_per_write, gap_ms, herds, meter.prefix) as (proxies, node_pids):
+        await wait_ready(proxies, 600 if meter.prefix else 60)
         started = time.monotonic()
         node_before = sum(cpu_seconds(pid) for pid in node_pids)
         result = Result()
@@ -515,10 +574,14 @@ async def run(
         f"at c={settings.stream_concurrency}, {settings.chunks} tokens vs 1, "
         f"{tokens_per_write} per write, {gap_ms:g} ms apart; {settings.repeats} repeats"
     )
-    print(report(result, [p.name for p in proxies], node_cpu, seconds))
+    print(report(result, [p.name for p in proxies], node_cpu, seconds, meter.unit))
     if out:
         data = {
-            "settings": {**settings.__dict__, "tokens_per_write": tokens_per_write},
+            "settings": {
+                **{k: v for k, v in settings.__dict__.items() if k != "meter"},
+                "unit": settings.meter.unit,
+                "tokens_per_write": tokens_per_write,
+            },
             "per_request": {f"{k[0]} | {k[1]}": v for k, v in result.per_request.items()},
             "per_chunk": {f"{k[0]} | {k[1]}": v for k, v in result.per_chunk.items()},
         }
@@ -531,15 +594,40 @@ def main(argv: Sequence[str] | None = None) -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--quick", action="store_true", help="a smoke run: few requests, 1 repeat")
-    parser.add_argument("--repeats", type=int, default=None, help="default 3 (1 with --quick)")
-    parser.add_argument("--requests", type=int, default=None, help="per batch (default 600)")
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=None,
+        help="default 3 (1 with --quick, 2 with --instructions)",
+    )
+    parser.add_argument(
+        "--requests",
+        type=int,
+        default=None,
+        help="per batch (default 600, 100 with --instructions)",
+    )
     parser.add_argument("--concurrency", type=int, default=8)
-    parser.add_argument("--streams", type=int, default=None, help="per batch (default 100)")
-    parser.add_argument("--stream-concurrency", type=int, default=4)
+    parser.add_argument(
+        "--streams", type=int, default=None, help="per batch (default 100, 8 with --instructions)"
+    )
+    parser.add_argument(
+        "--stream-concurrency", type=int, default=None, help="default 4 (2 with --instructions)"
+    )
     parser.add_argument("--chunks", type=int, default=41, help="tokens in a long stream")
     parser.add_argument("--tokens-per-write", type=int, default=1)
-    parser.add_argument("--gap-ms", type=float, default=2.0, help="between the fake's writes")
+    parser.add_argument(
+        "--gap-ms",
+        type=float,
+        default=None,
+        help="between the fake's writes (default 2, 50 with --instructions)",
+    )
     parser.add_argument("--json", help="also write the raw figures to this file")
+    parser.add_argument(
+        "--instructions",
+        action="store_true",
+        help="count machine instructions (valgrind's callgrind) instead of CPU time: the same "
+        "on every run; about fifty times slower, so fewer requests",
+    )
     parser.add_argument(
         "--compare",
         action="append",
@@ -548,20 +636,29 @@ def main(argv: Sequence[str] | None = None) -> None:
         help="also run the herd of another checkout (e.g. a git worktree of an older commit)",
     )
     args = parser.parse_args(argv)
+    counted = args.instructions
+    if counted and shutil.which("valgrind") is None:
+        sys.exit("--instructions needs valgrind (apt install valgrind)")
     settings = Settings(
-        requests=args.requests or (60 if args.quick else 600),
+        requests=args.requests or (60 if args.quick else 100 if counted else 600),
         concurrency=args.concurrency,
-        streams=args.streams or (8 if args.quick else 100),
-        stream_concurrency=args.stream_concurrency,
+        streams=args.streams or (8 if args.quick or counted else 100),
+        # Under valgrind a router is slow enough to read several of the fake's writes at once
+        # (one read, one send: fewer instructions per chunk than one write at a time costs), so
+        # its writes come further apart and fewer streams run at once.
+        stream_concurrency=args.stream_concurrency or (2 if counted else 4),
         chunks=args.chunks if not args.quick else min(args.chunks, 11),
-        repeats=args.repeats or (1 if args.quick else 3),
-        settle=0.2 if args.quick else SETTLE,
+        repeats=args.repeats or (1 if args.quick else 2 if counted else 3),
+        # Under valgrind herd's trace batches take longer to be written.
+        settle=(0.2 if args.quick else SETTLE) * (5 if counted else 1),
+        meter=INSTRUCTIONS if counted else CPU,
     )
     herds = [("herd", ROOT)]
     for item in args.compare:
         label, _, tree = item.rpartition("=")
         herds.append((label or f"herd {Path(tree).name}", Path(tree).resolve()))
-    trio.run(run, settings, args.tokens_per_write, args.gap_ms, herds, args.json)
+    gap_ms = args.gap_ms if args.gap_ms is not None else 50.0 if counted else 2.0
+    trio.run(run, settings, args.tokens_per_write, gap_ms, herds, args.json)
 
 
 if __name__ == "__main__":
